@@ -1,0 +1,183 @@
+"""Shared fixtures: real pyfiledrop servers on ephemeral ports, in-process or as a subprocess."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import http.client
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import pyfiledrop  # noqa: E402
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def free_port() -> int:
+    """A port that was free a moment ago, for the few tests that must start the program as a subprocess."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@dataclasses.dataclass
+class Server:
+    config: pyfiledrop.Config
+    port: int
+    app: object
+    store: pyfiledrop.UploadStore
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def storage(self) -> Path:
+        return self.config.storage
+
+    @property
+    def chunks(self) -> Path:
+        return self.config.chunks
+
+    def request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
+        """One request on a fresh connection: (status, headers, body bytes)."""
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        try:
+            connection.request(method, path, body=body, headers=headers or {})
+            response = connection.getresponse()
+            return response.status, dict(response.getheaders()), response.read()
+        finally:
+            connection.close()
+
+    def post_form(self, fields: dict, files: list[tuple[str, str, bytes]] = (), *, files_first: bool = False):
+        body, content_type = encode_multipart(fields, files, files_first=files_first)
+        return self.request("POST", "/upload", body, {"Content-Type": content_type})
+
+    def post_chunk(self, upload_id: str, index: int, data: bytes, total_size: int, chunk_size: int,
+                   filename: str = "file.bin", **overrides):
+        fields = chunk_fields(upload_id, index, total_size, chunk_size)
+        fields.update({k: str(v) for k, v in overrides.items()})
+        return self.post_form(fields, [("file", filename, data)])
+
+    def upload_chunked(self, data: bytes, chunk_size: int, filename: str = "file.bin", upload_id: str | None = None,
+                       order=None) -> dict:
+        upload_id = upload_id or str(uuid.uuid4())
+        count = pyfiledrop.chunk_count(len(data), chunk_size)
+        reply = None
+        for index in order if order is not None else range(count):
+            status, _, body = self.post_chunk(upload_id, index, data[index * chunk_size:(index + 1) * chunk_size],
+                                              len(data), chunk_size, filename)
+            assert status == 200, body
+            reply = json.loads(body)
+        return reply
+
+
+def chunk_fields(upload_id: str, index: int, total_size: int, chunk_size: int) -> dict:
+    return {
+        "dzuuid": upload_id,
+        "dzchunkindex": str(index),
+        "dztotalfilesize": str(total_size),
+        "dzchunksize": str(chunk_size),
+        "dztotalchunkcount": str(pyfiledrop.chunk_count(total_size, chunk_size)),
+        "dzchunkbyteoffset": str(index * chunk_size),
+    }
+
+
+def encode_multipart(fields: dict, files, *, files_first: bool = False) -> tuple[bytes, str]:
+    boundary = "----pyfiledroptest" + uuid.uuid4().hex
+    field_parts = [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'.encode() + str(value).encode() + b"\r\n"
+        for name, value in fields.items()
+    ]
+    file_parts = [
+        (f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'
+         f"Content-Type: application/octet-stream\r\n\r\n").encode() + data + b"\r\n"
+        for name, filename, data in files
+    ]
+    parts = file_parts + field_parts if files_first else field_parts + file_parts
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+@contextlib.contextmanager
+def running_server(tmp_path: Path, **options):
+    """pyfiledrop in this process on port 0, with its own storage and chunks folders."""
+    storage, chunks = tmp_path / "storage", tmp_path / "chunks"
+    storage.mkdir(exist_ok=True)
+    chunks.mkdir(exist_ok=True)
+    config = pyfiledrop.Config(host="127.0.0.1", port=0, storage=storage, chunks=chunks, quiet=True, **options)
+    app = pyfiledrop.create_app(config)
+    server = pyfiledrop.make_server(app, "127.0.0.1", 0)
+    stop = threading.Event()
+    thread = threading.Thread(target=pyfiledrop.serve, args=(config, app),
+                              kwargs={"server": server, "stop": stop}, daemon=True)
+    thread.start()
+    try:
+        yield Server(config, server.server_address[1], app, app.config["pyfiledrop.store"])
+    finally:
+        stop.set()
+        thread.join(10)
+
+
+@pytest.fixture
+def server(tmp_path):
+    with running_server(tmp_path) as running:
+        yield running
+
+
+@pytest.fixture
+def make_server(tmp_path):
+    """Start servers with options: ``make_server(allow_downloads=True)``; each gets its own folders."""
+    stack = contextlib.ExitStack()
+    counter = iter(range(1000))
+
+    def start(**options):
+        folder = tmp_path / f"server{next(counter)}"
+        folder.mkdir()
+        return stack.enter_context(running_server(folder, **options))
+
+    with stack:
+        yield start
+
+
+@contextlib.contextmanager
+def cli_server(args: list[str], *, env: dict | None = None, cwd: Path | None = None):
+    """``python pyfiledrop.py ARGS`` as a subprocess; waits until it answers HTTP (polling, not sleeping)."""
+    port = free_port()
+    command = [sys.executable, str(ROOT / "pyfiledrop.py"), "--host", "127.0.0.1", "-p", str(port), *args]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, cwd=cwd)
+    deadline = time.monotonic() + 30
+    while True:
+        if process.poll() is not None:
+            raise AssertionError(f"server exited early: {process.stdout.read()}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+        except OSError:
+            if time.monotonic() > deadline:
+                process.kill()
+                raise AssertionError("server did not start listening")
+            threading.Event().wait(0.05)
+    try:
+        yield process, port
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
