@@ -976,12 +976,14 @@ class UploadStore:
     """
 
     def __init__(self, storage_dir: Path, chunks_dir: Path, *, max_size: int, partial_ttl: float,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, progress: Callable[..., None] | None = None):
         self.storage_dir = Path(storage_dir)
         self.chunks_dir = Path(chunks_dir)
         self.max_size = max_size
         self.partial_ttl = partial_ttl
         self.clock = clock
+        # Told (id, name, received chunks, total chunks, size, started) after each chunk is stored.
+        self.progress = progress
         self._lock = threading.Lock()
         self._uploads: dict[str, _Upload] = {}
         self.stored_count = 0
@@ -1107,6 +1109,9 @@ class UploadStore:
                 except OSError as error:
                     upload.received &= ~(1 << index)
                     raise storage_error(error)
+            if self.progress is not None:
+                self.progress(upload.id, upload.name, upload.received_count, upload.total_chunks, upload.size,
+                              upload.started)
         self._advance_hash(upload)
         received = upload.received_count
         if received == upload.total_chunks:
@@ -1774,31 +1779,81 @@ def receive_form(store: UploadStore, environ: dict, length: int, client: str) ->
 ###############################################################################
 
 _VIRTUAL_PREFIXES = ("172.17.", "172.18.", "172.19.", "192.168.56.", "192.168.99.", "10.0.75.")
+# Adapters no phone on the LAN can reach through: containers, virtual machines, WSL, VPN tunnels.
+_VIRTUAL_NAMES = ("docker", "br-", "veth", "virbr", "vboxnet", "vmnet", "vethernet", "lxc", "lxd", "podman", "cni",
+                  "flannel", "cali", "tun", "tap", "utun", "wg", "tailscale", "zt")
+_SIOCGIFADDR = {"linux": 0x8915, "darwin": 0xC0206921}   # ioctl: the IPv4 address of one interface
+
+
+def _interface_addresses() -> list[tuple[str, str]]:
+    """(interface name, IPv4 address) per interface that has one, asked of the kernel; [] where it cannot say."""
+    request = _SIOCGIFADDR.get(sys.platform)
+    if request is None or not hasattr(socket, "if_nameindex"):
+        return []
+    try:
+        import fcntl
+        import struct
+
+        found = []
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            for _, name in socket.if_nameindex():
+                try:
+                    reply = fcntl.ioctl(probe.fileno(), request, struct.pack("256s", name.encode()[:15]))
+                except OSError:  # no IPv4 address on this interface
+                    continue
+                found.append((name, socket.inet_ntoa(reply[20:24])))
+        return found
+    except (OSError, ImportError):
+        return []
+
+
+def _default_route_address() -> str | None:
+    """The source address of the default route.  Connecting a UDP socket only asks the OS: nothing is sent."""
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        probe.connect(("192.0.2.1", 9))  # TEST-NET-1
+        return probe.getsockname()[0]
+    except OSError:
+        return None
+    finally:
+        probe.close()
 
 
 def lan_addresses() -> list[str]:
-    """Non-loopback IPv4 addresses of this machine, the one on the default route first.
+    """Non-loopback IPv4 addresses of this machine, the most likely LAN address first.
 
-    Virtual adapters (Docker, VirtualBox, WSL defaults) go last.  No packet is sent: connecting a UDP socket
-    only asks the OS which source address it would route from.
+    Order: the address of the default route, then private (RFC 1918) addresses, then others; adapters that are
+    virtual (Docker, WSL, VirtualBox, VPNs: by interface name, or by well-known address where names are unknown)
+    go last.  Linux and macOS ask the kernel for each interface's address; elsewhere the host name's addresses
+    are used.  Nothing is sent to any address.
     """
-    found: list[str] = []
-    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        probe.connect(("192.0.2.1", 9))  # TEST-NET-1: never routed, nothing is sent
-        found.append(probe.getsockname()[0])
-    except OSError:
-        pass
-    finally:
-        probe.close()
-    try:
-        for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET):
-            found.append(info[4][0])
-    except OSError:
-        pass
-    addresses = list(dict.fromkeys(a for a in found if not a.startswith(("127.", "0.", "169.254."))))
-    addresses.sort(key=lambda a: a.startswith(_VIRTUAL_PREFIXES))
-    return addresses
+    import ipaddress
+
+    named = _interface_addresses()
+    if not named:
+        try:
+            named = [("", info[4][0]) for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)]
+        except OSError:
+            named = []
+    default = _default_route_address()
+    if default and default not in {address for _, address in named}:
+        named.insert(0, ("", default))
+
+    def virtual(name: str, address: str) -> bool:
+        if name:
+            return name.lower().startswith(_VIRTUAL_NAMES)
+        # No name (Windows): Hyper-V's switches (WSL, Default Switch) take x.y.z.1 in 172.16.0.0/12.
+        return address.startswith(_VIRTUAL_PREFIXES) or (
+            ipaddress.ip_address(address) in ipaddress.ip_network("172.16.0.0/12") and address.endswith(".1")
+            and address != default)
+
+    candidates: dict[str, tuple] = {}
+    for position, (name, address) in enumerate(named):
+        if address in candidates or address.startswith(("127.", "0.", "169.254.")):
+            continue
+        candidates[address] = (virtual(name, address), address != default,
+                               not ipaddress.ip_address(address).is_private, position)
+    return sorted(candidates, key=candidates.__getitem__)
 
 
 def page_urls(host: str, port: int) -> list[str]:
@@ -1810,17 +1865,201 @@ def page_urls(host: str, port: int) -> list[str]:
 
 
 def banner(config: Config, urls: list[str]) -> str:
+    ttl = f"{config.partial_ttl_hours:g} h"
     lines = [
         f"pyfiledrop {__version__}",
         f"  saving to      {config.storage}",
-        f"  partial files  {config.chunks}",
-        f"  limits         {config.max_size_mb} MiB per file; chunks of {human_size(config.chunk_size)}, "
-        f"{config.parallel_chunks} in flight; {config.timeout_ms // 1000} s per chunk",
+        f"  partial files  {config.chunks} (unfinished uploads, removed after {ttl} untouched)",
+        f"  limits         files up to {config.max_size_mb} MiB; chunks of {human_size(config.chunk_size)}, "
+        f"{config.parallel_chunks} at a time; {config.timeout_ms / 1000:g} s per chunk",
         f"  downloads      {'allowed' if config.allow_downloads else 'off'}",
-        "Open one of these on a phone or PC on this network:",
+        "Open this address on a phone or PC on this network:" if len(urls) == 1 else
+        "Open one of these addresses on a phone or PC on this network (the first is the most likely):",
         *(f"  {url}" for url in urls),
     ]
     return "\n".join(lines)
+
+
+def qr_code(text: str, *, ansi: bool = False, blocks: bool = True) -> list[str]:
+    """``text`` as a QR code drawn with characters; ImportError without the optional ``segno`` package.
+
+    Two modules per character cell with half blocks.  With ``ansi`` the code is drawn black on white whatever
+    the terminal's colours; without, light modules are drawn as blocks, which reads right on the usual dark
+    console (and scanners read the inverse too).  ``blocks=False`` draws with "##" for consoles without them.
+    """
+    import segno
+
+    rows = [[bool(module) for module in row]
+            for row in segno.make(text, error="m", micro=False).matrix_iter(scale=1, border=2)]
+    if not blocks:
+        return ["".join("  " if dark else "##" for dark in row) for row in rows]
+    if len(rows) % 2:
+        rows.append([False] * len(rows[0]))
+    glyphs = {(True, True): "\u2588", (True, False): "\u2580", (False, True): "\u2584", (False, False): " "}
+    lines = []
+    for top, bottom in zip(rows[0::2], rows[1::2]):
+        if ansi:  # black foreground on white: dark modules are drawn
+            lines.append("\x1b[30;47m" + "".join(glyphs[t, b] for t, b in zip(top, bottom)) + "\x1b[0m")
+        else:  # light modules are drawn
+            lines.append("".join(glyphs[not t, not b] for t, b in zip(top, bottom)))
+    return lines
+
+
+def _enable_ansi(out) -> bool:
+    """Whether ``out`` is a terminal that understands colour escapes (switched on in Windows consoles)."""
+    try:
+        if not out.isatty():
+            return False
+    except (AttributeError, ValueError):
+        return False
+    if os.name != "nt":
+        return os.environ.get("TERM") != "dumb"
+    try:
+        import ctypes
+        import msvcrt
+
+        kernel32 = ctypes.windll.kernel32
+        handle = msvcrt.get_osfhandle(out.fileno())
+        mode = ctypes.c_uint32()
+        if not kernel32.GetConsoleMode(handle, ctypes.byref(mode)):
+            return False
+        return bool(kernel32.SetConsoleMode(handle, mode.value | 0x0004))  # ENABLE_VIRTUAL_TERMINAL_PROCESSING
+    except Exception:
+        return False
+
+
+def _can_encode(out, text: str) -> bool:
+    try:
+        text.encode(getattr(out, "encoding", None) or "ascii")
+    except (UnicodeEncodeError, LookupError):
+        return False
+    return True
+
+
+class Console:
+    """Everything the server prints while it runs: log lines, and the progress of uploads that take a while.
+
+    Progress appears for a file once it has been arriving for PROGRESS_AFTER_S, then at most every
+    PROGRESS_EVERY_S.  On a terminal it is one status line redrawn in place under the log; otherwise (a pipe,
+    a log file) one plain line per file each time.
+    """
+
+    PROGRESS_AFTER_S = 2.0
+    PROGRESS_EVERY_S = 1.0
+    FORGET_AFTER_S = 60.0   # an upload the client gave up on leaves the status line
+
+    def __init__(self, out=None, *, quiet: bool = False, tty: bool | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.out = out or sys.stdout
+        self.quiet = quiet
+        if tty is None:
+            try:
+                tty = self.out.isatty()
+            except (AttributeError, ValueError):
+                tty = False
+        self.tty = tty
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._uploads: dict[str, dict] = {}
+        self._status = ""          # the status line now on screen (terminal only)
+        self._status_shown = None  # when it was last drawn
+        self._session_start = time.time()
+
+    # -- output -------------------------------------------------------------------------------------------
+    def _emit(self, text: str) -> None:
+        try:
+            self.out.write(text)
+            self.out.flush()
+        except (OSError, ValueError):  # a closed or broken stdout must not break uploads
+            pass
+
+    def _clear_status(self) -> None:
+        if self._status:
+            self._emit("\r" + " " * len(self._status) + "\r")
+            self._status = ""
+
+    def write(self, text: str) -> None:
+        """Print ``text`` (one or more lines), keeping the status line below it."""
+        with self._lock:
+            status = self._status
+            self._clear_status()
+            self._emit(text + "\n")
+            if status:
+                self._draw(status)
+
+    def _draw(self, text: str) -> None:
+        width = shutil.get_terminal_size((80, 24)).columns - 1
+        self._status = text[:width]
+        self._emit(self._status)
+
+    # -- progress -----------------------------------------------------------------------------------------
+    def progress(self, upload_id: str, name: str, received: int, total: int, size: int, started: float) -> None:
+        """UploadStore's hook: ``received`` of ``total`` chunks of upload ``upload_id`` are now stored."""
+        if self.quiet:
+            return
+        now = self.clock()
+        with self._lock:
+            upload = self._uploads.get(upload_id)
+            done = size * received // max(total, 1)
+            if upload is None:
+                if started >= self._session_start:  # begun in this session: measure from its start
+                    upload = {"since": now - max(0.0, time.time() - started), "base": 0}
+                else:  # resumed from an earlier session: measure from now
+                    upload = {"since": now, "base": done}
+                upload["shown"] = None
+                self._uploads[upload_id] = upload
+            upload.update(name=name, done=done, size=size, percent=100 * received // max(total, 1), seen=now)
+            if received >= total:
+                del self._uploads[upload_id]
+                if self.tty:
+                    self._refresh(now, force=True)
+                return
+            if now - upload["since"] < self.PROGRESS_AFTER_S:
+                return
+            if self.tty:
+                self._refresh(now)
+            elif upload["shown"] is None or now - upload["shown"] >= self.PROGRESS_EVERY_S:
+                upload["shown"] = now
+                self._emit(f"{time.strftime('%H:%M:%S')} receiving {self._describe(upload, now)}\n")
+
+    def _describe(self, upload: dict, now: float) -> str:
+        elapsed = max(now - upload["since"], 1e-6)
+        rate = (upload["done"] - upload["base"]) / elapsed
+        text = f'"{upload["name"]}" {upload["percent"]}% of {human_size(upload["size"])}, {rate / 1e6:.1f} MB/s'
+        if rate > 0:
+            text += f", {max(0, upload['size'] - upload['done']) / rate:.0f} s left"
+        return text
+
+    def _refresh(self, now: float, force: bool = False) -> None:
+        """Redraw the terminal status line: every upload under way for a while, at most once a second."""
+        if not force and self._status_shown is not None and now - self._status_shown < self.PROGRESS_EVERY_S:
+            return
+        for upload_id in [key for key, upload in self._uploads.items()
+                          if now - upload["seen"] > self.FORGET_AFTER_S]:
+            del self._uploads[upload_id]
+        shown = [upload for upload in self._uploads.values() if now - upload["since"] >= self.PROGRESS_AFTER_S]
+        self._clear_status()
+        self._status_shown = now
+        if shown:
+            self._draw("receiving " + " | ".join(self._describe(upload, now) for upload in shown))
+
+    def finish(self, text: str) -> None:
+        """The last line: clears the status line (and the terminal's "^C") first."""
+        with self._lock:
+            self._clear_status()
+            self._emit(("\r" if self.tty else "") + text + "\n")
+
+
+class _ConsoleHandler(logging.Handler):
+    def __init__(self, console: Console):
+        super().__init__()
+        self.console = console
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.console.write(self.format(record))
+        except Exception:
+            self.handleError(record)
 
 
 ###############################################################################
@@ -1850,14 +2089,21 @@ def make_server(app: Callable, host: str, port: int):
 
 
 def serve(config: Config, app: bottle.Bottle | None = None, *, server=None,
-          stop: threading.Event | None = None, out=None) -> int:
-    """Serve until ``stop`` is set or Ctrl+C; expires stale partial uploads at start and periodically."""
-    out = out or sys.stdout
+          stop: threading.Event | None = None, out=None, console: Console | None = None) -> int:
+    """Serve until ``stop`` is set or Ctrl+C; expires stale partial uploads at start and periodically.
+
+    Ctrl+C cuts requests in flight: a chunk counts as received only once its state file is replaced after it
+    was written, so an interrupted upload resumes where it stopped when the client retries after a restart.
+    """
+    console = console or Console(out or sys.stdout, quiet=config.quiet)
     app = app or create_app(config)
     store: UploadStore = app.config["pyfiledrop.store"]
     server = server or make_server(app, config.host, config.port)
+    server.timeout = 0.5   # how soon ``stop`` is noticed (Paste's listening socket also wakes once a second)
     stop = stop or threading.Event()
     store.expire()
+    if store.progress is None and not config.quiet:
+        store.progress = console.progress
 
     def janitor() -> None:
         interval = min(3600.0, max(60.0, store.partial_ttl / 4))
@@ -1869,8 +2115,19 @@ def serve(config: Config, app: bottle.Bottle | None = None, *, server=None,
 
     threading.Thread(target=janitor, name="pyfiledrop-janitor", daemon=True).start()
     urls = page_urls(config.host, server.server_address[1])
+    no_qr = None
     if not config.quiet:
-        print(banner(config, urls), file=out, flush=True)
+        text = banner(config, urls)
+        if config.qr:
+            try:
+                code = qr_code(urls[0], ansi=_enable_ansi(console.out),
+                               blocks=_can_encode(console.out, "\u2588\u2580\u2584"))
+                text += f"\nOr scan this with a phone's camera to open {urls[0]}\n" + "\n".join(code)
+            except ImportError:
+                no_qr = "no QR code: the segno package is not installed (pip install segno)"
+        console.write(text + "\nPress Ctrl+C to stop.")
+    if no_qr:
+        log.warning(no_qr)
     try:
         while not stop.is_set():
             server.handle_request()
@@ -1880,7 +2137,7 @@ def serve(config: Config, app: bottle.Bottle | None = None, *, server=None,
         stop.set()
         server.socket.close()
     if not config.quiet:
-        print(f"Stopped. {store.stored_count} file(s) stored this session.", file=out, flush=True)
+        console.finish(f"Stopped. {store.stored_count} file(s) stored this session.")
     return 0
 
 
