@@ -891,9 +891,14 @@ class StorageFailure(UploadError):
     status = 500
 
 
+_NO_SPACE_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+# EPERM is not here: Linux answers it for link() on FAT/exFAT, where the no-link fallback is the way on.
+_LINK_FATAL_ERRNOS = _NO_SPACE_ERRNOS | {errno.EACCES, errno.EROFS}
+
+
 def storage_error(error: OSError) -> UploadError:
     """An OSError as the client may see it: what went wrong, never where."""
-    if error.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+    if error.errno in _NO_SPACE_ERRNOS:
         return InsufficientStorage("Not enough disk space on the server.")
     if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return StorageFailure("The server cannot write to its storage folder.")
@@ -1174,6 +1179,8 @@ class UploadStore:
             return {**self._completed_reply(record), "available": available}
         with self._lock:
             upload = self._uploads.get(upload_id) or self._resume(upload_id)
+            if upload is not None:
+                self._uploads.setdefault(upload_id, upload)
         if upload is None:
             raise NotFound("No such upload.")
         if upload.record is not None:
@@ -1215,6 +1222,8 @@ class UploadStore:
                                  chunk_size=upload.chunk_size, total_chunks=upload.total_chunks)
             _unlink_quietly(self._path(upload.id, ".state"))
             upload.record = record
+        with self._lock:
+            self._uploads.pop(upload.id, None)  # from now on the record on disk answers for it
         return record
 
     def _store(self, part: Path, upload_id: str, name: str, size: int, digest: str, started: float,
@@ -1255,7 +1264,7 @@ class UploadStore:
             except FileExistsError:
                 continue
             except OSError as error:
-                if error.errno in (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT):
+                if error.errno in _LINK_FATAL_ERRNOS:
                     raise
                 if not self._move_without_link(part, target):
                     continue
@@ -1365,12 +1374,6 @@ class UploadStore:
         if removed:
             log.info("removed %d unfinished upload(s) untouched for %g hours", removed, self.partial_ttl / 3600)
         return removed
-
-    def forget_completed(self, upload_id: str) -> None:
-        with self._lock:
-            upload = self._uploads.get(upload_id)
-            if upload is not None and upload.record is not None:
-                del self._uploads[upload_id]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2099,7 +2102,7 @@ def serve(config: Config, app: bottle.Bottle | None = None, *, server=None,
     app = app or create_app(config)
     store: UploadStore = app.config["pyfiledrop.store"]
     server = server or make_server(app, config.host, config.port)
-    server.timeout = 0.5   # how soon ``stop`` is noticed (Paste's listening socket also wakes once a second)
+    server.timeout = 0.25  # how soon ``stop`` is noticed (Paste's listening socket also wakes once a second)
     stop = stop or threading.Event()
     store.expire()
     if store.progress is None and not config.quiet:
@@ -2148,6 +2151,8 @@ def serve(config: Config, app: bottle.Bottle | None = None, *, server=None,
 
 def _prepare_folder(path: Path, what: str) -> str | None:
     """None if ``path`` is a folder this process can create files in, else the reason why not."""
+    if path.exists() and not path.is_dir():
+        return f"the {what} folder {path} is a file, not a folder (choose another with --{what})"
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".pyfiledrop-write-test-{uuid.uuid4().hex}"
@@ -2158,9 +2163,15 @@ def _prepare_folder(path: Path, what: str) -> str | None:
     return None
 
 
-def _configure_logging(config: Config) -> None:
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+class _LogFormatter(logging.Formatter):
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        level = "" if record.levelno < logging.WARNING else record.levelname.lower() + ": "
+        return f"{self.formatTime(record, '%H:%M:%S')} {level}{record.message}"
+
+
+def _configure_logging(config: Config, console: Console | None = None) -> None:
+    handler = _ConsoleHandler(console) if console is not None else logging.StreamHandler(sys.stdout)
+    handler.setFormatter(_LogFormatter())
     log.handlers[:] = [handler]
     log.propagate = False
     log.setLevel(logging.WARNING if config.quiet else logging.INFO)
@@ -2173,19 +2184,53 @@ def _fail(message: str) -> int:
 
 
 def _pause_if_own_console() -> None:
-    """Started by a double-click on Windows, the console closes with the program: keep the message readable."""
+    """Started by a double-click on Windows, the console closes with the program: keep the message readable.
+
+    The console is our own when no other program shares it: only this process, or this process and its parent
+    when that is PyInstaller's one-file bootloader (the same executable) or the py launcher.  A shell sharing
+    the console means the message stays on screen anyway.
+    """
     if os.name != "nt" or not sys.stdin or not sys.stdin.isatty():
         return
     try:
         import ctypes
 
-        if ctypes.windll.kernel32.GetConsoleProcessList((ctypes.c_uint * 2)(), 2) <= 1:
-            input("Press Enter to close this window.")
+        kernel32 = ctypes.windll.kernel32
+        pids = (ctypes.c_uint32 * 16)()
+        count = kernel32.GetConsoleProcessList(pids, 16)
+        if not 0 < count <= 16:
+            return
+        others = set(pids[:count]) - {os.getpid()}
+        if others - {os.getppid()}:
+            return
+        if others:
+            handle = kernel32.OpenProcess(0x1000, False, os.getppid())  # PROCESS_QUERY_LIMITED_INFORMATION
+            if not handle:
+                return
+            try:
+                name = ctypes.create_unicode_buffer(1024)
+                size = ctypes.c_uint32(1024)
+                if not kernel32.QueryFullProcessImageNameW(handle, 0, name, ctypes.byref(size)):
+                    return
+            finally:
+                kernel32.CloseHandle(handle)
+            parent = Path(name.value)
+            if parent.name.lower() not in ("py.exe", "pyw.exe") and not (
+                    getattr(sys, "frozen", False) and parent == Path(sys.executable)):
+                return
+        input("Press Enter to close this window.")
     except Exception:
         pass
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl+C while starting up
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     try:
         config = parse_args(argv)
     except SystemExit as exit_:
@@ -2193,7 +2238,8 @@ def main(argv: list[str] | None = None) -> int:
         if code:
             _pause_if_own_console()
         return code
-    _configure_logging(config)
+    console = Console(sys.stdout, quiet=config.quiet)
+    _configure_logging(config, console)
     for path, what in ((config.storage, "storage"), (config.chunks, "chunks")):
         problem = _prepare_folder(path, what)
         if problem:
@@ -2204,14 +2250,16 @@ def main(argv: list[str] | None = None) -> int:
         app = create_app(config)
         server = make_server(app, config.host, config.port)
     except OSError as error:
-        if error.errno == errno.EADDRINUSE:
+        if error.errno in (errno.EADDRINUSE, getattr(errno, "WSAEADDRINUSE", -1)):
             return _fail(f"port {config.port} is already in use (choose another with -p)")
+        if error.errno in (errno.EACCES, getattr(errno, "WSAEACCES", -1)):
+            return _fail(f"not allowed to listen on port {config.port} (choose another with -p, above 1023)")
         return _fail(f"cannot listen on {config.host}:{config.port}: {error.strerror or error}")
     if config.open_browser:
         import webbrowser
 
         threading.Timer(0.5, webbrowser.open, args=(f"http://127.0.0.1:{server.server_address[1]}/",)).start()
-    return serve(config, app, server=server)
+    return serve(config, app, server=server, console=console)
 
 
 if __name__ == "__main__":
