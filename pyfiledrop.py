@@ -1099,21 +1099,26 @@ class UploadStore:
         if duplicate:
             _drain(data)
         else:
+            data = iter(data)
             try:
                 written = self._write_at(self._path(upload.id, ".part"), chunk.offset, chunk.length, data)
+                if written > chunk.length:  # count on, to tell a file over the limit (413) from a bad chunk
+                    written += _count_bytes(data, self.max_size - chunk.offset - written + 1)
                 if written != chunk.length:
+                    if chunk.offset + written > self.max_size:
+                        raise TooLarge(f"File too large: this server accepts up to {self.max_size} bytes per file.")
                     raise BadRequest(f"Chunk {index} has {written} bytes; expected {chunk.length}.")
+                with upload.cond:  # marked received before the claim is released: no second writer
+                    upload.received |= 1 << index
+                    try:
+                        _write_json_atomically(self._path(upload.id, ".state"), upload.state())
+                    except OSError as error:
+                        upload.received &= ~(1 << index)
+                        raise storage_error(error)
             finally:
                 with upload.cond:
                     upload.writing.discard(index)
                     upload.cond.notify_all()
-            with upload.cond:
-                upload.received |= 1 << index
-                try:
-                    _write_json_atomically(self._path(upload.id, ".state"), upload.state())
-                except OSError as error:
-                    upload.received &= ~(1 << index)
-                    raise storage_error(error)
             if self.progress is not None:
                 self.progress(upload.id, upload.name, upload.received_count, upload.total_chunks, upload.size,
                               upload.started)
@@ -1401,6 +1406,16 @@ def _preallocate(fd: int, size: int) -> None:
 def _drain(data: Iterable[bytes]) -> None:
     for _ in data:
         pass
+
+
+def _count_bytes(data: Iterator[bytes], enough: int) -> int:
+    """Read on and count, stopping once ``enough`` bytes have been seen."""
+    seen = 0
+    for piece in data:
+        seen += len(piece)
+        if seen >= enough:
+            break
+    return seen
 
 
 def human_size(size: float) -> str:

@@ -255,3 +255,40 @@ def test_finish_refuses_an_incomplete_upload(tmp_path):
     with pytest.raises(Conflict):
         store.finish("u1")
     assert os.listdir(store.storage_dir) == []
+
+
+def test_a_chunk_that_carries_the_file_past_the_limit_is_413(tmp_path):
+    store = make_store(tmp_path, max_size=100)
+    data = os.urandom(100)
+    with pytest.raises(TooLarge):
+        store.write_chunk(info("u1", 1, data, 50), "f.bin", pieces(b"x" * 200, 50))
+    with pytest.raises(BadRequest):  # too long for its chunk, but not past the limit
+        store.write_chunk(info("u1", 0, data, 50), "f.bin", pieces(b"x" * 60, 50))
+    assert store.status("u1")["received_chunks"] == 0
+
+
+def test_a_retry_waits_for_a_copy_of_itself_still_being_received(tmp_path):
+    store = make_store(tmp_path)
+    data = os.urandom(200)
+    first_started, release = threading.Event(), threading.Event()
+
+    def slow_first_copy():
+        yield data[:50]
+        first_started.set()
+        release.wait(10)
+        yield data[50:100]
+
+    replies = []
+    first = threading.Thread(target=lambda: replies.append(
+        store.write_chunk(info("u1", 0, data, 100), "f.bin", slow_first_copy())))
+    first.start()
+    assert first_started.wait(10)
+    retry = threading.Thread(target=lambda: replies.append(
+        store.write_chunk(info("u1", 0, data, 100), "f.bin", pieces(b"R" * 100))))
+    retry.start()
+    release.set()
+    first.join(10)
+    retry.join(10)
+    assert [r["received_chunks"] for r in replies] == [1, 1]
+    store.write_chunk(info("u1", 1, data, 100), "f.bin", pieces(data[100:]))
+    assert (store.storage_dir / "f.bin").read_bytes() == data   # the retry's bytes were never written
