@@ -1,20 +1,38 @@
 #!/usr/bin/env python3
 """Build helpers for pyfiledrop.
 
+    python build.py                             build a one-file executable with PyInstaller, then smoke-test it
+    python build.py --skip-smoke                build it, do not run it
+    python build.py --smoke-only PATH           smoke-test an executable built earlier (or elsewhere)
     python build.py --vendor [--dz-version V]   refresh the Dropzone copy embedded in pyfiledrop.py
+
+The executable is dist/pyfiledrop on Linux, dist/pyfiledrop.exe on Windows and dist/pyfiledrop-macos on macOS
+(PyInstaller builds for the system it runs on: build each on its own system).  It needs PyInstaller:
+``pip install -r requirements-dev.txt``.  The smoke test runs --version, starts a copy of the executable in a
+temporary folder from another working folder, uploads a file in chunks as the page does, checks the stored
+file, its sha256 and that it landed in storage/ beside the executable, fetches the page, and stops it.
 """
 from __future__ import annotations
 
 import argparse
 import base64
 import hashlib
+import http.client
 import io
+import json
+import os
 import re
+import shutil
+import signal
+import socket
 import struct
 import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
+import time
+import uuid
 import zlib
 from pathlib import Path
 
@@ -103,18 +121,289 @@ def vendor(version: str, tarball: Path | None) -> None:
     print(f"embedded Dropzone {actual} ({len(files['dropzone-min.js'])} bytes of JS) into {MODULE.name}")
 
 
+# ---------------------------------------------------------------------------
+# Standalone executable: PyInstaller one-file build, then a smoke test of it
+# ---------------------------------------------------------------------------
+
+
+def executable_name(platform: str = sys.platform) -> str:
+    """The file name of the executable built for ``platform``."""
+    if platform == "win32":
+        return "pyfiledrop.exe"
+    if platform == "darwin":
+        return "pyfiledrop-macos"
+    return "pyfiledrop"
+
+
+def _favicon_png() -> bytes:
+    sys.path.insert(0, str(HERE))
+    try:
+        import pyfiledrop
+    finally:
+        sys.path.remove(str(HERE))
+    return pyfiledrop.unpack_asset(pyfiledrop.FAVICON_PNG)
+
+
+def png_size(png: bytes) -> tuple[int, int]:
+    return struct.unpack(">II", png[16:24])
+
+
+def ico_from_png(png: bytes) -> bytes:
+    """A Windows .ico holding the PNG as its one image (PNG entries are valid since Windows Vista)."""
+    width, height = png_size(png)
+    header = struct.pack("<HHH", 0, 1, 1)
+    entry = struct.pack("<BBBBHHII", width % 256, height % 256, 0, 0, 1, 32, len(png), 6 + 16)
+    return header + entry + png
+
+
+def icns_from_png(png: bytes) -> bytes:
+    """A macOS .icns holding the PNG as its one image (icp4/icp5/icp6: 16, 32, 64 pixel PNG entries)."""
+    kind = {16: b"icp4", 32: b"icp5", 64: b"icp6"}.get(png_size(png)[0], b"ic07")
+    entry = kind + struct.pack(">I", 8 + len(png)) + png
+    return b"icns" + struct.pack(">I", 8 + len(entry)) + entry
+
+
+def write_icon(work: Path, platform: str = sys.platform) -> Path | None:
+    """The favicon as an icon file PyInstaller can use on ``platform`` (Linux executables carry no icon)."""
+    if platform not in ("win32", "darwin"):
+        return None
+    work.mkdir(parents=True, exist_ok=True)
+    png = _favicon_png()
+    if platform == "win32":
+        path, data = work / "pyfiledrop.ico", ico_from_png(png)
+    else:
+        path, data = work / "pyfiledrop.icns", icns_from_png(png)
+    path.write_bytes(data)
+    return path
+
+
+def build_executable(dist: Path, work: Path, *, clean: bool = False) -> Path:
+    """Run PyInstaller: one file, console program, favicon as the icon; returns the executable's path."""
+    try:
+        import PyInstaller  # noqa: F401
+    except ImportError:
+        raise SystemExit("build.py: PyInstaller is not installed: pip install pyinstaller")
+    name = executable_name()
+    icon = write_icon(work)
+    command = [
+        sys.executable, "-m", "PyInstaller", str(MODULE),
+        "--onefile", "--console", "--noconfirm", "--log-level", "WARN",
+        "--name", Path(name).stem if sys.platform == "win32" else name,
+        "--distpath", str(dist), "--workpath", str(work / "pyinstaller"), "--specpath", str(work),
+        # imported lazily (the QR code); bundled when it is installed here, skipped with a note otherwise
+        "--hidden-import", "segno",
+    ]
+    # Optional imports of the libraries (Paste's SSL via pyOpenSSL, ...) that pyfiledrop never uses: without
+    # them the executable is about half the size and the build faster.
+    for module in ("OpenSSL", "cryptography", "jinja2", "pkg_resources", "setuptools", "tkinter", "pydoc"):
+        command += ["--exclude-module", module]
+    if icon is not None:
+        command += ["--icon", str(icon)]
+    if sys.platform.startswith("linux"):
+        command.append("--strip")  # debug symbols (pyenv's libpython has them) are half the file
+    if clean:
+        command.append("--clean")
+    try:
+        import segno  # noqa: F401
+    except ImportError:
+        print("build.py: warning: segno is not installed, so the executable will draw no QR code", file=sys.stderr)
+    started = time.monotonic()
+    subprocess.run(command, cwd=HERE, check=True)
+    path = dist / name
+    if not path.is_file():
+        raise SystemExit(f"build.py: PyInstaller finished but {path} is missing")
+    print(f"built {path} ({path.stat().st_size / 1e6:.1f} MB) in {time.monotonic() - started:.0f} s")
+    return path
+
+
+class SmokeTestFailed(Exception):
+    pass
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _multipart(fields: dict, filename: str, data: bytes) -> tuple[bytes, str]:
+    boundary = "----pyfiledropsmoke" + uuid.uuid4().hex
+    body = b"".join(
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
+        for name, value in fields.items())
+    body += (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{filename}"\r\n'
+             "Content-Type: application/octet-stream\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+def _request(port: int, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        connection.request(method, path, body=body, headers=headers or {})
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+def upload_in_chunks(port: int, data: bytes, chunk_size: int, filename: str) -> dict:
+    """Send ``data`` as Dropzone does: one multipart POST /upload per chunk, fields before the file part."""
+    upload_id = str(uuid.uuid4())
+    count = -(-len(data) // chunk_size)
+    reply: dict = {}
+    for index in range(count):
+        fields = {"dzuuid": upload_id, "dzchunkindex": index, "dztotalfilesize": len(data),
+                  "dzchunksize": chunk_size, "dztotalchunkcount": count, "dzchunkbyteoffset": index * chunk_size}
+        body, content_type = _multipart(fields, filename, data[index * chunk_size:(index + 1) * chunk_size])
+        status, answer = _request(port, "POST", "/upload", body, {"Content-Type": content_type})
+        if status != 200:
+            raise SmokeTestFailed(f"chunk {index}: HTTP {status}: {answer[:200]!r}")
+        reply = json.loads(answer)
+    reply["id"] = upload_id
+    return reply
+
+
+def _start(executable: Path, cwd: Path, output: list[str]) -> tuple[subprocess.Popen, int]:
+    """Start ``executable`` with default folders on a free port; wait (polling) until it answers."""
+    for _attempt in range(3):
+        port = _free_port()
+        process = subprocess.Popen([str(executable), "--host", "127.0.0.1", "-p", str(port)], cwd=cwd,
+                                   stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                   text=True, encoding="utf-8", errors="replace",
+                                   creationflags=getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0))
+        del output[:]
+        reader = threading.Thread(target=lambda p=process: output.extend(p.stdout), daemon=True)
+        reader.start()
+        deadline = time.monotonic() + 120   # the first start of a one-file build unpacks itself
+        while process.poll() is None and time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    return process, port
+            except OSError:
+                time.sleep(0.1)
+        if process.poll() is None:
+            process.kill()
+            raise SmokeTestFailed("the executable did not start listening within 120 s")
+        reader.join(5)
+        if "already in use" not in "".join(output):
+            raise SmokeTestFailed(f"the executable exited with status {process.returncode}:\n{''.join(output)}")
+    raise SmokeTestFailed("no free port found")
+
+
+def _stop(process: subprocess.Popen) -> int:
+    if os.name == "nt":
+        process.terminate()   # Ctrl+C cannot be sent to one process on Windows
+    else:
+        process.send_signal(signal.SIGINT)
+    try:
+        return process.wait(30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise SmokeTestFailed("the executable did not stop within 30 s of Ctrl+C")
+
+
+def smoke_test(executable: Path, *, log=print) -> None:
+    """Run the built executable as a user would, and check it works; raises SmokeTestFailed if not."""
+    executable = Path(executable).resolve()
+    if not executable.is_file():
+        raise SmokeTestFailed(f"no such file: {executable}")
+    source = MODULE.read_text(encoding="utf-8")
+    version = re.search(r'^__version__ = "([^"]+)"', source, re.M).group(1)
+    result = subprocess.run([str(executable), "--version"], capture_output=True, text=True, timeout=120,
+                            stdin=subprocess.DEVNULL)
+    if result.returncode != 0 or f"pyfiledrop {version}" not in result.stdout:
+        raise SmokeTestFailed(f"--version: status {result.returncode}: {result.stdout!r} {result.stderr!r}")
+    log(f"smoke: --version says {result.stdout.strip()!r}")
+
+    with tempfile.TemporaryDirectory(prefix="pyfiledrop-smoke-") as temp:
+        # A copy in a folder of its own, started from another folder: storage/ must appear beside the copy.
+        app_dir, elsewhere = Path(temp) / "app", Path(temp) / "elsewhere"
+        app_dir.mkdir()
+        elsewhere.mkdir()
+        copy = app_dir / executable.name
+        shutil.copy2(executable, copy)
+        output: list[str] = []
+        process, port = _start(copy, elsewhere, output)
+        try:
+            data = os.urandom(300_000)
+            reply = upload_in_chunks(port, data, 64 * 1024, "smoke test.bin")
+            expected = hashlib.sha256(data).hexdigest()
+            if not reply.get("complete") or reply.get("sha256") != expected:
+                raise SmokeTestFailed(f"upload reply: {reply}")
+            stored = app_dir / "storage" / reply["name"]
+            if not stored.is_file():
+                found = sorted(str(p.relative_to(temp)) for p in Path(temp).rglob("*") if p.is_file())
+                raise SmokeTestFailed(f"the upload is not in storage/ beside the executable; files: {found}")
+            if hashlib.sha256(stored.read_bytes()).hexdigest() != expected:
+                raise SmokeTestFailed("the stored file differs from the one sent")
+            if (elsewhere / "storage").exists():
+                raise SmokeTestFailed("storage/ was created in the working folder, not beside the executable")
+            status, answer = _request(port, "GET", f"/api/uploads/{reply['id']}")
+            if status != 200 or not json.loads(answer).get("complete"):
+                raise SmokeTestFailed(f"status of the upload: HTTP {status}: {answer[:200]!r}")
+            status, page = _request(port, "GET", "/")
+            if status != 200 or b"dropzone" not in page.lower():
+                raise SmokeTestFailed(f"the page: HTTP {status}, {len(page)} bytes")
+            status, _ = _request(port, "GET", "/favicon.ico")
+            if status != 200:
+                raise SmokeTestFailed(f"the favicon: HTTP {status}")
+            log(f"smoke: uploaded {len(data)} bytes in {-(-len(data) // 65536)} chunks; sha256 {expected[:16]}...,"
+                f" stored in {stored.relative_to(temp)}; page and favicon served")
+        except BaseException:
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+            log("".join(output))
+            raise
+        code = _stop(process)
+        deadline = time.monotonic() + 10
+        while not any("Stopped." in line for line in output) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        text = "".join(output)
+        if os.name != "nt":
+            if code != 0:
+                raise SmokeTestFailed(f"exit status {code} after Ctrl+C:\n{text}")
+            if "Stopped. 1 file(s) stored" not in text:
+                raise SmokeTestFailed(f"no final line after Ctrl+C:\n{text}")
+        for expected_text in (f"pyfiledrop {version}", f"http://127.0.0.1:{port}/", "saving to"):
+            if expected_text not in text:
+                raise SmokeTestFailed(f"the start-up banner lacks {expected_text!r}:\n{text}")
+        if "\u2588" not in text and "##" not in text:
+            log("smoke: warning: no QR code in the banner (was segno installed when building?)")
+    log(f"smoke: {executable.name} passed")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vendor", action="store_true", help="refresh the embedded Dropzone and favicon")
     parser.add_argument("--dz-version", default=DEFAULT_DZ_VERSION, help="Dropzone release to embed")
     parser.add_argument("--dz-tarball", type=Path, help="use this npm tarball instead of fetching one")
+    parser.add_argument("--skip-smoke", action="store_true", help="build the executable but do not smoke-test it")
+    parser.add_argument("--smoke-only", type=Path, metavar="PATH",
+                        help="do not build: smoke-test the executable at PATH")
+    parser.add_argument("--dist", type=Path, default=HERE / "dist", metavar="DIR",
+                        help="where the executable goes (default: dist/)")
+    parser.add_argument("--work", type=Path, default=HERE / "build", metavar="DIR",
+                        help="PyInstaller's working folder, the .spec and the icon (default: build/)")
+    parser.add_argument("--clean", action="store_true", help="empty PyInstaller's caches before building")
     args = parser.parse_args(argv)
     if args.vendor:
         vendor(args.dz_version, args.dz_tarball)
         return 0
-    parser.print_help()
+    try:
+        if args.smoke_only is not None:
+            smoke_test(args.smoke_only)
+            return 0
+        executable = build_executable(args.dist.resolve(), args.work.resolve(), clean=args.clean)
+        if not args.skip_smoke:
+            smoke_test(executable)
+    except SmokeTestFailed as failure:
+        print(f"build.py: smoke test failed: {failure}", file=sys.stderr)
+        return 1
+    except subprocess.CalledProcessError as error:
+        print(f"build.py: PyInstaller failed with status {error.returncode}", file=sys.stderr)
+        return 1
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
