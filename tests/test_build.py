@@ -6,11 +6,10 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT))
-import build  # noqa: E402
+import build
 
 
 def test_executable_names_per_platform():
