@@ -53,6 +53,11 @@ def _field(boundary: bytes, name: str, value) -> bytes:
             + b"\"\r\n\r\n" + str(value).encode() + b"\r\n")
 
 
+def _quote_filename(name: str) -> bytes:
+    """As browsers write a filename in multipart headers: UTF-8, with '"', CR and LF percent-encoded."""
+    return name.replace('"', "%22").replace("\r", "%0D").replace("\n", "%0A").encode("utf-8")
+
+
 def chunk_request_parts(boundary: bytes, upload_id: str, filename: str, index: int, total_size: int,
                         chunk_size: int) -> tuple[bytes, int, bytes]:
     """(head, chunk length, tail) of one chunk request's multipart body, fields before the file part."""
@@ -67,7 +72,7 @@ def chunk_request_parts(boundary: bytes, upload_id: str, filename: str, index: i
         _field(boundary, "dztotalchunkcount", total),
         _field(boundary, "dzchunkbyteoffset", offset),
         b"--" + boundary + b"\r\nContent-Disposition: form-data; name=\"file\"; filename=\""
-        + quote(filename).encode() + b"\"\r\nContent-Type: application/octet-stream\r\n\r\n",
+        + _quote_filename(filename) + b"\"\r\nContent-Type: application/octet-stream\r\n\r\n",
     ])
     tail = b"\r\n--" + boundary + b"--\r\n"
     return head, length, tail
