@@ -115,6 +115,21 @@ def test_no_qr_leaves_the_code_out(tmp_path):
     assert QR_BLOCK not in text and "scan" not in text
 
 
+def test_without_segno_the_qr_code_is_left_out_with_a_warning(tmp_path):
+    program = (f"import runpy, sys; sys.modules['segno'] = None; sys.argv = {['pyfiledrop', *folders(tmp_path)]!r}"
+               f" + ['--host', '127.0.0.1', '-p', sys.argv[1]]; runpy.run_path({str(ROOT / 'pyfiledrop.py')!r},"
+               " run_name='__main__')")
+    process = subprocess.Popen([sys.executable, "-c", program, str(free_port())], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    output = Output(process)
+    try:
+        output.wait_for(lambda text: "no QR code" in text)
+    finally:
+        text = interrupt(process, output)
+    assert re.search(r"\d\d:\d\d:\d\d warning: no QR code: the segno package is not installed", text)
+    assert QR_BLOCK not in text and "Press Ctrl+C to stop." in text
+
+
 def test_quiet_prints_nothing_for_a_normal_session(tmp_path):
     data = os.urandom(50_000)
     with cli_server(["--quiet", *folders(tmp_path)]) as (process, port):
