@@ -328,3 +328,24 @@ def test_terminal_progress_redraws_one_status_line():
     console.progress("a", "big.iso", 50, 50, 50_000_000, started)   # done: the status line goes
     console.finish("Stopped.")
     assert re.search(r" s left\r +\r\rStopped\.\n\Z", out.getvalue())
+
+
+@pytest.mark.parametrize("ansi", [False, True])
+def test_qr_drawing_holds_exactly_the_code_segno_made(ansi):
+    segno = pytest.importorskip("segno")
+    url = "http://192.168.178.23:16273/"
+    expected = [[bool(module) for module in row]
+                for row in segno.make(url, error="m", micro=False).matrix_iter(scale=1, border=2)]
+    lines = pyfiledrop.qr_code(url, ansi=ansi)
+    if ansi:
+        assert all(line.startswith("\x1b[30;47m") and line.endswith("\x1b[0m") for line in lines)
+        lines = [line[len("\x1b[30;47m"):-len("\x1b[0m")] for line in lines]
+    # each character is two modules; drawn (foreground) halves are dark with ansi, light without
+    halves = {" ": (False, False), "\u2580": (True, False), "\u2584": (False, True), "\u2588": (True, True)}
+    rows = []
+    for line in lines:
+        cells = [halves[char] for char in line]
+        rows += [[top == ansi for top, _ in cells], [bottom == ansi for _, bottom in cells]]
+    assert rows[:len(expected)] == expected
+    assert pyfiledrop.qr_code(url, blocks=False) == [
+        "".join("  " if dark else "##" for dark in row) for row in expected]
