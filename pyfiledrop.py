@@ -33,7 +33,6 @@ from urllib.parse import quote, unquote_to_bytes, urlsplit
 
 import bottle
 from werkzeug.http import parse_options_header
-from werkzeug.sansio.multipart import Data, Epilogue, Field, File, MultipartDecoder, NeedData
 
 __version__ = "1.0.0"
 
@@ -290,6 +289,7 @@ INDEX_HTML = r"""<!doctype html>
   #dropper.dropzone:focus-visible { outline: 4px solid #ffbf47; outline-offset: 2px; }
   #dropper.dz-drag-hover { background: #e6f4f5; }
   #dropper .dz-message { margin: 2.2em 0; font-size: 1.15rem; text-align: center; }
+  #dropper.dz-started .dz-message { display: block; margin: .6em 0 1em; }  /* still the tap target for more */
   #dropper .dz-message button { font: inherit; border: 0; background: none; color: var(--accent); padding: 0; }
   #dropper .dz-message strong { display: block; font-size: 1.3rem; }
   #dropper .dz-preview { display: block; margin: 8px 0; min-height: 0; width: auto; }
@@ -338,7 +338,7 @@ INDEX_HTML = r"""<!doctype html>
 <template id="preview-template">
   <div class="dz-preview dz-file-preview">
     <div class="pf-file">
-      <div class="pf-row"><span class="pf-name" data-dz-name></span><span class="pf-meta" data-dz-size></span></div>
+      <div class="pf-row"><span class="pf-name" data-dz-name></span><span class="pf-meta pf-size"></span></div>
       <div class="pf-bar" role="progressbar" aria-valuemin="0" aria-valuemax="100" aria-valuenow="0"><span
         data-dz-uploadprogress></span></div>
       <div class="pf-row"><span class="pf-meta pf-status">Waiting…</span><span class="pf-meta pf-eta"></span></div>
@@ -454,10 +454,15 @@ INDEX_HTML = r"""<!doctype html>
     retryChunks: true,
     retryChunksLimit: 3,
     timeout: cfg.timeoutMs,
-    maxFilesize: cfg.maxFileSizeBytes / (1024 * 1024),
+    maxFilesize: null,  // checked to the byte in accept, with a message in the units the page shows
+    accept: function (file, done) {
+      if (file.size <= cfg.maxFileSizeBytes) return done();
+      var size = human(file.size), limit = human(cfg.maxFileSizeBytes);
+      if (size === limit) { size = file.size + " bytes"; limit = cfg.maxFileSizeBytes + " bytes"; }
+      done("Too large: " + size + ". This server accepts up to " + limit + " per file.");
+    },
     createImageThumbnails: false,
     previewTemplate: template,
-    dictFileTooBig: "Too large: {{filesize}} MiB. This server accepts up to {{maxFilesize}} MiB per file.",
     dictResponseError: "The server answered {{statusCode}}.",
     // Chunks of one file may finish in any order, so the last response to arrive is not always the one that
     // completed the file: ask the server what it stored.
@@ -473,6 +478,20 @@ INDEX_HTML = r"""<!doctype html>
     }
   });
 
+  // A refusal (400, 413, ...) gets the same answer every time: fail at once instead of sending the chunk
+  // again retryChunksLimit times. Timeouts, dropped connections, 408, 409, 429 and 5xx are still retried.
+  var handleUploadError = dz._handleUploadError;
+  if (typeof handleUploadError === "function") {
+    dz._handleUploadError = function (files, xhr, response) {
+      var status = xhr ? xhr.status : 0;
+      if (status >= 400 && status < 500 && [408, 409, 429].indexOf(status) < 0 && files[0].upload.chunked) {
+        var chunk = dz._getChunk(files[0], xhr);
+        if (chunk) chunk.retries = Infinity;
+      }
+      return handleUploadError.call(this, files, xhr, response);
+    };
+  }
+
   function previewPart(file, selector) { return file.previewElement && file.previewElement.querySelector(selector); }
 
   var batch = { bytes: 0, files: 0, done: 0, failed: 0, started: 0 };
@@ -487,7 +506,7 @@ INDEX_HTML = r"""<!doctype html>
     });
     var elapsed = (Date.now() - batch.started) / 1000;
     var speed = elapsed > 0.5 ? sent / elapsed : 0;
-    var text = batch.done + " of " + batch.files + " files uploaded";
+    var text = batch.done + " of " + batch.files + (batch.files === 1 ? " file" : " files") + " uploaded";
     if (batch.failed) text += ", " + batch.failed + " failed";
     if (active.length) {
       text += " · " + human(sent) + " of " + human(total);
@@ -503,9 +522,35 @@ INDEX_HTML = r"""<!doctype html>
     }
     file.pfBatch = batch.id;
     batch.files += 1;
+    var size = previewPart(file, ".pf-size");
+    if (size) size.textContent = human(file.size);  // the units of the "Uploaded" list, as text
     updateOverall();
   });
-  dz.on("sending", function (file) {
+  // The timeout is for a request that makes no progress, not for one that takes long: chunks in flight
+  // share the link, so on a slow one (or with two files at once) a healthy chunk may need longer than the
+  // timeout in all. Each byte sent or received re-arms the watchdog; a stalled request is retried.
+  function watchdog(xhr) {
+    if (!xhr || !cfg.timeoutMs || xhr.pfWatched) return;
+    xhr.pfWatched = true;
+    xhr.timeout = 0;
+    var timer = null;
+    function arm() {
+      clearTimeout(timer);
+      timer = setTimeout(function () {
+        if (xhr.readyState === 4) return;
+        var onTimeout = xhr.ontimeout;
+        xhr.abort();
+        if (onTimeout) onTimeout.call(xhr);
+      }, cfg.timeoutMs);
+    }
+    ["progress", "load"].forEach(function (type) { xhr.upload.addEventListener(type, arm); });
+    xhr.addEventListener("progress", arm);
+    xhr.addEventListener("loadend", function () { clearTimeout(timer); });
+    arm();
+  }
+
+  dz.on("sending", function (file, xhr) {
+    watchdog(xhr);
     if (!file.pfStarted) file.pfStarted = Date.now();
     var status = previewPart(file, ".pf-status");
     if (status && status.textContent === "Waiting…") status.textContent = "Uploading…";
@@ -525,7 +570,10 @@ INDEX_HTML = r"""<!doctype html>
     var result = file.pfResult || (response && response.files ? response.files[0] : response);
     if (result && result.id) addEntry(result);
     var status = previewPart(file, ".pf-status");
-    if (status) status.textContent = "Stored as " + (result && result.name ? result.name : file.name);
+    if (status) {
+      status.textContent = result && result.name && result.name !== file.name ? "Uploaded, stored as " + result.name
+        : "Uploaded";
+    }
     var eta = previewPart(file, ".pf-eta");
     if (eta) eta.textContent = "";
     var bar = previewPart(file, ".pf-bar > span");
@@ -905,14 +953,14 @@ def storage_error(error: OSError) -> UploadError:
     return StorageFailure("The server could not save the file.")
 
 
-def _write_json_atomically(path: Path, data: dict) -> None:
-    temp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")
+def _write_json_atomically(path: str, data: dict) -> None:
+    temp = f"{path}.{uuid.uuid4().hex}.tmp"
     with open(temp, "x", encoding="utf-8") as handle:
         json.dump(data, handle, separators=(",", ":"))
     os.replace(temp, path)
 
 
-def _unlink_quietly(path: Path) -> None:
+def _unlink_quietly(path: str | Path) -> None:
     try:
         os.unlink(path)
     except FileNotFoundError:
@@ -937,6 +985,10 @@ class _Upload:
     finish_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
     hasher: object = dataclasses.field(default_factory=hashlib.sha256)
     hashed_chunks: int = 0
+    # Hash states of chunks hashed while they were written, waiting for their turn in order: index -> (write
+    # token, hasher).  ``write_tokens`` names the latest write of each chunk, so only its state is used.
+    hash_stash: dict = dataclasses.field(default_factory=dict)
+    write_tokens: dict = dataclasses.field(default_factory=dict)
     record: dict | None = None
 
     def has(self, index: int) -> bool:
@@ -984,13 +1036,17 @@ class UploadStore:
                  clock: Callable[[], float] = time.time, progress: Callable[..., None] | None = None):
         self.storage_dir = Path(storage_dir)
         self.chunks_dir = Path(chunks_dir)
+        self._chunks = str(self.chunks_dir)
         self.max_size = max_size
         self.partial_ttl = partial_ttl
         self.clock = clock
         # Told (id, name, received chunks, total chunks, size, started) after each chunk is stored.
         self.progress = progress
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()            # the dict of uploads and the count; never held across I/O
         self._uploads: dict[str, _Upload] = {}
+        # Loading or creating an upload is serialised per id (striped), so new uploads do not queue behind
+        # each other's file creation.
+        self._opening = [threading.Lock() for _ in range(64)]
         self.stored_count = 0
 
     @classmethod
@@ -999,43 +1055,69 @@ class UploadStore:
                    partial_ttl=config.partial_ttl_seconds)
 
     # -- paths --------------------------------------------------------------------------------------------
-    def _path(self, upload_id: str, suffix: str) -> Path:
-        return self.chunks_dir / f"{upload_id}{suffix}"
+    def _path(self, upload_id: str, suffix: str) -> str:
+        return os.path.join(self._chunks, upload_id + suffix)  # plain strings: this is on every request's path
+
+    def _read_json(self, upload_id: str, suffix: str) -> dict | None:
+        try:
+            with open(self._path(upload_id, suffix), encoding="utf-8") as handle:
+                return json.load(handle)
+        except FileNotFoundError:
+            return None
 
     def _read_record(self, upload_id: str) -> dict | None:
         try:
-            return json.loads(self._path(upload_id, ".done").read_text(encoding="utf-8"))
-        except (FileNotFoundError, ValueError):
+            return self._read_json(upload_id, ".done")
+        except ValueError:
             return None
 
     # -- start ----------------------------------------------------------------------------------------------
     def start(self, chunk: ChunkInfo, filename: str, client: str = "") -> _Upload:
         """The upload ``chunk`` belongs to: found in memory, resumed from disk, or created."""
         name = sanitize_filename(filename)
-        with self._lock:
-            upload = self._uploads.get(chunk.upload_id)
-            if upload is None:
-                record = self._read_record(chunk.upload_id)
-                if record is not None:
-                    upload = _Upload(id=record["id"], name=record["original_name"], size=record["size"],
-                                     chunk_size=record["chunk_size"], total_chunks=record["total_chunks"],
-                                     started=record["completed"], record=record)
-                else:
-                    upload = self._resume(chunk.upload_id) or self._create(chunk, name, client)
-                self._uploads[chunk.upload_id] = upload
+        upload = self._uploads.get(chunk.upload_id)
+        if upload is None:
+            with self._opening_lock(chunk.upload_id):
+                upload = self._uploads.get(chunk.upload_id)
+                if upload is None:
+                    record = self._read_record(chunk.upload_id)
+                    if record is not None:  # a retry after completion; answered from the record, not kept
+                        upload = _Upload(id=record["id"], name=record["original_name"], size=record["size"],
+                                         chunk_size=record["chunk_size"], total_chunks=record["total_chunks"],
+                                         started=record["completed"], record=record)
+                    else:
+                        upload = self._resume(chunk.upload_id) or self._create(chunk, name, client)
+                        with self._lock:
+                            self._uploads[chunk.upload_id] = upload
         if (upload.name, upload.size, upload.chunk_size) != (name, chunk.total_size, chunk.chunk_size):
             raise BadRequest("This dzuuid belongs to an upload with another name, size or chunk size.")
         return upload
 
+    def _opening_lock(self, upload_id: str) -> threading.Lock:
+        return self._opening[hash(upload_id) % len(self._opening)]
+
+    def _loaded(self, upload_id: str) -> _Upload | None:
+        """The unfinished upload ``upload_id``, from memory or resumed from disk; None if there is none."""
+        upload = self._uploads.get(upload_id)
+        if upload is None:
+            with self._opening_lock(upload_id):
+                upload = self._uploads.get(upload_id)
+                if upload is None:
+                    upload = self._resume(upload_id)
+                    if upload is not None:
+                        with self._lock:
+                            self._uploads[upload_id] = upload
+        return upload
+
     def _resume(self, upload_id: str) -> _Upload | None:
         try:
-            state = json.loads(self._path(upload_id, ".state").read_text(encoding="utf-8"))
+            state = self._read_json(upload_id, ".state")
+            if state is None:
+                return None
             upload = _Upload.from_state(state)
-        except FileNotFoundError:
-            return None
         except (ValueError, KeyError, TypeError):
             raise Conflict("The saved state of this upload is unreadable; start it again with a new id.")
-        if not self._path(upload_id, ".part").exists():
+        if not os.path.exists(self._path(upload_id, ".part")):
             _unlink_quietly(self._path(upload_id, ".state"))
             return None
         log.info("resuming %s: %d of %d chunks already here", upload.name, upload.received_count,
@@ -1043,12 +1125,20 @@ class UploadStore:
         return upload
 
     def _create(self, chunk: ChunkInfo, name: str, client: str) -> _Upload:
-        self.check_free_space(chunk.total_size)
+        if chunk.total_size >= MIB:  # smaller ones: preallocating, or writing, finds a full disk as cheaply
+            self.check_free_space(chunk.total_size)
         part = self._path(chunk.upload_id, ".part")
+        flags = os.O_CREAT | os.O_EXCL | os.O_RDWR | getattr(os, "O_BINARY", 0)
         try:
-            fd = os.open(part, os.O_CREAT | os.O_EXCL | os.O_RDWR | getattr(os, "O_BINARY", 0), 0o644)
+            try:
+                fd = os.open(part, flags, 0o644)
+            except FileExistsError:
+                # Neither in memory nor with a state file (we hold this id's opening lock): left by a process
+                # that stopped before its first chunk was recorded, so nothing in it counts.
+                _unlink_quietly(part)
+                fd = os.open(part, flags, 0o644)
         except FileExistsError:
-            raise Conflict("An unfinished upload with this dzuuid has lost its state; use a new id.")
+            raise Conflict("Another upload with this dzuuid is starting; retry.")
         except OSError as error:
             raise storage_error(error)
         try:
@@ -1061,11 +1151,16 @@ class UploadStore:
         upload = _Upload(id=chunk.upload_id, name=name, size=chunk.total_size, chunk_size=chunk.chunk_size,
                          total_chunks=chunk.total_chunks, started=self.clock(), client=client)
         try:
-            _write_json_atomically(self._path(chunk.upload_id, ".state"), upload.state())
+            self._save_state(upload)
         except OSError as error:
             _unlink_quietly(part)
             raise storage_error(error)
         return upload
+
+    def _save_state(self, upload: _Upload) -> None:
+        # A one-chunk upload has nothing to resume: it arrives whole in one request or not at all.
+        if upload.total_chunks > 1:
+            _write_json_atomically(self._path(upload.id, ".state"), upload.state())
 
     def check_free_space(self, size: int) -> None:
         for folder in {self.storage_dir, self.chunks_dir}:
@@ -1101,7 +1196,8 @@ class UploadStore:
         else:
             data = iter(data)
             try:
-                written = self._write_at(self._path(upload.id, ".part"), chunk.offset, chunk.length, data)
+                written = self._write_at(self._path(upload.id, ".part"), chunk.offset, chunk.length, data,
+                                         upload=upload, index=index)
                 if written > chunk.length:  # count on, to tell a file over the limit (413) from a bad chunk
                     written += _count_bytes(data, self.max_size - chunk.offset - written + 1)
                 if written != chunk.length:
@@ -1111,7 +1207,7 @@ class UploadStore:
                 with upload.cond:  # marked received before the claim is released: no second writer
                     upload.received |= 1 << index
                     try:
-                        _write_json_atomically(self._path(upload.id, ".state"), upload.state())
+                        self._save_state(upload)
                     except OSError as error:
                         upload.received &= ~(1 << index)
                         raise storage_error(error)
@@ -1134,45 +1230,141 @@ class UploadStore:
         return {"id": record["id"], "name": record["name"], "size": record["size"], "sha256": record["sha256"],
                 "complete": True}
 
-    def _write_at(self, path: Path, offset: int, length: int, data: Iterable[bytes]) -> int:
-        """Write at most ``length`` bytes at ``offset``; the count received (a longer body stops early)."""
+    def _write_at(self, path: Path, offset: int, length: int, data: Iterable[bytes], *,
+                  upload: _Upload | None = None, index: int = -1) -> int:
+        """Write at most ``length`` bytes at ``offset``; the count received (a longer body stops early).
+
+        With ``upload``, chunk ``index`` is hashed as it is written whenever it is the next one in order (the
+        hash lock is held meanwhile); the hash state after it is kept for ``_advance_hash``, so the chunk is
+        never read back.  Every byte goes to disk once, with os.pwrite.
+        """
         written = 0
+        hasher = token = None
+        if upload is not None:
+            token = object()  # this write; a stashed hash state is used only if it came from the latest write
+            upload.write_tokens[index] = token
         try:
-            with open(path, "r+b", buffering=0) as handle:
-                handle.seek(offset)
-                for piece in data:
-                    room = length - written
-                    if len(piece) > room:
-                        if room:
-                            handle.write(piece[:room])
-                        return length + len(piece) - room
-                    handle.write(piece)
-                    written += len(piece)
+            fd = os.open(path, os.O_RDWR | getattr(os, "O_BINARY", 0))
         except FileNotFoundError:
             raise Conflict("This upload expired or was removed; start it again.")
         except OSError as error:
             raise storage_error(error)
+        try:
+            for piece in data:
+                room = length - written
+                # Only when no later chunk is in flight: a chunk that hashes as it goes receives more slowly, and
+                # later chunks could then pile up behind it, to be hashed all at completion.
+                if (hasher is None and token is not None and upload.hashed_chunks == index
+                        and max(upload.writing, default=index) <= index):
+                    hasher = self._claim_inline_hash(upload, index, fd, offset, written)
+                if len(piece) > room:
+                    if room:
+                        self._pwrite_all(fd, piece[:room], offset + written)
+                    return length + len(piece) - room
+                self._pwrite_all(fd, piece, offset + written)
+                if hasher is not None:
+                    hasher.update(piece)
+                written += len(piece)
+            if hasher is not None and written == length:
+                upload.hash_stash[index] = (token, hasher)
+        except OSError as error:
+            raise storage_error(error)
+        finally:
+            os.close(fd)
+            if hasher is not None:
+                upload.hash_lock.release()
         return written
 
+    @staticmethod
+    def _pwrite_all(fd: int, data, offset: int) -> None:
+        view = memoryview(data)
+        if hasattr(os, "pwrite"):
+            while view:
+                count = os.pwrite(fd, view, offset)
+                view, offset = view[count:], offset + count
+            return
+        os.lseek(fd, offset, os.SEEK_SET)
+        while view:
+            view = view[os.write(fd, view):]
+
+    @staticmethod
+    def _pread(fd: int, count: int, offset: int) -> bytes:
+        if hasattr(os, "pread"):
+            return os.pread(fd, count, offset)
+        os.lseek(fd, offset, os.SEEK_SET)
+        return os.read(fd, count)
+
+    def _claim_inline_hash(self, upload: _Upload, index: int, fd: int, offset: int, written: int):
+        """A copy of the hash state, caught up on the ``written`` bytes already on disk, with the hash lock
+        held; None (lock not held) when another thread is hashing or ``index`` is not next."""
+        if not upload.hash_lock.acquire(blocking=False):
+            return None
+        try:
+            if upload.hashed_chunks != index:
+                upload.hash_lock.release()
+                return None
+            hasher = upload.hasher.copy()
+            done = 0
+            while done < written:
+                block = self._pread(fd, min(READ_BLOCK, written - done), offset + done)
+                if not block:
+                    raise StorageFailure("The partial file is shorter than expected.")
+                hasher.update(block)
+                done += len(block)
+        except BaseException:
+            upload.hash_lock.release()
+            raise
+        return hasher
+
     def _advance_hash(self, upload: _Upload) -> None:
-        """Hash the received prefix of the file, in order, as it grows: completion then costs no pass."""
-        with upload.hash_lock:
-            if upload.hashed_chunks >= upload.total_chunks or not upload.has(upload.hashed_chunks):
+        """Hash the received prefix of the file, in order, as it grows: completion then costs no pass.
+
+        Only completion waits for the hash lock; otherwise a thread that finds it taken leaves the work to the
+        holder, which looks again once it has released it.
+        """
+        while True:
+            # Also wait (holding back this reply, so the client slows to hashing speed) when more than
+            # 32 MiB wait to be hashed: that bounds what completion has to hash.
+            backlog = (upload.received >> upload.hashed_chunks).bit_count() * upload.chunk_size
+            wait = upload.received_count == upload.total_chunks or backlog > 32 * MIB
+            if not upload.hash_lock.acquire(blocking=wait):
                 return
-            buffer = bytearray(min(READ_BLOCK, upload.chunk_size))
-            view = memoryview(buffer)
-            with open(self._path(upload.id, ".part"), "rb", buffering=0) as handle:
-                while upload.hashed_chunks < upload.total_chunks and upload.has(upload.hashed_chunks):
-                    index = upload.hashed_chunks
-                    handle.seek(index * upload.chunk_size)
-                    remaining = chunk_length(index, upload.size, upload.chunk_size)
-                    while remaining:
-                        count = handle.readinto(view[: min(remaining, len(buffer))])
-                        if not count:
-                            raise StorageFailure("The partial file is shorter than expected.")
-                        upload.hasher.update(view[:count])
-                        remaining -= count
+            try:
+                self._hash_received(upload)
+            finally:
+                upload.hash_lock.release()
+            if wait or upload.hashed_chunks >= upload.total_chunks or not upload.has(upload.hashed_chunks):
+                return
+
+    def _hash_received(self, upload: _Upload) -> None:
+        """With the hash lock held: hash chunks in order while they are here (from the stash, else the disk)."""
+        stash, tokens = upload.hash_stash, upload.write_tokens
+        handle = None
+        try:
+            while upload.hashed_chunks < upload.total_chunks and upload.has(upload.hashed_chunks):
+                index = upload.hashed_chunks
+                entry = stash.pop(index, None)
+                token = tokens.pop(index, None)
+                if entry is not None and entry[0] is token:
+                    upload.hasher = entry[1]
                     upload.hashed_chunks += 1
+                    continue
+                if handle is None:
+                    handle = open(self._path(upload.id, ".part"), "rb", buffering=0)
+                    buffer = bytearray(min(READ_BLOCK, upload.chunk_size))
+                    view = memoryview(buffer)
+                handle.seek(index * upload.chunk_size)
+                remaining = chunk_length(index, upload.size, upload.chunk_size)
+                while remaining:
+                    count = handle.readinto(view[: min(remaining, len(buffer))])
+                    if not count:
+                        raise StorageFailure("The partial file is shorter than expected.")
+                    upload.hasher.update(view[:count])
+                    remaining -= count
+                upload.hashed_chunks += 1
+        finally:
+            if handle is not None:
+                handle.close()
 
     # -- status ---------------------------------------------------------------------------------------------
     def status(self, upload_id: str) -> dict:
@@ -1182,10 +1374,7 @@ class UploadStore:
         if record is not None:
             available = (self.storage_dir / record["name"]).is_file()
             return {**self._completed_reply(record), "available": available}
-        with self._lock:
-            upload = self._uploads.get(upload_id) or self._resume(upload_id)
-            if upload is not None:
-                self._uploads.setdefault(upload_id, upload)
+        upload = self._loaded(upload_id)
         if upload is None:
             raise NotFound("No such upload.")
         if upload.record is not None:
@@ -1209,8 +1398,7 @@ class UploadStore:
     # -- finish ---------------------------------------------------------------------------------------------
     def finish(self, upload_id: str) -> dict:
         """Move a fully received upload into storage, exactly once; later calls return the same record."""
-        with self._lock:
-            upload = self._uploads.get(upload_id)
+        upload = self._uploads.get(upload_id)
         if upload is None:
             record = self._read_record(upload_id)
             if record is None:
@@ -1225,13 +1413,14 @@ class UploadStore:
             record = self._store(self._path(upload.id, ".part"), upload.id, upload.name, upload.size,
                                  upload.hasher.hexdigest(), upload.started, upload.client,
                                  chunk_size=upload.chunk_size, total_chunks=upload.total_chunks)
-            _unlink_quietly(self._path(upload.id, ".state"))
+            if upload.total_chunks > 1:
+                _unlink_quietly(self._path(upload.id, ".state"))
             upload.record = record
         with self._lock:
             self._uploads.pop(upload.id, None)  # from now on the record on disk answers for it
         return record
 
-    def _store(self, part: Path, upload_id: str, name: str, size: int, digest: str, started: float,
+    def _store(self, part: str, upload_id: str, name: str, size: int, digest: str, started: float,
                client: str, *, chunk_size: int, total_chunks: int) -> dict:
         try:
             if os.path.getsize(part) != size:
@@ -1253,7 +1442,7 @@ class UploadStore:
                  seconds, size / seconds / 1e6, digest, client or "-")
         return record
 
-    def _claim_name(self, part: Path, name: str) -> str:
+    def _claim_name(self, part: str, name: str) -> str:
         """Give ``part`` its final name in storage without ever replacing an existing file.
 
         ``os.link`` fails if the name exists, so a name is claimed and filled in one atomic step; where links
@@ -1279,7 +1468,7 @@ class UploadStore:
         raise Conflict("Too many files with this name already.")
 
     @staticmethod
-    def _move_without_link(part: Path, target: Path) -> bool:
+    def _move_without_link(part: str, target: Path) -> bool:
         """For filesystems without hard links (FAT, exFAT): False when ``target`` is taken."""
         if os.name == "nt":
             try:
@@ -1294,7 +1483,7 @@ class UploadStore:
         os.replace(part, target)
         return True
 
-    def _copy_into_storage(self, part: Path) -> Path:
+    def _copy_into_storage(self, part: str) -> Path:
         """Chunks and storage on different filesystems: one copy, under a hidden name, then the atomic claim."""
         temp = self.storage_dir / f".pyfiledrop-{uuid.uuid4().hex}.tmp"
         with open(part, "rb") as source, open(temp, "xb") as target:
@@ -1384,7 +1573,7 @@ class UploadStore:
 @dataclasses.dataclass(frozen=True)
 class PendingFile:
     id: str
-    part: Path
+    part: str
     size: int
     sha256: str
     started: float
@@ -1481,58 +1670,240 @@ def multipart_parts(environ: dict, length: int) -> Iterator[FormField | FilePart
     if mimetype != "multipart/form-data" or not boundary or len(boundary) > 200:
         raise BadRequest("Expected a multipart/form-data body with a file part.")
     try:
-        decoder = MultipartDecoder(boundary.encode("latin-1"), max_form_memory_size=4 * READ_BLOCK,
-                                   max_parts=MAX_FORM_PARTS)
+        boundary_bytes = boundary.encode("latin-1")
     except UnicodeEncodeError:
         raise BadRequest("The multipart boundary is not ASCII.") from None
-    events = _multipart_events(decoder, request_body(environ, length))
-    for event in events:
-        if isinstance(event, Field):
-            value = bytearray()
-            for piece in _part_data(events):
-                value += piece
-                if len(value) > MAX_FIELD_BYTES:
-                    raise BadRequest(f"Form field {event.name!r} is too long.")
-            try:
-                yield FormField(event.name, value.decode("utf-8"))
-            except UnicodeDecodeError:
-                raise BadRequest(f"Form field {event.name!r} is not UTF-8.") from None
-        elif isinstance(event, File):
-            data = _part_data(events)
-            yield FilePart(event.name, event.filename or "", data)
-            _drain(data)
-        elif isinstance(event, Epilogue):
-            return
-
-
-def _multipart_events(decoder: MultipartDecoder, body: Iterator[bytes]) -> Iterator:
+    # Own scanner (bytes.find over one reusable buffer filled with readinto): a file part's data reaches the
+    # caller as memoryview slices of that buffer, without werkzeug's per-block copies.  Each slice is valid
+    # until the next one is requested.
+    reader = _MultipartReader(_BodyReader(environ, length), boundary_bytes)
     try:
-        for block in body:
-            decoder.receive_data(block)
-            event = decoder.next_event()
-            while not isinstance(event, NeedData):
-                yield event
-                event = decoder.next_event()
-        decoder.receive_data(None)
+        reader.skip_preamble()
         while True:
-            event = decoder.next_event()
-            yield event
-            if isinstance(event, Epilogue):
+            part = reader.next_part()
+            if part is None:
                 return
-    except ClientDisconnected:
-        raise
-    except Exception as error:  # werkzeug reports malformed bodies as ValueError and RequestEntityTooLarge
-        raise BadRequest("The multipart body is malformed.") from error
+            name, filename = part
+            if filename is None:
+                value = bytearray()
+                for piece in reader.part_data():
+                    value += piece
+                    if len(value) > MAX_FIELD_BYTES:
+                        raise BadRequest(f"Form field {name!r} is too long.")
+                try:
+                    text = value.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise BadRequest(f"Form field {name!r} is not UTF-8.") from None
+                yield FormField(name, text)
+            else:
+                data = reader.part_data()
+                yield FilePart(name, filename, data)
+                _drain(data)
+    finally:
+        reader.close()
 
 
-def _part_data(events: Iterator) -> Iterator[bytes]:
-    for event in events:
-        if not isinstance(event, Data):
-            raise BadRequest("The multipart body is malformed.")
-        if event.data:
-            yield event.data
-        if not event.more_data:
+_MALFORMED = "The multipart body is malformed."
+_PART_HEADER_LIMIT = 16 * 1024
+_MAX_PADDING = 64
+_buffer_pool: list[bytearray] = []
+_buffer_pool_lock = threading.Lock()
+
+
+def _take_buffer() -> bytearray:
+    with _buffer_pool_lock:
+        if _buffer_pool:
+            return _buffer_pool.pop()
+    return bytearray(READ_BLOCK)
+
+
+def _give_buffer(buffer: bytearray) -> None:
+    with _buffer_pool_lock:
+        if len(_buffer_pool) < 16:
+            _buffer_pool.append(buffer)
+
+
+class _BodyReader:
+    """A request body read with ``readinto`` straight from the server's socket file where possible."""
+
+    def __init__(self, environ: dict, length: int):
+        self.stream = stream = environ["wsgi.input"]
+        self.remaining = length
+        self._readinto = None
+        self._send_continue = False
+        inner = getattr(stream, "file", None)  # Paste's LimitedLengthFile around the buffered socket file
+        if inner is not None and hasattr(stream, "_consumed") and hasattr(stream, "length"):
+            raw = getattr(inner, "_ContinueFile_rfile", inner)  # under Paste's "100 Continue" hook
+            if hasattr(raw, "readinto"):
+                self._readinto = raw.readinto
+                self._send_continue = raw is not inner
+
+    def readinto(self, view: memoryview) -> int:
+        """Fill ``view`` (up to what is left of the body); 0 only once the body is all read."""
+        count = min(len(view), self.remaining)
+        if not count:
+            return 0
+        try:
+            if self._readinto is not None:
+                if self._send_continue:
+                    self._send_continue = False
+                    self.stream.read(0)  # sends "100 Continue"
+                count = self._readinto(view[:count]) or 0
+                self.stream._consumed += count
+            else:
+                block = self.stream.read(count)
+                count = len(block)
+                view[:count] = block
+        except OSError:
+            raise ClientDisconnected("The connection broke while the file was being received.") from None
+        if not count:
+            raise ClientDisconnected("The request body ended before its Content-Length.")
+        self.remaining -= count
+        return count
+
+
+def _part_names(raw: bytes) -> tuple[str, str | None]:
+    """(name, filename or None) from a part's header block, as werkzeug's decoder reads it."""
+    try:
+        lines = re.sub(rb"\r\n[ \t]+", b" ", raw).split(b"\r\n")
+        disposition = ""
+        for line in lines:
+            key, _, value = line.strip().decode().partition(":")
+            if key.strip().lower() == "content-disposition":
+                disposition = value.strip()
+    except UnicodeDecodeError:
+        raise BadRequest(_MALFORMED) from None
+    _, options = parse_options_header(disposition)
+    return options.get("name", ""), options.get("filename")
+
+
+class _MultipartReader:
+    """A small streaming multipart/form-data scanner over one reusable buffer."""
+
+    def __init__(self, body: _BodyReader, boundary: bytes):
+        self.body = body
+        self.buf = _take_buffer()
+        self.view = memoryview(self.buf)
+        self.start = self.end = 0
+        self.dash_boundary = b"--" + boundary
+        self.delimiter = b"\r\n--" + boundary
+        self.parts = 0
+        self.closed = False
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            _give_buffer(self.buf)
+
+    def _fill(self) -> bool:
+        """Move the unread bytes to the front and read more after them; False at the end of the body."""
+        if self.closed:
+            raise BadRequest(_MALFORMED)
+        if self.start:
+            left = self.end - self.start
+            if left:
+                self.view[:left] = bytes(self.view[self.start:self.end])
+            self.start, self.end = 0, left
+        if self.end == len(self.buf):
+            raise BadRequest(_MALFORMED)
+        count = self.body.readinto(self.view[self.end:])
+        self.end += count
+        return count > 0
+
+    def _need(self, count: int) -> None:
+        while self.end - self.start < count:
+            if not self._fill():
+                raise BadRequest(_MALFORMED)
+
+    def skip_preamble(self) -> None:
+        self._need(len(self.dash_boundary))
+        if self.buf.startswith(self.dash_boundary, self.start):
             return
+        skipped = 0
+        while True:
+            found = self.buf.find(self.delimiter, self.start, self.end)
+            if found >= 0:
+                self.start = found + 2
+                return
+            keep = max(self.start, self.end - len(self.delimiter) + 1)
+            skipped += keep - self.start
+            self.start = keep
+            if skipped > _PART_HEADER_LIMIT or not self._fill():
+                raise BadRequest(_MALFORMED)
+
+    def next_part(self) -> tuple[str, str | None] | None:
+        """At a boundary: the next part's (name, filename), its headers read; None at the closing one."""
+        length = len(self.dash_boundary)
+        self._need(length + 2)
+        if self.buf.startswith(b"--", self.start + length):
+            self.start += length + 2
+            return None
+        pad = length
+        while True:
+            self._need(pad + 2)
+            if self.buf[self.start + pad] in (32, 9) and pad < length + _MAX_PADDING:
+                pad += 1
+                continue
+            if not self.buf.startswith(b"\r\n", self.start + pad):
+                raise BadRequest(_MALFORMED)
+            break
+        self.start += pad  # at the CRLF that ends the boundary line
+        self.parts += 1
+        if self.parts > MAX_FORM_PARTS:
+            raise BadRequest(_MALFORMED)
+        while True:
+            found = self.buf.find(b"\r\n\r\n", self.start, self.end)
+            if found >= 0:
+                break
+            if self.end - self.start > _PART_HEADER_LIMIT or not self._fill():
+                raise BadRequest(_MALFORMED)
+        raw = bytes(self.view[self.start + 2:found]) if found > self.start else b""
+        self.start = found + 4
+        return _part_names(raw)
+
+    def _delimiter_ends(self, at: int) -> bool | None:
+        """Whether the boundary candidate ending at ``at`` is a delimiter; None when more bytes are needed."""
+        buf, end = self.buf, self.end
+        if end - at < 2:
+            return None
+        if buf.startswith(b"--", at):
+            return True
+        pad = at
+        while pad < end and buf[pad] in (32, 9):
+            pad += 1
+            if pad - at > _MAX_PADDING:
+                return False
+        if end - pad < 2:
+            return None
+        return buf.startswith(b"\r\n", pad)
+
+    def part_data(self) -> Iterator[memoryview]:
+        """The current part's data as slices of the buffer; stops at (and leaves the reader on) the boundary."""
+        delimiter = self.delimiter
+        tail = len(delimiter) - 1
+        while True:
+            found = self.buf.find(delimiter, self.start, self.end)
+            if found >= 0:
+                ends = self._delimiter_ends(found + len(delimiter))
+                if ends:
+                    if found > self.start:
+                        yield self.view[self.start:found]
+                    self.start = found + 2
+                    return
+                if ends is False:  # boundary-like bytes inside the data
+                    yield self.view[self.start:found + 1]
+                    self.start = found + 1
+                    continue
+                if found > self.start:
+                    yield self.view[self.start:found]
+                    self.start = found
+            else:
+                keep = self.end - tail
+                if keep > self.start:
+                    yield self.view[self.start:keep]
+                    self.start = keep
+            if not self._fill():
+                raise BadRequest(_MALFORMED)
 
 
 def _finish_body(environ: dict) -> bool:
@@ -1821,7 +2192,7 @@ def _interface_addresses() -> list[tuple[str, str]]:
                     continue
                 found.append((name, socket.inet_ntoa(reply[20:24])))
         return found
-    except (OSError, ImportError):
+    except (OSError, ImportError, OverflowError, ValueError):
         return []
 
 
@@ -1982,9 +2353,12 @@ class Console:
         self._status = ""          # the status line now on screen (terminal only)
         self._status_shown = None  # when it was last drawn
         self._session_start = time.time()
+        self._finished = False     # after the last line, requests still being cut off print nothing
 
     # -- output -------------------------------------------------------------------------------------------
     def _emit(self, text: str) -> None:
+        if self._finished:
+            return
         try:
             self.out.write(text)
             self.out.flush()
@@ -2066,6 +2440,7 @@ class Console:
         with self._lock:
             self._clear_status()
             self._emit(("\r" if self.tty else "") + text + "\n")
+            self._finished = True
 
 
 class _ConsoleHandler(logging.Handler):
@@ -2090,6 +2465,10 @@ def make_server(app: Callable, host: str, port: int):
     from paste import httpserver
 
     class Handler(httpserver.WSGIHandler):
+        # Paste writes a response's headers and body in separate sends: with Nagle's algorithm on, the body
+        # waits for the client's delayed ACK of the headers (~40 ms per request on Linux).
+        disable_nagle_algorithm = True
+
         def wsgi_setup(self, environ=None):
             super().wsgi_setup(environ)
             # Paste decodes the path as UTF-8 and normalises it; WSGI wants the raw bytes as latin-1.
@@ -2104,6 +2483,21 @@ def make_server(app: Callable, host: str, port: int):
                             "spawn_if_under": 0},
         request_queue_size=LISTEN_BACKLOG, socket_timeout=SOCKET_TIMEOUT_S,
     )
+
+
+def _print_banner(config: Config, urls: list[str], console: Console) -> None:
+    text = banner(config, urls)
+    no_qr = None
+    if config.qr:
+        try:
+            code = qr_code(urls[0], ansi=_enable_ansi(console.out),
+                           blocks=_can_encode(console.out, "\u2588\u2580\u2584"))
+            text += f"\nOr scan this with a phone's camera to open {urls[0]}\n" + "\n".join(code)
+        except ImportError:
+            no_qr = "no QR code: the segno package is not installed (pip install segno)"
+    console.write(text + "\nPress Ctrl+C to stop.")
+    if no_qr:
+        log.warning(no_qr)
 
 
 def serve(config: Config, app: bottle.Bottle | None = None, *, server=None,
@@ -2133,20 +2527,9 @@ def serve(config: Config, app: bottle.Bottle | None = None, *, server=None,
 
     threading.Thread(target=janitor, name="pyfiledrop-janitor", daemon=True).start()
     urls = page_urls(config.host, server.server_address[1])
-    no_qr = None
-    if not config.quiet:
-        text = banner(config, urls)
-        if config.qr:
-            try:
-                code = qr_code(urls[0], ansi=_enable_ansi(console.out),
-                               blocks=_can_encode(console.out, "\u2588\u2580\u2584"))
-                text += f"\nOr scan this with a phone's camera to open {urls[0]}\n" + "\n".join(code)
-            except ImportError:
-                no_qr = "no QR code: the segno package is not installed (pip install segno)"
-        console.write(text + "\nPress Ctrl+C to stop.")
-    if no_qr:
-        log.warning(no_qr)
-    try:
+    try:  # from here on Ctrl+C ends with the last line, even while the banner is being printed
+        if not config.quiet:
+            _print_banner(config, urls, console)
         while not stop.is_set():
             server.handle_request()
     except KeyboardInterrupt:
