@@ -1,0 +1,115 @@
+"""The streaming multipart scanner, against werkzeug's decoder on bodies read in awkward pieces."""
+import io
+import random
+
+import pytest
+from werkzeug.sansio.multipart import Data, Epilogue, Field, File, MultipartDecoder, NeedData
+
+import pyfiledrop
+from pyfiledrop import BadRequest, FormField, multipart_parts
+
+
+class TrickleInput:
+    """A request body that arrives in pieces of random sizes, as a socket delivers it."""
+
+    def __init__(self, body: bytes, rng: random.Random, largest: int):
+        self.stream = io.BytesIO(body)
+        self.rng = rng
+        self.largest = largest
+
+    def read(self, size: int = -1) -> bytes:
+        return self.stream.read(min(size, self.rng.randint(1, self.largest)))
+
+
+def parse(body: bytes, boundary: str, rng=None, largest=1 << 20):
+    environ = {"wsgi.input": TrickleInput(body, rng or random.Random(0), largest),
+               "CONTENT_TYPE": f"multipart/form-data; boundary={boundary}"}
+    parts = []
+    for part in multipart_parts(environ, len(body)):
+        if isinstance(part, FormField):
+            parts.append(("field", part.name, part.value.encode()))
+        else:
+            parts.append(("file", part.name, part.filename, b"".join(bytes(p) for p in part.data)))
+    return parts
+
+
+def reference(body: bytes, boundary: str):
+    decoder = MultipartDecoder(boundary.encode())
+    decoder.receive_data(body)
+    decoder.receive_data(None)
+    parts, current = [], None
+    while True:
+        event = decoder.next_event()
+        if isinstance(event, (Epilogue, NeedData)):
+            return parts
+        if isinstance(event, Field):
+            current = ["field", event.name, b""]
+            parts.append(current)
+        elif isinstance(event, File):
+            current = ["file", event.name, event.filename, b""]
+            parts.append(current)
+        elif isinstance(event, Data):
+            current[-1] += event.data
+
+
+def build(rng: random.Random, boundary: str) -> bytes:
+    chunks = [b"preamble to ignore\r\n"] if rng.random() < 0.3 else []
+    for index in range(rng.randint(1, 5)):
+        padding = b" " * rng.randint(0, 3) if rng.random() < 0.2 else b""
+        chunks.append(b"--" + boundary.encode() + padding + b"\r\n")
+        if rng.random() < 0.5:
+            chunks.append(f'Content-Disposition: form-data; name="field{index}"\r\n\r\n'.encode())
+            chunks.append(str(rng.randint(0, 10 ** 9)).encode())
+        else:
+            chunks.append(f'Content-Disposition: form-data; name="file"; filename="f{index}.bin"\r\n'
+                          "Content-Type: application/octet-stream\r\n\r\n".encode())
+            data = bytearray(rng.randbytes(rng.choice([0, 1, 17, 4096, 70_000, 1_200_000])))
+            # boundary look-alikes inside the data: the delimiter minus its last byte, and with a wrong tail
+            for lookalike in (b"\r\n--" + boundary.encode()[:-1], b"\r\n--" + boundary.encode() + b"x", b"\r\n\r\n"):
+                if data and rng.random() < 0.5:
+                    at = rng.randrange(len(data))
+                    data[at:at] = lookalike
+            chunks.append(bytes(data))
+        chunks.append(b"\r\n")
+    chunks.append(b"--" + boundary.encode() + b"--\r\n")
+    if rng.random() < 0.3:
+        chunks.append(b"epilogue to ignore")
+    return b"".join(chunks)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_scanner_agrees_with_werkzeug(seed):
+    rng = random.Random(seed)
+    boundary = "----WebKitFormBoundary" + "".join(rng.choice("abcXYZ019") for _ in range(16))
+    body = build(rng, boundary)
+    expected = [tuple(part) for part in reference(body, boundary)]
+    assert parse(body, boundary, rng, largest=rng.choice([1, 7, 100, 65536, 1 << 20])) == expected
+
+
+@pytest.mark.parametrize("body", [
+    b"",                                                      # nothing
+    b"--b\r\n",                                               # cut after the first boundary
+    b'--b\r\nContent-Disposition: form-data; name="x"\r\n',  # headers never end
+    b'--b\r\nContent-Disposition: form-data; name="f"; filename="a"\r\n\r\nno closing boundary',
+    b"no boundary at all " * 2000,
+    b"--bogus-boundary\r\n\r\n",
+    b'--b\r\nContent-Disposition: form-data; name="x"\r\nX-Long: ' + b"h" * 1_100_000,   # headers past the buffer
+])
+def test_malformed_bodies_are_bad_requests(body):
+    with pytest.raises(BadRequest):
+        parse(body, "b")
+
+
+def test_too_many_parts():
+    body = b"".join(b'--b\r\nContent-Disposition: form-data; name="f%d"\r\n\r\nv\r\n' % i
+                    for i in range(pyfiledrop.MAX_FORM_PARTS + 1)) + b"--b--\r\n"
+    with pytest.raises(BadRequest):
+        parse(body, "b")
+
+
+def test_an_unread_file_part_is_skipped_over():
+    body = (b'--b\r\nContent-Disposition: form-data; name="file"; filename="a"\r\n\r\n' + b"A" * 3_000_000
+            + b'\r\n--b\r\nContent-Disposition: form-data; name="after"\r\n\r\nyes\r\n--b--\r\n')
+    environ = {"wsgi.input": io.BytesIO(body), "CONTENT_TYPE": "multipart/form-data; boundary=b"}
+    seen = [(type(part).__name__, part.name) for part in multipart_parts(environ, len(body))]
+    assert seen == [("FilePart", "file"), ("FormField", "after")]
