@@ -1607,6 +1607,14 @@ def _count_bytes(data: Iterator[bytes], enough: int) -> int:
     return seen
 
 
+def binary_size(size: int) -> str:
+    """Sizes people set in powers of two, shown as they set them: 4194304 -> "4 MiB"."""
+    for unit, factor in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if size >= factor:
+            return f"{size / factor:.4g} {unit}"
+    return f"{size} B"
+
+
 def human_size(size: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if size < 1000 or unit == "TB":
@@ -2259,7 +2267,7 @@ def banner(config: Config, urls: list[str]) -> str:
         f"pyfiledrop {__version__}",
         f"  saving to      {config.storage}",
         f"  partial files  {config.chunks} (unfinished uploads, removed after {ttl} untouched)",
-        f"  limits         files up to {config.max_size_mb} MiB; chunks of {human_size(config.chunk_size)}, "
+        f"  limits         files up to {config.max_size_mb} MiB; chunks of {binary_size(config.chunk_size)}, "
         f"{config.parallel_chunks} at a time; {config.timeout_ms / 1000:g} s per chunk",
         f"  downloads      {'allowed' if config.allow_downloads else 'off'}",
         "Open this address on a phone or PC on this network:" if len(urls) == 1 else

@@ -152,3 +152,9 @@ def test_parse_args_keeps_the_original_options(tmp_path):
     assert config.parallel_chunks == 1 and not config.force_chunking and config.allow_downloads
     assert config.storage == (tmp_path / "s").resolve()
     assert pyfiledrop.dropzone_urls(config)[0] == "https://cdn.example/5.9.3/min/dropzone.min.js"
+
+
+@pytest.mark.parametrize("size, shown", [(4 * 2 ** 20, "4 MiB"), (8 * 2 ** 20, "8 MiB"), (1_000_000, "976.6 KiB"),
+                                         (100, "100 B"), (3 * 2 ** 30, "3 GiB")])
+def test_binary_size(size, shown):
+    assert pyfiledrop.binary_size(size) == shown
