@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
+import threading
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, sha256
 
 import pyfiledrop
@@ -207,6 +206,44 @@ def test_slow_network_does_not_time_out_queued_chunks(make_server, page, tmp_pat
     assert_stored(server, "slow.bin", data)
 
 
+def test_slow_link_shared_by_two_files(make_server, page, tmp_path):
+    # Six chunks in flight share 1 MiB/s: each needs ~6 s in all, twice the timeout, yet never stalls.
+    server = make_server(timeout_ms=3000, chunk_size=1_000_000, parallel_chunks=3)
+    files = {f"share{i}.bin": payload(6 * 1000 * 1000, seed=40 + i) for i in range(2)}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    open_page(page, server)
+    throttle(page, 1024 * 1024)
+    add_files(page, [str(tmp_path / name) for name in files])
+    statuses = wait_finished(page, 2)
+    assert sorted(statuses) == sorted([name, "success"] for name in files), \
+        page.locator("#dropper .pf-error").all_text_contents()
+    for name, data in files.items():
+        assert_stored(server, name, data)
+
+
+def test_stalled_chunk_request_is_retried(make_server, page, monkeypatch):
+    server = make_server(timeout_ms=2000)
+    write_chunk, release, calls = server.store.write_chunk, threading.Event(), []
+
+    def stall_first(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            release.wait(60)  # the server never answers this request (until the test ends)
+            raise pyfiledrop.BadRequest("released")
+        return write_chunk(*args, **kwargs)
+
+    monkeypatch.setattr(server.store, "write_chunk", stall_first)
+    try:
+        open_page(page, server)
+        add_files(page, [memory_file("stalled.txt", b"stalled once")])
+        assert wait_finished(page, 1) == [["stalled.txt", "success"]]
+        assert len(calls) == 2
+        assert_stored(server, "stalled.txt", b"stalled once")
+    finally:
+        release.set()
+
+
 # -- 3. nothing but the server ------------------------------------------------------------------------------------
 
 def test_page_only_talks_to_its_server(make_server, page):
@@ -240,7 +277,7 @@ def test_uploaded_list_links_download_identical_files(make_server, page):
     assert sorted(uploaded_names(page)) == sorted(expected)
     for name, data in expected.items():
         assert_stored(server, name, data)
-        link = [a for a in page.locator("#uploaded li a.pf-name").all() if a.text_content() == name][0]
+        link = next(a for a in page.locator("#uploaded li a.pf-name").all() if a.text_content() == name)
         with page.expect_download() as info:
             link.click()
         download = info.value
