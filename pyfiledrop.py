@@ -841,6 +841,22 @@ def content_disposition(name: str) -> str:
     return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(name, safe='')}"
 
 
+def binary_size(size: int) -> str:
+    """Sizes people set in powers of two, shown as they set them: 4194304 -> "4 MiB"."""
+    for unit, factor in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if size >= factor:
+            return f"{size / factor:.4g} {unit}"
+    return f"{size} B"
+
+
+def human_size(size: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if size < 1000 or unit == "TB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} TB"
+
+
 @dataclasses.dataclass(frozen=True)
 class ChunkInfo:
     upload_id: str
@@ -1605,22 +1621,6 @@ def _count_bytes(data: Iterator[bytes], enough: int) -> int:
         if seen >= enough:
             break
     return seen
-
-
-def binary_size(size: int) -> str:
-    """Sizes people set in powers of two, shown as they set them: 4194304 -> "4 MiB"."""
-    for unit, factor in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if size >= factor:
-            return f"{size / factor:.4g} {unit}"
-    return f"{size} B"
-
-
-def human_size(size: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if size < 1000 or unit == "TB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    return f"{size:.1f} TB"
 
 
 ###############################################################################
@@ -2629,6 +2629,23 @@ def _pause_if_own_console() -> None:
         pass
 
 
+def _disable_quick_edit() -> None:
+    """In a Windows console a stray click starts a selection, which pauses all output and with it every upload
+    until a key is pressed; a server window is better off without Quick Edit."""
+    if os.name != "nt" or not sys.stdin or not sys.stdin.isatty():
+        return
+    try:
+        import ctypes
+
+        kernel32 = ctypes.windll.kernel32
+        handle = kernel32.GetStdHandle(-10)  # STD_INPUT_HANDLE
+        mode = ctypes.c_uint32()
+        if kernel32.GetConsoleMode(handle, ctypes.byref(mode)):
+            kernel32.SetConsoleMode(handle, (mode.value & ~0x0040) | 0x0080)  # -QUICK_EDIT, +EXTENDED_FLAGS
+    except Exception:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         return _main(argv)
@@ -2661,6 +2678,7 @@ def _main(argv: list[str] | None) -> int:
         if error.errno in (errno.EACCES, getattr(errno, "WSAEACCES", -1)):
             return _fail(f"not allowed to listen on port {config.port} (choose another with -p, above 1023)")
         return _fail(f"cannot listen on {config.host}:{config.port}: {error.strerror or error}")
+    _disable_quick_edit()
     if config.open_browser:
         import webbrowser
 
