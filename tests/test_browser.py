@@ -64,6 +64,8 @@ def new_page(browser):
         page.on("filechooser", lambda chooser: None)
         page.errors = []
         page.on("pageerror", lambda error: page.errors.append(str(error)))
+        page.console_errors = []
+        page.on("console", lambda message: page.console_errors.append(message.text) if message.type == "error" else None)
         return page
 
     yield make
@@ -86,10 +88,20 @@ def memory_file(name: str, data: bytes) -> dict:
     return {"name": name, "mimeType": "application/octet-stream", "buffer": data}
 
 
+# wait_for_function gets functions, never expression strings: the page's CSP has no 'unsafe-eval', and Playwright
+# polls an expression with eval, so a string works only when it happens to be true at the first look.
+PAGE_READY = "() => Boolean(window.pyfiledrop && window.pyfiledrop.dropzone)"
+
+
 def open_page(page, server):
     page.goto(server.url + "/")
-    page.wait_for_function("window.pyfiledrop && window.pyfiledrop.dropzone")
+    page.wait_for_function(PAGE_READY)
     return page
+
+
+def reload(page):
+    page.reload()
+    page.wait_for_function(PAGE_READY)
 
 
 def add_files(page, files):
@@ -173,8 +185,7 @@ def test_markup_in_a_file_name_is_shown_as_text(make_server, page):
     assert page.locator("#dropper .pf-name").first.text_content() == name
     assert page.locator("#dropper .pf-status").first.text_content() == "Uploaded, stored as " + stored
     assert uploaded_names(page) == [stored]
-    page.reload()
-    page.wait_for_function("window.pyfiledrop && window.pyfiledrop.dropzone")
+    reload(page)
     assert uploaded_names(page) == [stored]
     assert page.locator("main img, #dropper img, #uploaded img").count() == 0
     assert page.dialogs == []
@@ -254,12 +265,13 @@ def test_page_only_talks_to_its_server(make_server, page):
     page.wait_for_load_state("networkidle")
     add_files(page, [memory_file("x.txt", b"x" * 1000)])
     assert wait_finished(page, 1) == [["x.txt", "success"]]
-    page.reload()
-    page.wait_for_function("window.pyfiledrop && window.pyfiledrop.dropzone")
+    reload(page)
     page.wait_for_load_state("networkidle")
     assert requests
     outside = [url for url in requests if not url.startswith(server.url + "/")]
     assert outside == []
+    assert not [text for text in page.console_errors if "Content Security Policy" in text], page.console_errors
+    assert not page.errors
 
 
 # -- 4. the "Uploaded" list ---------------------------------------------------------------------------------------
@@ -301,13 +313,11 @@ def test_uploaded_list_survives_reload_and_marks_gone_files(make_server, page):
     assert page.locator("#uploaded-empty").is_visible()
     add_files(page, [memory_file("keep.txt", b"keep"), memory_file("lose.txt", b"lose")])
     wait_finished(page, 2)
-    page.reload()
-    page.wait_for_function("window.pyfiledrop && window.pyfiledrop.dropzone")
+    reload(page)
     assert sorted(uploaded_names(page)) == ["keep.txt", "lose.txt"]
     assert page.locator("#uploaded li.pf-gone").count() == 0
     (server.storage / "lose.txt").unlink()
-    page.reload()
-    page.wait_for_function("window.pyfiledrop && window.pyfiledrop.dropzone")
+    reload(page)
     gone = page.locator("#uploaded li.pf-gone")
     gone.wait_for()
     assert gone.locator(".pf-name").all_text_contents() == ["lose.txt"]
@@ -429,7 +439,7 @@ def test_overall_line_for_a_batch(make_server, page):
     assert sorted(wait_finished(page, 3)) == sorted([name, "success"] for name in files)
     overall = [s["overall"] for s in page.evaluate("window.pfSamples")]
     assert any("of 3 files uploaded" in text and "/s" in text and "left" in text for text in overall), overall[-5:]
-    page.wait_for_function("document.getElementById('overall').textContent.startsWith('3 of 3 files uploaded')")
+    page.wait_for_function("() => document.getElementById('overall').textContent.startsWith('3 of 3 files uploaded')")
     for name, data in files.items():
         assert_stored(server, name, data)
 
