@@ -143,13 +143,23 @@ def test_large_file_in_parallel_chunks(make_server, page, tmp_path):
     data = payload(25 * 1000 * 1000, seed=1)
     source = tmp_path / "big.bin"
     source.write_bytes(data)
-    chunk_posts = []
-    page.on("request", lambda r: chunk_posts.append(r) if r.method == "POST" and r.url.endswith("/upload") else None)
+    chunk_posts, in_flight, most_in_flight = [], set(), [0]
+
+    def sent(request):
+        if request.method == "POST" and request.url.endswith("/upload"):
+            chunk_posts.append(request)
+            in_flight.add(request)
+            most_in_flight[0] = max(most_in_flight[0], len(in_flight))
+
+    page.on("request", sent)
+    page.on("requestfinished", lambda request: in_flight.discard(request))
+    page.on("requestfailed", lambda request: in_flight.discard(request))
     open_page(page, server)
     add_files(page, [str(source)])
     assert wait_finished(page, 1) == [["big.bin", "success"]]
     assert_stored(server, "big.bin", data)
     assert len(chunk_posts) >= pyfiledrop.chunk_count(len(data), 4 * 1024 * 1024)
+    assert most_in_flight[0] >= 2  # chunks of one file really went in parallel
     assert page.locator("#dropper .dz-preview.dz-success").count() == 1
     assert uploaded_names(page) == ["big.bin"]
     assert not page.errors
@@ -234,7 +244,7 @@ def test_slow_link_shared_by_two_files(make_server, page, tmp_path):
 
 
 def test_stalled_chunk_request_is_retried(make_server, page, monkeypatch):
-    server = make_server(timeout_ms=2000)
+    server = make_server(timeout_ms=3000)
     write_chunk, release, calls = server.store.write_chunk, threading.Event(), []
 
     def stall_first(*args, **kwargs):
@@ -249,7 +259,7 @@ def test_stalled_chunk_request_is_retried(make_server, page, monkeypatch):
         open_page(page, server)
         add_files(page, [memory_file("stalled.txt", b"stalled once")])
         assert wait_finished(page, 1) == [["stalled.txt", "success"]]
-        assert len(calls) == 2
+        assert len(calls) >= 2
         assert_stored(server, "stalled.txt", b"stalled once")
     finally:
         release.set()
@@ -447,14 +457,14 @@ def test_overall_line_for_a_batch(make_server, page):
 # -- 6. phone and desktop -----------------------------------------------------------------------------------------
 
 def populate(page, server):
-    """A page with something in it to look at: two finished uploads and one refused file."""
+    """A page with something in it to look at: a batch of two finished uploads and one refused file."""
     open_page(page, server)
     add_files(page, [memory_file("holiday-photos-from-the-seaside-2024-all-of-them-in-one-archive.zip",
                                  payload(300_000, seed=30)),
-                     memory_file("notes.txt", b"notes")])
-    wait_finished(page, 2)
-    add_files(page, [memory_file("too-big.iso", payload(1536 * 1024, seed=31))])
+                     memory_file("notes.txt", b"notes"),
+                     memory_file("too-big.iso", payload(1536 * 1024, seed=31))])
     wait_finished(page, 3)
+    page.wait_for_function("() => document.getElementById('overall').textContent === '2 of 3 files uploaded, 1 failed'")
 
 
 @pytest.mark.parametrize("width,height,label", [(390, 844, "phone"), (1280, 800, "desktop")])
