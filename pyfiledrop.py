@@ -326,7 +326,7 @@ INDEX_HTML = r"""<!doctype html>
   <p class="hint" id="limits"></p>
   <div id="dropper" class="dropzone" role="button" tabindex="0" aria-labelledby="upload-heading"
        aria-describedby="drop-instructions">
-    <div class="dz-message" id="drop-instructions"><strong>Drop files here</strong>or tap / press Enter to choose
+    <div class="dz-message" id="drop-instructions"><strong>Drop files here</strong>or click / tap here to choose
       files</div>
   </div>
   <p id="overall" role="status" aria-live="polite"></p>
