@@ -788,8 +788,7 @@ def sanitize_filename(raw: str) -> str:
     name = re.sub(r" {2,}", " ", name).strip(" ").rstrip(".").strip(" ")
     if not name.strip("."):
         return "file"
-    stem, dot, ext = name.partition(".")
-    if _WINDOWS_RESERVED.match(stem.rstrip(" ")):
+    if _WINDOWS_RESERVED.match(name.partition(".")[0].rstrip(" ")):
         name = "_" + name
     return _truncate_name(name, MAX_NAME_BYTES)
 
@@ -1563,7 +1562,7 @@ class UploadStore:
             return 0
         stamps: dict[str, float] = {}
         for entry in entries:
-            stem, dot, suffix = entry.name.partition(".")
+            stem, _, suffix = entry.name.partition(".")
             if suffix in ("part", "state") or entry.name.endswith(".tmp"):
                 try:
                     stamps[stem] = max(stamps.get(stem, 0.0), entry.stat().st_mtime)

@@ -1,5 +1,4 @@
 """The routes, through a real server on an ephemeral port and real HTTP requests."""
-import hashlib
 import http.client
 import json
 import os
