@@ -303,6 +303,7 @@ def test_max_size_is_enforced_by_the_server(make_server, tmp_path):
     assert_plain_error(status, headers, body, 413, small)
     status, headers, body = small.request("PUT", "/upload/big.bin", b"x" * (limit + 1))
     assert_plain_error(status, headers, body, 413, small)
+    assert snapshot(small.storage.parent) == before
     # a chunk that declares a small file but carries more than the limit
     status, headers, body = small.post_chunk(str(uuid.uuid4()), 0, b"x" * (limit + 10), 100, 100)
     assert_plain_error(status, headers, body, 413, small)
