@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from urllib.parse import quote
 
 SEND_BLOCK = 1024 * 1024
-DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024
+DEFAULT_CHUNK_SIZE = 8 * 1024 * 1024  # pyfiledrop's default
 
 
 class UploadFailed(Exception):
