@@ -34,6 +34,17 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def http_request(port: int, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
+    """One request to 127.0.0.1:``port`` on a fresh connection: (status, headers, body bytes)."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        connection.request(method, path, body=body, headers=headers or {})
+        response = connection.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        connection.close()
+
+
 @dataclasses.dataclass
 class Server:
     config: pyfiledrop.Config
@@ -55,13 +66,7 @@ class Server:
 
     def request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
         """One request on a fresh connection: (status, headers, body bytes)."""
-        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
-        try:
-            connection.request(method, path, body=body, headers=headers or {})
-            response = connection.getresponse()
-            return response.status, dict(response.getheaders()), response.read()
-        finally:
-            connection.close()
+        return http_request(self.port, method, path, body, headers)
 
     def post_form(self, fields: dict, files: list[tuple[str, str, bytes]] = (), *, files_first: bool = False):
         body, content_type = encode_multipart(fields, files, files_first=files_first)

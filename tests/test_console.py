@@ -1,7 +1,6 @@
 """What the program prints and how it starts and stops: real subprocesses, output read as it comes."""
 from __future__ import annotations
 
-import http.client
 import io
 import json
 import os
@@ -15,7 +14,7 @@ import time
 import uuid
 
 import pytest
-from conftest import ROOT, chunk_fields, cli_server, encode_multipart, free_port, sha256
+from conftest import ROOT, chunk_fields, cli_server, encode_multipart, free_port, http_request, sha256
 
 import pyfiledrop
 
@@ -63,13 +62,8 @@ def post_chunk(port: int, upload_id: str, index: int, data: bytes, chunk_size: i
 
 
 def request(port: int, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    try:
-        connection.request(method, path, body=body, headers=headers or {})
-        response = connection.getresponse()
-        return response.status, response.read()
-    finally:
-        connection.close()
+    status, _, answer = http_request(port, method, path, body, headers)
+    return status, answer
 
 
 def folders(tmp_path) -> list[str]:
