@@ -2408,6 +2408,7 @@ class Console:
             return
         now = self.clock()
         with self._lock:
+            self._forget_stale(now)
             upload = self._uploads.get(upload_id)
             done = size * received // max(total, 1)
             if upload is None:
@@ -2439,13 +2440,15 @@ class Console:
             text += f", {max(0, upload['size'] - upload['done']) / rate:.0f} s left"
         return text
 
+    def _forget_stale(self, now: float) -> None:
+        for upload_id in [key for key, upload in self._uploads.items()
+                          if now - upload["seen"] > self.FORGET_AFTER_S]:
+            del self._uploads[upload_id]
+
     def _refresh(self, now: float, force: bool = False) -> None:
         """Redraw the terminal status line: every upload under way for a while, at most once a second."""
         if not force and self._status_shown is not None and now - self._status_shown < self.PROGRESS_EVERY_S:
             return
-        for upload_id in [key for key, upload in self._uploads.items()
-                          if now - upload["seen"] > self.FORGET_AFTER_S]:
-            del self._uploads[upload_id]
         shown = [upload for upload in self._uploads.values() if now - upload["since"] >= self.PROGRESS_AFTER_S]
         self._clear_status()
         self._status_shown = now
