@@ -1003,10 +1003,8 @@ class _Upload:
     finish_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
     hasher: object = dataclasses.field(default_factory=hashlib.sha256)
     hashed_chunks: int = 0
-    # Hash states of chunks hashed while they were written, waiting for their turn in order: index -> (write
-    # token, hasher).  ``write_tokens`` names the latest write of each chunk, so only its state is used.
+    # Hash states of chunks hashed while they were written, waiting for their turn in order: index -> hasher.
     hash_stash: dict = dataclasses.field(default_factory=dict)
-    write_tokens: dict = dataclasses.field(default_factory=dict)
     record: dict | None = None
 
     def has(self, index: int) -> bool:
@@ -1215,7 +1213,7 @@ class UploadStore:
             data = iter(data)
             try:
                 written = self._write_at(self._path(upload.id, ".part"), chunk.offset, chunk.length, data,
-                                         upload=upload, index=index)
+                                         upload, index)
                 if written > chunk.length:  # count on, to tell a file over the limit (413) from a bad chunk
                     written += _count_bytes(data, self.max_size - chunk.offset - written + 1)
                 if written != chunk.length:
@@ -1248,19 +1246,19 @@ class UploadStore:
         return {"id": record["id"], "name": record["name"], "size": record["size"], "sha256": record["sha256"],
                 "complete": True}
 
-    def _write_at(self, path: Path, offset: int, length: int, data: Iterable[bytes], *,
-                  upload: _Upload | None = None, index: int = -1) -> int:
+    def _write_at(self, path: str, offset: int, length: int, data: Iterable[bytes], upload: _Upload,
+                  index: int) -> int:
         """Write at most ``length`` bytes at ``offset``; the count received (a longer body stops early).
 
-        With ``upload``, chunk ``index`` is hashed as it is written whenever it is the next one in order (the
-        hash lock is held meanwhile); the hash state after it is kept for ``_advance_hash``, so the chunk is
-        never read back.  Every byte goes to disk once, with os.pwrite.
+        Chunk ``index`` is hashed as it is written whenever it is the next one in order (the hash lock is held
+        meanwhile); the hash state after it is kept for ``_advance_hash``, so the chunk is never read back.
+        Every byte goes to disk once, with os.pwrite.
         """
         written = 0
-        hasher = token = None
-        if upload is not None:
-            token = object()  # this write; a stashed hash state is used only if it came from the latest write
-            upload.write_tokens[index] = token
+        hasher = None
+        # Writes of one chunk never overlap (the caller holds its claim): a state kept by an earlier, failed
+        # write of this chunk is dropped here, so only the state of the write that counts can be used.
+        upload.hash_stash.pop(index, None)
         try:
             fd = os.open(path, os.O_RDWR | getattr(os, "O_BINARY", 0))
         except FileNotFoundError:
@@ -1272,7 +1270,7 @@ class UploadStore:
                 room = length - written
                 # Only when no later chunk is in flight: a chunk that hashes as it goes receives more slowly, and
                 # later chunks could then pile up behind it, to be hashed all at completion.
-                if (hasher is None and token is not None and upload.hashed_chunks == index
+                if (hasher is None and upload.hashed_chunks == index
                         and max(upload.writing, default=index) <= index):
                     hasher = self._claim_inline_hash(upload, index, fd, offset, written)
                 if len(piece) > room:
@@ -1284,7 +1282,7 @@ class UploadStore:
                     hasher.update(piece)
                 written += len(piece)
             if hasher is not None and written == length:
-                upload.hash_stash[index] = (token, hasher)
+                upload.hash_stash[index] = hasher
         except OSError as error:
             raise storage_error(error)
         finally:
@@ -1356,15 +1354,13 @@ class UploadStore:
 
     def _hash_received(self, upload: _Upload) -> None:
         """With the hash lock held: hash chunks in order while they are here (from the stash, else the disk)."""
-        stash, tokens = upload.hash_stash, upload.write_tokens
         handle = None
         try:
             while upload.hashed_chunks < upload.total_chunks and upload.has(upload.hashed_chunks):
                 index = upload.hashed_chunks
-                entry = stash.pop(index, None)
-                token = tokens.pop(index, None)
-                if entry is not None and entry[0] is token:
-                    upload.hasher = entry[1]
+                stashed = upload.hash_stash.pop(index, None)
+                if stashed is not None:
+                    upload.hasher = stashed
                     upload.hashed_chunks += 1
                     continue
                 if handle is None:

@@ -61,6 +61,14 @@ def post_chunk(port: int, upload_id: str, index: int, data: bytes, chunk_size: i
     return json.loads(answer)
 
 
+def post_file(port: int, data: bytes, chunk_size: int, name: str) -> dict:
+    """Every chunk of ``data`` in order under a new upload id; the last reply."""
+    upload_id = str(uuid.uuid4())
+    for index in range(pyfiledrop.chunk_count(len(data), chunk_size)):
+        reply = post_chunk(port, upload_id, index, data, chunk_size, name)
+    return reply
+
+
 def request(port: int, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
     status, _, answer = http_request(port, method, path, body, headers)
     return status, answer
@@ -128,9 +136,7 @@ def test_quiet_prints_nothing_for_a_normal_session(tmp_path):
     data = os.urandom(50_000)
     with cli_server(["--quiet", *folders(tmp_path)]) as (process, port):
         output = Output(process)
-        upload_id = str(uuid.uuid4())
-        for index in range(5):
-            reply = post_chunk(port, upload_id, index, data, 10_000, "quiet.bin")
+        reply = post_file(port, data, 10_000, "quiet.bin")
         assert reply["complete"]
         text = interrupt(process, output)
     assert text == ""
@@ -142,9 +148,7 @@ def test_one_line_per_stored_file_and_no_access_log(tmp_path):
     data = os.urandom(100_000)
     with cli_server(folders(tmp_path)) as (process, port):
         output = Output(process)
-        upload_id = str(uuid.uuid4())
-        for index in range(4):
-            reply = post_chunk(port, upload_id, index, data, 30_000, "report.pdf")
+        reply = post_file(port, data, 30_000, "report.pdf")
         assert request(port, "GET", "/")[0] == 200
         output.wait_for(lambda text: "stored" in text)
         text = interrupt(process, output)
@@ -161,9 +165,7 @@ def test_verbose_logs_each_request(tmp_path):
     data = os.urandom(30_000)
     with cli_server(["--verbose", *folders(tmp_path)]) as (process, port):
         output = Output(process)
-        upload_id = str(uuid.uuid4())
-        for index in range(3):
-            post_chunk(port, upload_id, index, data, 10_000, "v.bin")
+        post_file(port, data, 10_000, "v.bin")
         output.wait_for(lambda text: text.count("POST /upload 200") == 3)
         interrupt(process, output)
 
