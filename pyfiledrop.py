@@ -13,14 +13,18 @@ from __future__ import annotations
 import argparse
 import base64
 import dataclasses
+import enum
 import errno
 import hashlib
+import itertools
 import json
 import logging
+import mmap
 import os
 import re
 import shutil
 import socket
+import sqlite3
 import sys
 import threading
 import time
@@ -68,7 +72,6 @@ READ_BLOCK = 1 * MIB
 SERVER_THREADS = 64                # fifty simultaneous uploads, plus page loads
 LISTEN_BACKLOG = 128
 SOCKET_TIMEOUT_S = 300             # a stalled client gives its thread back after this long
-CHUNK_CLAIM_WAIT_S = 30.0          # how long a retried chunk waits for a still-running copy of itself
 
 DZ_FIELDS = ("dzuuid", "dzchunkindex", "dztotalfilesize", "dzchunksize", "dztotalchunkcount",
              "dzchunkbyteoffset")
@@ -646,6 +649,7 @@ class Config:
     dz_version: str | None = None
     index: Path | None = None
     partial_ttl_hours: float = DEFAULT_PARTIAL_TTL_HOURS
+    min_free: int | None = None        # bytes; None: default_min_free() of the disk
     quiet: bool = False
     verbose: bool = False
     qr: bool = True
@@ -689,6 +693,17 @@ def _positive_float(text: str) -> float:
     return value
 
 
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _byte_size(text: str) -> int:
+    """"0", "4096", "500M", "2G", "1.5GiB": a size in bytes (units are powers of 1024)."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
+    if not match:
+        raise argparse.ArgumentTypeError(f"expected a size such as 0, 500M or 2G, got {text!r}")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()])
+
+
 def build_parser() -> argparse.ArgumentParser:
     here = _program_dir()
     parser = _ArgumentParser(
@@ -720,6 +735,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve this page instead of the built-in one (default: index.html beside the program, if any)")
     add("--partial-ttl", type=_positive_float, default=DEFAULT_PARTIAL_TTL_HOURS, metavar="HOURS",
         help=f"remove unfinished uploads untouched for this long (default {DEFAULT_PARTIAL_TTL_HOURS:g})")
+    add("--min-free", type=_byte_size, metavar="SIZE",
+        help="free space every folder keeps; uploads that would use it are refused (507) "
+             "(default: 2%% of the disk, at most 1G)")
     add("-q", "--quiet", action="store_true", help="print only warnings and errors")
     add("-v", "--verbose", action="store_true", help="also log every HTTP request")
     add("--no-qr", action="store_true", help="do not draw a QR code of the address")
@@ -752,6 +770,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
         dz_version=args.dz_version,
         index=index,
         partial_ttl_hours=args.partial_ttl,
+        min_free=args.min_free,
         quiet=args.quiet,
         verbose=args.verbose,
         qr=not args.no_qr,
@@ -787,10 +806,12 @@ def sanitize_filename(raw: str) -> str:
         if category in ("Zl", "Zp") or (category == "Zs" and char != " "):
             char = " "
         cleaned.append(char)
-    name = _WINDOWS_FORBIDDEN.sub("_", "".join(cleaned))
+    name = _WINDOWS_FORBIDDEN.sub("_", "".join(cleaned)).replace("\ufffd", "_")  # U+FFFD: bytes not UTF-8
     name = re.sub(r" {2,}", " ", name).strip(" ").rstrip(".").strip(" ")
     if not name.strip("."):
         return "file"
+    if name.startswith("."):  # nothing stored is hidden (and nothing can pass for pyfiledrop's own files)
+        name = "_" + name[1:]
     if _WINDOWS_RESERVED.match(name.partition(".")[0].rstrip(" ")):
         name = "_" + name
     return _truncate_name(name, MAX_NAME_BYTES)
@@ -825,7 +846,7 @@ def numbered_name(name: str, number: int) -> str:
     if number == 0:
         return name
     stem, ext = split_extension(name)
-    return f"{stem} ({number}){ext}"
+    return f"{stem.rstrip(' ')} ({number}){ext}"
 
 
 def chunk_count(total_size: int, chunk_size: int) -> int:
@@ -911,7 +932,7 @@ def parse_chunk_fields(fields: Mapping[str, str], max_size: int) -> ChunkInfo | 
 
 
 ###############################################################################
-# Upload engine ###############################################################
+# Errors as values ############################################################
 ###############################################################################
 
 
@@ -941,8 +962,16 @@ class Conflict(UploadError):
     status = 409
 
 
-class LengthRequired(UploadError):
-    status = 411
+class Superseded(Conflict):
+    """A newer request took over the bytes this request was writing (a retry of a stalled request)."""
+
+
+class TooManyBytes(BadRequest):
+    """A request carried more bytes than the range it announced; ``extra`` of them were seen past its end."""
+
+    def __init__(self, message: str, extra: int):
+        super().__init__(message)
+        self.extra = extra
 
 
 class TooLarge(UploadError):
@@ -955,6 +984,10 @@ class InsufficientStorage(UploadError):
 
 class StorageFailure(UploadError):
     status = 500
+
+
+class ClientDisconnected(BadRequest):
+    """The request body broke off: the client vanished, was too slow, or sent less than it announced."""
 
 
 _NO_SPACE_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
@@ -971,328 +1004,271 @@ def storage_error(error: OSError) -> UploadError:
     return StorageFailure("The server could not save the file.")
 
 
-def _write_json_atomically(path: str, data: dict) -> None:
-    temp = f"{path}.{uuid.uuid4().hex}.tmp"
-    with open(temp, "x", encoding="utf-8") as handle:
-        json.dump(data, handle, separators=(",", ":"))
-    os.replace(temp, path)
+###############################################################################
+# Ledger ######################################################################
+###############################################################################
+
+Ranges = tuple[tuple[int, int], ...]   # sorted, merged, half-open [start, end) byte ranges
 
 
-def _unlink_quietly(path: str | Path) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
+def add_range(ranges: Ranges, start: int, end: int) -> Ranges:
+    """``ranges`` with [start, end) added, merged with its neighbours."""
+    if start >= end:
+        return ranges
+    merged: list[tuple[int, int]] = []
+    for low, high in ranges:
+        if high < start or low > end:
+            merged.append((low, high))
+        else:
+            start, end = min(start, low), max(end, high)
+    merged.append((start, end))
+    return tuple(sorted(merged))
 
 
-@dataclasses.dataclass
-class _Upload:
-    """A chunked upload in progress (or, with ``record`` set, one already stored)."""
+def range_holes(ranges: Ranges, start: int, end: int | None) -> list[tuple[int, int | None]]:
+    """The parts of [start, end) not in ``ranges`` (end None: unbounded)."""
+    holes: list[tuple[int, int | None]] = []
+    position = start
+    for low, high in ranges:
+        if high <= position:
+            continue
+        if end is not None and low >= end:
+            break
+        if low > position:
+            holes.append((position, low))
+        position = max(position, high)
+    if end is None or position < end:
+        holes.append((position, end))
+    return holes
+
+
+def prefix_end(ranges: Ranges) -> int:
+    """How many bytes from the start of the file are received without a gap."""
+    return ranges[0][1] if ranges and ranges[0][0] == 0 else 0
+
+
+class State(str, enum.Enum):
+    RECEIVING = "receiving"
+    STORED = "stored"
+    FAILED = "failed"
+    EXPIRED = "expired"
+    DELETED = "deleted"
+
+
+@dataclasses.dataclass(frozen=True)
+class UploadInfo:
+    """What the ledger knows of one upload; a frozen value, replaced (``dataclasses.replace``) on change."""
 
     id: str
-    name: str
-    size: int
-    chunk_size: int
-    total_chunks: int
-    received: int = 0              # bit i is set once chunk i is on disk
-    started: float = 0.0
-    client: str = ""
-    writing: set = dataclasses.field(default_factory=set)
-    cond: threading.Condition = dataclasses.field(default_factory=threading.Condition)
-    hash_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
-    finish_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
-    hasher: object = dataclasses.field(default_factory=hashlib.sha256)
-    hashed_chunks: int = 0
-    # Hash states of chunks hashed while they were written, waiting for their turn in order: index -> hasher.
-    hash_stash: dict = dataclasses.field(default_factory=dict)
-    record: dict | None = None
-
-    def has(self, index: int) -> bool:
-        return bool((self.received >> index) & 1)
+    name: str                    # the sanitised name the client gave
+    size: int | None             # None until a body of unknown length ends
+    part_size: int               # the client's chunk grid (the whole size for one-request uploads)
+    client: str
+    created: float
+    updated: float
+    state: State = State.RECEIVING
+    received: Ranges = ()
+    sha256: str | None = None
+    stored_name: str | None = None
+    finished: float | None = None
+    reason: str = ""
 
     @property
-    def received_count(self) -> int:
-        return self.received.bit_count()
+    def received_bytes(self) -> int:
+        return sum(high - low for low, high in self.received)
 
-    def missing(self, limit: int) -> list[int]:
-        bits = format(self.received, "b").zfill(self.total_chunks)[::-1]
-        found = []
-        index = bits.find("0")
-        while index != -1 and len(found) < limit:
-            found.append(index)
-            index = bits.find("0", index + 1)
-        return found
+    @property
+    def fully_received(self) -> bool:
+        return self.size is not None and (self.size == 0 or self.received == ((0, self.size),))
 
-    def state(self) -> dict:
-        bitmap = self.received.to_bytes((self.total_chunks + 7) // 8, "little")
-        return {"v": 1, "id": self.id, "name": self.name, "size": self.size, "chunk_size": self.chunk_size,
-                "total_chunks": self.total_chunks, "received": base64.b64encode(bitmap).decode("ascii"),
-                "started": self.started, "client": self.client}
+    @property
+    def total_parts(self) -> int:
+        return chunk_count(self.size or 0, self.part_size)
 
-    @classmethod
-    def from_state(cls, state: dict) -> "_Upload":
-        total = int(state["total_chunks"])
-        received = int.from_bytes(base64.b64decode(state["received"]), "little")
-        if received >> total:
-            raise ValueError("received bitmap longer than the chunk count")
-        return cls(id=state["id"], name=state["name"], size=int(state["size"]),
-                   chunk_size=int(state["chunk_size"]), total_chunks=total, received=received,
-                   started=float(state["started"]), client=str(state.get("client", "")))
+    def part_received(self, index: int) -> bool:
+        start = index * self.part_size
+        end = start + chunk_length(index, self.size or 0, self.part_size)
+        return not range_holes(self.received, start, end)
+
+    def received_parts(self) -> int:
+        return sum(1 for index in range(self.total_parts) if self.part_received(index))
+
+    def missing_parts(self, limit: int) -> list[int]:
+        missing: list[int] = []
+        for low, high in range_holes(self.received, 0, self.size or 0):
+            for index in range(low // self.part_size, -(-high // self.part_size)):
+                if (not missing or missing[-1] != index) and len(missing) < limit:
+                    missing.append(index)
+        return missing
 
 
-class UploadStore:
-    """Receives uploads into ``chunks_dir`` and moves each, once complete, into ``storage_dir``.
+class Ledger:
+    """The one record of every upload: a SQLite database (WAL) in the chunks folder.
 
-    Per chunked upload ``ID`` the chunks folder holds ``ID.part`` (preallocated to the full size, each chunk
-    written once at its offset), ``ID.state`` (which chunks arrived; replaced atomically after each chunk) and,
-    once stored, ``ID.done`` (what was stored under which name; what downloads and status read).
+    The schema is versioned with ``PRAGMA user_version``; ``MIGRATIONS[n]`` takes a database from version n to
+    n + 1.  Writes are serialised by one lock over one connection (SQLite serialises writers anyway); each call
+    is one transaction.  ``synchronous=NORMAL`` keeps every commit safe against a crash of this process, not
+    against a power cut (the same trade as for the files themselves; see the README).
     """
 
-    def __init__(self, storage_dir: Path, chunks_dir: Path, *, max_size: int, partial_ttl: float,
-                 clock: Callable[[], float] = time.time, progress: Callable[..., None] | None = None):
-        self.storage_dir = Path(storage_dir)
-        self.chunks_dir = Path(chunks_dir)
-        self._chunks = str(self.chunks_dir)
-        self.max_size = max_size
-        self.partial_ttl = partial_ttl
-        self.clock = clock
-        # Told (id, name, received chunks, total chunks, size, started) after each chunk is stored.
-        self.progress = progress
-        self._lock = threading.Lock()            # the dict of uploads and the count; never held across I/O
-        self._uploads: dict[str, _Upload] = {}
-        # Loading or creating an upload is serialised per id (striped), so new uploads do not queue behind
-        # each other's file creation.
-        self._opening = [threading.Lock() for _ in range(64)]
-        self.stored_count = 0
+    FILENAME = "ledger.sqlite3"
+    MIGRATIONS = (
+        """CREATE TABLE uploads (
+               id TEXT PRIMARY KEY, name TEXT NOT NULL, size INTEGER, part_size INTEGER NOT NULL,
+               client TEXT NOT NULL, created REAL NOT NULL, updated REAL NOT NULL, state TEXT NOT NULL,
+               received TEXT NOT NULL, sha256 TEXT, stored_name TEXT, finished REAL, reason TEXT NOT NULL);
+           CREATE INDEX uploads_by_state ON uploads (state, updated);
+           CREATE INDEX uploads_by_created ON uploads (created);""",
+    )
+    _COLUMNS = ("id", "name", "size", "part_size", "client", "created", "updated", "state", "received", "sha256",
+                "stored_name", "finished", "reason")
 
-    @classmethod
-    def from_config(cls, config: Config) -> "UploadStore":
-        return cls(config.storage, config.chunks, max_size=config.max_size_bytes,
-                   partial_ttl=config.partial_ttl_seconds)
+    def __init__(self, path: Path | str):
+        self.path = str(path)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._migrate()
+        placeholders = ", ".join("?" for _ in self._COLUMNS)
+        updates = ", ".join(f"{column}=excluded.{column}" for column in self._COLUMNS[1:])
+        self._upsert = (f"INSERT INTO uploads ({', '.join(self._COLUMNS)}) VALUES ({placeholders}) "
+                        f"ON CONFLICT(id) DO UPDATE SET {updates}")
 
-    # -- paths --------------------------------------------------------------------------------------------
-    def _path(self, upload_id: str, suffix: str) -> str:
-        return os.path.join(self._chunks, upload_id + suffix)  # plain strings: this is on every request's path
+    def _migrate(self) -> None:
+        with self._lock:
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            if version > len(self.MIGRATIONS):
+                raise RuntimeError(f"the ledger {self.path} was written by a newer pyfiledrop")
+            for number in range(version, len(self.MIGRATIONS)):
+                self._db.executescript(f"BEGIN IMMEDIATE; {self.MIGRATIONS[number]} "
+                                       f"PRAGMA user_version = {number + 1}; COMMIT;")
 
-    def _read_json(self, upload_id: str, suffix: str) -> dict | None:
-        try:
-            with open(self._path(upload_id, suffix), encoding="utf-8") as handle:
-                return json.load(handle)
-        except FileNotFoundError:
-            return None
+    @property
+    def version(self) -> int:
+        with self._lock:
+            return self._db.execute("PRAGMA user_version").fetchone()[0]
 
-    def _read_record(self, upload_id: str) -> dict | None:
-        try:
-            return self._read_json(upload_id, ".done")
-        except ValueError:
-            return None
+    def save(self, *infos: UploadInfo) -> None:
+        """Insert or replace these records, in one transaction."""
+        rows = [self._row(info) for info in infos]
+        with self._lock:
+            if len(rows) == 1:
+                self._db.execute(self._upsert, rows[0])
+                return
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany(self._upsert, rows)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
 
-    # -- start ----------------------------------------------------------------------------------------------
-    def start(self, chunk: ChunkInfo, filename: str, client: str = "") -> _Upload:
-        """The upload ``chunk`` belongs to: found in memory, resumed from disk, or created."""
-        name = sanitize_filename(filename)
-        upload = self._uploads.get(chunk.upload_id)
-        if upload is None:
-            with self._opening_lock(chunk.upload_id):
-                upload = self._uploads.get(chunk.upload_id)
-                if upload is None:
-                    record = self._read_record(chunk.upload_id)
-                    if record is not None:  # a retry after completion; answered from the record, not kept
-                        upload = _Upload(id=record["id"], name=record["original_name"], size=record["size"],
-                                         chunk_size=record["chunk_size"], total_chunks=record["total_chunks"],
-                                         started=record["completed"], record=record)
-                    else:
-                        upload = self._resume(chunk.upload_id) or self._create(chunk, name, client)
-                        with self._lock:
-                            self._uploads[chunk.upload_id] = upload
-        if (upload.name, upload.size, upload.chunk_size) != (name, chunk.total_size, chunk.chunk_size):
-            raise BadRequest("This dzuuid belongs to an upload with another name, size or chunk size.")
-        return upload
+    def get(self, upload_id: str) -> UploadInfo | None:
+        with self._lock:
+            row = self._db.execute(f"SELECT {', '.join(self._COLUMNS)} FROM uploads WHERE id = ?",
+                                   (upload_id,)).fetchone()
+        return None if row is None else self._info(row)
 
-    def _opening_lock(self, upload_id: str) -> threading.Lock:
-        return self._opening[hash(upload_id) % len(self._opening)]
+    def in_state(self, state: State, updated_before: float | None = None) -> list[UploadInfo]:
+        query = f"SELECT {', '.join(self._COLUMNS)} FROM uploads WHERE state = ?"
+        arguments: tuple = (state.value,)
+        if updated_before is not None:
+            query, arguments = query + " AND updated < ?", (state.value, updated_before)
+        with self._lock:
+            rows = self._db.execute(query, arguments).fetchall()
+        return [self._info(row) for row in rows]
 
-    def _loaded(self, upload_id: str) -> _Upload | None:
-        """The unfinished upload ``upload_id``, from memory or resumed from disk; None if there is none."""
-        upload = self._uploads.get(upload_id)
-        if upload is None:
-            with self._opening_lock(upload_id):
-                upload = self._uploads.get(upload_id)
-                if upload is None:
-                    upload = self._resume(upload_id)
-                    if upload is not None:
-                        with self._lock:
-                            self._uploads[upload_id] = upload
-        return upload
+    def newest(self, limit: int = 100, offset: int = 0) -> list[UploadInfo]:
+        with self._lock:
+            rows = self._db.execute(f"SELECT {', '.join(self._COLUMNS)} FROM uploads ORDER BY created DESC "
+                                    "LIMIT ? OFFSET ?", (limit, offset)).fetchall()
+        return [self._info(row) for row in rows]
 
-    def _resume(self, upload_id: str) -> _Upload | None:
-        try:
-            state = self._read_json(upload_id, ".state")
-            if state is None:
-                return None
-            upload = _Upload.from_state(state)
-        except (ValueError, KeyError, TypeError):
-            raise Conflict("The saved state of this upload is unreadable; start it again with a new id.")
-        if not os.path.exists(self._path(upload_id, ".part")):
-            _unlink_quietly(self._path(upload_id, ".state"))
-            return None
-        log.info("resuming %s: %d of %d chunks already here", upload.name, upload.received_count,
-                 upload.total_chunks)
-        return upload
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
 
-    def _create(self, chunk: ChunkInfo, name: str, client: str) -> _Upload:
-        if chunk.total_size >= MIB:  # smaller ones: preallocating, or writing, finds a full disk as cheaply
-            self.check_free_space(chunk.total_size)
-        part = self._path(chunk.upload_id, ".part")
+    @staticmethod
+    def _row(info: UploadInfo) -> tuple:
+        return (info.id, info.name, info.size, info.part_size, info.client, info.created, info.updated,
+                info.state.value, json.dumps(info.received, separators=(",", ":")), info.sha256, info.stored_name,
+                info.finished, info.reason)
+
+    @staticmethod
+    def _info(row: tuple) -> UploadInfo:
+        values = dict(zip(Ledger._COLUMNS, row))
+        values["state"] = State(values["state"])
+        values["received"] = tuple((int(low), int(high)) for low, high in json.loads(values["received"]))
+        return UploadInfo(**values)
+
+
+###############################################################################
+# Backend: where the bytes live ###############################################
+###############################################################################
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendConstraints:
+    """What a backend can do, as data the engine and the adapters read (an object store differs here)."""
+
+    min_part: int = 1               # the smallest part it accepts, but for the last one
+    max_part: int | None = None     # the largest part, if any
+    max_parts: int | None = None    # how many parts one upload may have, if limited
+    random_access: bool = True      # parts may arrive in any order and be written at any offset
+
+
+def _part_key(upload_id: str) -> str:
+    # Hex of the id: safe and unique on case-insensitive filesystems and against Windows' reserved names.
+    return upload_id.encode("utf-8").hex()
+
+
+def _id_from_key(key: str) -> str | None:
+    try:
+        upload_id = bytes.fromhex(key).decode("utf-8")
+    except ValueError:
+        return None
+    return upload_id if is_valid_id(upload_id) else None
+
+
+class LocalBackend:
+    """Partial files in the chunks folder (``HEXID.part``), finished files in the storage folder.
+
+    A partial file becomes a stored file by ``os.link`` under its final name, which fails rather than replace
+    an existing file; until the part is removed, its link count (2) shows a crash that the link happened.
+    Where links are impossible (FAT, exFAT) the name is claimed with O_EXCL and filled with os.replace.  With
+    the folders on different filesystems the part is first copied into storage under ``.pyfiledrop-HEXID.tmp``.
+    """
+
+    constraints = BackendConstraints()
+    TEMP_PREFIX = ".pyfiledrop-"
+
+    def __init__(self, storage: Path, chunks: Path, *, checkpoint: Callable[[str], None] = lambda step: None,
+                 warn: Callable[[str], None] = lambda text: None):
+        self.storage = Path(storage)
+        self.chunks = Path(chunks)
+        self._chunks = str(self.chunks)
+        self._checkpoint = checkpoint
+        self._warn = warn
+
+    # -- partial files --------------------------------------------------------------------------------------
+    def part_path(self, upload_id: str) -> str:
+        return os.path.join(self._chunks, _part_key(upload_id) + ".part")  # plain strings: the hot path
+
+    def create_part(self, upload_id: str) -> None:
+        """A new empty partial file; FileExistsError when one is there already."""
         flags = os.O_CREAT | os.O_EXCL | os.O_RDWR | getattr(os, "O_BINARY", 0)
         try:
-            try:
-                fd = os.open(part, flags, 0o644)
-            except FileExistsError:
-                # Neither in memory nor with a state file (we hold this id's opening lock): left by a process
-                # that stopped before its first chunk was recorded, so nothing in it counts.
-                _unlink_quietly(part)
-                fd = os.open(part, flags, 0o644)
-        except FileExistsError:
-            raise Conflict("Another upload with this dzuuid is starting; retry.")
-        except OSError as error:
-            raise storage_error(error)
-        try:
-            _preallocate(fd, chunk.total_size)
-        except OSError as error:
-            os.close(fd)
-            _unlink_quietly(part)
-            raise storage_error(error)
-        os.close(fd)
-        upload = _Upload(id=chunk.upload_id, name=name, size=chunk.total_size, chunk_size=chunk.chunk_size,
-                         total_chunks=chunk.total_chunks, started=self.clock(), client=client)
-        try:
-            self._save_state(upload)
-        except OSError as error:
-            _unlink_quietly(part)
-            raise storage_error(error)
-        return upload
-
-    def _save_state(self, upload: _Upload) -> None:
-        # A one-chunk upload has nothing to resume: it arrives whole in one request or not at all.
-        if upload.total_chunks > 1:
-            _write_json_atomically(self._path(upload.id, ".state"), upload.state())
-
-    def check_free_space(self, size: int) -> None:
-        for folder in {self.storage_dir, self.chunks_dir}:
-            try:
-                free = shutil.disk_usage(folder).free
-            except OSError as error:
-                raise storage_error(error)
-            if size > free:
-                raise InsufficientStorage(
-                    f"Not enough disk space on the server: the file needs {size} bytes, {free} are free.")
-
-    # -- write chunk ----------------------------------------------------------------------------------------
-    def write_chunk(self, chunk: ChunkInfo, filename: str, data: Iterable[bytes], client: str = "") -> dict:
-        """Write one chunk at its offset; complete the upload when it was the last one missing.
-
-        Retries are harmless: a chunk already received is read off the wire and not written again.
-        """
-        upload = self.start(chunk, filename, client)
-        if upload.record is not None:
-            _drain(data)
-            return self._completed_reply(upload.record)
-        index = chunk.index
-        with upload.cond:
-            deadline = time.monotonic() + CHUNK_CLAIM_WAIT_S
-            while index in upload.writing and not upload.has(index):
-                if not upload.cond.wait(deadline - time.monotonic()):
-                    raise Conflict(f"Chunk {index} is still being received from an earlier request.")
-            duplicate = upload.has(index)
-            if not duplicate:
-                upload.writing.add(index)
-        if duplicate:
-            _drain(data)
-        else:
-            data = iter(data)
-            try:
-                written = self._write_at(self._path(upload.id, ".part"), chunk.offset, chunk.length, data,
-                                         upload, index)
-                if written > chunk.length:  # count on, to tell a file over the limit (413) from a bad chunk
-                    written += _count_bytes(data, self.max_size - chunk.offset - written + 1)
-                if written != chunk.length:
-                    if chunk.offset + written > self.max_size:
-                        raise TooLarge(f"File too large: this server accepts up to {self.max_size} bytes per file.")
-                    raise BadRequest(f"Chunk {index} has {written} bytes; expected {chunk.length}.")
-                with upload.cond:  # marked received before the claim is released: no second writer
-                    upload.received |= 1 << index
-                    try:
-                        self._save_state(upload)
-                    except OSError as error:
-                        upload.received &= ~(1 << index)
-                        raise storage_error(error)
-            finally:
-                with upload.cond:
-                    upload.writing.discard(index)
-                    upload.cond.notify_all()
-            if self.progress is not None:
-                self.progress(upload.id, upload.name, upload.received_count, upload.total_chunks, upload.size,
-                              upload.started)
-        self._advance_hash(upload)
-        received = upload.received_count
-        if received == upload.total_chunks:
-            return self._completed_reply(self.finish(upload.id))
-        return {"id": upload.id, "complete": False, "received_chunks": received,
-                "total_chunks": upload.total_chunks}
-
-    @staticmethod
-    def _completed_reply(record: dict) -> dict:
-        return {"id": record["id"], "name": record["name"], "size": record["size"], "sha256": record["sha256"],
-                "complete": True}
-
-    def _write_at(self, path: str, offset: int, length: int, data: Iterable[bytes], upload: _Upload,
-                  index: int) -> int:
-        """Write at most ``length`` bytes at ``offset``; the count received (a longer body stops early).
-
-        Chunk ``index`` is hashed as it is written whenever it is the next one in order (the hash lock is held
-        meanwhile); the hash state after it is kept for ``_advance_hash``, so the chunk is never read back.
-        Every byte goes to disk once, with os.pwrite.
-        """
-        written = 0
-        hasher = None
-        # Writes of one chunk never overlap (the caller holds its claim): a state kept by an earlier, failed
-        # write of this chunk is dropped here, so only the state of the write that counts can be used.
-        upload.hash_stash.pop(index, None)
-        try:
-            fd = os.open(path, os.O_RDWR | getattr(os, "O_BINARY", 0))
+            os.close(os.open(self.part_path(upload_id), flags, 0o644))
         except FileNotFoundError:
-            raise Conflict("This upload expired or was removed; start it again.")
-        except OSError as error:
-            raise storage_error(error)
-        try:
-            for piece in data:
-                room = length - written
-                # Only when no later chunk is in flight: a chunk that hashes as it goes receives more slowly, and
-                # later chunks could then pile up behind it, to be hashed all at completion.
-                if (hasher is None and upload.hashed_chunks == index
-                        and max(upload.writing, default=index) <= index):
-                    hasher = self._claim_inline_hash(upload, index, fd, offset, written)
-                if len(piece) > room:
-                    if room:
-                        self._pwrite_all(fd, piece[:room], offset + written)
-                    return length + len(piece) - room
-                self._pwrite_all(fd, piece, offset + written)
-                if hasher is not None:
-                    hasher.update(piece)
-                written += len(piece)
-            if hasher is not None and written == length:
-                upload.hash_stash[index] = hasher
-        except OSError as error:
-            raise storage_error(error)
-        finally:
-            os.close(fd)
-            if hasher is not None:
-                upload.hash_lock.release()
-        return written
+            self._recreate(self.chunks, "chunks")
+            os.close(os.open(self.part_path(upload_id), flags, 0o644))
+
+    def open_part(self, upload_id: str) -> int:
+        return os.open(self.part_path(upload_id), os.O_RDWR | getattr(os, "O_BINARY", 0))
 
     @staticmethod
-    def _pwrite_all(fd: int, data, offset: int) -> None:
+    def write_at(fd: int, data, offset: int) -> None:
         view = memoryview(data)
         if hasattr(os, "pwrite"):
             while view:
@@ -1304,189 +1280,87 @@ class UploadStore:
             view = view[os.write(fd, view):]
 
     @staticmethod
-    def _pread(fd: int, count: int, offset: int) -> bytes:
-        if hasattr(os, "pread"):
-            return os.pread(fd, count, offset)
+    def read_at(fd: int, view: memoryview, offset: int) -> int:
+        if hasattr(os, "preadv"):
+            return os.preadv(fd, [view], offset)
         os.lseek(fd, offset, os.SEEK_SET)
-        return os.read(fd, count)
+        data = os.read(fd, len(view))
+        view[:len(data)] = data
+        return len(data)
 
-    def _claim_inline_hash(self, upload: _Upload, index: int, fd: int, offset: int, written: int):
-        """A copy of the hash state, caught up on the ``written`` bytes already on disk, with the hash lock
-        held; None (lock not held) when another thread is hashing or ``index`` is not next."""
-        if not upload.hash_lock.acquire(blocking=False):
+    def part_stat(self, upload_id: str) -> os.stat_result | None:
+        try:
+            return os.stat(self.part_path(upload_id))
+        except FileNotFoundError:
             return None
+
+    def discard(self, upload_id: str) -> None:
+        """Remove what an upload left in the chunks folder (and a copy in storage not yet named)."""
+        _unlink_quietly(self.part_path(upload_id))
+        _unlink_quietly(self._temp_path(upload_id))
+
+    def part_ids(self) -> list[str | None]:
+        """Ids of the partial files in the chunks folder (None for a file that is no part of ours)."""
         try:
-            if upload.hashed_chunks != index:
-                upload.hash_lock.release()
-                return None
-            hasher = upload.hasher.copy()
-            done = 0
-            while done < written:
-                block = self._pread(fd, min(READ_BLOCK, written - done), offset + done)
-                if not block:
-                    raise StorageFailure("The partial file is shorter than expected.")
-                hasher.update(block)
-                done += len(block)
-        except BaseException:
-            upload.hash_lock.release()
-            raise
-        return hasher
+            names = os.listdir(self._chunks)
+        except FileNotFoundError:
+            return []
+        return [_id_from_key(name[:-5]) for name in names if name.endswith(".part")]
 
-    def _advance_hash(self, upload: _Upload) -> None:
-        """Hash the received prefix of the file, in order, as it grows: completion then costs no pass.
-
-        Only completion waits for the hash lock; otherwise a thread that finds it taken leaves the work to the
-        holder, which looks again once it has released it.
-        """
-        while True:
-            # Also wait (holding back this reply, so the client slows to hashing speed) when more than
-            # 32 MiB wait to be hashed: that bounds what completion has to hash.
-            backlog = (upload.received >> upload.hashed_chunks).bit_count() * upload.chunk_size
-            wait = upload.received_count == upload.total_chunks or backlog > 32 * MIB
-            if not upload.hash_lock.acquire(blocking=wait):
-                return
-            try:
-                self._hash_received(upload)
-            finally:
-                upload.hash_lock.release()
-            if wait or upload.hashed_chunks >= upload.total_chunks or not upload.has(upload.hashed_chunks):
-                return
-
-    def _hash_received(self, upload: _Upload) -> None:
-        """With the hash lock held: hash chunks in order while they are here (from the stash, else the disk)."""
-        handle = None
+    def free_space(self) -> int:
+        """Free bytes on the fuller of the two filesystems."""
         try:
-            while upload.hashed_chunks < upload.total_chunks and upload.has(upload.hashed_chunks):
-                index = upload.hashed_chunks
-                stashed = upload.hash_stash.pop(index, None)
-                if stashed is not None:
-                    upload.hasher = stashed
-                    upload.hashed_chunks += 1
-                    continue
-                if handle is None:
-                    handle = open(self._path(upload.id, ".part"), "rb", buffering=0)
-                    buffer = bytearray(min(READ_BLOCK, upload.chunk_size))
-                    view = memoryview(buffer)
-                handle.seek(index * upload.chunk_size)
-                remaining = chunk_length(index, upload.size, upload.chunk_size)
-                while remaining:
-                    count = handle.readinto(view[: min(remaining, len(buffer))])
-                    if not count:
-                        raise StorageFailure("The partial file is shorter than expected.")
-                    upload.hasher.update(view[:count])
-                    remaining -= count
-                upload.hashed_chunks += 1
-        finally:
-            if handle is not None:
-                handle.close()
-
-    # -- status ---------------------------------------------------------------------------------------------
-    def status(self, upload_id: str) -> dict:
-        if not is_valid_id(upload_id):
-            raise NotFound("No such upload.")
-        record = self._read_record(upload_id)
-        if record is not None:
-            available = (self.storage_dir / record["name"]).is_file()
-            return {**self._completed_reply(record), "available": available}
-        upload = self._loaded(upload_id)
-        if upload is None:
-            raise NotFound("No such upload.")
-        if upload.record is not None:
-            return {**self._completed_reply(upload.record), "available": True}
-        if upload.received_count == upload.total_chunks:
-            return {**self._completed_reply(self.finish(upload_id)), "available": True}
-        return {"id": upload.id, "complete": False, "name": upload.name, "size": upload.size,
-                "received_chunks": upload.received_count, "total_chunks": upload.total_chunks,
-                "missing_chunks": upload.missing(1000)}
-
-    def lookup(self, upload_id: str) -> tuple[Path, dict]:
-        """The stored file of a completed upload, by its exact id."""
-        record = self._read_record(upload_id) if is_valid_id(upload_id) else None
-        if record is None:
-            raise NotFound("No such file.")
-        path = self.storage_dir / record["name"]
-        if not path.is_file():
-            raise NotFound("That file is no longer on the server.")
-        return path, record
-
-    # -- finish ---------------------------------------------------------------------------------------------
-    def finish(self, upload_id: str) -> dict:
-        """Move a fully received upload into storage, exactly once; later calls return the same record."""
-        upload = self._uploads.get(upload_id)
-        if upload is None:
-            record = self._read_record(upload_id)
-            if record is None:
-                raise NotFound("No such upload.")
-            return record
-        with upload.finish_lock:
-            if upload.record is not None:
-                return upload.record
-            if upload.received_count != upload.total_chunks:
-                raise Conflict("The upload is missing chunks.")
-            self._advance_hash(upload)
-            record = self._store(self._path(upload.id, ".part"), upload.id, upload.name, upload.size,
-                                 upload.hasher.hexdigest(), upload.started, upload.client,
-                                 chunk_size=upload.chunk_size, total_chunks=upload.total_chunks)
-            if upload.total_chunks > 1:
-                _unlink_quietly(self._path(upload.id, ".state"))
-            upload.record = record
-        with self._lock:
-            self._uploads.pop(upload.id, None)  # from now on the record on disk answers for it
-        return record
-
-    def _store(self, part: str, upload_id: str, name: str, size: int, digest: str, started: float,
-               client: str, *, chunk_size: int, total_chunks: int) -> dict:
-        try:
-            if os.path.getsize(part) != size:
-                raise StorageFailure("The partial file does not have the declared size.")
-            stored_name = self._claim_name(part, name)
+            return min(shutil.disk_usage(folder).free for folder in {self.storage, self.chunks})
         except OSError as error:
             raise storage_error(error)
-        now = self.clock()
-        record = {"id": upload_id, "name": stored_name, "original_name": name, "size": size, "sha256": digest,
-                  "chunk_size": chunk_size, "total_chunks": total_chunks, "completed": now}
-        try:
-            _write_json_atomically(self._path(upload_id, ".done"), record)
-        except OSError as error:
-            log.error("stored %s but could not record it: %s", stored_name, error)
-        with self._lock:
-            self.stored_count += 1
-        seconds = max(now - started, 1e-6)
-        log.info('stored "%s" %s in %.1f s (%.1f MB/s) sha256 %s from %s', stored_name, human_size(size),
-                 seconds, size / seconds / 1e6, digest, client or "-")
-        return record
 
-    def _claim_name(self, part: str, name: str) -> str:
-        """Give ``part`` its final name in storage without ever replacing an existing file.
+    def total_space(self) -> int:
+        return min(shutil.disk_usage(folder).total for folder in {self.storage, self.chunks})
 
-        ``os.link`` fails if the name exists, so a name is claimed and filled in one atomic step; where links
-        are not possible the fallbacks keep the no-overwrite rule (see the README).
+    # -- stored files ---------------------------------------------------------------------------------------
+    def store(self, upload_id: str, name: str) -> str:
+        """Give the complete partial file its final name in storage, never replacing a file; the name used.
+
+        The partial file stays (linked twice) until ``discard``: the engine records the name in between.
         """
-        if os.stat(part).st_dev != os.stat(self.storage_dir).st_dev:
-            part = self._copy_into_storage(part)
+        source = self.part_path(upload_id)
         for number in range(MAX_NAME_ATTEMPTS):
             candidate = numbered_name(name, number)
-            target = self.storage_dir / candidate
             try:
-                os.link(part, target)
-            except FileExistsError:
-                continue
+                claimed = self._claim(source, self.storage / candidate)
             except OSError as error:
-                if error.errno in _LINK_FATAL_ERRNOS:
+                if error.errno != errno.EXDEV:
                     raise
-                if not self._move_without_link(part, target):
-                    continue
+                source = self._copy_into_storage(upload_id)  # the folders are on different filesystems
+                claimed = self._claim(source, self.storage / candidate)
+            if claimed:
+                self._checkpoint("linked")
                 return candidate
-            _unlink_quietly(part)
-            return candidate
         raise Conflict("Too many files with this name already.")
 
+    def _claim(self, source: str, target: Path) -> bool:
+        """Link ``source`` as ``target``; False when ``target`` is taken."""
+        try:
+            os.link(source, target)
+            return True
+        except FileExistsError:
+            return False
+        except FileNotFoundError:
+            if not os.path.exists(source):
+                raise
+            self._recreate(self.storage, "storage")
+            return self._claim(source, target)
+        except OSError as error:
+            if error.errno in _LINK_FATAL_ERRNOS or error.errno == errno.EXDEV:
+                raise
+            return self._move_without_link(source, target)
+
     @staticmethod
-    def _move_without_link(part: str, target: Path) -> bool:
+    def _move_without_link(source: str, target: Path) -> bool:
         """For filesystems without hard links (FAT, exFAT): False when ``target`` is taken."""
         if os.name == "nt":
             try:
-                os.rename(part, target)  # refuses an existing target on Windows
+                os.rename(source, target)  # refuses an existing target on Windows
             except FileExistsError:
                 return False
             return True
@@ -1494,169 +1368,800 @@ class UploadStore:
             os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
         except FileExistsError:
             return False
-        os.replace(part, target)
+        os.replace(source, target)
         return True
 
-    def _copy_into_storage(self, part: str) -> Path:
-        """Chunks and storage on different filesystems: one copy, under a hidden name, then the atomic claim."""
-        temp = self.storage_dir / f".pyfiledrop-{uuid.uuid4().hex}.tmp"
-        with open(part, "rb") as source, open(temp, "xb") as target:
-            shutil.copyfileobj(source, target, READ_BLOCK)
-        _unlink_quietly(part)
+    def _temp_path(self, upload_id: str) -> str:
+        return str(self.storage / f"{self.TEMP_PREFIX}{_part_key(upload_id)}.tmp")
+
+    def _copy_into_storage(self, upload_id: str) -> str:
+        """Chunks and storage on different filesystems: one copy, under a hidden name, removed on failure."""
+        temp = self._temp_path(upload_id)
+        _unlink_quietly(temp)  # a copy from an attempt that failed; never a stored file (those are links)
+        try:
+            with open(self.part_path(upload_id), "rb") as source, open(temp, "xb") as target:
+                shutil.copyfileobj(source, target, READ_BLOCK)
+        except BaseException:
+            _unlink_quietly(temp)
+            raise
+        self._checkpoint("copied")
         return temp
 
-    # -- plain uploads --------------------------------------------------------------------------------------
-    def receive_plain(self, data: Iterable[bytes], declared_size: int | None = None) -> "PendingFile":
-        """Stream a whole file into a new partial file; ``commit`` stores it, ``discard`` drops it."""
-        if declared_size is not None:
-            if declared_size > self.max_size:
-                raise TooLarge(f"File too large: {declared_size} bytes; this server accepts up to "
-                               f"{self.max_size} bytes per file.")
-            self.check_free_space(declared_size)
-        upload_id = str(uuid.uuid4())
-        part = self._path(upload_id, ".part")
-        hasher = hashlib.sha256()
-        size = 0
-        started = self.clock()
-        try:
-            with open(part, "xb", buffering=0) as handle:
-                for piece in data:
-                    size += len(piece)
-                    if size > self.max_size:
-                        raise TooLarge(f"File too large: this server accepts up to {self.max_size} bytes per file.")
-                    _write_all(handle, piece)
-                    hasher.update(piece)
-        except UploadError:
-            _unlink_quietly(part)
-            raise
-        except OSError as error:
-            _unlink_quietly(part)
-            raise storage_error(error)
-        except BaseException:
-            _unlink_quietly(part)
-            raise
-        return PendingFile(upload_id, part, size, hasher.hexdigest(), started)
+    def _recreate(self, folder: Path, what: str) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self._warn(f"the {what} folder {folder} had disappeared; created it again")
 
-    def commit(self, pending: "PendingFile", filename: str, client: str = "") -> dict:
+    def find_stored(self, upload_id: str, name: str | None) -> str | None:
+        """After a crash: the stored name the partial file (or its copy) was linked under, if it was."""
         try:
-            record = self._store(pending.part, pending.id, sanitize_filename(filename), pending.size,
-                                 pending.sha256, pending.started, client, chunk_size=pending.size,
-                                 total_chunks=1)
-        except BaseException:
-            _unlink_quietly(pending.part)
-            raise
-        return self._completed_reply(record)
-
-    def discard(self, pending: "PendingFile") -> None:
-        _unlink_quietly(pending.part)
-
-    # -- expire ---------------------------------------------------------------------------------------------
-    def expire(self, now: float | None = None) -> int:
-        """Remove partial uploads untouched for ``partial_ttl`` seconds; the number removed."""
-        cutoff = (self.clock() if now is None else now) - self.partial_ttl
-        removed = 0
-        try:
-            entries = list(os.scandir(self.chunks_dir))
-        except OSError:
-            return 0
-        stamps: dict[str, float] = {}
-        for entry in entries:
-            stem, _, suffix = entry.name.partition(".")
-            if suffix in ("part", "state") or entry.name.endswith(".tmp"):
-                try:
-                    stamps[stem] = max(stamps.get(stem, 0.0), entry.stat().st_mtime)
-                except FileNotFoundError:
-                    continue
-        for stem, touched in stamps.items():
-            if touched >= cutoff:
+            source = os.stat(self._temp_path(upload_id))
+        except FileNotFoundError:
+            source = self.part_stat(upload_id)
+        if source is None or source.st_nlink < 2:
+            return None
+        identity = (source.st_ino, source.st_dev)
+        misses = 0
+        for number in range(MAX_NAME_ATTEMPTS if name else 0):  # names are claimed in this order
+            candidate = numbered_name(name, number)
+            try:
+                found = os.stat(self.storage / candidate)
+            except FileNotFoundError:
+                misses += 1
+                if misses > 100:
+                    break
                 continue
-            with self._lock:
-                upload = self._uploads.get(stem)
-                if upload is not None and upload.writing:
-                    continue
-                self._uploads.pop(stem, None)
+            if (found.st_ino, found.st_dev) == identity:
+                return candidate
+        with os.scandir(self.storage) as entries:  # renamed by hand, or no record of the name: look at all
             for entry in entries:
-                if entry.name.partition(".")[0] == stem and not entry.name.endswith(".done"):
-                    _unlink_quietly(Path(entry.path))
-            removed += 1
-        if removed:
-            log.info("removed %d unfinished upload(s) untouched for %g hours", removed, self.partial_ttl / 3600)
-        return removed
+                if entry.is_file() and (entry.stat().st_ino, entry.stat().st_dev) == identity:
+                    return entry.name
+        return None
 
-
-@dataclasses.dataclass(frozen=True)
-class PendingFile:
-    id: str
-    part: str
-    size: int
-    sha256: str
-    started: float
-
-
-def _preallocate(fd: int, size: int) -> None:
-    if size == 0:
-        return
-    if hasattr(os, "posix_fallocate"):
+    def temporaries(self) -> list[tuple[str, str | None]]:
+        """(file name, upload id or None) of the hidden copies left in storage."""
         try:
-            os.posix_fallocate(fd, 0, size)
-            return
-        except OSError as error:
-            if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)):
-                raise
-    os.ftruncate(fd, size)
+            names = os.listdir(self.storage)
+        except FileNotFoundError:
+            return []
+        prefix, suffix = self.TEMP_PREFIX, ".tmp"
+        return [(name, _id_from_key(name[len(prefix):-len(suffix)])) for name in names
+                if name.startswith(prefix) and name.endswith(suffix)]
+
+    def remove_temporary(self, filename: str) -> None:
+        _unlink_quietly(self.storage / filename)
+
+    def stored_path(self, stored_name: str) -> Path:
+        return self.storage / stored_name
+
+    def stored_exists(self, stored_name: str) -> bool:
+        return (self.storage / stored_name).is_file()
+
+    def hash_stored(self, stored_name: str) -> str:
+        digest = hashlib.sha256()
+        with open(self.storage / stored_name, "rb", buffering=0) as handle:
+            buffer = bytearray(READ_BLOCK)
+            view = memoryview(buffer)
+            while count := handle.readinto(buffer):
+                digest.update(view[:count])
+        return digest.hexdigest()
 
 
-def _write_all(handle, data) -> None:
-    """An unbuffered write may take only part of the data; the rest is written too."""
-    view = memoryview(data)
-    while view:
-        view = view[handle.write(view):]
-
-
-def _drain(data: Iterable[bytes]) -> None:
-    for _ in data:
+def _unlink_quietly(path: str | Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
         pass
 
 
-def _count_bytes(data: Iterator[bytes], enough: int) -> int:
-    """Read on and count, stopping once ``enough`` bytes have been seen."""
-    seen = 0
-    for piece in data:
-        seen += len(piece)
-        if seen >= enough:
-            break
-    return seen
+###############################################################################
+# Engine ######################################################################
+###############################################################################
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineLimits:
+    max_size: int                    # bytes per file
+    min_free: int = 0                # bytes every filesystem keeps free; uploads that would eat into it get 507
+    partial_ttl: float = DEFAULT_PARTIAL_TTL_HOURS * 3600.0   # seconds an unfinished upload may sit untouched
+
+
+@dataclasses.dataclass(frozen=True)
+class Progress:
+    upload_id: str
+    name: str
+    received: int
+    size: int | None
+    started: float                   # wall-clock time the upload was created
+
+
+@dataclasses.dataclass(frozen=True)
+class Stored:
+    info: UploadInfo
+
+
+@dataclasses.dataclass(frozen=True)
+class Refused:
+    """An upload request refused or failed, as one console line: what, why, from whom."""
+
+    what: str
+    client: str
+    status: int
+    message: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Notice:
+    text: str
+    warning: bool = False
+
+
+EngineEvent = Progress | Stored | Refused | Notice
+
+COMMIT_EVERY = 64 * MIB          # a long request records what arrived this often (a crash loses less)
+SPACE_CHECK_EVERY = 16 * MIB     # how often a long request looks at the free space
+PROGRESS_EVERY_S = 0.25
+STALLED_AFTER_S = 1.0            # a request that moved no byte for this long may be taken over by a retry
+RIVAL_WAIT_S = 10.0              # a retry waits this long at most for an earlier copy of itself still moving
+BACKGROUND_HASH = 64 * MIB       # a hash backlog this large (after a restart) is caught up off the request
+
+
+class _Writer:
+    """One request putting bytes into an upload from ``start``; ``fenced`` once a newer request took over."""
+
+    __slots__ = ("start", "end", "position", "committed_to", "lock", "fenced", "whole", "holes", "hasher",
+                 "hash_from", "next_space_check", "next_progress", "last_progress", "atomic", "superseded")
+
+    def __init__(self, start: int, end: int | None, holes: list[tuple[int, int | None]]):
+        self.start = self.position = self.committed_to = start
+        self.end = end
+        self.lock = threading.Lock()     # held for each write and commit, so fencing is never half-way
+        self.fenced = False
+        self.whole = holes == [(start, end)]   # nothing in its range was received before
+        self.holes = holes
+        self.hasher = None               # covers [0, position) once it hashes as it writes
+        self.hash_from = 0
+        self.next_space_check = start + SPACE_CHECK_EVERY
+        self.next_progress = 0.0
+        self.last_progress = time.monotonic()
+        self.atomic = False
+        self.superseded = False          # fenced by a newer request (not by its own failure)
+
+    def fence(self, superseded: bool = True) -> None:
+        with self.lock:
+            self.fenced = True
+            self.superseded = self.superseded or superseded
+
+    def overlaps(self, start: int, end: int | None) -> bool:
+        return (end is None or self.start < end) and (self.end is None or start < self.end)
+
+
+class _Live:
+    """An upload being received, in memory: its record, the requests writing it, and the in-order hash."""
+
+    __slots__ = ("info", "ephemeral", "lock", "changed", "writers", "hash_lock", "hasher", "hashed_to",
+                 "finish_lock", "linked_as", "background_hash")
+
+    def __init__(self, info: UploadInfo, ephemeral: bool):
+        self.info = info
+        self.ephemeral = ephemeral       # arrives in one request: no record until it is stored
+        self.lock = threading.Lock()     # info and writers
+        self.changed = threading.Condition(self.lock)   # a writer has gone
+        self.writers: list[_Writer] = []
+        self.hash_lock = threading.Lock()
+        self.hasher = hashlib.sha256()   # covers [0, hashed_to), all of it received
+        self.hashed_to = 0
+        self.finish_lock = threading.Lock()
+        self.linked_as: str | None = None   # stored under this name, not yet recorded (the ledger failed)
+        self.background_hash = False
+
+    def in_flight(self) -> int:
+        return sum(max(0, writer.position - writer.committed_to) for writer in tuple(self.writers))
+
+
+class Engine:
+    """Uploads as byte ranges: create, put bytes at an offset, info, finish, expire, list.
+
+    Knows nothing of HTTP: the protocol adapters translate requests into these calls.  Every byte is written
+    once, at its offset, by exactly one request (a newer request for the same bytes fences the older one),
+    and hashed once, in order, as it arrives where it can (see ``_join_hash``), else read back once.
+    ``checkpoint(step)`` is called at each step of completion, so tests can stop the process there.
+    """
+
+    def __init__(self, ledger: Ledger, backend: LocalBackend, limits: EngineLimits, *,
+                 clock: Callable[[], float] = time.time, events: Callable[[EngineEvent], None] = lambda e: None,
+                 checkpoint: Callable[[str], None] = lambda step: None):
+        self.ledger = ledger
+        self.backend = backend
+        self.limits = limits
+        self.clock = clock
+        self.events = events
+        self.checkpoint = checkpoint
+        self._lock = threading.Lock()                  # the dict of live uploads; never held across I/O
+        self._live: dict[str, _Live] = {}
+        self._opening = [threading.Lock() for _ in range(64)]   # loading or creating, striped per id
+        self.stored_count = 0
+        self.recovered = recover(ledger, backend, clock, self._notice)
+
+    def _notice(self, text: str, warning: bool = False) -> None:
+        self.events(Notice(text, warning))
+
+    # -- create -------------------------------------------------------------------------------------------
+    def create(self, upload_id: str, name: str, *, size: int | None, part_size: int, client: str,
+               ephemeral: bool = False) -> UploadInfo:
+        """A new upload, or the one already under ``upload_id`` if it matches (name, size, part size)."""
+        if size is not None and size > self.limits.max_size:
+            raise TooLarge(f"File too large: {size} bytes; this server accepts up to {self.limits.max_size} "
+                           "bytes per file.")
+        with self._opening[hash(upload_id) % 64]:
+            live = self._live.get(upload_id) or self._resume(upload_id)
+            if live is not None:
+                _check_same(live.info, name, size, part_size)
+                return live.info
+            stored = self.ledger.get(upload_id)
+            if stored is not None and stored.state is State.STORED:
+                _check_same(stored, name, size, part_size)
+                return stored
+            self.check_space(size or 0)
+            now = self.clock()
+            info = UploadInfo(id=upload_id, name=name, size=size, part_size=part_size, client=client,
+                              created=now, updated=now)
+            self._new_part(upload_id)
+            if not ephemeral:
+                self._record(info, on_failure=lambda: self.backend.discard(upload_id))
+            live = _Live(info, ephemeral)
+            with self._lock:
+                self._live[upload_id] = live
+            return info
+
+    def _new_part(self, upload_id: str) -> None:
+        try:
+            try:
+                self.backend.create_part(upload_id)
+            except FileExistsError:
+                # Neither live nor recorded (we hold this id's opening lock): left by a stop before its record.
+                self.backend.discard(upload_id)
+                self.backend.create_part(upload_id)
+        except OSError as error:
+            raise storage_error(error)
+
+    def _record(self, info: UploadInfo, on_failure: Callable[[], None] = lambda: None) -> None:
+        try:
+            self.ledger.save(info)
+        except (sqlite3.Error, OSError) as error:
+            on_failure()
+            log.error("the ledger could not record upload %s: %s", info.id, error)
+            raise StorageFailure("The server could not record the upload.") from None
+
+    def _resume(self, upload_id: str) -> _Live | None:
+        """The unfinished upload ``upload_id`` from the ledger (after a restart, or idle for a while)."""
+        info = self.ledger.get(upload_id)
+        if info is None or info.state is not State.RECEIVING:
+            return None
+        if self.backend.part_stat(upload_id) is None:
+            self._record(dataclasses.replace(info, state=State.FAILED, reason="its partial file disappeared"))
+            return None
+        live = _Live(info, ephemeral=False)
+        with self._lock:
+            self._live[upload_id] = live
+        return live
+
+    def _get_live(self, upload_id: str) -> _Live | None:
+        live = self._live.get(upload_id)
+        if live is None:
+            with self._opening[hash(upload_id) % 64]:
+                live = self._live.get(upload_id) or self._resume(upload_id)
+        return live
+
+    def check_space(self, needed: int) -> None:
+        """507 unless ``needed`` more bytes leave the reserve (``min_free``) free on every filesystem."""
+        free = self.backend.free_space()
+        if needed + self.limits.min_free > free:
+            raise InsufficientStorage(f"Not enough disk space on the server: {needed} bytes needed, "
+                                      f"{max(0, free - self.limits.min_free)} available.")
+
+    # -- info, list -----------------------------------------------------------------------------------------
+    def info(self, upload_id: str) -> UploadInfo:
+        live = self._live.get(upload_id)
+        if live is not None:
+            return live.info
+        info = self.ledger.get(upload_id)
+        if info is None:
+            raise NotFound("No such upload.")
+        return info
+
+    def received_now(self, upload_id: str) -> int:
+        """Bytes of ``upload_id`` received so far, including what requests in flight have written."""
+        live = self._live.get(upload_id)
+        return self.info(upload_id).received_bytes if live is None else live.info.received_bytes + live.in_flight()
+
+    def list(self, limit: int = 100, offset: int = 0) -> list[UploadInfo]:
+        """Uploads, newest first."""
+        return self.ledger.newest(limit, offset)
+
+    # -- put ------------------------------------------------------------------------------------------------
+    def put(self, upload_id: str, offset: int, pieces: Iterable, *, length: int | None = None,
+            atomic: bool = False) -> UploadInfo:
+        """Write the bytes of ``pieces`` at ``offset`` (at most ``length`` of them); the upload's info after.
+
+        Bytes already received are read and dropped, never written again.  What arrived is recorded even
+        when the request breaks off (the client vanished), so it can go on from there; ``atomic``: only if
+        all ``length`` bytes arrive (a chunk protocol that always sends a part again whole).  A stored
+        upload is answered as it is, without writing.
+        """
+        live = self._get_live(upload_id)
+        if live is None:
+            return self.info(upload_id)
+        size = live.info.size
+        end = offset + length if length is not None else size
+        if offset < 0 or (size is not None and (offset > size or end > size)):
+            raise BadRequest("Those bytes lie past the end of the file.")
+        writer = self._claim(live, offset, end)
+        writer.atomic = atomic
+        failed = True
+        try:
+            self._receive(live, writer, pieces)
+            failed = atomic and writer.position != end
+        finally:
+            if failed and atomic:
+                writer.fence(superseded=False)  # none of it counts
+            self._settle(live, writer, failed)
+        return live.info
+
+    def _claim(self, live: _Live, start: int, end: int | None) -> _Writer:
+        """Register a writer for [start, end).
+
+        An earlier request for the same bytes that has made no progress for STALLED_AFTER_S (its client
+        vanished, or gave up and retried) is fenced at once: its later bytes are dropped.  One still moving is
+        waited for (then this request only reads what is already there), but for no longer than
+        RIVAL_WAIT_S: after that the newer request wins.
+        """
+        deadline = time.monotonic() + RIVAL_WAIT_S
+        while True:
+            with live.changed:
+                rivals = [w for w in live.writers if not w.fenced and w.overlaps(start, end)]
+                if not rivals:
+                    writer = _Writer(start, end, range_holes(live.info.received, start, end))
+                    live.writers.append(writer)
+                    return writer
+                now = time.monotonic()
+                moving = now < deadline and any(now - w.last_progress < STALLED_AFTER_S for w in rivals)
+                if moving:
+                    live.changed.wait(STALLED_AFTER_S / 4)
+                    continue
+            for rival in rivals:  # outside live.lock: a rival commits holding its own lock, then live.lock
+                rival.fence()
+
+    def _receive(self, live: _Live, writer: _Writer, pieces: Iterable) -> None:
+        try:
+            fd = self.backend.open_part(live.info.id)
+        except FileNotFoundError:
+            raise Conflict("This upload expired or was removed; start it again.") from None
+        except OSError as error:
+            raise storage_error(error)
+        try:
+            for piece in pieces:
+                self._write_piece(live, writer, fd, piece)
+                if writer.position - writer.committed_to >= COMMIT_EVERY and not writer.atomic:
+                    self._commit(live, writer)
+                if writer.position >= writer.next_space_check:
+                    writer.next_space_check += SPACE_CHECK_EVERY
+                    self.check_space(0)
+                self._report_progress(live, writer)
+        finally:
+            os.close(fd)
+
+    def _write_piece(self, live: _Live, writer: _Writer, fd: int, piece) -> None:
+        count = len(piece)
+        if writer.end is not None and writer.position + count > writer.end:
+            room = writer.end - writer.position
+            if room:
+                self._write_piece(live, writer, fd, piece[:room])
+            raise TooManyBytes("The request carries more bytes than it announced.", count - room)
+        if writer.position + count > self.limits.max_size:
+            raise TooLarge(f"File too large: this server accepts up to {self.limits.max_size} bytes per file.")
+        position = writer.position
+        with writer.lock:
+            if writer.fenced:
+                raise Superseded("A newer request took over these bytes of the upload.")
+            try:
+                if writer.whole:
+                    self.backend.write_at(fd, piece, position)
+                else:
+                    self._write_holes(writer, fd, piece, position)
+            except OSError as error:
+                raise storage_error(error)
+            writer.position = position + count
+        if writer.hasher is not None:
+            writer.hasher.update(piece)
+        elif writer.whole and writer.start <= live.hashed_to <= writer.position:
+            self._join_hash(live, writer, fd)
+
+    def _write_holes(self, writer: _Writer, fd: int, piece, position: int) -> None:
+        """Write only the parts of ``piece`` that were not received before this request."""
+        end = position + len(piece)
+        view = memoryview(piece)
+        for low, high in writer.holes:
+            low, high = max(low, position), min(end if high is None else high, end)
+            if low < high:
+                self.backend.write_at(fd, view[low - position:high - position], low)
+
+    def _join_hash(self, live: _Live, writer: _Writer, fd: int) -> None:
+        """The in-order hash has reached this writer's bytes: catch up on those already written (read back
+        once), then hash the rest as it arrives."""
+        if not live.hash_lock.acquire(blocking=False):
+            return
+        try:
+            if not writer.start <= live.hashed_to <= writer.position:
+                return
+            hasher = live.hasher.copy()
+            writer.hash_from = live.hashed_to
+            self._hash_from_file(hasher, fd, live.hashed_to, writer.position)
+            writer.hasher = hasher
+        finally:
+            live.hash_lock.release()
+
+    def _hash_from_file(self, hasher, fd: int, start: int, end: int) -> None:
+        buffer = _take_buffer()
+        try:
+            view = memoryview(buffer)
+            while start < end:
+                count = self.backend.read_at(fd, view[:min(len(view), end - start)], start)
+                if not count:
+                    raise StorageFailure("The partial file is shorter than expected.")
+                hasher.update(view[:count])
+                start += count
+        except OSError as error:
+            raise storage_error(error)
+        finally:
+            _give_buffer(buffer)
+
+    def _report_progress(self, live: _Live, writer: _Writer) -> None:
+        writer.last_progress = now = time.monotonic()
+        if now >= writer.next_progress:
+            writer.next_progress = now + PROGRESS_EVERY_S
+            info = live.info
+            self.events(Progress(info.id, info.name, info.received_bytes + live.in_flight(), info.size,
+                                 info.created))
+
+    # -- commit, settle ---------------------------------------------------------------------------------------
+    def _commit(self, live: _Live, writer: _Writer) -> None:
+        """Record the bytes ``writer`` wrote since its last commit; then let the hash move on over them."""
+        with writer.lock:
+            if writer.fenced or writer.position == writer.committed_to:
+                return
+            with live.lock:
+                info = dataclasses.replace(live.info, updated=self.clock(),
+                                           received=add_range(live.info.received, writer.start, writer.position))
+                if not live.ephemeral:
+                    self._record(info)
+                live.info = info
+            writer.committed_to = writer.position
+        self._adopt_hash(live, writer)
+
+    def _adopt_hash(self, live: _Live, writer: _Writer) -> None:
+        hasher = writer.hasher
+        if hasher is not None:
+            with live.hash_lock:
+                if writer.hash_from <= live.hashed_to < writer.committed_to:
+                    live.hasher, live.hashed_to = hasher.copy(), writer.committed_to
+        self._advance_hash(live)
+
+    def _settle(self, live: _Live, writer: _Writer, failed: bool) -> None:
+        """The request is over: keep what it wrote (unless fenced), and forget the writer."""
+        try:
+            if not (failed and live.ephemeral):
+                self._commit(live, writer)
+        except UploadError as error:
+            log.error("could not record the bytes received for %s: %s", live.info.name, error.message)
+        finally:
+            with live.changed:
+                live.writers.remove(writer)
+                live.changed.notify_all()
+        if failed and live.ephemeral and not writer.superseded:
+            self.discard(live.info.id)  # an upload of one request: nothing to resume
+
+    # -- the in-order hash ----------------------------------------------------------------------------------
+    def _advance_hash(self, live: _Live, wait: bool = False) -> None:
+        """Hash received bytes from the file where no writer is hashing them as they arrive."""
+        while self._hash_backlog(live):
+            if not wait and prefix_end(live.info.received) - live.hashed_to > BACKGROUND_HASH:
+                if not live.background_hash:
+                    live.background_hash = True
+                    threading.Thread(target=self._catch_up, args=(live,), daemon=True).start()
+                return
+            if not live.hash_lock.acquire(blocking=wait):
+                return
+            try:
+                end = prefix_end(live.info.received)
+                if self._hash_backlog(live):
+                    fd = os.open(self.backend.part_path(live.info.id), os.O_RDONLY | getattr(os, "O_BINARY", 0))
+                    try:
+                        self._hash_from_file(live.hasher, fd, live.hashed_to, end)
+                    finally:
+                        os.close(fd)
+                    live.hashed_to = end
+            finally:
+                live.hash_lock.release()
+
+    @staticmethod
+    def _hash_backlog(live: _Live) -> bool:
+        """Received bytes wait for the hash, and no writer hashing as it goes will bring the hash over them."""
+        if prefix_end(live.info.received) <= live.hashed_to:
+            return False
+        return not any(w.hasher is not None and not w.fenced and w.hash_from <= live.hashed_to
+                       for w in tuple(live.writers))
+
+    def _catch_up(self, live: _Live) -> None:
+        try:
+            self._advance_hash(live, wait=True)
+        except Exception as error:  # completion hashes again; only the head start is lost
+            log.warning("hashing %s in the background failed: %s", live.info.name, error)
+        finally:
+            live.background_hash = False
+
+    # -- size, finish -----------------------------------------------------------------------------------------
+    def declare_size(self, upload_id: str, size: int) -> UploadInfo:
+        """Fix the size of an upload created without one (a body of unknown length has ended)."""
+        live = self._get_live(upload_id)
+        if live is None:
+            raise NotFound("No such upload.")
+        if size > self.limits.max_size:
+            raise TooLarge(f"File too large: this server accepts up to {self.limits.max_size} bytes per file.")
+        with live.lock:
+            info = live.info
+            if info.size is not None and info.size != size:
+                raise BadRequest("The upload's size was given before, and differently.")
+            if info.received and info.received[-1][1] > size:
+                raise BadRequest("More bytes were received than that size.")
+            info = dataclasses.replace(info, size=size, part_size=max(1, size) if live.ephemeral else info.part_size)
+            if not live.ephemeral:
+                self._record(info)
+            live.info = info
+        return info
+
+    def finish(self, upload_id: str) -> UploadInfo:
+        """Store a fully received upload under its final name, exactly once; later calls answer the same."""
+        live = self._get_live(upload_id)
+        if live is None:
+            return self.info(upload_id)
+        with live.finish_lock:
+            if live.info.state is State.STORED:
+                return live.info
+            if not live.info.fully_received:
+                raise Conflict("The upload is not complete: parts are missing.")
+            self._advance_hash(live, wait=True)
+            if live.hashed_to != live.info.size:
+                raise StorageFailure("The server could not check the file.")
+            self.checkpoint("hashed")
+            info = self._store(live, live.hasher.hexdigest())
+        with self._lock:
+            self._live.pop(upload_id, None)
+            self.stored_count += 1
+        self.events(Stored(info))
+        return info
+
+    def _store(self, live: _Live, digest: str) -> UploadInfo:
+        upload_id = live.info.id
+        stat = self.backend.part_stat(upload_id)
+        if stat is None or stat.st_size != live.info.size:
+            raise StorageFailure("The partial file does not have the declared size.")
+        try:
+            stored_name = live.linked_as or self.backend.store(upload_id, live.info.name)
+        except OSError as error:
+            raise storage_error(error)
+        live.linked_as = stored_name
+        now = self.clock()
+        info = dataclasses.replace(live.info, state=State.STORED, sha256=digest, stored_name=stored_name,
+                                   finished=now, updated=now)
+        self._record(info)  # on failure the part stays linked: a retry of finish records the same name
+        self.checkpoint("recorded")
+        self.backend.discard(upload_id)
+        self.checkpoint("discarded")
+        live.info = info
+        return info
+
+    def receive_whole(self, name: str, pieces: Iterable, *, client: str, size: int | None = None,
+                      upload_id: str | None = None) -> UploadInfo:
+        """A file that arrives whole in one request (PUT, a multipart file): received, then stored."""
+        upload_id = upload_id or str(uuid.uuid4())
+        self.create(upload_id, name, size=size, part_size=max(1, size or 0), client=client, ephemeral=True)
+        try:
+            info = self.put(upload_id, 0, pieces, length=size)
+            if info.size is None:
+                info = self.declare_size(upload_id, info.received_bytes)
+            if not info.fully_received:
+                raise ClientDisconnected("The request body ended before the whole file arrived.")
+            return self.finish(upload_id)
+        except BaseException:
+            self.discard(upload_id)  # unless stored: then it is no longer live, and this does nothing
+            raise
+
+    def read(self, upload_id: str) -> Iterator[memoryview]:
+        """The bytes received of an unfinished upload, from its start (each block valid until the next)."""
+        size = self.info(upload_id).received_bytes
+        buffer = _take_buffer()
+        try:
+            with open(self.backend.part_path(upload_id), "rb", buffering=0) as handle:
+                view = memoryview(buffer)
+                while size and (count := handle.readinto(view[:min(len(view), size)])):
+                    size -= count
+                    yield view[:count]
+        finally:
+            _give_buffer(buffer)
+
+    def discard(self, upload_id: str) -> None:
+        """Forget an unfinished upload that will not go on; its partial file goes."""
+        with self._lock:
+            live = self._live.pop(upload_id, None)
+        if live is not None and live.info.state is not State.STORED:
+            self.backend.discard(upload_id)
+
+    # -- expire ---------------------------------------------------------------------------------------------
+    def expire(self, now: float | None = None) -> int:
+        """Remove unfinished uploads untouched for ``partial_ttl`` seconds; their records stay, as expired."""
+        cutoff = (self.clock() if now is None else now) - self.limits.partial_ttl
+        removed = 0
+        for info in self.ledger.in_state(State.RECEIVING, updated_before=cutoff):
+            with self._opening[hash(info.id) % 64]:
+                live = self._live.get(info.id)
+                if live is not None and (live.writers or live.info.updated >= cutoff):
+                    continue
+                with self._lock:
+                    self._live.pop(info.id, None)
+                self.backend.discard(info.id)
+                self._record(dataclasses.replace(info, state=State.EXPIRED, updated=self.clock(),
+                                                 reason="untouched for too long"))
+                removed += 1
+        if removed:
+            self._notice(f"removed {removed} unfinished upload(s) untouched for "
+                         f"{self.limits.partial_ttl / 3600:g} hours")
+        return removed
+
+
+def _check_same(info: UploadInfo, name: str, size: int | None, part_size: int) -> None:
+    if (info.name, info.size, info.part_size) != (name, size, part_size):
+        raise BadRequest("This upload id belongs to an upload with another name, size or chunk size.")
 
 
 ###############################################################################
-# HTTP layer ##################################################################
+# Recovery: ledger and disk agree again after a crash #########################
 ###############################################################################
 
-DRAIN_LIMIT = 64 * MIB    # below this, an unread request body is read off so the connection can be kept
+
+def recover(ledger: Ledger, backend: LocalBackend, clock: Callable[[], float],
+            notice: Callable[[str, bool], None]) -> int:
+    """Make the ledger and the folders agree after a stop at any moment; the number of uploads set right.
+
+    A partial file linked twice was stored under its final name, whether or not the record says so: the
+    record is completed from the stored file.  Any other partial file without a receiving record, and any
+    hidden copy in storage, is removed.  A receiving record whose partial file is gone has failed.
+    """
+    fixed = migrate_v1_folder(ledger, backend, clock, notice)
+    for upload_id in backend.part_ids():
+        if upload_id is not None:
+            fixed += _reconcile_part(ledger, backend, clock, upload_id)
+    for filename, upload_id in backend.temporaries():
+        if upload_id is not None:
+            fixed += _reconcile_part(ledger, backend, clock, upload_id)
+        backend.remove_temporary(filename)
+    for info in ledger.in_state(State.RECEIVING):
+        if backend.part_stat(info.id) is None:
+            ledger.save(dataclasses.replace(info, state=State.FAILED, updated=clock(),
+                                            reason="its partial file disappeared"))
+            fixed += 1
+    if fixed:
+        notice(f"set right {fixed} upload record(s) after an unclean stop", False)
+    return fixed
 
 
-class ClientDisconnected(BadRequest):
-    pass
+def _reconcile_part(ledger: Ledger, backend: LocalBackend, clock: Callable[[], float], upload_id: str) -> int:
+    info = ledger.get(upload_id)
+    if info is not None and info.state is State.STORED:
+        backend.discard(upload_id)  # stopped after the record, before the partial file went
+        return 1
+    linked = backend.find_stored(upload_id, info.name if info else None)
+    if linked is not None:  # stopped after the link, before the record: the stored file is the upload
+        size = os.path.getsize(backend.stored_path(linked))
+        now = clock()
+        base = info or UploadInfo(id=upload_id, name=linked, size=size, part_size=max(1, size), client="",
+                                  created=now, updated=now)
+        ledger.save(dataclasses.replace(base, size=size, state=State.STORED, received=((0, size),) if size else (),
+                                        sha256=backend.hash_stored(linked), stored_name=linked, finished=now,
+                                        updated=now))
+        backend.discard(upload_id)
+        return 1
+    if info is None or info.state is not State.RECEIVING:
+        backend.discard(upload_id)  # an upload of one request that never finished: nothing to resume
+        return 1
+    return 0
 
 
-def request_body(environ: dict, length: int) -> Iterator[memoryview]:
+def migrate_v1_folder(ledger: Ledger, backend: LocalBackend, clock: Callable[[], float],
+                      notice: Callable[[str, bool], None]) -> int:
+    """Take a 1.0 chunks folder (``ID.part``, ``ID.state``, ``ID.done`` files) into the ledger."""
+    try:
+        names = sorted(os.listdir(backend.chunks), key=lambda name: not name.endswith(".done"))
+    except FileNotFoundError:
+        return 0
+    migrated = 0
+    for name in names:
+        stem, _, suffix = name.partition(".")
+        if suffix in ("done", "state"):
+            migrated += _migrate_v1_record(ledger, backend, clock, notice, name)
+    for name in names:  # 1.0's records, its temporary state files, and its partial files without a record
+        stem, _, suffix = name.partition(".")
+        if suffix in ("done", "state") or name.endswith(".tmp") or (suffix == "part" and _id_from_key(stem) is None):
+            _unlink_quietly(backend.chunks / name)
+    if migrated:
+        notice(f"took {migrated} upload record(s) of pyfiledrop 1.0 into the ledger", False)
+    return migrated
+
+
+def _migrate_v1_record(ledger: Ledger, backend: LocalBackend, clock: Callable[[], float],
+                       notice: Callable[[str, bool], None], name: str) -> int:
+    stem, _, suffix = name.partition(".")
+    try:
+        record = json.loads((backend.chunks / name).read_text(encoding="utf-8"))
+        info = (_v1_done if suffix == "done" else _v1_state)(record, clock)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        notice(f"a 1.0 upload record {name} is unreadable ({error}); it is left out", True)
+        return 0
+    if not is_valid_id(info.id) or ledger.get(info.id) is not None:
+        return 0  # a 1.0 state file beside its own finished record: the record counts
+    if suffix == "state":
+        if not os.path.exists(backend.chunks / f"{stem}.part"):
+            return 0
+        os.replace(backend.chunks / f"{stem}.part", backend.part_path(info.id))
+    ledger.save(info)
+    return 1
+
+
+def _v1_done(record: dict, clock: Callable[[], float]) -> UploadInfo:
+    size, completed = int(record["size"]), float(record["completed"])
+    return UploadInfo(id=str(record["id"]), name=str(record.get("original_name", record["name"])), size=size,
+                      part_size=max(1, int(record.get("chunk_size") or size)), client="", created=completed,
+                      updated=completed, state=State.STORED, received=((0, size),) if size else (),
+                      sha256=str(record["sha256"]), stored_name=str(record["name"]), finished=completed)
+
+
+def _v1_state(record: dict, clock: Callable[[], float]) -> UploadInfo:
+    size, part_size = int(record["size"]), int(record["chunk_size"])
+    bitmap = int.from_bytes(base64.b64decode(record["received"]), "little")
+    received: Ranges = ()
+    for index in range(int(record["total_chunks"])):
+        if (bitmap >> index) & 1:
+            start = index * part_size
+            received = add_range(received, start, start + chunk_length(index, size, part_size))
+    return UploadInfo(id=str(record["id"]), name=str(record["name"]), size=size, part_size=part_size,
+                      client=str(record.get("client", "")), created=float(record["started"]), updated=clock(),
+                      received=received)
+
+
+###############################################################################
+# Protocol adapters: HTTP requests into engine calls ##########################
+###############################################################################
+
+
+def request_body(environ: dict, length: int | None) -> Iterator[memoryview]:
     """The request body, read into one reused buffer: each block is valid until the next one is asked for.
 
-    A client that stops sending, or sends less than its Content-Length, is an error.
+    ``length`` None: a body of unknown length (chunked), read until the server says it ended.
     """
     body = _BodyReader(environ, length)
     buffer = _take_buffer()
     try:
         view = memoryview(buffer)
-        while body.remaining:
-            yield view[:body.readinto(view)]
+        while count := body.readinto(view):
+            yield view[:count]
     finally:
         _give_buffer(buffer)
 
 
-def content_length(environ: dict) -> int:
-    if environ.get("HTTP_TRANSFER_ENCODING"):
-        raise LengthRequired("Send a Content-Length; chunked request bodies are not supported.")
+def content_length(environ: dict) -> int | None:
+    """The announced body length; None for a chunked body, whose end the server finds."""
+    if "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
+        return None
     text = (environ.get("CONTENT_LENGTH") or "0").strip()
     if not _UINT_RE.match(text):
         raise BadRequest("Content-Length must be a whole number.")
@@ -1676,7 +2181,57 @@ class FilePart:
     data: Iterator[bytes]
 
 
-def multipart_parts(environ: dict, length: int) -> Iterator[FormField | FilePart]:
+_buffer_pool: list = []
+_buffer_pool_lock = threading.Lock()
+
+
+def _take_buffer():
+    """A READ_BLOCK buffer.  Anonymous memory: pages cost memory only once bytes land in them, so a request
+    that trickles costs a page, not a MiB."""
+    with _buffer_pool_lock:
+        if _buffer_pool:
+            return _buffer_pool.pop()
+    return mmap.mmap(-1, READ_BLOCK)
+
+
+def _give_buffer(buffer) -> None:
+    with _buffer_pool_lock:
+        if len(_buffer_pool) < 16:
+            _buffer_pool.append(buffer)
+
+
+class _BodyReader:
+    """A request body from the server's ``wsgi.input``: ``readinto`` straight into our buffer where it can."""
+
+    def __init__(self, environ: dict, length: int | None):
+        stream = environ["wsgi.input"]
+        self.remaining = length
+        self._readinto = getattr(stream, "readinto", None)
+        self._read = stream.read
+
+    def readinto(self, view: memoryview) -> int:
+        """Fill ``view`` (up to what is left of the body); 0 only once the body is all read."""
+        if self.remaining is not None:
+            view = view[:self.remaining]
+            if not view:
+                return 0
+        try:
+            if self._readinto is not None:
+                count = self._readinto(view) or 0
+            else:
+                block = self._read(len(view))
+                count = len(block)
+                view[:count] = block
+        except (OSError, ValueError):
+            raise ClientDisconnected("The connection broke while the file was being received.") from None
+        if self.remaining is not None:
+            if not count:
+                raise ClientDisconnected("The request body ended before its Content-Length.")
+            self.remaining -= count
+        return count
+
+
+def multipart_parts(environ: dict, length: int | None) -> Iterator[FormField | FilePart]:
     """Stream a multipart/form-data body part by part; a file part's data is read as the caller consumes it."""
     mimetype, options = parse_options_header(environ.get("CONTENT_TYPE", ""))
     boundary = options.get("boundary", "")
@@ -1717,64 +2272,12 @@ def multipart_parts(environ: dict, length: int) -> Iterator[FormField | FilePart
 
 
 _MALFORMED = "The multipart body is malformed."
+
+
+def _at(buffer, offset: int, prefix: bytes) -> bool:
+    return buffer[offset:offset + len(prefix)] == prefix
 _PART_HEADER_LIMIT = 16 * 1024
 _MAX_PADDING = 64
-_buffer_pool: list[bytearray] = []
-_buffer_pool_lock = threading.Lock()
-
-
-def _take_buffer() -> bytearray:
-    with _buffer_pool_lock:
-        if _buffer_pool:
-            return _buffer_pool.pop()
-    return bytearray(READ_BLOCK)
-
-
-def _give_buffer(buffer: bytearray) -> None:
-    with _buffer_pool_lock:
-        if len(_buffer_pool) < 16:
-            _buffer_pool.append(buffer)
-
-
-class _BodyReader:
-    """A request body read with ``readinto`` straight from the server's socket file where possible."""
-
-    def __init__(self, environ: dict, length: int):
-        self.stream = stream = environ["wsgi.input"]
-        self.remaining = length
-        self._readinto = None
-        self._send_continue = False
-        inner = getattr(stream, "file", None)  # Paste's LimitedLengthFile around the buffered socket file
-        if inner is not None and hasattr(stream, "_consumed") and hasattr(stream, "length"):
-            raw = getattr(inner, "_ContinueFile_rfile", inner)  # under Paste's "100 Continue" hook
-            if hasattr(raw, "readinto"):
-                self._readinto = raw.readinto
-                self._send_continue = raw is not inner
-
-    def readinto(self, view: memoryview) -> int:
-        """Fill ``view`` (up to what is left of the body); 0 only once the body is all read."""
-        count = min(len(view), self.remaining)
-        if not count:
-            return 0
-        try:
-            if self._readinto is not None:
-                if self._send_continue:
-                    self._send_continue = False
-                    self.stream.read(0)  # sends "100 Continue"
-                count = self._readinto(view[:count]) or 0
-                self.stream._consumed += count
-            else:
-                block = self.stream.read(count)
-                count = len(block)
-                view[:count] = block
-        except OSError:
-            raise ClientDisconnected("The connection broke while the file was being received.") from None
-        if not count:
-            raise ClientDisconnected("The request body ended before its Content-Length.")
-        self.remaining -= count
-        return count
-
-
 def _part_names(raw: bytes) -> tuple[str, str | None]:
     """(name, filename or None) from a part's header block, as werkzeug's decoder reads it."""
     try:
@@ -1830,7 +2333,7 @@ class _MultipartReader:
 
     def skip_preamble(self) -> None:
         self._need(len(self.dash_boundary))
-        if self.buf.startswith(self.dash_boundary, self.start):
+        if _at(self.buf, self.start, self.dash_boundary):
             return
         skipped = 0
         while True:
@@ -1848,7 +2351,7 @@ class _MultipartReader:
         """At a boundary: the next part's (name, filename), its headers read; None at the closing one."""
         length = len(self.dash_boundary)
         self._need(length + 2)
-        if self.buf.startswith(b"--", self.start + length):
+        if _at(self.buf, self.start + length, b"--"):
             self.start += length + 2
             return None
         pad = length
@@ -1857,7 +2360,7 @@ class _MultipartReader:
             if self.buf[self.start + pad] in (32, 9) and pad < length + _MAX_PADDING:
                 pad += 1
                 continue
-            if not self.buf.startswith(b"\r\n", self.start + pad):
+            if not _at(self.buf, self.start + pad, b"\r\n"):
                 raise BadRequest(_MALFORMED)
             break
         self.start += pad  # at the CRLF that ends the boundary line
@@ -1879,7 +2382,7 @@ class _MultipartReader:
         buf, end = self.buf, self.end
         if end - at < 2:
             return None
-        if buf.startswith(b"--", at):
+        if _at(buf, at, b"--"):
             return True
         pad = at
         while pad < end and buf[pad] in (32, 9):
@@ -1888,7 +2391,7 @@ class _MultipartReader:
                 return False
         if end - pad < 2:
             return None
-        return buf.startswith(b"\r\n", pad)
+        return _at(buf, pad, b"\r\n")
 
     def part_data(self) -> Iterator[memoryview]:
         """The current part's data as slices of the buffer; stops at (and leaves the reader on) the boundary."""
@@ -1919,25 +2422,201 @@ class _MultipartReader:
                 raise BadRequest(_MALFORMED)
 
 
-def _finish_body(environ: dict) -> bool:
-    """Read off what is left of the request body, if that is cheap; False when the connection must close."""
-    stream = environ.get("wsgi.input")
-    length, consumed = getattr(stream, "length", None), getattr(stream, "_consumed", None)
-    if length is None or consumed is None:
-        return False
-    remaining = length - consumed
-    if remaining <= 0:
-        return True
-    if consumed == 0 and environ.get("HTTP_EXPECT", "").lower() == "100-continue":
-        return False  # the client has not sent the body yet, and need not
-    if remaining > DRAIN_LIMIT:
-        return False
+def completed_reply(info: UploadInfo) -> dict:
+    return {"id": info.id, "name": info.stored_name, "size": info.size, "sha256": info.sha256, "complete": True}
+
+
+def status_reply(engine: Engine, upload_id: str) -> dict:
+    """``GET /api/uploads/ID``: what is missing of an upload, or what was stored."""
+    info = engine.info(upload_id) if is_valid_id(upload_id) else None
+    if info is None or info.state not in (State.RECEIVING, State.STORED):
+        raise NotFound("No such upload." if info is None else f"That upload was {info.state.value}.")
+    if info.state is State.STORED:
+        return {**completed_reply(info), "available": engine.backend.stored_exists(info.stored_name)}
+    if info.fully_received:  # stopped after the last part, before completion: complete it now
+        return {**completed_reply(engine.finish(upload_id)), "available": True}
+    return {"id": info.id, "complete": False, "name": info.name, "size": info.size,
+            "received_chunks": info.received_parts(), "total_chunks": info.total_parts,
+            "missing_chunks": info.missing_parts(1000)}
+
+
+class _Subject:
+    """Names the file an error is about, for the console's line."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if isinstance(error, UploadError) and not getattr(error, "subject", ""):
+            error.subject = self.name
+
+
+def receive_chunk(engine: Engine, chunk: ChunkInfo, filename: str, data: Iterable, client: str) -> dict:
+    """One Dropzone chunk: the bytes of part ``chunk.index`` of upload ``chunk.upload_id``."""
+    name = sanitize_filename(filename)
+    with _Subject(name):
+        info = engine.create(chunk.upload_id, name, size=chunk.total_size, part_size=chunk.chunk_size,
+                             client=client, ephemeral=chunk.total_chunks == 1)
+        if info.state is State.RECEIVING:
+            counted = _Counted(data)
+            try:
+                info = engine.put(chunk.upload_id, chunk.offset, counted, length=chunk.length, atomic=True)
+            except TooManyBytes as error:
+                seen = chunk.length + error.extra + _Counted(data).drain(engine.limits.max_size)
+                if chunk.offset + seen > engine.limits.max_size:
+                    raise TooLarge(f"File too large: this server accepts up to {engine.limits.max_size} bytes "
+                                   "per file.") from None
+                raise BadRequest(f"Chunk {chunk.index} has {seen} bytes; expected {chunk.length}.") from None
+        if info.state is State.RECEIVING and not info.part_received(chunk.index):
+            if chunk.total_chunks == 1:
+                engine.discard(chunk.upload_id)
+            raise BadRequest(f"Chunk {chunk.index} has {counted.count} bytes; expected {chunk.length}.")
+        if info.state is State.RECEIVING and info.fully_received:
+            info = engine.finish(chunk.upload_id)
+        if info.state is State.STORED:
+            return completed_reply(info)
+        return {"id": info.id, "complete": False, "received_chunks": info.received_parts(),
+                "total_chunks": info.total_parts}
+
+
+def receive_put(engine: Engine, environ: dict, client: str) -> dict:
+    """``PUT /upload/NAME``: the body is the file; of unknown length when chunked."""
+    # Bottle re-decodes PATH_INFO as UTF-8, dropping what is not; the raw path keeps every byte.
+    raw = environ.get("bottle.raw_path", environ.get("PATH_INFO", "")).encode("latin-1").split(b"/", 2)[-1]
+    name = sanitize_filename(raw.decode("utf-8", errors="replace"))
+    with _Subject(name):
+        length = content_length(environ)
+        info = engine.receive_whole(name, request_body(environ, length), client=client, size=length)
+        return completed_reply(info)
+
+
+def receive_form(engine: Engine, environ: dict, client: str) -> dict:
+    """A multipart POST: one Dropzone chunk, or one or more whole files (stored once the body has ended)."""
+    length = content_length(environ)
+    fields: dict[str, str] = {}
+    spooled: list[tuple[str, str]] = []   # (upload id, file name) of whole files received, not yet stored
+    chunk_reply: dict | None = None
     try:
-        while stream.read(READ_BLOCK):
-            pass
-    except OSError:
+        for part in multipart_parts(environ, length):
+            if isinstance(part, FormField):
+                if part.name in fields and part.name in DZ_FIELDS and fields[part.name] != part.value:
+                    raise BadRequest(f"Field {part.name} is given twice.")
+                fields[part.name] = part.value
+                continue
+            chunk = parse_chunk_fields(fields, engine.limits.max_size)
+            if chunk_reply is not None or (chunk is not None and spooled):
+                raise BadRequest("A chunk request carries exactly one file.")
+            if chunk is not None:
+                chunk_reply = receive_chunk(engine, chunk, part.filename, part.data, client)
+            elif part.filename or _has_bytes(part):
+                if not spooled:
+                    engine.check_space(length or 0)
+                spooled.append((_spool(engine, part, client), part.filename))
+        if chunk_reply is not None:
+            return chunk_reply
+        chunk = parse_chunk_fields(fields, engine.limits.max_size)
+        if chunk is not None:  # the chunk fields came after the file part: the spooled file is the chunk
+            if len(spooled) != 1:
+                raise BadRequest("A chunk request carries exactly one file.")
+            return receive_chunk(engine, chunk, spooled[0][1], engine.read(spooled[0][0]), client)
+        if not spooled:
+            raise BadRequest("No file in the request: send it as a multipart part named 'file'.")
+        replies = [completed_reply(_store_spooled(engine, upload_id)) for upload_id, _ in spooled]
+        return {**replies[0], "files": replies} if len(replies) == 1 else {"files": replies}
+    finally:
+        for upload_id, _ in spooled:
+            engine.discard(upload_id)  # those not stored: the request failed
+
+
+def _spool(engine: Engine, part: FilePart, client: str) -> str:
+    """Receive a whole file of a form; stored by ``_store_spooled`` once the form has ended well."""
+    upload_id, name = str(uuid.uuid4()), sanitize_filename(part.filename)
+    with _Subject(name):
+        engine.create(upload_id, name, size=None, part_size=1, client=client, ephemeral=True)
+        engine.put(upload_id, 0, part.data)
+    return upload_id
+
+
+def _store_spooled(engine: Engine, upload_id: str) -> UploadInfo:
+    info = engine.info(upload_id)
+    with _Subject(info.name):
+        engine.declare_size(upload_id, info.received_bytes)
+        return engine.finish(upload_id)
+
+
+class _Counted:
+    """The pieces of ``data``, counted as they pass."""
+
+    def __init__(self, data: Iterable):
+        self.data = iter(data)
+        self.count = 0
+
+    def __iter__(self):
+        for piece in self.data:
+            self.count += len(piece)
+            yield piece
+
+    def drain(self, enough: int) -> int:
+        """Read on (dropping the bytes) until the end or ``enough`` bytes; how many were read."""
+        for _ in self:
+            if self.count >= enough:
+                break
+        return self.count
+
+
+def _drain(data: Iterable) -> None:
+    for _ in data:
+        pass
+
+
+def _has_bytes(part: FilePart) -> bool:
+    """An HTML form's empty file input (no name, no bytes) is no file."""
+    first = next(part.data, None)
+    if first is None:
         return False
-    return stream._consumed >= length
+    part.data = itertools.chain([first], part.data)
+    return True
+
+
+###############################################################################
+# Plugins #####################################################################
+###############################################################################
+
+
+class ErrorsAsResponses:
+    """Bottle plugin: an UploadError becomes its status with a one-line plain message (never a traceback or a
+    path); on routes marked ``report=True`` each refusal is also one console line (what, why, from whom)."""
+
+    name = "pyfiledrop-errors"
+    api = 2
+
+    def __init__(self, events: Callable[[EngineEvent], None]):
+        self.events = events
+
+    def apply(self, callback: Callable, route: bottle.Route) -> Callable:
+        report = route.config.get("report", False)
+
+        def guarded(*args, **kwargs):
+            try:
+                return callback(*args, **kwargs)
+            except UploadError as error:
+                if report:
+                    self._report(error.status, error.message, getattr(error, "subject", ""))
+                return plain_response(error.status, error.message, close=isinstance(error, ClientDisconnected))
+            except Exception as error:  # a bug: say so in one line, keep serving
+                log.debug("request failed", exc_info=True)
+                self._report(500, f"internal error ({type(error).__name__})", "")
+                return plain_response(500, "Internal server error.", close=True)
+
+        return guarded
+
+    def _report(self, status: int, message: str, subject: str) -> None:
+        request = bottle.request
+        what = f'"{subject}"' if subject else f"{request.method} {request.path}"
+        self.events(Refused(what, request.environ.get("REMOTE_ADDR", ""), status, message))
 
 
 def plain_response(status: int, message: str, *, close: bool = False) -> bottle.HTTPResponse:
@@ -1950,17 +2629,9 @@ def plain_response(status: int, message: str, *, close: bool = False) -> bottle.
     return response
 
 
-def _errors_as_responses(route: Callable) -> Callable:
-    def guarded(*args, **kwargs):
-        try:
-            return route(*args, **kwargs)
-        except UploadError as error:
-            environ = bottle.request.environ
-            keep = not isinstance(error, ClientDisconnected) and _finish_body(environ)
-            return plain_response(error.status, error.message, close=not keep)
-
-    guarded.__name__ = route.__name__
-    return guarded
+###############################################################################
+# The application #############################################################
+###############################################################################
 
 
 def _json(data: dict, status: int = 200) -> bottle.HTTPResponse:
@@ -2014,21 +2685,86 @@ def render_index(config: Config) -> tuple[str, str]:
     return html, re.sub(" +", " ", policy)
 
 
-def create_app(config: Config, store: UploadStore | None = None) -> bottle.Bottle:
-    """The WSGI application for ``config``; routes only translate between HTTP and the ``store``."""
-    store = store or UploadStore.from_config(config)
+def open_engine(config: Config, *, events: Callable[[EngineEvent], None] = lambda event: None,
+                checkpoint: Callable[[str], None] = lambda step: None) -> Engine:
+    """The engine over ``config``'s folders: its ledger opened (and migrated), disk and ledger reconciled."""
+    warn = lambda text: events(Notice(text, True))  # noqa: E731
+    backend = LocalBackend(config.storage, config.chunks, checkpoint=checkpoint, warn=warn)
+    min_free = config.min_free if config.min_free is not None else default_min_free(backend.total_space())
+    limits = EngineLimits(config.max_size_bytes, min_free, config.partial_ttl_seconds)
+    return Engine(Ledger(config.chunks / Ledger.FILENAME), backend, limits, events=events, checkpoint=checkpoint)
+
+
+def default_min_free(disk_size: int) -> int:
+    """The reserve kept free when --min-free is not given: 2% of the disk, at most 1 GiB."""
+    return min(1 << 30, disk_size // 50)
+
+
+def create_app(config: Config, engine: Engine) -> bottle.Bottle:
+    """The WSGI application for ``config``; routes only translate between HTTP and the ``engine``."""
     app = bottle.Bottle(catchall=True)
-    app.config["pyfiledrop.store"] = store
-    app.config["pyfiledrop.config"] = config
+    app.install(ErrorsAsResponses(engine.events))
+    _page_routes(app, config)
+
+    def client() -> str:
+        return bottle.request.environ.get("REMOTE_ADDR", "")
+
+    @app.post("/upload", report=True)
+    def upload():
+        return _json(receive_form(engine, bottle.request.environ, client()))
+
+    @app.put("/upload/<name:path>", report=True)
+    def put_upload(name):
+        return _json(receive_put(engine, bottle.request.environ, client()))
+
+    @app.put("/upload")
+    @app.put("/upload/")
+    def put_without_name():
+        raise BadRequest("Put the file name in the address: PUT /upload/NAME")
+
+    @app.get("/api/uploads/<upload_id>")
+    def upload_status(upload_id):
+        return _json(status_reply(engine, upload_id))
+
+    @app.get("/download/<upload_id>")
+    def download(upload_id):
+        if not config.allow_downloads:
+            raise Forbidden("Downloads are turned off on this server (start it with --allow-downloads).")
+        return stored_file_response(engine, upload_id)
+
+    _error_pages(app)
+    if config.verbose:
+        @app.hook("after_request")
+        def access_log():
+            request = bottle.request
+            log.info("%s %s %s %s", request.environ.get("REMOTE_ADDR", "-"), request.method, request.path,
+                     bottle.response.status_code)
+
+    return app
+
+
+def stored_file_response(engine: Engine, upload_id: str) -> bottle.HTTPResponse:
+    info = engine.info(upload_id) if is_valid_id(upload_id) else None
+    if info is None or info.state is not State.STORED:
+        raise NotFound("No such file.")
+    path = engine.backend.stored_path(info.stored_name)
+    response = bottle.static_file(path.name, root=str(path.parent), mimetype="application/octet-stream")
+    if response.status_code >= 400:
+        raise NotFound("That file is no longer on the server.")
+    response.set_header("Content-Disposition", content_disposition(info.stored_name))
+    response.set_header("X-Content-Type-Options", "nosniff")
+    response.set_header("Content-Security-Policy", "sandbox; default-src 'none'")
+    return response
+
+
+def _page_routes(app: bottle.Bottle, config: Config) -> None:
+    """The page, its assets and the icon."""
     page, page_policy = render_index(config)
     assets = {
         f"dropzone-{DROPZONE_VERSION}.min.js": (unpack_asset(DROPZONE_JS), "application/javascript"),
         f"dropzone-{DROPZONE_VERSION}.min.css": (unpack_asset(DROPZONE_CSS), "text/css"),
     }
     favicon = unpack_asset(FAVICON_PNG)
-
-    def client() -> str:
-        return bottle.request.environ.get("REMOTE_ADDR", "")
 
     @app.get("/")
     def index():
@@ -2063,46 +2799,9 @@ def create_app(config: Config, store: UploadStore | None = None) -> bottle.Bottl
         response.set_header("X-Content-Type-Options", "nosniff")
         return response
 
-    @app.post("/upload")
-    @_errors_as_responses
-    def upload():
-        environ = bottle.request.environ
-        length = content_length(environ)
-        return _json(receive_form(store, environ, length, client()))
 
-    @app.put("/upload/<name:path>")
-    @_errors_as_responses
-    def put_upload(name):
-        environ = bottle.request.environ
-        length = content_length(environ)
-        pending = store.receive_plain(request_body(environ, length), declared_size=length)
-        return _json(store.commit(pending, name, client()))
-
-    @app.put("/upload")
-    @app.put("/upload/")
-    @_errors_as_responses
-    def put_without_name():
-        raise BadRequest("Put the file name in the address: PUT /upload/NAME")
-
-    @app.get("/api/uploads/<upload_id>")
-    @_errors_as_responses
-    def upload_status(upload_id):
-        return _json(store.status(upload_id))
-
-    @app.get("/download/<upload_id>")
-    @_errors_as_responses
-    def download(upload_id):
-        if not config.allow_downloads:
-            raise Forbidden("Downloads are turned off on this server (start it with --allow-downloads).")
-        path, record = store.lookup(upload_id)
-        response = bottle.static_file(path.name, root=str(path.parent), mimetype="application/octet-stream")
-        if response.status_code >= 400:
-            raise NotFound("That file is no longer on the server.")
-        response.set_header("Content-Disposition", content_disposition(record["name"]))
-        response.set_header("X-Content-Type-Options", "nosniff")
-        response.set_header("Content-Security-Policy", "sandbox; default-src 'none'")
-        return response
-
+def _error_pages(app: bottle.Bottle) -> None:
+    """Bottle's own errors (no route, wrong method) as one plain line too."""
     messages = {400: "Bad request.", 403: "Forbidden.", 404: "Not found.", 405: "Method not allowed.",
                 413: "Request too large.", 500: "Internal server error."}
 
@@ -2114,66 +2813,6 @@ def create_app(config: Config, store: UploadStore | None = None) -> bottle.Bottl
 
     for code in messages:
         app.error(code)(error_page)
-
-    if config.verbose:
-        @app.hook("after_request")
-        def access_log():
-            request = bottle.request
-            log.info("%s %s %s %s", request.environ.get("REMOTE_ADDR", "-"), request.method, request.path,
-                     bottle.response.status_code)
-
-    return app
-
-
-def receive_form(store: UploadStore, environ: dict, length: int, client: str) -> dict:
-    """A multipart POST: one Dropzone chunk, or one or more whole files."""
-    fields: dict[str, str] = {}
-    chunk_reply: dict | None = None
-    pending: list[tuple[str, PendingFile]] = []
-    try:
-        for part in multipart_parts(environ, length):
-            if isinstance(part, FormField):
-                if part.name in fields and part.name in DZ_FIELDS and fields[part.name] != part.value:
-                    raise BadRequest(f"Field {part.name} is given twice.")
-                fields[part.name] = part.value
-                continue
-            chunk = parse_chunk_fields(fields, store.max_size)
-            if chunk_reply is not None or (chunk is not None and pending):
-                raise BadRequest("A chunk request carries exactly one file.")
-            if chunk is not None:
-                chunk_reply = store.write_chunk(chunk, part.filename, part.data, client)
-            else:
-                if not pending:
-                    store.check_free_space(length)
-                pending.append((part.filename, store.receive_plain(part.data)))
-        chunk = parse_chunk_fields(fields, store.max_size)
-        if chunk_reply is not None:
-            return chunk_reply
-        if chunk is not None:
-            # The chunk fields came after the file part: the spooled part is this chunk's data.
-            if len(pending) != 1:
-                raise BadRequest("A chunk request carries exactly one file.")
-            filename, spooled = pending.pop()
-            try:
-                with open(spooled.part, "rb") as handle:
-                    return store.write_chunk(chunk, filename, iter(lambda: handle.read(READ_BLOCK), b""), client)
-            finally:
-                store.discard(spooled)
-        if not pending:
-            raise BadRequest("No file in the request: send it as a multipart part named 'file'.")
-        stored = []
-        while pending:
-            filename, received = pending.pop(0)
-            if not filename and not received.size:
-                store.discard(received)  # an empty file input of an HTML form
-                continue
-            stored.append(store.commit(received, filename, client))
-        if not stored:
-            raise BadRequest("No file in the request: send it as a multipart part named 'file'.")
-        return {**stored[0], "files": stored} if len(stored) == 1 else {"files": stored}
-    finally:
-        for _, received in pending:
-            store.discard(received)
 
 
 ###############################################################################
@@ -2397,29 +3036,51 @@ class Console:
         self._status = text[:width]
         self._emit(self._status)
 
+    # -- engine events ----------------------------------------------------------------------------------------
+    def handle(self, event: EngineEvent) -> None:
+        """The engine's (and the error plugin's) events, as console lines."""
+        if isinstance(event, Progress):
+            self.progress(event)
+        elif isinstance(event, Stored):
+            self.stored(event.info)
+        elif isinstance(event, Refused):
+            verb = "failed" if event.status >= 500 else "refused"
+            self.log_line(f"{verb} {event.what} from {event.client or '-'}: {event.status} {event.message}",
+                          warning=event.status >= 500 or event.status in (413, 507))
+        elif isinstance(event, Notice):
+            self.log_line(event.text, warning=event.warning)
+
+    def log_line(self, text: str, *, warning: bool = False) -> None:
+        if warning:
+            log.warning("%s", text)
+        else:
+            log.info("%s", text)
+
+    def stored(self, info: UploadInfo) -> None:
+        with self._lock:
+            if self._uploads.pop(info.id, None) is not None and self.tty:
+                self._refresh(self.clock(), force=True)
+        seconds = max((info.finished or 0) - info.created, 1e-6)
+        self.log_line(f'stored "{info.stored_name}" {human_size(info.size or 0)} in {seconds:.1f} s '
+                      f"({(info.size or 0) / seconds / 1e6:.1f} MB/s) sha256 {info.sha256} from {info.client or '-'}")
+
     # -- progress -----------------------------------------------------------------------------------------
-    def progress(self, upload_id: str, name: str, received: int, total: int, size: int, started: float) -> None:
-        """UploadStore's hook: ``received`` of ``total`` chunks of upload ``upload_id`` are now stored."""
+    def progress(self, event: Progress) -> None:
+        """``event.received`` bytes of an upload are here: a line at most once a second, after two seconds."""
         if self.quiet:
             return
         now = self.clock()
         with self._lock:
             self._forget_stale(now)
-            upload = self._uploads.get(upload_id)
-            done = size * received // max(total, 1)
+            upload = self._uploads.get(event.upload_id)
             if upload is None:
-                if started >= self._session_start:  # begun in this session: measure from its start
-                    upload = {"since": now - max(0.0, time.time() - started), "base": 0}
+                if event.started >= self._session_start:  # begun in this session: measure from its start
+                    upload = {"since": now - max(0.0, time.time() - event.started), "base": 0}
                 else:  # resumed from an earlier session: measure from now
-                    upload = {"since": now, "base": done}
+                    upload = {"since": now, "base": event.received}
                 upload["shown"] = None
-                self._uploads[upload_id] = upload
-            upload.update(name=name, done=done, size=size, percent=100 * received // max(total, 1), seen=now)
-            if received >= total:
-                del self._uploads[upload_id]
-                if self.tty:
-                    self._refresh(now, force=True)
-                return
+                self._uploads[event.upload_id] = upload
+            upload.update(name=event.name, done=event.received, size=event.size, seen=now)
             if now - upload["since"] < self.PROGRESS_AFTER_S:
                 return
             if self.tty:
@@ -2431,9 +3092,13 @@ class Console:
     def _describe(self, upload: dict, now: float) -> str:
         elapsed = max(now - upload["since"], 1e-6)
         rate = (upload["done"] - upload["base"]) / elapsed
-        text = f'"{upload["name"]}" {upload["percent"]}% of {human_size(upload["size"])}, {rate / 1e6:.1f} MB/s'
+        size = upload["size"]
+        if size is None:  # a body of unknown length
+            return f'"{upload["name"]}" {human_size(upload["done"])} so far, {rate / 1e6:.1f} MB/s'
+        percent = 100 * upload["done"] // max(size, 1)
+        text = f'"{upload["name"]}" {percent}% of {human_size(size)}, {rate / 1e6:.1f} MB/s'
         if rate > 0:
-            text += f", {max(0, upload['size'] - upload['done']) / rate:.0f} s left"
+            text += f", {max(0, size - upload['done']) / rate:.0f} s left"
         return text
 
     def _forget_stale(self, now: float) -> None:
@@ -2516,28 +3181,22 @@ def _print_banner(config: Config, urls: list[str], console: Console) -> None:
         log.warning(no_qr)
 
 
-def serve(config: Config, app: bottle.Bottle | None = None, *, server=None,
-          stop: threading.Event | None = None, out=None, console: Console | None = None) -> int:
+def serve(config: Config, engine: Engine, server, *, stop: threading.Event | None = None,
+          console: Console | None = None) -> int:
     """Serve until ``stop`` is set or Ctrl+C; expires stale partial uploads at start and periodically.
 
-    Ctrl+C cuts requests in flight: a chunk counts as received only once its state file is replaced after it
-    was written, so an interrupted upload resumes where it stopped when the client retries after a restart.
+    Ctrl+C cuts requests in flight: bytes count as received only once the ledger has recorded them, so an
+    interrupted upload resumes where it stopped when the client retries after a restart.
     """
-    console = console or Console(out or sys.stdout, quiet=config.quiet)
-    app = app or create_app(config)
-    store: UploadStore = app.config["pyfiledrop.store"]
-    server = server or make_server(app, config.host, config.port)
-    server.timeout = 0.25  # how soon ``stop`` is noticed (Paste's listening socket also wakes once a second)
+    console = console or Console(sys.stdout, quiet=config.quiet)
     stop = stop or threading.Event()
-    store.expire()
-    if store.progress is None and not config.quiet:
-        store.progress = console.progress
+    engine.expire()
 
     def janitor() -> None:
-        interval = min(3600.0, max(60.0, store.partial_ttl / 4))
+        interval = min(3600.0, max(60.0, engine.limits.partial_ttl / 4))
         while not stop.wait(interval):
             try:
-                store.expire()
+                engine.expire()
             except Exception:  # never let housekeeping end the server
                 log.exception("removing stale partial uploads failed")
 
@@ -2546,16 +3205,21 @@ def serve(config: Config, app: bottle.Bottle | None = None, *, server=None,
     try:  # from here on Ctrl+C ends with the last line, even while the banner is being printed
         if not config.quiet:
             _print_banner(config, urls, console)
-        while not stop.is_set():
-            server.handle_request()
+        _serve_until(server, stop)
     except KeyboardInterrupt:
         pass
     finally:
         stop.set()
         server.socket.close()
     if not config.quiet:
-        console.finish(f"Stopped. {store.stored_count} file(s) stored this session.")
+        console.finish(f"Stopped. {engine.stored_count} file(s) stored this session.")
     return 0
+
+
+def _serve_until(server, stop: threading.Event) -> None:
+    server.timeout = 0.25  # how soon ``stop`` is noticed
+    while not stop.is_set():
+        server.handle_request()
 
 
 ###############################################################################
@@ -2678,8 +3342,11 @@ def _main(argv: list[str] | None) -> int:
     if os.stat(config.storage).st_dev != os.stat(config.chunks).st_dev:
         log.warning("the storage and chunks folders are on different disks: each finished file will be copied")
     try:
-        app = create_app(config)
-        server = make_server(app, config.host, config.port)
+        engine = open_engine(config, events=console.handle)
+    except (sqlite3.Error, OSError, RuntimeError) as error:
+        return _fail(f"cannot open the upload ledger in {config.chunks}: {error}")
+    try:
+        server = make_server(create_app(config, engine), config.host, config.port)
     except OSError as error:
         if error.errno in (errno.EADDRINUSE, getattr(errno, "WSAEADDRINUSE", -1)):
             return _fail(f"port {config.port} is already in use (choose another with -p)")
@@ -2691,7 +3358,7 @@ def _main(argv: list[str] | None) -> int:
         import webbrowser
 
         threading.Timer(0.5, webbrowser.open, args=(f"http://127.0.0.1:{server.server_address[1]}/",)).start()
-    return serve(config, app, server=server, console=console)
+    return serve(config, engine, server, console=console)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,11 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def upload_files(chunks: Path) -> list[str]:
+    """What the chunks folder holds besides the ledger: the partial files of uploads still receiving."""
+    return sorted(name for name in os.listdir(chunks) if not name.startswith(pyfiledrop.Ledger.FILENAME))
+
+
 def free_port() -> int:
     """A port that was free a moment ago, for the few tests that must start the program as a subprocess."""
     with socket.socket() as probe:
@@ -50,7 +55,8 @@ class Server:
     config: pyfiledrop.Config
     port: int
     app: object
-    store: pyfiledrop.UploadStore
+    engine: pyfiledrop.Engine
+    events: list
 
     @property
     def url(self) -> str:
@@ -123,18 +129,22 @@ def running_server(tmp_path: Path, **options):
     storage, chunks = tmp_path / "storage", tmp_path / "chunks"
     storage.mkdir(exist_ok=True)
     chunks.mkdir(exist_ok=True)
+    options.setdefault("min_free", 0)
     config = pyfiledrop.Config(host="127.0.0.1", port=0, storage=storage, chunks=chunks, quiet=True, **options)
-    app = pyfiledrop.create_app(config)
+    events: list = []
+    engine = pyfiledrop.open_engine(config, events=events.append)
+    app = pyfiledrop.create_app(config, engine)
     server = pyfiledrop.make_server(app, "127.0.0.1", 0)
     stop = threading.Event()
-    thread = threading.Thread(target=pyfiledrop.serve, args=(config, app),
-                              kwargs={"server": server, "stop": stop}, daemon=True)
+    thread = threading.Thread(target=pyfiledrop.serve, args=(config, engine, server),
+                              kwargs={"stop": stop}, daemon=True)
     thread.start()
     try:
-        yield Server(config, server.server_address[1], app, app.config["pyfiledrop.store"])
+        yield Server(config, server.server_address[1], app, engine, events)
     finally:
         stop.set()
         thread.join(10)
+        engine.ledger.close()
 
 
 @pytest.fixture
