@@ -1499,7 +1499,7 @@ class Notice:
 EngineEvent = Progress | Stored | Refused | Notice
 
 COMMIT_EVERY = 64 * MIB          # a long request records what arrived this often (a crash loses less)
-SPACE_CHECK_EVERY = 16 * MIB     # how often a long request looks at the free space
+SPACE_CHECK_EVERY = 4 * MIB      # how often a long request looks at the free space (statvfs: microseconds)
 PROGRESS_EVERY_S = 0.25
 STALLED_AFTER_S = 1.0            # a request that moved no byte for this long may be taken over by a retry
 RIVAL_WAIT_S = 10.0              # a retry waits this long at most for an earlier copy of itself still moving
@@ -1644,6 +1644,9 @@ class Engine:
         live = _Live(info, ephemeral=False)
         with self._lock:
             self._live[upload_id] = live
+        if info.received:
+            self._notice(f'resuming "{info.name}": {human_size(info.received_bytes)} of '
+                         f"{human_size(info.size or 0)} already here")
         return live
 
     def _get_live(self, upload_id: str) -> _Live | None:
@@ -1702,6 +1705,9 @@ class Engine:
         try:
             self._receive(live, writer, pieces)
             failed = atomic and writer.position != end
+        except TooManyBytes:
+            atomic = True  # a request that breaks its own announcement: none of it counts
+            raise
         finally:
             if failed and atomic:
                 writer.fence(superseded=False)  # none of it counts
@@ -1736,6 +1742,8 @@ class Engine:
         try:
             fd = self.backend.open_part(live.info.id)
         except FileNotFoundError:
+            if live.info.state is State.STORED:  # completed by another request meanwhile: nothing to write
+                return _drain(pieces)
             raise Conflict("This upload expired or was removed; start it again.") from None
         except OSError as error:
             raise storage_error(error)
@@ -1828,7 +1836,7 @@ class Engine:
     def _commit(self, live: _Live, writer: _Writer) -> None:
         """Record the bytes ``writer`` wrote since its last commit; then let the hash move on over them."""
         with writer.lock:
-            if writer.fenced or writer.position == writer.committed_to:
+            if writer.fenced or writer.position == writer.committed_to or live.info.state is State.STORED:
                 return
             with live.lock:
                 info = dataclasses.replace(live.info, updated=self.clock(),

@@ -245,7 +245,7 @@ def test_slow_link_shared_by_two_files(make_server, page, tmp_path):
 
 def test_stalled_chunk_request_is_retried(make_server, page, monkeypatch):
     server = make_server(timeout_ms=3000)
-    write_chunk, release, calls = server.store.write_chunk, threading.Event(), []
+    write_chunk, release, calls = server.engine.put, threading.Event(), []
 
     def stall_first(*args, **kwargs):
         calls.append(1)
@@ -254,7 +254,7 @@ def test_stalled_chunk_request_is_retried(make_server, page, monkeypatch):
             raise pyfiledrop.BadRequest("released")
         return write_chunk(*args, **kwargs)
 
-    monkeypatch.setattr(server.store, "write_chunk", stall_first)
+    monkeypatch.setattr(server.engine, "put", stall_first)
     try:
         open_page(page, server)
         add_files(page, [memory_file("stalled.txt", b"stalled once")])
@@ -386,7 +386,7 @@ def test_server_400_is_shown_once(make_server, page, monkeypatch):
     def refuse(*args, **kwargs):
         raise pyfiledrop.BadRequest("The test server refuses this chunk.")
 
-    monkeypatch.setattr(server.store, "write_chunk", refuse)
+    monkeypatch.setattr(server.engine, "put", refuse)
     posts = []
     page.on("request", lambda r: posts.append(r.url) if r.method == "POST" else None)
     open_page(page, server)

@@ -230,7 +230,7 @@ def test_ctrl_c_cuts_an_upload_in_flight_and_a_restart_completes_it(tmp_path):
         assert status == 200 and json.loads(answer)["complete"] is True
         text = interrupt(process, output)
     assert sha256((tmp_path / "storage" / "movie.mkv").read_bytes()) == sha256(data)
-    assert "resuming movie.mkv: 3 of 6 chunks already here" in text
+    assert f'resuming "movie.mkv": {pyfiledrop.human_size(3 * chunk_size)} of {pyfiledrop.human_size(len(data))} already here' in text
     assert text.splitlines()[-1] == "Stopped. 1 file(s) stored this session."
 
 
@@ -312,16 +312,18 @@ def test_terminal_progress_redraws_one_status_line():
     out = io.StringIO()
     console = pyfiledrop.Console(out, tty=True, clock=lambda: now[0])
     started = time.time()
-    for received in range(1, 41):  # 40 chunks in 4 s
+    for received in range(1, 41):  # 40 MB in 4 s
         now[0] += 0.1
-        console.progress("a", "big.iso", received, 50, 50_000_000, started)
+        console.handle(pyfiledrop.Progress("a", "big.iso", received * 1_000_000, 50_000_000, started))
     drawn = out.getvalue()
     assert "\n" not in drawn
     assert 1 <= drawn.count("receiving") <= 3, drawn   # from 2 s on, once a second
     assert re.search(r'\rreceiving "big\.iso" \d+% of 50\.0 MB, [0-9.]+ MB/s, \d+ s left\Z', drawn), drawn
     console.write("a log line")  # clears the status line, prints, draws it again below
     assert re.match(r"\r +\ra log line\nreceiving [^\r\n]+\Z", out.getvalue()[len(drawn):])
-    console.progress("a", "big.iso", 50, 50, 50_000_000, started)   # done: the status line goes
+    stored = pyfiledrop.UploadInfo(id="a", name="big.iso", size=50_000_000, part_size=1, client="", created=started,
+                                   updated=started, state=pyfiledrop.State.STORED, stored_name="big.iso")
+    console.handle(pyfiledrop.Stored(stored))   # done: the status line goes
     console.finish("Stopped.")
     assert re.search(r" s left\r +\r\rStopped\.\n\Z", out.getvalue())
 

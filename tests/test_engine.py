@@ -1,294 +1,524 @@
-"""The upload engine on its own: no HTTP, real files in temporary folders."""
+"""The engine on its own: no HTTP, a real ledger and real files in temporary folders."""
+import base64
 import hashlib
 import json
 import os
 import random
+import shutil
+import subprocess
+import sys
 import threading
 import uuid
+from pathlib import Path
 
 import pytest
 
-from pyfiledrop import BadRequest, ChunkInfo, Conflict, NotFound, TooLarge, UploadStore, chunk_count
+import pyfiledrop
+from pyfiledrop import (BadRequest, Conflict, Engine, EngineLimits, InsufficientStorage, Ledger, LocalBackend,
+                        NotFound, State, StorageFailure, Superseded, TooLarge, add_range, prefix_end, range_holes)
+
+from conftest import ROOT, upload_files
+
+MIB = 1 << 20
 
 
-def make_store(tmp_path, **options):
+def folders(tmp_path):
     storage, chunks = tmp_path / "storage", tmp_path / "chunks"
     storage.mkdir(exist_ok=True)
     chunks.mkdir(exist_ok=True)
-    options.setdefault("max_size", 10 ** 9)
-    options.setdefault("partial_ttl", 3600)
-    return UploadStore(storage, chunks, **options)
+    return storage, chunks
 
 
-def chunks_of(data, size):
-    count = chunk_count(len(data), size)
-    return [(i, data[i * size:(i + 1) * size]) for i in range(count)]
-
-
-def info(upload_id, index, data, size):
-    return ChunkInfo(upload_id, index, len(data), size, chunk_count(len(data), size))
+def make_engine(tmp_path, *, ledger_class=Ledger, storage=None, chunks=None, **limits):
+    default_storage, default_chunks = folders(tmp_path)
+    chunks = chunks or default_chunks
+    limits.setdefault("max_size", 10 ** 9)
+    clock = limits.pop("clock", None)
+    events = limits.pop("events", None)
+    options = {"events": events.append} if events is not None else {}
+    if clock is not None:
+        options["clock"] = clock
+    backend = LocalBackend(storage or default_storage, chunks)
+    return Engine(ledger_class(chunks / Ledger.FILENAME), backend, EngineLimits(**limits), **options)
 
 
 def pieces(data, step=7):
-    """A chunk's bytes in uneven pieces, as a network read delivers them."""
-    return (data[i:i + step] for i in range(0, len(data), step)) if data else iter(())
+    """Bytes in uneven pieces, as a network read delivers them."""
+    return (data[i:i + step] for i in range(0, len(data), step))
 
 
-def send_all(store, data, size, name="f.bin", upload_id=None, order=None):
+def send_parts(engine, data, part_size, *, name="f.bin", upload_id=None, order=None, step=7):
     upload_id = upload_id or str(uuid.uuid4())
-    parts = chunks_of(data, size)
-    reply = None
-    for index in order if order is not None else range(len(parts)):
-        reply = store.write_chunk(info(upload_id, index, data, size), name, pieces(parts[index][1]))
-    return upload_id, reply
+    engine.create(upload_id, name, size=len(data), part_size=part_size, client="test")
+    count = pyfiledrop.chunk_count(len(data), part_size)
+    info = None
+    for index in order if order is not None else range(count):
+        part = data[index * part_size:(index + 1) * part_size]
+        info = engine.put(upload_id, index * part_size, pieces(part, step), length=len(part), atomic=True)
+    if info.fully_received:
+        info = engine.finish(upload_id)
+    return upload_id, info
 
+
+# -- byte ranges --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("ranges, added, expected", [
+    ((), (0, 5), ((0, 5),)),
+    (((0, 5),), (5, 9), ((0, 9),)),
+    (((0, 5), (10, 20)), (4, 11), ((0, 20),)),
+    (((10, 20),), (0, 3), ((0, 3), (10, 20))),
+    (((0, 5),), (2, 2), ((0, 5),)),
+])
+def test_ranges_merge(ranges, added, expected):
+    assert add_range(ranges, *added) == expected
+
+
+def test_range_holes_and_prefix():
+    ranges = ((0, 5), (10, 20))
+    assert range_holes(ranges, 0, 30) == [(5, 10), (20, 30)]
+    assert range_holes(ranges, 2, 4) == []
+    assert range_holes(ranges, 12, None) == [(20, None)]
+    assert prefix_end(ranges) == 5 and prefix_end(((3, 9),)) == 0 and prefix_end(()) == 0
+
+
+# -- parts, order, hash -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("order", ["forward", "backward", "shuffled"])
-def test_chunks_in_any_order_store_the_exact_bytes(tmp_path, order):
-    store = make_store(tmp_path)
+def test_parts_in_any_order_store_the_exact_bytes(tmp_path, order):
+    engine = make_engine(tmp_path)
     data = os.urandom(1000)
-    indexes = list(range(chunk_count(len(data), 64)))
+    indexes = list(range(pyfiledrop.chunk_count(len(data), 64)))
     if order == "backward":
         indexes.reverse()
     elif order == "shuffled":
         random.Random(7).shuffle(indexes)
-    upload_id, reply = send_all(store, data, 64, order=indexes)
-    assert reply == {"id": upload_id, "name": "f.bin", "size": 1000, "sha256": hashlib.sha256(data).hexdigest(),
-                     "complete": True}
-    assert (store.storage_dir / "f.bin").read_bytes() == data
-    assert sorted(p.name for p in store.chunks_dir.iterdir()) == [f"{upload_id}.done"]
+    upload_id, info = send_parts(engine, data, 64, order=indexes)
+    assert info.state is State.STORED and info.sha256 == hashlib.sha256(data).hexdigest()
+    assert (engine.backend.storage / info.stored_name).read_bytes() == data
+    assert upload_files(engine.backend.chunks) == []
+    assert engine.ledger.get(upload_id) == info
 
 
-def test_replies_before_completion_count_chunks(tmp_path):
-    store = make_store(tmp_path)
-    data = os.urandom(100)
-    reply = store.write_chunk(info("u1", 0, data, 40), "f.bin", pieces(data[:40]))
-    assert reply == {"id": "u1", "complete": False, "received_chunks": 1, "total_chunks": 3}
-    assert store.status("u1")["missing_chunks"] == [1, 2]
+def test_parallel_writers_in_random_pieces_hash_right(tmp_path):
+    """Parts arrive in parallel threads, in pieces of random size: the in-order hash (partly as bytes arrive,
+    partly read back) must equal the file's."""
+    engine = make_engine(tmp_path)
+    data = os.urandom(3 * MIB + 12345)
+    part_size = 256 * 1024
+    count = pyfiledrop.chunk_count(len(data), part_size)
+    engine.create("par", "p.bin", size=len(data), part_size=part_size, client="")
+    rng = random.Random(3)
+    errors, infos = [], []
 
-
-def test_empty_file_is_one_empty_chunk(tmp_path):
-    store = make_store(tmp_path)
-    _, reply = send_all(store, b"", 10, name="empty.txt")
-    assert reply["complete"] and reply["size"] == 0
-    assert (store.storage_dir / "empty.txt").read_bytes() == b""
-
-
-def test_a_retried_chunk_is_not_written_again(tmp_path):
-    store = make_store(tmp_path)
-    data = os.urandom(300)
-    store.write_chunk(info("u1", 0, data, 100), "f.bin", pieces(data[:100]))
-    # the same chunk again, with different bytes: a retry must not overwrite what was received
-    reply = store.write_chunk(info("u1", 0, data, 100), "f.bin", pieces(b"x" * 100))
-    assert reply["received_chunks"] == 1
-    store.write_chunk(info("u1", 1, data, 100), "f.bin", pieces(data[100:200]))
-    final = store.write_chunk(info("u1", 2, data, 100), "f.bin", pieces(data[200:]))
-    assert (store.storage_dir / "f.bin").read_bytes() == data
-    # a retry of the completing chunk answers with the same result and stores nothing new
-    again = store.write_chunk(info("u1", 2, data, 100), "f.bin", pieces(data[200:]))
-    assert again == final
-    assert os.listdir(store.storage_dir) == ["f.bin"]
-
-
-def test_completed_upload_is_recognised_after_restart(tmp_path):
-    data = os.urandom(50)
-    upload_id, first = send_all(make_store(tmp_path), data, 20)
-    restarted = make_store(tmp_path)
-    again = restarted.write_chunk(info(upload_id, 1, data, 20), "f.bin", pieces(data[20:40]))
-    assert again == first
-    assert restarted.status(upload_id)["available"] is True
-    assert os.listdir(restarted.storage_dir) == ["f.bin"]
-
-
-def test_a_chunk_of_the_wrong_length_is_refused_and_not_counted(tmp_path):
-    store = make_store(tmp_path)
-    data = os.urandom(100)
-    for wrong in (data[:39], data[:41]):
-        with pytest.raises(BadRequest, match="expected 40"):
-            store.write_chunk(info("u1", 0, data, 40), "f.bin", pieces(wrong))
-    assert store.status("u1")["received_chunks"] == 0
-    send_all(store, data, 40, upload_id="u1")
-    assert (store.storage_dir / "f.bin").read_bytes() == data
-
-
-def test_a_long_chunk_never_writes_past_its_own_range(tmp_path):
-    store = make_store(tmp_path)
-    data = os.urandom(100)
-    store.write_chunk(info("u1", 1, data, 40), "f.bin", pieces(data[40:80]))
-    with pytest.raises(BadRequest):
-        store.write_chunk(info("u1", 0, data, 40), "f.bin", pieces(b"\xff" * 90))
-    store.write_chunk(info("u1", 0, data, 40), "f.bin", pieces(data[:40]))
-    store.write_chunk(info("u1", 2, data, 40), "f.bin", pieces(data[80:]))
-    assert (store.storage_dir / "f.bin").read_bytes() == data
-
-
-@pytest.mark.parametrize("change", ["name", "size", "chunk_size"])
-def test_an_upload_id_cannot_change_its_file(tmp_path, change):
-    store = make_store(tmp_path)
-    data = os.urandom(100)
-    store.write_chunk(info("u1", 0, data, 40), "f.bin", pieces(data[:40]))
-    name, other, size = "f.bin", data, 40
-    if change == "name":
-        name = "g.bin"
-    elif change == "size":
-        other = data + b"x"
-    else:
-        size = 50
-    with pytest.raises(BadRequest, match="another name, size or chunk size"):
-        store.write_chunk(info("u1", 1, other, size), name, pieces(other[size:2 * size]))
-
-
-def test_resume_after_restart_from_persisted_state(tmp_path):
-    data = os.urandom(500)
-    first = make_store(tmp_path)
-    for index, part in chunks_of(data, 100)[:3]:
-        first.write_chunk(info("resume-1", index, data, 100), "r.bin", pieces(part))
-    state = json.loads((first.chunks_dir / "resume-1.state").read_text())
-    assert state["total_chunks"] == 5
-    second = make_store(tmp_path)   # a new process: nothing in memory
-    assert second.status("resume-1")["missing_chunks"] == [3, 4]
-    for index, part in chunks_of(data, 100)[3:]:
-        reply = second.write_chunk(info("resume-1", index, data, 100), "r.bin", pieces(part))
-    assert reply["sha256"] == hashlib.sha256(data).hexdigest()
-    assert (second.storage_dir / "r.bin").read_bytes() == data
-
-
-def test_state_file_is_replaced_whole_and_leaves_no_temp_files(tmp_path):
-    store = make_store(tmp_path)
-    data = os.urandom(400)
-    for index, part in chunks_of(data, 100)[:3]:
-        store.write_chunk(info("u1", index, data, 100), "f.bin", pieces(part))
-        json.loads((store.chunks_dir / "u1.state").read_text())
-    assert sorted(os.listdir(store.chunks_dir)) == ["u1.part", "u1.state"]
-    assert os.path.getsize(store.chunks_dir / "u1.part") == 400  # preallocated to the full size
-
-
-def test_parallel_chunks_complete_exactly_once(tmp_path):
-    store = make_store(tmp_path)
-    data = os.urandom(64 * 1024)
-    parts = chunks_of(data, 1024)
-    replies, errors = [], []
-
-    def send(index, part):
+    def send(index):
+        part = data[index * part_size:(index + 1) * part_size]
         try:
-            replies.append(store.write_chunk(info("par", index, data, 1024), "p.bin", pieces(part, 100)))
-        except Exception as error:  # pragma: no cover - reported below
+            infos.append(engine.put("par", index * part_size, pieces(part, rng.randint(1000, 70000)),
+                                    length=len(part), atomic=True))
+        except Exception as error:  # reported below
             errors.append(error)
 
-    threads = [threading.Thread(target=send, args=p) for p in parts + parts[:8]]  # with duplicates
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(count)]
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join()
+        thread.join(30)
     assert not errors
-    assert os.listdir(store.storage_dir) == ["p.bin"]
-    assert (store.storage_dir / "p.bin").read_bytes() == data
-    completed = {r["sha256"] for r in replies if r["complete"]}
-    assert completed == {hashlib.sha256(data).hexdigest()}
+    info = engine.finish("par")
+    assert info.sha256 == hashlib.sha256(data).hexdigest()
+    assert (engine.backend.storage / "p.bin").read_bytes() == data
 
 
-def test_existing_files_are_never_overwritten(tmp_path):
-    store = make_store(tmp_path)
-    (store.storage_dir / "same.txt").write_bytes(b"precious")
-    (store.storage_dir / "same (1).txt").mkdir()
-    _, reply = send_all(store, b"new bytes", 4, name="same.txt")
-    assert reply["name"] == "same (2).txt"
-    assert (store.storage_dir / "same.txt").read_bytes() == b"precious"
-    assert (store.storage_dir / "same (2).txt").read_bytes() == b"new bytes"
+def test_duplicates_in_parallel_complete_exactly_once(tmp_path):
+    engine = make_engine(tmp_path)
+    data = os.urandom(64 * 1024)
+    engine.create("dup", "d.bin", size=len(data), part_size=1024, client="")
+    errors, finished = [], []
+
+    def send(index):
+        part = data[index * 1024:(index + 1) * 1024]
+        try:
+            info = engine.put("dup", index * 1024, pieces(part, 100), length=len(part), atomic=True)
+            if info.fully_received:
+                finished.append(engine.finish("dup"))
+        except Exception as error:  # reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=send, args=(i % 64,)) for i in range(64 + 16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert not errors
+    assert os.listdir(engine.backend.storage) == ["d.bin"]
+    assert {info.stored_name for info in finished} == {"d.bin"}
+    assert (engine.backend.storage / "d.bin").read_bytes() == data
 
 
-def test_plain_upload_and_limit(tmp_path):
-    store = make_store(tmp_path, max_size=10)
-    pending = store.receive_plain(pieces(b"0123456789"))
-    assert store.commit(pending, "ok.txt")["name"] == "ok.txt"
-    with pytest.raises(TooLarge):
-        store.receive_plain(pieces(b"0123456789A"))
-    with pytest.raises(TooLarge):
-        store.receive_plain(pieces(b""), declared_size=11)
-    assert os.listdir(store.chunks_dir) == [f"{pending.id}.done"]
-    assert os.listdir(store.storage_dir) == ["ok.txt"]
+def test_a_retry_of_a_received_part_is_read_not_written(tmp_path):
+    engine = make_engine(tmp_path)
+    data = os.urandom(300)
+    engine.create("u1", "f.bin", size=300, part_size=100, client="")
+    engine.put("u1", 0, pieces(data[:100]), length=100, atomic=True)
+    engine.put("u1", 0, pieces(b"R" * 100), length=100, atomic=True)  # a retry with other bytes
+    engine.put("u1", 100, pieces(data[100:]), length=200, atomic=True)
+    assert (engine.backend.storage / engine.finish("u1").stored_name).read_bytes() == data
 
 
-def test_declared_size_beyond_free_space_is_refused_before_writing(tmp_path):
-    store = make_store(tmp_path, max_size=2 ** 62)
-    huge = 2 ** 61
-    with pytest.raises(Exception) as error:
-        store.write_chunk(ChunkInfo("big", 0, huge, 2 ** 29, chunk_count(huge, 2 ** 29)), "big.bin", pieces(b""))
-    assert error.value.status == 507
-    assert os.listdir(store.chunks_dir) == []
+# -- a stalled request is taken over ------------------------------------------------------------------------
+
+def test_a_stalled_request_is_taken_over_at_once_and_its_later_bytes_dropped(tmp_path, monkeypatch):
+    monkeypatch.setattr(pyfiledrop, "STALLED_AFTER_S", 0.05)
+    engine = make_engine(tmp_path)
+    first, retry = os.urandom(100), os.urandom(100)
+    engine.create("u1", "f.bin", size=100, part_size=100, client="")
+    started, release = threading.Event(), threading.Event()
+    outcome = []
+
+    def stalled_client():
+        yield first[:50]
+        started.set()
+        release.wait(30)
+        yield first[50:]
+
+    def first_request():
+        try:
+            engine.put("u1", 0, stalled_client(), length=100, atomic=True)
+            outcome.append("stored")
+        except Superseded:
+            outcome.append("superseded")
+
+    thread = threading.Thread(target=first_request)
+    thread.start()
+    assert started.wait(10)
+    # the stalled one sends nothing more; the retry is not kept waiting for it
+    done = threading.Event()
+    retry_thread = threading.Thread(target=lambda: (engine.put("u1", 0, pieces(retry), length=100, atomic=True),
+                                                    done.set()))
+    retry_thread.start()
+    assert done.wait(10), "the retry waited for the stalled request"
+    release.set()
+    thread.join(10)
+    retry_thread.join(10)
+    assert outcome == ["superseded"]
+    info = engine.finish("u1")
+    assert (engine.backend.storage / info.stored_name).read_bytes() == retry
+    assert info.sha256 == hashlib.sha256(retry).hexdigest()
 
 
-def test_expire_removes_only_stale_partial_uploads(tmp_path):
-    clock = [10_000_000.0]
-    store = make_store(tmp_path, partial_ttl=3600, clock=lambda: clock[0])
-    data = os.urandom(100)
-    store.write_chunk(info("old", 0, data, 40), "old.bin", pieces(data[:40]))
-    store.write_chunk(info("new", 0, data, 40), "new.bin", pieces(data[:40]))
-    send_all(store, b"done", 10, name="done.txt", upload_id="finished")
-    now = os.path.getmtime(store.chunks_dir / "new.state")
-    old_time = now - 7200
-    for suffix in (".part", ".state"):
-        os.utime(store.chunks_dir / f"old{suffix}", (old_time, old_time))
-    assert store.expire(now=now) == 1
-    assert sorted(os.listdir(store.chunks_dir)) == ["finished.done", "new.part", "new.state"]
-    with pytest.raises(NotFound):
-        store.status("old")
-    assert store.expire(now=now + 7200) == 1  # now "new" is stale too; the finished record stays
-    assert sorted(os.listdir(store.chunks_dir)) == ["finished.done"]
-    assert (store.storage_dir / "done.txt").read_bytes() == b"done"
+def test_an_interrupted_request_keeps_what_arrived_unless_atomic(tmp_path):
+    engine = make_engine(tmp_path)
+    data = os.urandom(1000)
+    engine.create("tus", "t.bin", size=1000, part_size=1000, client="")
+
+    def breaks_off(start, count):
+        yield data[start:start + count]
+        raise pyfiledrop.ClientDisconnected("gone")
+
+    with pytest.raises(pyfiledrop.ClientDisconnected):
+        engine.put("tus", 0, breaks_off(0, 600))
+    assert engine.info("tus").received == ((0, 600),)
+    with pytest.raises(pyfiledrop.ClientDisconnected):
+        engine.put("tus", 600, breaks_off(600, 300), length=400, atomic=True)
+    assert engine.info("tus").received == ((0, 600),)
+    engine.put("tus", 600, pieces(data[600:]))
+    assert engine.finish("tus").sha256 == hashlib.sha256(data).hexdigest()
 
 
-def test_lookup_needs_the_exact_id(tmp_path):
-    store = make_store(tmp_path)
-    upload_id, _ = send_all(store, b"hello", 10, name="h.txt")
-    path, record = store.lookup(upload_id)
-    assert path.read_bytes() == b"hello" and record["name"] == "h.txt"
-    for wrong in (upload_id[:8], upload_id + "0", "../" + upload_id, upload_id.upper() + "x"):
+# -- restart, crash ---------------------------------------------------------------------------------------------
+
+def test_an_upload_resumes_in_a_new_engine(tmp_path):
+    data = os.urandom(500)
+    first = make_engine(tmp_path)
+    first.create("r1", "r.bin", size=500, part_size=100, client="1.2.3.4")
+    for index in (0, 2, 4):
+        first.put("r1", index * 100, pieces(data[index * 100:(index + 1) * 100]), length=100, atomic=True)
+    first.ledger.close()
+    second = make_engine(tmp_path)
+    info = second.info("r1")
+    assert info.state is State.RECEIVING and info.missing_parts(10) == [1, 3] and info.client == "1.2.3.4"
+    for index in (1, 3):
+        info = second.put("r1", index * 100, pieces(data[index * 100:(index + 1) * 100]), length=100)
+    info = second.finish("r1")
+    assert info.sha256 == hashlib.sha256(data).hexdigest()
+    assert (second.backend.storage / "r.bin").read_bytes() == data
+
+
+CRASH_SCRIPT = r"""
+import os, signal, sys
+sys.path.insert(0, sys.argv[1])
+import pyfiledrop
+storage, chunks, step, kind = sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5]
+
+def checkpoint(name):
+    if name == step:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+backend = pyfiledrop.LocalBackend(pyfiledrop.Path(storage), pyfiledrop.Path(chunks), checkpoint=checkpoint)
+ledger = pyfiledrop.Ledger(pyfiledrop.Path(chunks) / pyfiledrop.Ledger.FILENAME)
+engine = pyfiledrop.Engine(ledger, backend, pyfiledrop.EngineLimits(10 ** 9), checkpoint=checkpoint)
+data = bytes(range(256)) * 40
+if kind == "parts":
+    engine.create("crash-1", "x.bin", size=len(data), part_size=4096, client="")
+    for offset in range(0, len(data), 4096):
+        engine.put("crash-1", offset, [data[offset:offset + 4096]], length=len(data[offset:offset + 4096]))
+    engine.finish("crash-1")
+else:
+    engine.receive_whole("x.bin", [data], client="", size=len(data), upload_id="crash-1")
+print("finished without a crash")
+"""
+STEPS = ["hashed", "linked", "recorded", "discarded"]
+
+
+def run_until_killed(tmp_path, storage, chunks, step, kind):
+    result = subprocess.run([sys.executable, "-c", CRASH_SCRIPT, str(ROOT), str(storage), str(chunks), step, kind],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == -9, result.stdout + result.stderr
+
+
+def assert_one_stored_copy(tmp_path, storage):
+    data = bytes(range(256)) * 40
+    engine = make_engine(tmp_path, storage=storage)
+    info = engine.info("crash-1")
+    if info.state is State.RECEIVING:  # killed before the link: the client's retry of the last part completes it
+        info = engine.finish("crash-1")
+    assert info.state is State.STORED and info.stored_name == "x.bin"
+    assert info.sha256 == hashlib.sha256(data).hexdigest()
+    assert sorted(os.listdir(storage)) == ["x.bin"] and (storage / "x.bin").read_bytes() == data
+    assert upload_files(engine.backend.chunks) == []
+    again = engine.finish("crash-1")  # a retry after the restart answers the same, stores nothing new
+    assert again.stored_name == "x.bin" and sorted(os.listdir(storage)) == ["x.bin"]
+
+
+@pytest.mark.parametrize("kind", ["parts", "whole"])
+@pytest.mark.parametrize("step", STEPS)
+def test_a_kill_at_every_step_of_completion_ends_with_one_copy(tmp_path, step, kind):
+    storage, chunks = folders(tmp_path)
+    run_until_killed(tmp_path, storage, chunks, step, kind)
+    if kind == "whole" and step == "hashed":
+        # a one-request upload killed before its link has no record: nothing stored, nothing left behind
+        engine = make_engine(tmp_path)
         with pytest.raises(NotFound):
-            store.lookup(wrong)
+            engine.info("crash-1")
+        assert os.listdir(storage) == [] and upload_files(chunks) == []
+        return
+    assert_one_stored_copy(tmp_path, storage)
+
+
+@pytest.fixture
+def other_filesystem(tmp_path):
+    """A small tmpfs: storage on another filesystem than the chunks folder (needs root to mount)."""
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        pytest.skip("mounting a tmpfs needs root")
+    mount = tmp_path / "tmpfs"
+    mount.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)], capture_output=True)
+    if result.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.mark.parametrize("step", ["copied", "linked", "recorded", "discarded"])
+def test_a_kill_during_a_copy_to_another_disk_leaves_one_copy_and_no_temporary(tmp_path, other_filesystem, step):
+    storage = other_filesystem / "storage"
+    storage.mkdir()
+    _, chunks = folders(tmp_path)
+    run_until_killed(tmp_path, storage, chunks, step, "parts")
+    assert_one_stored_copy(tmp_path, storage)
+
+
+def test_a_full_other_disk_leaves_no_copy_behind(tmp_path, other_filesystem):
+    storage = other_filesystem / "storage"
+    storage.mkdir()
+    engine = make_engine(tmp_path, storage=storage)
+    (other_filesystem / "filler").write_bytes(b"f" * (12 * MIB))
+    with pytest.raises(InsufficientStorage):
+        engine.receive_whole("big.bin", [os.urandom(6 * MIB)], client="", size=6 * MIB)
+    assert os.listdir(storage) == [] and upload_files(engine.backend.chunks) == []
+    (other_filesystem / "filler").unlink()
+    assert engine.receive_whole("small.bin", [b"0123456789"], client="", size=10).stored_name == "small.bin"
+
+
+class LedgerThatFailsOnce(Ledger):
+    """A ledger whose first write of a stored record fails, as a full or broken disk makes it."""
+
+    failed = False
+
+    def save(self, *infos):
+        if not self.failed and any(info.state is State.STORED for info in infos):
+            LedgerThatFailsOnce.failed = True
+            raise OSError(28, "No space left on device")
+        return super().save(*infos)
+
+
+def test_a_failed_record_of_completion_is_retried_without_a_second_copy(tmp_path):
+    engine = make_engine(tmp_path, ledger_class=LedgerThatFailsOnce)
+    data = os.urandom(300)
+    engine.create("u1", "f.bin", size=300, part_size=100, client="")
+    for offset in (0, 100, 200):
+        engine.put("u1", offset, [data[offset:offset + 100]], length=100)
+    with pytest.raises(StorageFailure):
+        engine.finish("u1")
+    info = engine.finish("u1")
+    assert info.stored_name == "f.bin" and sorted(os.listdir(engine.backend.storage)) == ["f.bin"]
+    assert upload_files(engine.backend.chunks) == []
+    engine.ledger.close()
+    assert make_engine(tmp_path).info("u1").stored_name == "f.bin"
+
+
+# -- space, size, limits ------------------------------------------------------------------------------------
+
+def test_declared_but_unsent_bytes_take_no_space(tmp_path):
+    free = shutil.disk_usage(tmp_path).free
+    engine = make_engine(tmp_path, max_size=2 ** 62, min_free=0)
+    for number in range(100):
+        upload_id = f"hog-{number}"
+        engine.create(upload_id, "hog.bin", size=free // 2, part_size=8 * MIB, client="")
+        engine.put(upload_id, 0, [b"x"], length=8 * MIB, atomic=True)
+    used = sum(os.stat(p).st_blocks * 512 for p in engine.backend.chunks.glob("*.part"))
+    assert used < 100 * 64 * 1024
+    assert engine.receive_whole("honest.bin", [os.urandom(MIB)], client="", size=MIB).state is State.STORED
+
+
+def test_min_free_is_kept(tmp_path, other_filesystem):
+    storage, chunks = other_filesystem / "storage", other_filesystem / "chunks"
+    storage.mkdir()
+    chunks.mkdir()
+    engine = make_engine(tmp_path, storage=storage, chunks=chunks, max_size=2 ** 62, min_free=8 * MIB)
+    with pytest.raises(InsufficientStorage):
+        engine.create("big", "big.bin", size=9 * MIB, part_size=MIB, client="")
+    with pytest.raises(InsufficientStorage):  # a body of unknown length is checked as it arrives
+        engine.receive_whole("stream.bin", (b"x" * MIB for _ in range(12)), client="")
+    assert upload_files(chunks) == [] and os.listdir(storage) == []
+    assert engine.receive_whole("small.bin", [b"x" * 1000], client="", size=1000).state is State.STORED
+
+
+def test_unknown_length_is_fixed_when_the_body_ends(tmp_path):
+    engine = make_engine(tmp_path, max_size=10_000)
+    data = os.urandom(5000)
+    info = engine.receive_whole("s.bin", pieces(data, 999), client="")
+    assert info.size == 5000 and info.sha256 == hashlib.sha256(data).hexdigest()
+    with pytest.raises(TooLarge):
+        engine.receive_whole("big.bin", pieces(os.urandom(10_001), 999), client="")
+    assert upload_files(engine.backend.chunks) == [] and os.listdir(engine.backend.storage) == ["s.bin"]
+
+
+def test_bytes_past_the_announced_range_are_refused(tmp_path):
+    engine = make_engine(tmp_path, max_size=100)
+    with pytest.raises(TooLarge):
+        engine.create("u0", "f.bin", size=101, part_size=50, client="")
+    engine.create("u1", "f.bin", size=100, part_size=50, client="")
+    with pytest.raises(BadRequest):
+        engine.put("u1", 0, pieces(b"x" * 60, 50), length=50, atomic=True)
+    with pytest.raises(BadRequest):
+        engine.put("u1", 90, [b"x" * 20])
+    assert engine.info("u1").received == ()
+
+
+def test_an_upload_id_cannot_change_its_file(tmp_path):
+    engine = make_engine(tmp_path)
+    engine.create("u1", "a.bin", size=100, part_size=50, client="")
+    for change in ({"name": "b.bin"}, {"size": 99}, {"part_size": 25}):
+        arguments = {"name": "a.bin", "size": 100, "part_size": 50, **change}
+        with pytest.raises(BadRequest):
+            engine.create("u1", arguments.pop("name"), client="", **arguments)
 
 
 def test_finish_refuses_an_incomplete_upload(tmp_path):
-    store = make_store(tmp_path)
-    data = os.urandom(100)
-    store.write_chunk(info("u1", 0, data, 40), "f.bin", pieces(data[:40]))
+    engine = make_engine(tmp_path)
+    engine.create("u1", "f.bin", size=100, part_size=40, client="")
+    engine.put("u1", 0, [b"x" * 40], length=40)
     with pytest.raises(Conflict):
-        store.finish("u1")
-    assert os.listdir(store.storage_dir) == []
+        engine.finish("u1")
+    assert os.listdir(engine.backend.storage) == []
 
 
-def test_a_chunk_that_carries_the_file_past_the_limit_is_413(tmp_path):
-    store = make_store(tmp_path, max_size=100)
-    data = os.urandom(100)
-    with pytest.raises(TooLarge):
-        store.write_chunk(info("u1", 1, data, 50), "f.bin", pieces(b"x" * 200, 50))
-    with pytest.raises(BadRequest):  # too long for its chunk, but not past the limit
-        store.write_chunk(info("u1", 0, data, 50), "f.bin", pieces(b"x" * 60, 50))
-    assert store.status("u1")["received_chunks"] == 0
+def test_existing_files_are_never_overwritten(tmp_path):
+    engine = make_engine(tmp_path)
+    (engine.backend.storage / "same.txt").write_bytes(b"precious")
+    (engine.backend.storage / "same (1).txt").mkdir()
+    info = engine.receive_whole("same.txt", [b"new bytes"], client="")
+    assert info.stored_name == "same (2).txt"
+    assert (engine.backend.storage / "same.txt").read_bytes() == b"precious"
+    assert (engine.backend.storage / "same (2).txt").read_bytes() == b"new bytes"
 
 
-def test_a_retry_waits_for_a_copy_of_itself_still_being_received(tmp_path):
-    store = make_store(tmp_path)
-    data = os.urandom(200)
-    first_started, release = threading.Event(), threading.Event()
+# -- expiry, events, migration ------------------------------------------------------------------------------
 
-    def slow_first_copy():
-        yield data[:50]
-        first_started.set()
-        release.wait(10)
-        yield data[50:100]
+def test_expire_removes_only_stale_partial_uploads(tmp_path):
+    clock = [1_000_000.0]
+    engine = make_engine(tmp_path, partial_ttl=3600, clock=lambda: clock[0])
+    engine.create("old", "old.bin", size=100, part_size=40, client="")
+    engine.put("old", 0, [b"o" * 40], length=40)
+    clock[0] += 3000
+    engine.create("new", "new.bin", size=100, part_size=40, client="")
+    stored = engine.receive_whole("done.txt", [b"done"], client="")
+    clock[0] += 1000
+    assert engine.expire() == 1
+    assert engine.info("old").state is State.EXPIRED and engine.info("new").state is State.RECEIVING
+    assert upload_files(engine.backend.chunks) == [pyfiledrop._part_key("new") + ".part"]
+    clock[0] += 7200
+    assert engine.expire() == 1
+    assert upload_files(engine.backend.chunks) == [] and engine.info(stored.id).state is State.STORED
+    assert (engine.backend.storage / "done.txt").read_bytes() == b"done"
 
-    replies = []
-    first = threading.Thread(target=lambda: replies.append(
-        store.write_chunk(info("u1", 0, data, 100), "f.bin", slow_first_copy())))
-    first.start()
-    assert first_started.wait(10)
-    retry = threading.Thread(target=lambda: replies.append(
-        store.write_chunk(info("u1", 0, data, 100), "f.bin", pieces(b"R" * 100))))
-    retry.start()
-    release.set()
-    first.join(10)
-    retry.join(10)
-    assert [r["received_chunks"] for r in replies] == [1, 1]
-    store.write_chunk(info("u1", 1, data, 100), "f.bin", pieces(data[100:]))
-    assert (store.storage_dir / "f.bin").read_bytes() == data   # the retry's bytes were never written
+
+def test_progress_is_reported_by_bytes_within_one_request(tmp_path, monkeypatch):
+    monkeypatch.setattr(pyfiledrop, "PROGRESS_EVERY_S", 0)
+    events = []
+    engine = make_engine(tmp_path, events=events)
+    engine.receive_whole("p.bin", pieces(b"x" * 10_000, 1000), client="", size=10_000)
+    received = [event.received for event in events if isinstance(event, pyfiledrop.Progress)]
+    assert received == sorted(received) and len(received) >= 9 and received[-1] == 10_000
+    assert [type(e).__name__ for e in events if not isinstance(e, pyfiledrop.Progress)] == ["Stored"]
+
+
+def write_v1_folder(storage, chunks, data):
+    """A chunks folder as pyfiledrop 1.0 left it: one upload half received, one finished, stray temp files."""
+    part = bytearray(len(data))
+    for index in (0, 2):
+        part[index * 100:(index + 1) * 100] = data[index * 100:(index + 1) * 100]
+    (chunks / "half-1.part").write_bytes(bytes(part))
+    bitmap = base64.b64encode((0b101).to_bytes(1, "little")).decode()
+    (chunks / "half-1.state").write_text(json.dumps(
+        {"v": 1, "id": "half-1", "name": "half.bin", "size": len(data), "chunk_size": 100, "total_chunks": 4,
+         "received": bitmap, "started": 1000.0, "client": "10.0.0.7"}))
+    (chunks / "half-1.state.0123abcd.tmp").write_bytes(b"")
+    (storage / "done.bin").write_bytes(b"finished")
+    (chunks / "done-1.done").write_text(json.dumps(
+        {"id": "done-1", "name": "done.bin", "original_name": "done.bin", "size": 8,
+         "sha256": hashlib.sha256(b"finished").hexdigest(), "chunk_size": 8, "total_chunks": 1,
+         "completed": 2000.0}))
+    (chunks / "done-1.state").write_text("{}")  # a stale state beside its finished record
+    (chunks / "lonely-1.part").write_bytes(b"never recorded")
+    (storage / ".pyfiledrop-0123456789abcdef0123456789abcdef.tmp").write_bytes(b"half a copy")
+
+
+def test_a_v1_folder_is_migrated(tmp_path):
+    storage, chunks = folders(tmp_path)
+    data = os.urandom(400)
+    write_v1_folder(storage, chunks, data)
+    engine = make_engine(tmp_path)
+    half = engine.info("half-1")
+    assert half.missing_parts(10) == [1, 3] and half.client == "10.0.0.7"
+    done = engine.info("done-1")
+    assert done.state is State.STORED and done.stored_name == "done.bin"
+    assert done.sha256 == hashlib.sha256(b"finished").hexdigest()
+    for index in (1, 3):
+        engine.put("half-1", index * 100, [data[index * 100:(index + 1) * 100]], length=100)
+    assert engine.finish("half-1").sha256 == hashlib.sha256(data).hexdigest()
+    assert upload_files(chunks) == [] and sorted(os.listdir(storage)) == ["done.bin", "half.bin"]
+    assert engine.ledger.version == len(Ledger.MIGRATIONS)
+
+
+def test_the_ledger_refuses_a_newer_schema(tmp_path):
+    _, chunks = folders(tmp_path)
+    Ledger(chunks / Ledger.FILENAME).close()
+    import sqlite3
+    with sqlite3.connect(chunks / Ledger.FILENAME) as db:
+        db.execute("PRAGMA user_version = 99")
+    with pytest.raises(RuntimeError):
+        Ledger(chunks / Ledger.FILENAME)

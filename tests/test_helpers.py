@@ -31,7 +31,8 @@ from pyfiledrop import BadRequest, TooLarge, chunk_count, chunk_length, numbered
     ("console.txt", "console.txt"),
     ("trailing dots...", "trailing dots"),
     ("  spaced  out .txt  ", "spaced out .txt"),
-    (".bashrc", ".bashrc"),
+    (".bashrc", "_bashrc"),            # nothing stored is hidden
+    ("\ufffd\ufffd.txt", "__.txt"),        # bytes that were not UTF-8
     ("gpj.\u202eexe", "gpj.exe"),                        # no right-to-left override tricks
     ("<img src=x onerror=alert(1)>.txt", "_img src=x onerror=alert(1)_.txt"),
 ])
@@ -55,6 +56,7 @@ def test_sanitize_filename_limits_length_and_keeps_the_extension(raw):
     ("README", 1, "README (1)"),
     (".env", 1, ".env (1)"),
     ("a.b.c", 3, "a.b (3).c"),
+    ("name with spaces .txt", 1, "name with spaces (1).txt"),   # one space before the number, not two
 ])
 def test_numbered_name(name, number, expected):
     assert numbered_name(name, number) == expected
