@@ -9,7 +9,6 @@ import subprocess
 import sys
 import threading
 import uuid
-from pathlib import Path
 
 import pytest
 
