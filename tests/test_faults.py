@@ -1,0 +1,99 @@
+"""Fault tests for issue 9 (the new upload engine), black box: the real program as a subprocess, real sockets.
+
+Written before the engine: on 1.0 most of these fail; each docstring names the observed failure it covers.
+Folders on tmpfs need root (mount -t tmpfs); those tests skip without it.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import random
+import shutil
+import subprocess
+import threading
+import time
+import uuid
+
+import pytest
+from conftest import chunk_fields, encode_multipart, http_request, sha256
+from faultkit import (LEDGER, MIB, RECEIVING_RE, STORED_RE, Closed, StalledChunk, Stop, assert_clean,
+                      chunk_count, connect, drop_server, exchange, hidden_in_storage, min_free, names,
+                      post_chunk, post_files, put, put_chunked, read_response, request_head, resume_upload,
+                      send_pieces, snapshot_tree, status_of, storage_contents, stray_in_chunks, tmpfs,
+                      upload_chunked, wait_until)
+
+pytestmark = pytest.mark.skipif(os.name == "nt", reason="POSIX sockets, signals and mounts")
+
+
+def folders(tmp_path):
+    return tmp_path / "storage", tmp_path / "chunks"
+
+
+# -- 1. a vanished client -------------------------------------------------------------------------------------
+
+def stall_first_chunk(drop, upload_id, piece, total_size, chunk_size, name):
+    """Chunk 0 of a new upload sends its head and half its bytes, then stalls; returns once the server has taken
+    the request in hand (the upload id is known), or after 5 s in case an engine only records it later."""
+    stalled = StalledChunk(drop.port, upload_id, 0, piece, total_size, chunk_size, name, sent=len(piece) // 2)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and status_of(drop.port, upload_id)[0] == 404:
+        threading.Event().wait(0.05)
+    return stalled
+
+
+def retry_within_10_s(drop, upload_id, index, piece, total_size, chunk_size, name):
+    try:
+        return post_chunk(drop.port, upload_id, index, piece, total_size, chunk_size, name, timeout=10)
+    except TimeoutError:
+        pytest.fail(f"the retry of stalled chunk {index} was not answered within 10 s")
+
+
+def test_retry_of_a_stalled_chunk_is_accepted_at_once(tmp_path):
+    """Issue 9, vanished client: a chunk request that stalls half-way (socket open, no FIN/RST) blocked its retry
+    for 30 s and then answered 409; the retry must be accepted at once and the upload complete."""
+    chunk_size = 4 * MIB  # over 1.0's 1 MiB read block, so the stalled request is really in the server
+    data = random.Random(1).randbytes(3 * chunk_size - 1000)
+    upload_id = str(uuid.uuid4())
+    with drop_server(*folders(tmp_path)) as drop:
+        stalled = stall_first_chunk(drop, upload_id, data[:chunk_size], len(data), chunk_size, "vanish.bin")
+        try:
+            status, reply = retry_within_10_s(drop, upload_id, 0, data[:chunk_size], len(data), chunk_size,
+                                              "vanish.bin")
+            assert status == 200, reply
+            for index in (1, 2):
+                status, reply = post_chunk(drop.port, upload_id, index,
+                                           data[index * chunk_size:(index + 1) * chunk_size], len(data),
+                                           chunk_size, "vanish.bin")
+                assert status == 200, reply
+            assert reply["complete"], reply
+            assert reply["sha256"] == sha256(data) and reply["size"] == len(data)
+            assert storage_contents(drop.storage) == {reply["name"]: data}
+        finally:
+            stalled.close()
+
+
+def test_late_bytes_of_a_stalled_chunk_are_discarded(tmp_path):
+    """Issue 9, vanished client: bytes of two requests for one chunk must never mix; when the stalled request
+    sends its rest after the retry won, it gets 409 or a closed connection and the file keeps the retry's bytes."""
+    chunk_size = 4 * MIB  # over 1.0's 1 MiB read block, so the stalled request is really in the server
+    rng = random.Random(2)
+    data = rng.randbytes(2 * chunk_size + 5000)
+    impostor = rng.randbytes(chunk_size)  # the stalled request's payload for chunk 0: other bytes
+    upload_id = str(uuid.uuid4())
+    with drop_server(*folders(tmp_path)) as drop:
+        stalled = stall_first_chunk(drop, upload_id, impostor, len(data), chunk_size, "mix.bin")
+        try:
+            status, reply = retry_within_10_s(drop, upload_id, 0, data[:chunk_size], len(data), chunk_size,
+                                              "mix.bin")
+            assert status == 200, reply
+            late = stalled.resume()
+            assert late is None or late[0] == 409, f"the stalled request's late bytes were accepted: {late}"
+            for index in (1, 2):
+                status, reply = post_chunk(drop.port, upload_id, index,
+                                           data[index * chunk_size:(index + 1) * chunk_size], len(data),
+                                           chunk_size, "mix.bin")
+                assert status == 200, reply
+            assert reply["complete"] and reply["sha256"] == sha256(data), reply
+            assert storage_contents(drop.storage) == {reply["name"]: data}
+        finally:
+            stalled.close()
