@@ -392,11 +392,11 @@ class Stop(Exception):
 
 
 def resume_upload(port: int, upload_id: str, data: bytes, chunk_size: int, name: str, stop: threading.Event,
-                  on_last=None):
+                  on_chunk=None):
     """What the page does after a reconnect: ask which chunks are missing and send those (404: all of them).
 
     Returns the completed reply (name, sha256) or raises OSError/Closed when the server goes away.
-    ``on_last`` is called just before the last missing chunk is sent (to aim a kill at completion).
+    ``on_chunk(last)`` is called before each chunk is sent, ``last`` true for the last one missing (to aim kills).
     """
     total = chunk_count(len(data), chunk_size)
     status, reply = status_of(port, upload_id)
@@ -411,8 +411,8 @@ def resume_upload(port: int, upload_id: str, data: bytes, chunk_size: int, name:
     for position, index in enumerate(missing):
         if stop.is_set():
             raise Stop()
-        if position == len(missing) - 1 and on_last is not None:
-            on_last()
+        if on_chunk is not None:
+            on_chunk(position == len(missing) - 1)
         status, reply = post_chunk(port, upload_id, index, data[index * chunk_size:(index + 1) * chunk_size],
                                    len(data), chunk_size, name, timeout=30)
         if status == 200 and reply.get("complete"):

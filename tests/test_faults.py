@@ -6,6 +6,7 @@ Folders on tmpfs need root (mount -t tmpfs); those tests skip without it.
 from __future__ import annotations
 
 import concurrent.futures
+import http.client
 import os
 import random
 import shutil
@@ -97,3 +98,97 @@ def test_late_bytes_of_a_stalled_chunk_are_discarded(tmp_path):
             assert storage_contents(drop.storage) == {reply["name"]: data}
         finally:
             stalled.close()
+
+
+# -- 2. kill -9 at any moment, then resume ---------------------------------------------------------------------
+
+CONNECTION_GONE = (OSError, Closed, Stop, http.client.HTTPException)
+
+
+class KillTrigger:
+    """Calls ``action`` once, when ``after`` chunk requests have gone out (and, if ``at_last``, as one of them is
+    some file's last missing chunk); from the uploading thread, so the moment is exact."""
+
+    def __init__(self, after: int, at_last: bool, action=None):
+        self.after, self.at_last, self.action = after, at_last, action
+        self.sent = 0
+        self.lock = threading.Lock()
+        self.fired = threading.Event()
+
+    def __call__(self, last: bool) -> None:
+        with self.lock:
+            self.sent += 1
+            if self.fired.is_set() or self.action is None or self.sent < self.after or (self.at_last and not last):
+                return
+            self.fired.set()
+        self.action()
+
+
+def run_uploads(drop, files, chunk_size, stop, trigger, errors, done):
+    """One thread per file, each resuming as the page does; returns the threads (started)."""
+    def work(name, data, upload_id):
+        try:
+            reply = resume_upload(drop.port, upload_id, data, chunk_size, name, stop, on_chunk=trigger)
+            if reply is not None:
+                done[upload_id] = reply
+        except CONNECTION_GONE:
+            if not stop.is_set():
+                errors.append(f"{name}: the connection failed while the server was up")
+        except AssertionError as error:
+            if not stop.is_set():
+                errors.append(f"{name}: {error}")
+    threads = [threading.Thread(target=work, args=file, daemon=True) for file in files]
+    for thread in threads:
+        thread.start()
+    return threads
+
+
+def test_kill_9_at_random_moments_then_resume_stores_each_file_once(tmp_path):
+    """Issue 9, crash inside completion / kill -9: after kills at random moments (some aimed at completion) and
+    restarts, resuming as the page does must store every file exactly once (no "X (1).bin" of the same upload),
+    each id's status must name its stored file, and nothing partial may be left behind."""
+    seed = int(os.environ.get("FAULTS_SEED", "11"))
+    rng = random.Random(seed)
+    chunk_size = MIB
+    files = [(f"crash{i}.bin", rng.randbytes(rng.randint(3 * MIB, 20 * MIB)), str(uuid.uuid4())) for i in range(4)]
+    storage, chunks = folders(tmp_path)
+    done: dict[str, dict] = {}
+    for round_ in range(6):
+        final = round_ == 5
+        errors: list[str] = []
+        with drop_server(storage, chunks) as drop:
+            stop = threading.Event()
+
+            def kill(drop=drop, stop=stop):
+                stop.set()
+                drop.process.kill()
+
+            def kill_soon(delay=rng.uniform(0, 0.03)):  # a random moment inside the chunk request going out
+                threading.Timer(delay, kill).start()
+
+            # odd rounds aim at completion (just as some file's last chunk goes out), even ones at a random chunk
+            trigger = KillTrigger(rng.randint(1, 12), bool(round_ % 2), None if final else kill_soon)
+            threads = run_uploads(drop, files, chunk_size, stop, trigger, errors, done)
+            for thread in threads:
+                thread.join(120)
+            if not final:
+                print(f"round {round_}: killed={trigger.fired.is_set()} after {trigger.sent} chunk requests, "
+                      f"{len(done)} of {len(files)} files complete")
+                kill()
+                drop.process.wait(10)
+            assert not any(thread.is_alive() for thread in threads), "an upload hung"
+            assert not errors, f"round {round_} (seed {seed}): {errors}"
+            if final:
+                statuses = {upload_id: status_of(drop.port, upload_id) for _, _, upload_id in files}
+                stray_running = stray_in_chunks(chunks)
+    expected = {name: data for name, data, _ in files}
+    stored = storage_contents(storage)
+    assert sorted(stored) == sorted(expected), f"seed {seed}: storage holds {sorted(stored)}"
+    for name, data in expected.items():
+        assert stored[name] == data, f"seed {seed}: {name} differs from what was sent"
+    for name, data, upload_id in files:
+        status, reply = statuses[upload_id]
+        assert status == 200 and reply.get("complete") and reply.get("available"), (name, status, reply)
+        assert reply["name"] == name and reply["sha256"] == sha256(data), (name, reply)
+    assert not stray_running, f"the chunks folder holds more than the ledger: {sorted(stray_running)}"
+    assert_clean(storage, chunks)
