@@ -359,6 +359,7 @@ class StalledChunk:
 
     def __init__(self, port: int, upload_id: str, index: int, piece: bytes, total_size: int, chunk_size: int,
                  name: str, sent: int, declared: dict | None = None):
+        self.upload_id = upload_id
         fields = chunk_fields(upload_id, index, total_size, chunk_size)
         fields.update(declared or {})
         body, content_type = encode_multipart(fields, [("file", name, piece)])

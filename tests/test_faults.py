@@ -192,3 +192,53 @@ def test_kill_9_at_random_moments_then_resume_stores_each_file_once(tmp_path):
         assert reply["name"] == name and reply["sha256"] == sha256(data), (name, reply)
     assert not stray_running, f"the chunks folder holds more than the ledger: {sorted(stray_running)}"
     assert_clean(storage, chunks)
+
+
+# -- 3. disk reservation is no denial of service ----------------------------------------------------------------
+
+@pytest.mark.slow
+def test_declared_sizes_that_never_arrive_do_not_block_an_honest_upload(tmp_path):
+    """Issue 9, reservation DoS: 1.0 preallocates the declared size, so requests that declare 33 MiB and send one
+    byte (stalled, or completed as a one-byte chunk: 400) fill a 96 MiB disk and an honest 40 MiB upload gets 507."""
+    size, chunk_size = 33 * MIB, 8 * MIB
+    with tmpfs(tmp_path / "disk", "96m") as disk, \
+            drop_server(disk / "storage", disk / "chunks", *min_free("1M")) as drop:
+        stalled, refusals = [], []
+        try:
+            for _ in range(10):
+                stalled.append(StalledChunk(drop.port, str(uuid.uuid4()), 0, b"s" * chunk_size, size, chunk_size,
+                                            "claim.bin", sent=1))
+            deadline = time.monotonic() + 5  # let the server take them in hand (an engine may not record them)
+            while time.monotonic() < deadline and any(status_of(drop.port, s.upload_id)[0] == 404 for s in stalled):
+                threading.Event().wait(0.05)
+            for _ in range(10):
+                refusals.append(post_chunk(drop.port, str(uuid.uuid4()), 0, b"x", size, chunk_size, "short.bin"))
+            honest = random.Random(3).randbytes(40 * MIB)
+            status, reply = upload_chunked(drop.port, honest, chunk_size, "honest.bin")
+            assert status == 200, f"honest 40 MiB upload refused: {status} {reply}"
+            assert reply["complete"] and reply["sha256"] == sha256(honest), reply
+            assert [status for status, _ in refusals] == [400] * 10, refusals
+        finally:
+            for request in stalled:
+                request.close()
+
+
+@pytest.mark.parametrize("how", ["put", "chunked"])
+def test_min_free_refuses_an_upload_that_would_leave_too_little(tmp_path, how):
+    """Issue 9, --min-free: on a 64 MiB disk with --min-free 32M a 40 MiB upload is refused 507 with a plain
+    message and leaves nothing behind, while a 10 KiB upload is stored."""
+    big = random.Random(4).randbytes(40 * MIB)
+    with tmpfs(tmp_path / "disk", "64m") as disk, \
+            drop_server(disk / "storage", disk / "chunks", *min_free("32M")) as drop:
+        if how == "put":
+            status, reply = put(drop.port, "big.bin", big)
+        else:
+            status, reply = upload_chunked(drop.port, big, 8 * MIB, "big.bin")
+        assert status == 507, (status, reply)
+        assert isinstance(reply, str) and reply.strip() and "\n" not in reply.strip(), repr(reply)
+        assert names(drop.storage) == set(), f"left in storage: {names(drop.storage)}"
+        assert_clean(drop)
+        small = os.urandom(10 * 1024)
+        status, reply = put(drop.port, "small.bin", small)
+        assert status == 200 and reply["sha256"] == sha256(small), (status, reply)
+        assert storage_contents(drop.storage) == {"small.bin": small}
