@@ -242,3 +242,57 @@ def test_min_free_refuses_an_upload_that_would_leave_too_little(tmp_path, how):
         status, reply = put(drop.port, "small.bin", small)
         assert status == 200 and reply["sha256"] == sha256(small), (status, reply)
         assert storage_contents(drop.storage) == {"small.bin": small}
+
+
+# -- 4. leftovers ------------------------------------------------------------------------------------------------
+
+def assert_ledger(chunks):
+    ledger = chunks / LEDGER
+    assert ledger.is_file(), f"no {LEDGER} in the chunks folder: {sorted(names(chunks))}"
+    assert ledger.read_bytes()[:16] == b"SQLite format 3\0", "the ledger is not an SQLite database"
+
+
+def test_the_chunks_folder_holds_only_the_ledger_and_parts_of_uploads_under_way(tmp_path):
+    """Issue 9, leftovers: 1.0 keeps ID.done per stored upload, ID.state (and ID.state.*.tmp after a kill) and the
+    preallocated .part of a refused one-chunk upload; only the ledger and .part files of uploads still receiving
+    may be there, and storage never holds hidden files."""
+    storage, chunks = folders(tmp_path)
+    chunk_size = 64 * 1024
+    rng = random.Random(5)
+    with drop_server(storage, chunks) as drop:
+        assert upload_chunked(drop.port, rng.randbytes(3 * chunk_size + 7), chunk_size, "multi.bin")[0] == 200
+        assert upload_chunked(drop.port, rng.randbytes(1000), chunk_size, "one.bin")[0] == 200
+        assert put(drop.port, "put.bin", rng.randbytes(5000))[0] == 200
+        assert post_files(drop.port, [("form.bin", rng.randbytes(3000))])[0] == 200
+        assert_clean(drop)
+        assert_ledger(chunks)
+        # refusals: a one-chunk upload whose body is shorter than declared, a chunk past the last one, bad fields
+        status, reply = post_chunk(drop.port, str(uuid.uuid4()), 0, b"short", 2 * MIB, 4 * MIB, "short.bin")
+        assert status == 400, (status, reply)
+        status, reply = post_chunk(drop.port, str(uuid.uuid4()), 0, b"short", 300_000, 100_000, "short3.bin")
+        assert status == 400, (status, reply)
+        body, content_type = encode_multipart({**chunk_fields("bad-fields", 0, 100, 10), "dzchunkindex": "x"},
+                                              [("file", "bad.bin", b"0123456789")])
+        assert http_request(drop.port, "POST", "/upload", body, {"Content-Type": content_type})[0] == 400
+        assert_clean(drop)
+        # an upload under way: its .part may stay, and through a kill -9 and a restart
+        data = rng.randbytes(4 * chunk_size)
+        upload_id = str(uuid.uuid4())
+        for index in (0, 1):
+            assert post_chunk(drop.port, upload_id, index, data[index * chunk_size:(index + 1) * chunk_size],
+                              len(data), chunk_size, "later.bin")[0] == 200
+        assert_clean(drop, parts_allowed=True)
+        drop.kill9()
+    assert_clean(storage, chunks, parts_allowed=True)
+    with drop_server(storage, chunks) as drop:
+        status, reply = status_of(drop.port, upload_id)
+        assert status == 200 and reply["missing_chunks"] == [2, 3], (status, reply)
+        assert_clean(drop, parts_allowed=True)
+        for index in (2, 3):
+            status, reply = post_chunk(drop.port, upload_id, index, data[index * chunk_size:(index + 1) * chunk_size],
+                                       len(data), chunk_size, "later.bin")
+            assert status == 200, reply
+        assert reply["complete"] and reply["sha256"] == sha256(data)
+        assert_clean(drop)
+        assert_ledger(chunks)
+    assert sorted(names(storage)) == ["form.bin", "later.bin", "multi.bin", "one.bin", "put.bin"]
