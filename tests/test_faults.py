@@ -296,3 +296,49 @@ def test_the_chunks_folder_holds_only_the_ledger_and_parts_of_uploads_under_way(
         assert_clean(drop)
         assert_ledger(chunks)
     assert sorted(names(storage)) == ["form.bin", "later.bin", "multi.bin", "one.bin", "put.bin"]
+
+
+# -- 5. progress by bytes ----------------------------------------------------------------------------------------
+
+def assert_progress(output, name, elapsed):
+    """At least two rising "receiving" lines for ``name`` before its "stored" line, at most about one a second."""
+    stored = output.wait_for_line(lambda line: (m := STORED_RE.match(line)) and m["name"] == name)
+    lines = output.lines[:output.lines.index(stored)]
+    percents = [int(m["percent"]) for line in lines if (m := RECEIVING_RE.match(line)) and m["name"] == name]
+    assert len(percents) >= 2, f"progress lines for {name}: {percents}; output:\n{output.text}"
+    assert percents == sorted(percents) and percents[-1] > percents[0], percents
+    assert len(percents) <= elapsed + 2, f"{len(percents)} progress lines in {elapsed:.1f} s"
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
+def test_a_slow_put_shows_progress_as_bytes_arrive(tmp_path):
+    """Issue 9, progress by bytes: 1.0 counts progress in finished chunks, so a PUT (one request) of 12 MB taking
+    4 s printed no progress at all."""
+    source = tmp_path / "upload.bin"
+    source.write_bytes(os.urandom(13_000_000))  # ~4 s at 3 MiB/s
+    with drop_server(*folders(tmp_path)) as drop:
+        started = time.monotonic()
+        done = subprocess.run(["curl", "-sS", "--fail", "--limit-rate", "3M", "-T", str(source),
+                               f"http://127.0.0.1:{drop.port}/upload/slowput.bin"],
+                              capture_output=True, text=True, timeout=60)
+        elapsed = time.monotonic() - started
+        assert done.returncode == 0, done.stderr
+        assert_progress(drop.output, "slowput.bin", elapsed)
+
+
+def test_progress_moves_within_one_chunk(tmp_path):
+    """Issue 9, progress by bytes: one 12 MB chunk (chunk size 16 MiB) sent at ~2.6 MB/s (~4.6 s) printed no progress on 1.0,
+    which only counts finished chunks."""
+    data = os.urandom(12_000_000)
+    chunk_size = 16 * MIB
+    body, content_type = encode_multipart(chunk_fields(str(uuid.uuid4()), 0, len(data), chunk_size),
+                                          [("file", "slowchunk.bin", data)])
+    with drop_server(*folders(tmp_path)) as drop:
+        started = time.monotonic()
+        with connect(drop.port) as sock:
+            sock.sendall(request_head("POST", "/upload", {"Content-Type": content_type}, len(body)))
+            assert send_pieces(sock, body, piece=256 * 1024, pause=0.1), "the server answered early"
+            status, _, answer = read_response(sock)
+        elapsed = time.monotonic() - started
+        assert status == 200, answer
+        assert_progress(drop.output, "slowchunk.bin", elapsed)
