@@ -342,3 +342,57 @@ def test_progress_moves_within_one_chunk(tmp_path):
         elapsed = time.monotonic() - started
         assert status == 200, answer
         assert_progress(drop.output, "slowchunk.bin", elapsed)
+
+
+# -- 6. storage and chunks on different disks -----------------------------------------------------------------
+
+def fill_leaving(folder, free_after: int):
+    """A filler file in ``folder`` that leaves about ``free_after`` bytes free on its disk."""
+    filler = folder / "filler.bin"
+    size = shutil.disk_usage(folder).free - free_after
+    with open(filler, "wb") as handle:
+        for _ in range(size // MIB):
+            handle.write(b"\0" * MIB)
+        handle.write(b"\0" * (size % MIB))
+    return filler
+
+
+@pytest.mark.parametrize("filler", ["before", "during"])
+def test_storage_on_a_small_other_disk_refuses_what_does_not_fit_and_leaves_nothing(tmp_path, filler):
+    """Issue 9, different disks: 1.0 copies a finished file into storage under a hidden .pyfiledrop-*.tmp name
+    and leaves it there when the disk fills; two 8 MB uploads that do not fit (the filler written before they
+    start, or while they arrive) must be refused 507 with nothing in storage but the filler, a 10-byte upload
+    must work once the filler is gone, and after a restart nothing stray may remain."""
+    chunk_size = MIB
+    uploads = [(f"big{i}.bin", random.Random(10 + i).randbytes(8_000_000), str(uuid.uuid4())) for i in range(2)]
+    chunks = tmp_path / "chunks"
+    with tmpfs(tmp_path / "small", "16m") as storage:
+        with drop_server(storage, chunks) as drop:
+            last = chunk_count(8_000_000, chunk_size) - 1
+            if filler == "before":
+                fill = fill_leaving(storage, 6 * MIB)
+            statuses = []
+            for name, data, upload_id in uploads:
+                for index in range(last):
+                    status, reply = post_chunk(drop.port, upload_id, index,
+                                               data[index * chunk_size:(index + 1) * chunk_size], len(data),
+                                               chunk_size, name)
+                    if status != 200:
+                        break
+                statuses.append(status)
+            if filler == "during":
+                assert statuses == [200, 200], statuses
+                fill = fill_leaving(storage, 6 * MIB)
+                statuses = [post_chunk(drop.port, upload_id, last, data[last * chunk_size:], len(data), chunk_size,
+                                       name)[0] for name, data, upload_id in uploads]
+            assert statuses == [507, 507], statuses
+            assert names(storage) == {"filler.bin"}, f"storage holds {sorted(names(storage))}"
+            fill.unlink()
+            status, reply = put(drop.port, "ten.txt", b"0123456789")
+            assert status == 200 and reply["name"] == "ten.txt", (status, reply)
+            drop.process.terminate()
+            drop.process.wait(10)
+        with drop_server(storage, chunks) as drop:
+            assert status_of(drop.port, reply["id"])[1].get("available") is True
+            assert storage_contents(storage) == {"ten.txt": b"0123456789"}
+            assert not stray_in_chunks(chunks, parts_allowed=True), sorted(names(chunks))
