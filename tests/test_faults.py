@@ -396,3 +396,64 @@ def test_storage_on_a_small_other_disk_refuses_what_does_not_fit_and_leaves_noth
             assert status_of(drop.port, reply["id"])[1].get("available") is True
             assert storage_contents(storage) == {"ten.txt": b"0123456789"}
             assert not stray_in_chunks(chunks, parts_allowed=True), sorted(names(chunks))
+
+
+# -- 7. console lines for failures ----------------------------------------------------------------------------
+
+def refusal_lines(output, mark, name, *reasons):
+    """New console lines since ``mark`` naming ``name``, one of ``reasons`` (lowercase) and the client."""
+    def matches(line):
+        low = line.lower()
+        return name in line and "127.0.0.1" in line and any(reason in low for reason in reasons)
+    wait_until(lambda: any(matches(line) for line in output.since(mark)), 10, f"a console line about {name}")
+    return [line for line in output.since(mark) if matches(line)]
+
+
+@pytest.mark.parametrize("how", ["put", "chunked"])
+def test_an_upload_into_a_deleted_storage_folder_is_reported_on_the_console(tmp_path, how):
+    """Issue 9, silent failures: with the storage folder deleted while the server runs, 1.0 answered 500 and
+    printed nothing; the upload must either succeed (folder recreated, the usual "stored" line) or fail with a 5xx
+    and a console line saying it failed."""
+    with drop_server(*folders(tmp_path)) as drop:
+        shutil.rmtree(drop.storage)
+        mark = len(drop.output.lines)
+        data = os.urandom(200_000)
+        if how == "put":
+            status, reply = put(drop.port, "orphan.bin", data)
+        else:
+            status, reply = upload_chunked(drop.port, data, 64 * 1024, "orphan.bin")
+        if status == 200:
+            drop.output.wait_for_line(lambda line: (m := STORED_RE.match(line)) and m["name"] == "orphan.bin",
+                                      start=mark)
+            assert (drop.storage / reply["name"]).read_bytes() == data
+        else:
+            assert 500 <= status < 600, (status, reply)
+            drop.output.wait_for_line(lambda line: "failed" in line.lower() or "error" in line.lower(),
+                                      timeout=10, start=mark)
+
+
+@pytest.mark.parametrize("how", ["put", "chunked"])
+def test_a_413_refusal_prints_one_line_naming_file_reason_and_client(tmp_path, how):
+    """Issue 9, silent refusals: 1.0 printed nothing when it refused an upload over --max-size; one line must say
+    what (the name), why (413 / too large) and from whom (the address)."""
+    with drop_server(*folders(tmp_path), "--max-size", "1") as drop:
+        mark = len(drop.output.lines)
+        data = os.urandom(2 * MIB)
+        if how == "put":
+            status, reply = put(drop.port, "huge.bin", data)
+        else:
+            status, reply = post_chunk(drop.port, str(uuid.uuid4()), 0, data[:MIB], len(data), MIB, "huge.bin")
+        assert status == 413, (status, reply)
+        lines = refusal_lines(drop.output, mark, "huge.bin", "413", "too large")
+        assert len(lines) == 1, lines
+
+
+def test_a_507_refusal_prints_one_line_naming_file_reason_and_client(tmp_path):
+    """Issue 9, silent refusals: 1.0 printed nothing when it refused an upload for lack of disk space; one line
+    must say what (the name), why (507 / space) and from whom (the address)."""
+    with tmpfs(tmp_path / "disk", "16m") as disk, drop_server(disk / "storage", disk / "chunks") as drop:
+        mark = len(drop.output.lines)
+        status, reply = put(drop.port, "toobig.bin", os.urandom(20 * MIB))
+        assert status == 507, (status, reply)
+        lines = refusal_lines(drop.output, mark, "toobig.bin", "507", "space")
+        assert len(lines) == 1, lines
