@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import http.client
+import json
 import os
 import random
 import shutil
@@ -457,3 +458,81 @@ def test_a_507_refusal_prints_one_line_naming_file_reason_and_client(tmp_path):
         assert status == 507, (status, reply)
         lines = refusal_lines(drop.output, mark, "toobig.bin", "507", "space")
         assert len(lines) == 1, lines
+
+
+# -- 8. names ------------------------------------------------------------------------------------------------------
+
+def test_a_name_of_invalid_utf8_is_stored_under_a_visible_name(tmp_path):
+    """Issue 9, names: PUT /upload/%FF%FE.txt was stored as a hidden ".txt" on 1.0; the stored name must be
+    visible and the reply must name the file that exists in storage."""
+    with drop_server(*folders(tmp_path)) as drop:
+        status, reply = put(drop.port, "%FF%FE.txt", b"bytes")
+        assert status == 200, (status, reply)
+        assert not reply["name"].startswith("."), reply
+        assert (drop.storage / reply["name"]).read_bytes() == b"bytes"
+        assert not hidden_in_storage(drop.storage), sorted(names(drop.storage))
+
+
+def test_a_numbered_name_has_one_space_before_the_number(tmp_path):
+    """Issue 9, names: "name with spaces .txt" uploaded twice became "name with spaces  (1).txt" (two spaces) on
+    1.0; the second copy must be "name with spaces (1).txt"."""
+    with drop_server(*folders(tmp_path)) as drop:
+        first = put(drop.port, "name%20with%20spaces%20.txt", b"one")
+        second = put(drop.port, "name%20with%20spaces%20.txt", b"two")
+        assert first[0] == 200 and second[0] == 200, (first, second)
+        assert second[1]["name"] == "name with spaces (1).txt", second
+        assert (drop.storage / "name with spaces (1).txt").read_bytes() == b"two"
+        assert first[1]["name"] != second[1]["name"]
+
+
+def test_twenty_uploads_leave_no_record_files_in_the_chunks_folder(tmp_path):
+    """Issue 9, names/records: 1.0 keeps one ID.done per stored upload in the chunks folder; after 20 uploads it
+    may hold only the ledger files."""
+    with drop_server(*folders(tmp_path)) as drop:
+        for i in range(20):
+            if i % 2:
+                assert put(drop.port, f"n{i}.bin", os.urandom(100 + i))[0] == 200
+            else:
+                assert upload_chunked(drop.port, os.urandom(3000 + i), 1024, f"n{i}.bin")[0] == 200
+        assert len(names(drop.storage)) == 20
+        assert_clean(drop)
+
+
+# -- 9. unknown length -------------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
+def test_a_chunked_put_from_curl_stdin_is_stored(tmp_path):
+    """Issue 9, unknown length: `curl -T - URL` (Transfer-Encoding: chunked, no Content-Length) got 411 on 1.0;
+    it must be stored with the size of what was sent and its sha256."""
+    data = os.urandom(3 * MIB + 17)
+    with drop_server(*folders(tmp_path)) as drop:
+        done = subprocess.run(["curl", "-sS", "-T", "-", f"http://127.0.0.1:{drop.port}/upload/stdin.bin"],
+                              input=data, capture_output=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        reply = json.loads(done.stdout)
+        assert reply["size"] == len(data) and reply["sha256"] == sha256(data), reply
+        assert (drop.storage / reply["name"]).read_bytes() == data
+
+
+def test_a_chunked_put_over_raw_framing_is_stored(tmp_path):
+    """Issue 9, unknown length: a PUT in HTTP chunked framing (odd frame sizes) got 411 on 1.0."""
+    data = os.urandom(1_000_003)
+    with drop_server(*folders(tmp_path)) as drop:
+        status, reply = put_chunked(drop.port, "framed.bin", data, piece=65_537)
+        assert status == 200, (status, reply)
+        assert reply["size"] == len(data) and reply["sha256"] == sha256(data), reply
+        assert storage_contents(drop.storage) == {reply["name"]: data}
+        status, reply = put_chunked(drop.port, "empty.bin", b"")
+        assert status == 200 and reply["size"] == 0, (status, reply)
+
+
+def test_a_chunked_put_over_max_size_is_413_and_leaves_nothing(tmp_path):
+    """Issue 9, unknown length: a chunked PUT larger than --max-size 1 must be refused 413, leave no file behind,
+    and the server must keep serving."""
+    with drop_server(*folders(tmp_path), "--max-size", "1") as drop:
+        status, reply = put_chunked(drop.port, "over.bin", os.urandom(3 * MIB))
+        assert status == 413, (status, reply)
+        assert names(drop.storage) == set()
+        assert_clean(drop)
+        status, reply = put(drop.port, "after.bin", b"still here")
+        assert status == 200, (status, reply)
