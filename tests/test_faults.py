@@ -5,6 +5,7 @@ Folders on tmpfs need root (mount -t tmpfs); those tests skip without it.
 """
 from __future__ import annotations
 
+import base64
 import concurrent.futures
 import http.client
 import json
@@ -536,3 +537,65 @@ def test_a_chunked_put_over_max_size_is_413_and_leaves_nothing(tmp_path):
         assert_clean(drop)
         status, reply = put(drop.port, "after.bin", b"still here")
         assert status == 200, (status, reply)
+
+
+# -- 10. 1.0 folders migrate ---------------------------------------------------------------------------------------
+
+def write_1_0_partial(chunks, upload_id, name, data, chunk_size, received):
+    """ID.part preallocated to the full size with the ``received`` chunks at their offsets, and ID.state as 1.0's
+    _Upload.state() writes it (bit i of the little-endian bitmap: chunk i is on disk)."""
+    total = chunk_count(len(data), chunk_size)
+    with open(chunks / f"{upload_id}.part", "wb") as handle:
+        handle.truncate(len(data))
+        for index in received:
+            handle.seek(index * chunk_size)
+            handle.write(data[index * chunk_size:(index + 1) * chunk_size])
+    bitmap = sum(1 << index for index in received).to_bytes((total + 7) // 8, "little")
+    state = {"v": 1, "id": upload_id, "name": name, "size": len(data), "chunk_size": chunk_size,
+             "total_chunks": total, "received": base64.b64encode(bitmap).decode("ascii"), "started": time.time(),
+             "client": "127.0.0.1"}
+    (chunks / f"{upload_id}.state").write_text(json.dumps(state, separators=(",", ":")), encoding="utf-8")
+
+
+def write_1_0_stored(storage, chunks, upload_id, name, data, chunk_size):
+    """The file in storage and ID.done as 1.0's _store writes it."""
+    (storage / name).write_bytes(data)
+    record = {"id": upload_id, "name": name, "original_name": name, "size": len(data), "sha256": sha256(data),
+              "chunk_size": chunk_size, "total_chunks": chunk_count(len(data), chunk_size),
+              "completed": time.time()}
+    (chunks / f"{upload_id}.done").write_text(json.dumps(record, separators=(",", ":")), encoding="utf-8")
+
+
+def test_folders_of_1_0_migrate(tmp_path):
+    """Issue 9, migration: a chunks folder in 1.0's layout (ID.part + ID.state for an upload under way, ID.done
+    for a stored one) must keep working on the new engine: the partial upload lists exactly its missing chunks
+    and completes, the stored one answers complete and available, and no .state/.done files remain."""
+    storage, chunks = folders(tmp_path)
+    storage.mkdir()
+    chunks.mkdir()
+    chunk_size = 64 * 1024
+    rng = random.Random(6)
+    partial = rng.randbytes(5 * chunk_size + 123)  # 6 chunks
+    stored = rng.randbytes(100_000)
+    write_1_0_partial(chunks, "legacy-partial", "old partial.bin", partial, chunk_size, received=[0, 2, 3])
+    write_1_0_stored(storage, chunks, "legacy-done", "old done.bin", stored, chunk_size)
+    with drop_server(storage, chunks) as drop:
+        status, reply = status_of(drop.port, "legacy-done")
+        assert status == 200, (status, reply)
+        assert reply["complete"] and reply["available"] is True, reply
+        assert reply["name"] == "old done.bin" and reply["sha256"] == sha256(stored), reply
+        status, reply = status_of(drop.port, "legacy-partial")
+        assert status == 200 and not reply["complete"], (status, reply)
+        assert reply["missing_chunks"] == [1, 4, 5], reply
+        for index in (1, 4, 5):
+            status, reply = post_chunk(drop.port, "legacy-partial", index,
+                                       partial[index * chunk_size:(index + 1) * chunk_size], len(partial),
+                                       chunk_size, "old partial.bin")
+            assert status == 200, (status, reply)
+        assert reply["complete"] and reply["sha256"] == sha256(partial), reply
+        assert (storage / reply["name"]).read_bytes() == partial
+        status, reply = status_of(drop.port, "legacy-done")
+        assert status == 200 and reply["available"] is True, reply
+        left = {name for name in names(chunks) if name.endswith((".state", ".done"))}
+        assert not left, f"1.0 record files left in the chunks folder: {sorted(left)}"
+        assert_clean(drop)
