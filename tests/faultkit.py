@@ -19,7 +19,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import chunk_fields, cli_server, encode_multipart, http_request, sha256
+from conftest import chunk_fields, cli_server, encode_multipart, http_request
 
 LEDGER = "ledger.sqlite3"
 LEDGER_FILES = {LEDGER, LEDGER + "-wal", LEDGER + "-shm", LEDGER + "-journal"}
@@ -273,6 +273,9 @@ def read_response(sock: socket.socket, timeout: float = 60):
         head, _, rest = buffer.partition(b"\r\n\r\n")
         lines = head.decode("latin-1").split("\r\n")
         status = int(lines[0].split()[1])
+        if 100 <= status < 200:  # an interim answer ("100 Continue"): the response follows
+            sock.settimeout(timeout)
+            return _read_after_interim(sock, rest, timeout)
         headers = {}
         for line in lines[1:]:
             key, _, value = line.partition(":")
@@ -297,6 +300,26 @@ def read_response(sock: socket.socket, timeout: float = 60):
         return status, headers, body
     except ConnectionResetError:
         raise Closed(buffer) from None
+
+
+class _Prefixed:
+    """A socket that first returns ``prefix`` (bytes already read past an interim response)."""
+
+    def __init__(self, sock, prefix: bytes):
+        self.sock, self.prefix = sock, prefix
+
+    def recv(self, size: int) -> bytes:
+        if self.prefix:
+            data, self.prefix = self.prefix[:size], self.prefix[size:]
+            return data
+        return self.sock.recv(size)
+
+    def settimeout(self, timeout) -> None:
+        self.sock.settimeout(timeout)
+
+
+def _read_after_interim(sock, rest: bytes, timeout: float):
+    return read_response(_Prefixed(sock, rest), timeout)
 
 
 def _read_chunked(sock, rest: bytes) -> bytes:
@@ -428,5 +451,3 @@ def resume_upload(port: int, upload_id: str, data: bytes, chunk_size: int, name:
 
 STORED_RE = re.compile(r'\d\d:\d\d:\d\d stored "(?P<name>.*)" ')
 RECEIVING_RE = re.compile(r'\d\d:\d\d:\d\d receiving "(?P<name>.*)" (?P<percent>\d+)% of ')
-
-__all__ = [name for name in dir() if not name.startswith("_")] + ["sha256"]

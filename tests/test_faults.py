@@ -6,21 +6,25 @@ Folders on tmpfs need root (mount -t tmpfs); those tests skip without it.
 from __future__ import annotations
 
 import base64
+import collections
 import concurrent.futures
 import http.client
 import json
 import os
 import random
 import shutil
+import socket
 import subprocess
 import threading
 import time
 import uuid
+from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 from conftest import chunk_fields, encode_multipart, http_request, sha256
 from faultkit import (LEDGER, MIB, RECEIVING_RE, STORED_RE, Closed, StalledChunk, Stop, assert_clean,
-                      chunk_count, connect, drop_server, exchange, hidden_in_storage, min_free, names,
+                      chunk_count, connect, drop_server, hidden_in_storage, min_free, names,
                       post_chunk, post_files, put, put_chunked, read_response, request_head, resume_upload,
                       send_pieces, snapshot_tree, status_of, storage_contents, stray_in_chunks, tmpfs,
                       upload_chunked, wait_until)
@@ -329,8 +333,8 @@ def test_a_slow_put_shows_progress_as_bytes_arrive(tmp_path):
 
 
 def test_progress_moves_within_one_chunk(tmp_path):
-    """Issue 9, progress by bytes: one 12 MB chunk (chunk size 16 MiB) sent at ~2.6 MB/s (~4.6 s) printed no progress on 1.0,
-    which only counts finished chunks."""
+    """Issue 9, progress by bytes: one 12 MB chunk (chunk size 16 MiB) sent at ~2.6 MB/s (~4.6 s) printed no
+    progress on 1.0, which only counts finished chunks."""
     data = os.urandom(12_000_000)
     chunk_size = 16 * MIB
     body, content_type = encode_multipart(chunk_fields(str(uuid.uuid4()), 0, len(data), chunk_size),
@@ -463,11 +467,12 @@ def test_a_507_refusal_prints_one_line_naming_file_reason_and_client(tmp_path):
 
 # -- 8. names ------------------------------------------------------------------------------------------------------
 
-def test_a_name_of_invalid_utf8_is_stored_under_a_visible_name(tmp_path):
-    """Issue 9, names: PUT /upload/%FF%FE.txt was stored as a hidden ".txt" on 1.0; the stored name must be
-    visible and the reply must name the file that exists in storage."""
+@pytest.mark.parametrize("name", ["%FF%FE.txt", ".hidden"])
+def test_a_name_that_would_hide_the_file_is_stored_under_a_visible_name(tmp_path, name):
+    """Issue 9, names: PUT /upload/%FF%FE.txt (invalid UTF-8) was stored as a hidden ".txt" on 1.0, and ".hidden"
+    as is; the stored name must be visible and the reply must name the file that exists in storage."""
     with drop_server(*folders(tmp_path)) as drop:
-        status, reply = put(drop.port, "%FF%FE.txt", b"bytes")
+        status, reply = put(drop.port, name, b"bytes")
         assert status == 200, (status, reply)
         assert not reply["name"].startswith("."), reply
         assert (drop.storage / reply["name"]).read_bytes() == b"bytes"
@@ -599,3 +604,163 @@ def test_folders_of_1_0_migrate(tmp_path):
         left = {name for name in names(chunks) if name.endswith((".state", ".done"))}
         assert not left, f"1.0 record files left in the chunks folder: {sorted(left)}"
         assert_clean(drop)
+
+
+# -- 11. robustness ---------------------------------------------------------------------------------------------------
+
+def test_a_hundred_concurrent_small_uploads_are_each_stored_once(tmp_path):
+    """Issue 9, robustness: 100 small uploads at once (chunked, PUT and multipart) are all stored exactly once
+    with the bytes sent."""
+    rng = random.Random(7)
+    files = {f"c{i:03d}.bin": rng.randbytes(rng.randint(0, 200_000)) for i in range(100)}
+
+    def send(item):
+        position, (name, data) = item
+        kind = position % 3
+        if kind == 0:
+            return upload_chunked(port, data, 16 * 1024, name)
+        if kind == 1:
+            return put(port, name, data)
+        return post_files(port, [(name, data)])
+
+    with drop_server(*folders(tmp_path)) as drop:
+        port = drop.port
+        with concurrent.futures.ThreadPoolExecutor(100) as pool:
+            results = list(pool.map(send, enumerate(files.items()), timeout=120))
+        for (name, data), (status, reply) in zip(files.items(), results):
+            assert status == 200 and reply["name"] == name and reply["sha256"] == sha256(data), (name, status, reply)
+        assert storage_contents(drop.storage) == files
+
+
+def fuzz_request(rng: random.Random) -> bytes:
+    """One hostile request, as raw bytes."""
+    names_ = ["../../escape.txt", "..\\..\\win.txt", "/etc/passwd", "%2e%2e%2fx", "\u202egpj.exe", "a" * 300,
+              "CON", "名前.txt", ".hidden", "", "x\x00y", "%00", "%FF%FE", "~/home.txt", "..", "."]
+    numbers = ["0", "-1", "1e9", "99999999999999999999999", str(2 ** 64), " 7", "0x10", "", "NaN", "١٢"]
+    roll = rng.random()
+    if roll < 0.45:  # most of them reach the upload handlers
+        method, path = "POST", rng.choice(["/upload", "/upload?x=1", "/upload/"])
+    elif roll < 0.75:
+        method, path = "PUT", "/upload/" + rng.choice(names_ + [quote(name) for name in names_])
+    else:
+        method = rng.choice(["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD", "TRACE", "BREW", "P\x00T"])
+        path = rng.choice(["/upload/" + rng.choice(names_), "/api/uploads/" + rng.choice(names_),
+                           "/download/" + rng.choice(names_), "/assets/../pyfiledrop.py", "/" + "x" * 5000, "*",
+                           "/%2e%2e/%2e%2e/etc/passwd", "/api/uploads/", "http://evil/upload"])
+    kind = rng.randrange(5)
+    headers: dict[str, str] = {}
+    if kind == 0:  # a chunk request with hostile fields
+        fields = chunk_fields(rng.choice(["ok-id", "../x", "a" * 100, "", "id with space"]), 0, 1000, 100)
+        for key in rng.sample(sorted(fields), rng.randint(1, 3)):
+            fields[key] = rng.choice(numbers)
+        files = [("file", rng.choice(names_), rng.randbytes(rng.randint(0, 500)))]
+        body, content_type = encode_multipart(fields, files, files_first=rng.random() < 0.3)
+        headers["Content-Type"] = content_type
+    elif kind == 1:  # malformed multipart
+        boundary = rng.choice(["b", "", "x" * 300, "é"])
+        body = rng.choice([b"--b\r\n\r\n", b"garbage", b"--b--", b"--b\r\nContent-Disposition: form-data; name=file; "
+                           b"filename=../../x\r\n\r\nDATA", rng.randbytes(rng.randint(0, 2000))])
+        headers["Content-Type"] = rng.choice([f"multipart/form-data; boundary={boundary}", "multipart/form-data",
+                                              "text/plain", "multipart/form-data; boundary=\"b\"; charset=utf-7"])
+    elif kind == 2:  # random bytes as the body
+        body = rng.randbytes(rng.randint(0, 4000))
+    elif kind == 3:  # bad framing
+        body = rng.randbytes(rng.randint(0, 300))
+        headers["Transfer-Encoding"] = rng.choice(["chunked", "gzip", "chunked, chunked", "identity"])
+        if rng.random() < 0.5:
+            body = rng.choice([b"zz\r\n", b"5\r\nab\r\n0\r\n\r\n", b"ffffffffffffffff\r\n", b""]) + body
+    else:  # odd headers
+        body = b""
+        headers[rng.choice(["X-\u00e9", "Host", "Expect", "Range", "If-None-Match"])] = rng.choice(
+            ["100-continue", "bytes=-1", "\u00ff" * 10, "x" * 9000])
+    length = rng.choice([len(body), len(body), len(body) + rng.randint(1, 1000), max(0, len(body) - 7), None,
+                         "-5", "abc", "1e3", "99999999999999999999"])
+    lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1", "Connection: close"]
+    if length is not None:
+        lines.append(f"Content-Length: {length}")
+    lines += [f"{key}: {value}" for key, value in headers.items()]
+    return "\r\n".join(lines).encode("utf-8", "surrogateescape") + b"\r\n\r\n" + body
+
+
+def test_five_hundred_fuzzed_requests_get_sane_answers(tmp_path):
+    """Issue 9, robustness: hostile requests must each get an answer under 500 or a closed connection, never a
+    traceback or a server path, write nothing outside the storage and chunks folders, and leave the server
+    serving."""
+    seed = int(os.environ.get("FAULTS_SEED", "11"))
+    rng = random.Random(seed)
+    storage, chunks = folders(tmp_path)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    before = snapshot_tree(tmp_path, {storage, chunks})
+    secrets = [str(tmp_path), str(Path(__file__).resolve().parent.parent), "Traceback", "File \""]
+    problems, answers = [], collections.Counter()
+    with drop_server(storage, chunks, cwd=cwd) as drop:
+        for number in range(500):
+            raw = fuzz_request(rng)
+            with connect(drop.port, timeout=10) as sock:
+                try:
+                    sock.sendall(raw)
+                    sock.shutdown(socket.SHUT_WR)  # the end of what this client sends: no waiting on it
+                except OSError:
+                    pass
+                try:
+                    status, _, body = read_response(sock, timeout=10)
+                except Closed:
+                    answers["closed"] += 1
+                    continue
+                except TimeoutError:
+                    problems.append((number, "no answer within 10 s", raw[:200]))
+                    continue
+            answers[status] += 1
+            text = body.decode("utf-8", "replace")
+            if status >= 500 or any(secret in text for secret in secrets):
+                problems.append((number, status, text[:200], raw[:200]))
+        print(f"seed {seed}: answers {dict(answers)}")
+        assert not problems, f"seed {seed}: {problems[:5]}"
+        data = os.urandom(50_000)
+        status, reply = upload_chunked(drop.port, data, 16 * 1024, "normal.bin")
+        assert status == 200 and reply["sha256"] == sha256(data), (status, reply)
+        assert "Traceback" not in drop.output.text, drop.output.text[-3000:]
+    after = snapshot_tree(tmp_path, {storage, chunks})
+    assert after == before, f"written outside storage and chunks: {sorted(set(after) ^ set(before))}"
+    assert not hidden_in_storage(storage)
+
+
+def test_downloads_under_load_are_byte_identical(tmp_path):
+    """Issue 9, robustness: with -a, GET /download/ID of stored files while other uploads run returns exactly the
+    stored bytes."""
+    rng = random.Random(8)
+    stored = {}
+    with drop_server(*folders(tmp_path), "-a") as drop:
+        for i in range(6):
+            data = rng.randbytes(rng.randint(1, 3 * MIB))
+            status, reply = upload_chunked(drop.port, data, 512 * 1024, f"dl{i}.bin")
+            assert status == 200, reply
+            stored[reply["id"]] = data
+        stop = threading.Event()
+        upload_errors = []
+
+        def keep_uploading(worker):
+            for n in range(200):
+                if stop.is_set():
+                    return
+                data = os.urandom(256 * 1024 + n)
+                status, reply = upload_chunked(drop.port, data, 64 * 1024, f"load{worker}-{n}.bin")
+                if status != 200 or reply["sha256"] != sha256(data):
+                    upload_errors.append((status, reply))
+
+        loaders = [threading.Thread(target=keep_uploading, args=(w,), daemon=True) for w in range(4)]
+        for thread in loaders:
+            thread.start()
+        try:
+            def download(upload_id):
+                status, _, body = http_request(drop.port, "GET", f"/download/{upload_id}")
+                return upload_id, status, body
+            with concurrent.futures.ThreadPoolExecutor(8) as pool:
+                for upload_id, status, body in pool.map(download, list(stored) * 5, timeout=120):
+                    assert status == 200 and body == stored[upload_id], (upload_id, status, len(body))
+        finally:
+            stop.set()
+            for thread in loaders:
+                thread.join(60)
+        assert not upload_errors, upload_errors[:3]
