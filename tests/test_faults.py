@@ -512,9 +512,9 @@ def test_a_chunked_put_from_curl_stdin_is_stored(tmp_path):
     it must be stored with the size of what was sent and its sha256."""
     data = os.urandom(3 * MIB + 17)
     with drop_server(*folders(tmp_path)) as drop:
-        done = subprocess.run(["curl", "-sS", "-T", "-", f"http://127.0.0.1:{drop.port}/upload/stdin.bin"],
+        done = subprocess.run(["curl", "-sS", "--fail-with-body", "-T", "-", f"http://127.0.0.1:{drop.port}/upload/stdin.bin"],
                               input=data, capture_output=True, timeout=60)
-        assert done.returncode == 0, done.stderr
+        assert done.returncode == 0, (done.stderr, done.stdout[:300])
         reply = json.loads(done.stdout)
         assert reply["size"] == len(data) and reply["sha256"] == sha256(data), reply
         assert (drop.storage / reply["name"]).read_bytes() == data
