@@ -1673,6 +1673,13 @@ class Engine:
             raise NotFound("No such upload.")
         return info
 
+    def _settled_info(self, upload_id: str) -> UploadInfo:
+        """An upload no longer receiving: its info if it was stored, else NotFound (it expired or failed)."""
+        info = self.info(upload_id)
+        if info.state is not State.STORED:
+            raise NotFound(f"That upload was {info.state.value}; start it again.")
+        return info
+
     def received_now(self, upload_id: str) -> int:
         """Bytes of ``upload_id`` received so far, including what requests in flight have written."""
         live = self._live.get(upload_id)
@@ -1694,7 +1701,7 @@ class Engine:
         """
         live = self._get_live(upload_id)
         if live is None:
-            return self.info(upload_id)
+            return self._settled_info(upload_id)
         size = live.info.size
         end = offset + length if length is not None else size
         if offset < 0 or (size is not None and (offset > size or end > size)):
@@ -1866,8 +1873,21 @@ class Engine:
             with live.changed:
                 live.writers.remove(writer)
                 live.changed.notify_all()
-        if failed and live.ephemeral and not writer.superseded:
-            self.discard(live.info.id)  # an upload of one request: nothing to resume
+        if failed and not writer.superseded:
+            self._forget_if_empty(live)
+
+    def _forget_if_empty(self, live: _Live) -> None:
+        """A failed request leaves nothing behind where nothing of its upload was received: a retry starts it
+        again (an upload of one request has nothing to resume at all)."""
+        upload_id = live.info.id
+        with self._opening[hash(upload_id) % 64]:
+            with live.lock:
+                if live.writers or (live.info.received and not live.ephemeral) or self._live.get(upload_id) is not live:
+                    return
+            self.discard(upload_id)
+            if not live.ephemeral:
+                self._record(dataclasses.replace(live.info, state=State.FAILED, updated=self.clock(),
+                                                 reason="nothing of it arrived"))
 
     # -- the in-order hash ----------------------------------------------------------------------------------
     def _advance_hash(self, live: _Live, wait: bool = False) -> None:
@@ -1932,7 +1952,7 @@ class Engine:
         """Store a fully received upload under its final name, exactly once; later calls answer the same."""
         live = self._get_live(upload_id)
         if live is None:
-            return self.info(upload_id)
+            return self._settled_info(upload_id)
         with live.finish_lock:
             if live.info.state is State.STORED:
                 return live.info
@@ -2514,15 +2534,16 @@ def receive_form(engine: Engine, environ: dict, client: str) -> dict:
                     raise BadRequest(f"Field {part.name} is given twice.")
                 fields[part.name] = part.value
                 continue
-            chunk = parse_chunk_fields(fields, engine.limits.max_size)
-            if chunk_reply is not None or (chunk is not None and spooled):
-                raise BadRequest("A chunk request carries exactly one file.")
-            if chunk is not None:
-                chunk_reply = receive_chunk(engine, chunk, part.filename, part.data, client)
-            elif part.filename or _has_bytes(part):
-                if not spooled:
-                    engine.check_space(length or 0)
-                spooled.append((_spool(engine, part, client), part.filename))
+            with _Subject(sanitize_filename(part.filename)):
+                chunk = parse_chunk_fields(fields, engine.limits.max_size)
+                if chunk_reply is not None or (chunk is not None and spooled):
+                    raise BadRequest("A chunk request carries exactly one file.")
+                if chunk is not None:
+                    chunk_reply = receive_chunk(engine, chunk, part.filename, part.data, client)
+                elif part.filename or _has_bytes(part):
+                    if not spooled:
+                        engine.check_space(length or 0)
+                    spooled.append((_spool(engine, part, client), part.filename))
         if chunk_reply is not None:
             return chunk_reply
         chunk = parse_chunk_fields(fields, engine.limits.max_size)

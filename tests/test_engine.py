@@ -410,11 +410,12 @@ def test_bytes_past_the_announced_range_are_refused(tmp_path):
     with pytest.raises(TooLarge):
         engine.create("u0", "f.bin", size=101, part_size=50, client="")
     engine.create("u1", "f.bin", size=100, part_size=50, client="")
+    engine.put("u1", 0, [b"y" * 10], length=10)
     with pytest.raises(BadRequest):
-        engine.put("u1", 0, pieces(b"x" * 60, 50), length=50, atomic=True)
+        engine.put("u1", 10, pieces(b"x" * 60, 50), length=50, atomic=True)
     with pytest.raises(BadRequest):
         engine.put("u1", 90, [b"x" * 20])
-    assert engine.info("u1").received == ()
+    assert engine.info("u1").received == ((0, 10),)
 
 
 def test_an_upload_id_cannot_change_its_file(tmp_path):
