@@ -5,6 +5,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -68,7 +69,7 @@ def test_index_html_beside_the_script_is_used(tmp_path):
     shutil.copy(os.path.join(os.path.dirname(__file__), "..", "pyfiledrop.py"), program / "pyfiledrop.py")
     (program / "index.html").write_text("<p>beside the script</p>")
     result = subprocess.run(
-        ["python", "-c", "import pyfiledrop; print(pyfiledrop.parse_args([]).index)"],
+        [sys.executable, "-c", "import pyfiledrop; print(pyfiledrop.parse_args([]).index)"],
         cwd=program, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == str(program / "index.html")
 
