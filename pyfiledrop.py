@@ -2882,12 +2882,23 @@ class _WorkerPool:
             self.threads = 0
 
 
+def _connection_cap(limits: ServerLimits) -> int:
+    """limits.max_connections, lowered to leave room under the open-file limit (raised to its hard maximum
+    first) for the files the workers open, the log and the listening socket."""
+    if os.name == "nt":  # no such limit, but Python's select() takes at most 512 sockets on Windows
+        return min(limits.max_connections, 500)
+    open_files = _raise_open_file_limit()
+    if open_files is None:
+        return limits.max_connections
+    return min(limits.max_connections, max(16, open_files - 2 * limits.max_workers - 64))
+
+
 def _raise_open_file_limit() -> int | None:
     """Raise the soft limit on open files to the hard one; returns the limit (None where unknown)."""
     try:
         import resource
-    except ImportError:  # Windows: no such limit; select() takes at most 512 sockets there
-        return 500
+    except ImportError:
+        return None
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 16)
     if soft == resource.RLIM_INFINITY or soft >= target:
@@ -2904,11 +2915,7 @@ class HTTPServer:
 
     def __init__(self, app: Callable, host: str, port: int, limits: ServerLimits):
         self.app, self.limits = app, limits
-        open_files = _raise_open_file_limit()
-        cap = limits.max_connections
-        if open_files is not None:  # room for the files the workers open, the log, the listening socket
-            cap = min(cap, max(16, open_files - 2 * limits.max_workers - 64))
-        self.max_connections = cap
+        self.max_connections = _connection_cap(limits)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.socket = socket.socket(family, socket.SOCK_STREAM)
         try:
