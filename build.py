@@ -193,7 +193,7 @@ def build_executable(dist: Path, work: Path, *, clean: bool = False) -> Path:
         # imported lazily (the QR code); bundled when it is installed here, skipped with a note otherwise
         "--hidden-import", "segno",
     ]
-    # Optional imports of the libraries (Paste's SSL via pyOpenSSL, ...) that pyfiledrop never uses: without
+    # Optional imports of the libraries (pyOpenSSL, cryptography, ...) that pyfiledrop never uses: without
     # them the executable is about half the size and the build faster.
     for module in ("OpenSSL", "cryptography", "jinja2", "pkg_resources", "setuptools", "tkinter", "pydoc"):
         command += ["--exclude-module", module]

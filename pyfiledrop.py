@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import dataclasses
 import enum
 import errno
@@ -21,7 +22,9 @@ import json
 import logging
 import mmap
 import os
+import queue
 import re
+import selectors
 import shutil
 import socket
 import sqlite3
@@ -31,6 +34,7 @@ import time
 import unicodedata
 import uuid
 import zlib
+from email.utils import formatdate
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping
 from urllib.parse import quote, unquote_to_bytes, urlsplit
@@ -69,9 +73,6 @@ MAX_FIELD_BYTES = 1024
 MAX_FORM_PARTS = 64
 MAX_NAME_ATTEMPTS = 10_000
 READ_BLOCK = 1 * MIB
-SERVER_THREADS = 64                # fifty simultaneous uploads, plus page loads
-LISTEN_BACKLOG = 128
-SOCKET_TIMEOUT_S = 300             # a stalled client gives its thread back after this long
 
 DZ_FIELDS = ("dzuuid", "dzchunkindex", "dztotalfilesize", "dzchunksize", "dztotalchunkcount",
              "dzchunkbyteoffset")
@@ -3166,33 +3167,997 @@ class _ConsoleHandler(logging.Handler):
 
 
 ###############################################################################
+# HTTP server #################################################################
+###############################################################################
+# pyfiledrop's own HTTP/1.1 server for the WSGI app, standard library only.  One selector thread owns every
+# connection that is not running a request (new, idle keep-alive, request head still arriving), so an idle or
+# slow connection costs a socket and a few hundred bytes, never a thread.  A complete request head goes to a
+# worker thread, which runs the app with the request body read straight from the socket into the app's buffer,
+# writes the response and hands the connection back.  Every figure is a field of ServerLimits.
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerLimits:
+    """The server's limits and timeouts, with the reason for each.
+
+    Real links, slowest first: a phone on 2G/EDGE uploads 20-50 KB/s, which a browser may share between up to
+    6 connections to one host, so at least ~3 KB/s per connection; 3G and poor Wi-Fi give 100 KB/s and more.
+    A slowloris client sends about 1 byte per second per connection to hold it open.  The figures below sit
+    far under every real link and far above slowloris.
+    """
+
+    head_timeout: float = 10.0
+    """Seconds from the first byte of a request head to its end.  A head is under 2 KB: 0.1 s on 2G."""
+    idle_timeout: float = 30.0
+    """Seconds a keep-alive connection may wait for its next request (or a new one for its first byte).
+    The page sends the next chunk within milliseconds of the last reply, so 30 s only closes connections a
+    browser parked; it reconnects when it needs one (nginx's keepalive_timeout is 75 s; Apache's is 5 s)."""
+    max_head_bytes: int = 64 * 1024
+    """A request line and headers larger than this get 431 (browsers send under 2 KB)."""
+    min_rate_bytes: int = 16 * 1024
+    min_rate_window: float = 20.0
+    """A request body (or a response) that moves fewer than min_rate_bytes in any min_rate_window seconds
+    spent waiting for the client is cut: 0.8 KiB/s, a quarter of the slowest real link above, 800 times
+    slowloris.  Only time spent waiting for the client counts, not time the app spends between reads."""
+    max_connections: int = 4096
+    """Open connections in all (lowered to fit under the open-file limit, which start-up raises to its hard
+    maximum).  At the cap a new connection closes the oldest parked connection of the busiest address."""
+    max_connections_per_address: int = 512
+    """Open connections from one address; over it, that address's oldest parked (idle or head pending)
+    connection is closed to make room, so a new connection is never refused for this.  A browser opens 6
+    per host; 512 leaves room for many devices behind one NAT address and still keeps one address to an
+    eighth of max_connections."""
+    max_busy_per_address: int = 128
+    """Requests from one address running in workers at once; a complete request head over this gets 503 and
+    the connection is closed.  Half of max_workers: one address can never take every worker, while a script
+    with a hundred parallel uploads still runs."""
+    max_workers: int = 256
+    """Worker threads at most (started on demand, ended after worker_idle_timeout without work); further
+    complete requests wait in a queue, holding no thread."""
+    worker_idle_timeout: float = 60.0
+    drain_bytes: int = 64 * 1024 * 1024
+    """After a response, an unread request body up to this size is read off to keep the connection."""
+    listen_backlog: int = 1024
+    """Connections the kernel queues before the selector accepts them (it accepts as fast as they come)."""
+
+
+class BodyIncomplete(ConnectionError):
+    """The client closed the connection, or the request body ended early or is malformed."""
+
+
+class BodyTooSlow(TimeoutError):
+    """The request body moved slower than ServerLimits' minimum rate."""
+
+
+_HEAD_END = b"\r\n\r\n"
+_TOKEN_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+_VERSION_RE = re.compile(rb"HTTP/(\d)\.(\d)\Z")
+_CHUNK_SIZE_RE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\r\n]*)?\Z")
+_REASONS = {400: "Bad Request", 408: "Request Timeout", 431: "Request Header Fields Too Large",
+            500: "Internal Server Error", 501: "Not Implemented", 503: "Service Unavailable",
+            505: "HTTP Version Not Supported"}
+_SEND_BLOCK = 64 * 1024    # a response's first block this small goes out in one send with the headers
+
+
+class _Connection:
+    __slots__ = ("sock", "address", "port", "buffer", "since", "head_started", "busy", "closed")
+
+    def __init__(self, sock: socket.socket, address: str, port: int, now: float):
+        self.sock, self.address, self.port = sock, address, port
+        self.buffer = bytearray()    # bytes of the next request head that have arrived
+        self.since = now             # when it was parked (accepted, or handed back after a response)
+        self.head_started = None     # when the first byte of the head now arriving came
+        self.busy = False            # running a request in a worker (else parked in the selector)
+        self.closed = False
+
+
+class _Wire:
+    """A connection's socket as a worker uses it: blocking with timeouts, and the minimum rate enforced."""
+
+    def __init__(self, sock: socket.socket, limits: ServerLimits):
+        self.sock = sock
+        self.window, self.minimum = limits.min_rate_window, limits.min_rate_bytes
+        self.waited = 0.0   # seconds spent waiting for the client in this window
+        self.moved = 0      # bytes moved in this window
+
+    def _account(self, started: float, count: int) -> None:
+        self.waited += time.monotonic() - started
+        self.moved += count
+        if self.waited >= self.window:
+            if self.moved < self.minimum:
+                raise BodyTooSlow(f"fewer than {self.minimum} bytes in {self.window:g} s")
+            self.waited, self.moved = 0.0, 0
+
+    def recv_into(self, view) -> int:
+        while True:
+            self.sock.settimeout(max(self.window - self.waited, 0.01))
+            started = time.monotonic()
+            try:
+                count = self.sock.recv_into(view)
+            except TimeoutError:
+                self._account(started, 0)
+                continue
+            self._account(started, count)
+            if not count:
+                raise BodyIncomplete("the client closed the connection")
+            return count
+
+    def send(self, data) -> None:
+        view = memoryview(data).cast("B")
+        while view:
+            self.sock.settimeout(max(self.window - self.waited, 0.01))
+            started = time.monotonic()
+            try:
+                count = self.sock.send(view)
+            except TimeoutError:
+                count = 0
+            self._account(started, count)
+            view = view[count:]
+
+    def sendfile(self, file, offset: int, count: int) -> int:
+        """Send ``count`` bytes of ``file`` from ``offset`` with os.sendfile; returns the bytes sent."""
+        fd, out, sent = file.fileno(), self.sock.fileno(), 0
+        self.sock.settimeout(0.0)
+        while sent < count:
+            started = time.monotonic()
+            try:
+                done = os.sendfile(out, fd, offset + sent, min(count - sent, 1 << 30))
+            except BlockingIOError:
+                done = None
+            if done == 0:
+                break  # the file is shorter than it said
+            if done is None:
+                ready = selectors.DefaultSelector()
+                try:
+                    ready.register(out, selectors.EVENT_WRITE)
+                    ready.select(max(self.window - self.waited, 0.01))
+                finally:
+                    ready.close()
+                done = 0
+            self._account(started, done)
+            sent += done
+        return sent
+
+
+class _RequestBody:
+    """``wsgi.input``: the request body, read from the socket into the caller's buffer.
+
+    ``readinto(buffer)`` returns the bytes read, 0 only at the end of the body; ``read(size=-1)`` and
+    ``readline(size=-1)`` return bytes.  Bytes that arrived with the head are served first, then the socket's
+    ``recv_into`` fills the caller's buffer directly.  Content-Length and chunked bodies (decoded, trailers
+    skipped) are both handled; "100 Continue" is sent on the first read when the client expects it.  A client
+    that disconnects, ends the body early or breaks the chunked framing raises BodyIncomplete (a
+    ConnectionError); one slower than the minimum rate raises BodyTooSlow (a TimeoutError).
+    """
+
+    def __init__(self, wire: _Wire, pending: bytes, length: int | None, chunked: bool, expect_continue: bool):
+        self._wire = wire
+        self._pending = memoryview(pending)   # bytes that came with the head (or past a chunk-size line)
+        self._length = length if not chunked else None
+        self._remaining = length or 0          # of the body (Content-Length) or of the current chunk
+        self._chunked = chunked
+        self._chunk_started = False            # chunked: a chunk-size line has been read
+        self.done = not chunked and not length
+        self.expect_continue = expect_continue  # "100 Continue" still owed
+        self.started = False                   # any read was asked for
+        self.broken = False                    # a read failed: the connection is out of step
+
+    # -- the raw byte source -------------------------------------------------------------------------
+    def _raw_into(self, view) -> int:
+        if self._pending:
+            count = min(len(view), len(self._pending))
+            view[:count] = self._pending[:count]
+            self._pending = self._pending[count:]
+            return count
+        return self._wire.recv_into(view)
+
+    def _raw_line(self, limit: int = 4096) -> bytes:
+        """One CRLF-terminated framing line (without the CRLF), for chunked bodies."""
+        line = bytearray()
+        while True:
+            if not self._pending:
+                block = bytearray(8192)
+                count = self._wire.recv_into(block)
+                self._pending = memoryview(bytes(block[:count]))
+            end = bytes(self._pending[:limit]).find(b"\n")
+            if end >= 0:
+                line += self._pending[:end + 1]
+                self._pending = self._pending[end + 1:]
+                break
+            line += self._pending
+            self._pending = self._pending[:0]
+            if len(line) > limit:
+                raise BodyIncomplete("a chunk-size line is too long")
+        if not line.endswith(b"\r\n"):
+            raise BodyIncomplete("malformed chunked framing")
+        return bytes(line[:-2])
+
+    def _start(self) -> None:
+        self.started = True
+        if self.expect_continue:
+            self.expect_continue = False
+            self._wire.send(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def _next_chunk(self) -> None:
+        if self._chunk_started:  # the CRLF after a chunk's data
+            end = bytearray(2)
+            got = self._raw_into(memoryview(end))
+            if got == 1:
+                got += self._raw_into(memoryview(end)[1:])
+            if end != b"\r\n":
+                raise BodyIncomplete("malformed chunked framing")
+        match = _CHUNK_SIZE_RE.match(self._raw_line())
+        if not match:
+            raise BodyIncomplete("malformed chunk size")
+        self._chunk_started = True
+        self._remaining = int(match.group(1), 16)
+        if not self._remaining:
+            for _ in range(100):  # trailers: skipped
+                if self._raw_line() == b"":
+                    break
+            else:
+                raise BodyIncomplete("too many trailers")
+            self.done = True
+
+    # -- the WSGI side ---------------------------------------------------------------------------------
+    def readinto(self, buffer) -> int:
+        try:
+            return self._readinto(buffer)
+        except OSError:
+            self.broken = True
+            raise
+
+    def _readinto(self, buffer) -> int:
+        if self.broken:
+            raise BodyIncomplete("the request body broke off earlier")
+        if not self.started:
+            self._start()
+        view = memoryview(buffer).cast("B")
+        if self.done or not len(view):
+            return 0
+        if self._chunked and not self._remaining:
+            self._next_chunk()
+            if self.done:
+                return 0
+        count = self._raw_into(view[:min(len(view), self._remaining)])
+        self._remaining -= count
+        if not self._chunked and not self._remaining:
+            self.done = True
+        return count
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0:
+            parts = []
+            while True:
+                block = self.read(READ_BLOCK)
+                if not block:
+                    return b"".join(parts)
+                parts.append(block)
+        buffer = bytearray(min(size, self._remaining) if self._remaining else min(size, READ_BLOCK))
+        count = self.readinto(buffer)
+        del buffer[count:]
+        return bytes(buffer)
+
+    def readline(self, size: int | None = -1) -> bytes:
+        try:
+            return self._readline(size)
+        except OSError:
+            self.broken = True
+            raise
+
+    def _readline(self, size: int | None) -> bytes:
+        if self.broken:
+            raise BodyIncomplete("the request body broke off earlier")
+        line = bytearray()
+        while size is None or size < 0 or len(line) < size:
+            if not self.started:
+                self._start()
+            if self.done:
+                break
+            if not self._pending and not (self._chunked and not self._remaining):
+                # refill the pending bytes from the socket: readline is rare, a copy here is fine
+                block = bytearray(min(self._remaining, 8192))
+                self._pending = memoryview(bytes(block[:self._wire.recv_into(block)]))
+            if self._chunked and not self._remaining:
+                self._next_chunk()
+                continue
+            available = self._pending[:min(self._remaining, len(self._pending))]
+            if size is not None and size >= 0:
+                available = available[:size - len(line)]
+            end = bytes(available).find(b"\n")
+            taken = available[:end + 1] if end >= 0 else available
+            line += taken
+            self._pending = self._pending[len(taken):]
+            self._remaining -= len(taken)
+            if not self._chunked and not self._remaining:
+                self.done = True
+            if end >= 0:
+                break
+        return bytes(line)
+
+    def readlines(self, hint: int = -1) -> list[bytes]:
+        return list(self)
+
+    def __iter__(self):
+        while True:
+            line = self.readline()
+            if not line:
+                return
+            yield line
+
+    # -- for the server --------------------------------------------------------------------------------
+    def leftover(self) -> bytes:
+        """Bytes past the body that already arrived (a pipelined next request)."""
+        return bytes(self._pending)
+
+    def finish(self, limit: int) -> bool:
+        """Read off the rest of the body when that is cheap; False when the connection must be closed."""
+        if self.done:
+            return True
+        if self.broken or self.expect_continue and not self.started:
+            return False  # the client waits for "100 Continue" before sending the body, and need not send it
+        if self._length is not None and self._remaining > limit:
+            return False
+        buffer = memoryview(bytearray(min(READ_BLOCK, limit)))
+        drained = 0
+        try:
+            while not self.done and drained <= limit:
+                drained += self.readinto(buffer)
+        except OSError:
+            return False
+        return self.done
+
+
+class _FileWrapper:
+    """``wsgi.file_wrapper``: a file the server may send with os.sendfile."""
+
+    def __init__(self, file, block_size: int = READ_BLOCK):
+        self.file, self.block_size = file, block_size
+        if hasattr(file, "close"):
+            self.close = file.close
+
+    def __iter__(self):
+        while True:
+            block = self.file.read(self.block_size)
+            if not block:
+                return
+            yield block
+
+
+class _WorkerPool:
+    """Threads started on demand up to ``size``, each ending after ``idle_timeout`` seconds without work."""
+
+    def __init__(self, size: int, idle_timeout: float, name: str):
+        self._size, self._idle_timeout, self._name = size, idle_timeout, name
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self.threads = 0
+        self._idle = 0      # waiting threads no job has been promised to
+        self._backlog = 0   # queued jobs no thread has been promised to
+
+    def submit(self, job: Callable[[], None]) -> None:
+        with self._lock:
+            self._jobs.put(job)
+            if self._idle:
+                self._idle -= 1
+            elif self.threads < self._size:
+                self.threads += 1
+                threading.Thread(target=self._work, name=f"{self._name}-{self.threads}", daemon=True).start()
+            else:
+                self._backlog += 1
+
+    def _work(self) -> None:
+        while True:
+            try:
+                job = self._jobs.get(timeout=self._idle_timeout)
+            except queue.Empty:
+                with self._lock:
+                    if self._idle:  # no job was promised to this thread: it may end
+                        self._idle -= 1
+                        self.threads -= 1
+                        return
+                continue  # a job was promised to it just now
+            if job is None:
+                return
+            try:
+                job()
+            except Exception:
+                log.exception("HTTP worker failed")
+            with self._lock:
+                if self._backlog:
+                    self._backlog -= 1  # take a queued job at once
+                else:
+                    self._idle += 1
+
+    def close(self) -> None:
+        with self._lock:
+            for _ in range(self.threads):
+                self._jobs.put(None)
+            self.threads = 0
+
+
+def _connection_cap(limits: ServerLimits) -> int:
+    """limits.max_connections, lowered to leave room under the open-file limit (raised to its hard maximum
+    first) for the files the workers open, the log and the listening socket."""
+    if os.name == "nt":  # no such limit, but Python's select() takes at most 512 sockets on Windows
+        return min(limits.max_connections, 500)
+    open_files = _raise_open_file_limit()
+    if open_files is None:
+        return limits.max_connections
+    return min(limits.max_connections, max(16, open_files - 2 * limits.max_workers - 64))
+
+
+def _raise_open_file_limit() -> int | None:
+    """Raise the soft limit on open files to the hard one; returns the limit (None where unknown)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 16)
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return None if soft == resource.RLIM_INFINITY else soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        return target
+    except (ValueError, OSError):
+        return soft
+
+
+class HTTPServer:
+    """The server ``make_server`` returns: ``serve(stop)`` until the event is set, then ``close()``."""
+
+    def __init__(self, app: Callable, host: str, port: int, limits: ServerLimits):
+        self.app, self.limits = app, limits
+        self.max_connections = _connection_cap(limits)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.socket = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            if os.name != "nt":  # on Windows SO_REUSEADDR would let a second server take the same port
+                self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.socket.bind((host, port))
+            self.socket.listen(limits.listen_backlog)
+            self.socket.setblocking(False)
+        except OSError:
+            self.socket.close()
+            raise
+        self.server_address = self.socket.getsockname()[:2]
+        self._pool = _WorkerPool(limits.max_workers, limits.worker_idle_timeout, "pyfiledrop-http")
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._lock = threading.Lock()          # guards _returned and _stopped (workers hand connections back)
+        self._returned: list[tuple[_Connection, bool]] = []
+        self._stopped = False
+        # owned by the selector thread:
+        self._connections: dict[_Connection, None] = {}                  # all open ones, oldest first
+        self._by_address: dict[str, dict[_Connection, None]] = {}        # the same, per client address
+        self._busy: dict[str, int] = {}                                   # requests in workers, per address
+        self._warned: dict[str, float] = {}
+        self._date = (0, "")
+
+    # -- the selector thread --------------------------------------------------------------------------------
+    def serve(self, stop: threading.Event) -> None:
+        """Serve until ``stop`` is set (noticed within 0.25 s); then close every connection and the socket."""
+        selector = self._selector
+        selector.register(self.socket, selectors.EVENT_READ, None)
+        selector.register(self._wake_r, selectors.EVENT_READ, self._wake_r)
+        next_sweep = 0.0
+        try:
+            while not stop.is_set():
+                for key, _ in selector.select(0.25):
+                    if key.data is None:
+                        self._accept()
+                    elif key.data is self._wake_r:
+                        try:
+                            while self._wake_r.recv(4096):
+                                pass
+                        except (BlockingIOError, InterruptedError):
+                            pass
+                    else:
+                        self._read_head(key.data)
+                self._take_returned()
+                now = time.monotonic()
+                if now >= next_sweep:
+                    self._sweep(now)
+                    next_sweep = now + 0.25
+        finally:
+            self.close()
+
+    def _accept(self) -> None:
+        for _ in range(256):
+            try:
+                sock, peer = self.socket.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as error:  # EMFILE and the like: the cap is meant to keep this from happening
+                log.debug("accept failed: %s", error)
+                return
+            sock.setblocking(False)
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            address = peer[0]
+            mine = self._by_address.get(address, {})
+            if len(mine) >= self.limits.max_connections_per_address:
+                if not self._evict(mine, f"{address} has {len(mine)} connections"):
+                    self._refuse_now(sock, address, "its connection cap is all busy")
+                    continue
+            if len(self._connections) >= self.max_connections:
+                busiest = max(self._by_address.values(), key=len, default={})
+                why = f"{len(self._connections)} connections are open"
+                if not (self._evict(busiest, why) or self._evict(self._connections, why)):
+                    self._refuse_now(sock, address, "every connection is busy")
+                    continue
+            connection = _Connection(sock, address, peer[1], time.monotonic())
+            self._connections[connection] = None
+            self._by_address.setdefault(address, {})[connection] = None
+            self._selector.register(sock, selectors.EVENT_READ, connection)
+
+    def _evict(self, connections: dict, why: str) -> bool:
+        for connection in connections:  # oldest first
+            if not connection.busy:
+                log.debug("closing a parked connection from %s:%s: %s", connection.address, connection.port, why)
+                self._close(connection)
+                return True
+        return False
+
+    def _refuse_now(self, sock: socket.socket, address: str, why: str) -> None:
+        self._warn(address, f"refused a connection from {address}: {why}")
+        with contextlib.suppress(OSError):
+            sock.send(self._error_bytes(503, "The server is busy; try again shortly."))
+        sock.close()
+
+    def _warn(self, address: str, message: str) -> None:
+        now = time.monotonic()
+        if now - self._warned.get(address, -3600.0) >= 60:
+            self._warned[address] = now
+            log.warning("%s (at most once a minute per address)", message)
+        else:
+            log.debug("%s", message)
+
+    def _read_head(self, connection: _Connection) -> None:
+        try:
+            data = connection.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._close(connection)
+            return
+        connection.buffer += data
+        if connection.head_started is None:
+            connection.head_started = time.monotonic()
+        self._check_head(connection, len(connection.buffer) - len(data))
+
+    def _check_head(self, connection: _Connection, searched: int = 0) -> None:
+        buffer = connection.buffer
+        while buffer[:2] == b"\r\n":  # empty lines before a request line are allowed (RFC 9112 2.2)
+            del buffer[:2]
+            searched = 0
+        end = buffer.find(_HEAD_END, max(0, searched - 3))
+        if end < 0:
+            if len(buffer) > self.limits.max_head_bytes:
+                log.debug("request head over %d bytes from %s", self.limits.max_head_bytes, connection.address)
+                self._answer_and_close(connection, 431, "The request head is too large.")
+            return
+        if end + 4 > self.limits.max_head_bytes:
+            self._answer_and_close(connection, 431, "The request head is too large.")
+            return
+        head, rest = bytes(buffer[:end]), bytes(buffer[end + 4:])
+        connection.buffer = bytearray()
+        connection.head_started = None
+        if self._busy.get(connection.address, 0) >= self.limits.max_busy_per_address:
+            self._warn(connection.address, f"answered 503 to {connection.address}: it already has "
+                                           f"{self.limits.max_busy_per_address} requests running")
+            self._answer_and_close(connection, 503, "Too many requests at once from this address.")
+            return
+        self._selector.unregister(connection.sock)
+        connection.busy = True
+        self._busy[connection.address] = self._busy.get(connection.address, 0) + 1
+        self._pool.submit(lambda: self._run(connection, head, rest))
+
+    def _answer_and_close(self, connection: _Connection, status: int, message: str) -> None:
+        with contextlib.suppress(OSError):
+            connection.sock.send(self._error_bytes(status, message))
+        self._close(connection)
+
+    def _close(self, connection: _Connection) -> None:
+        if connection.closed:
+            return
+        connection.closed = True
+        if not connection.busy:
+            with contextlib.suppress(KeyError, ValueError):
+                self._selector.unregister(connection.sock)
+        with contextlib.suppress(OSError):
+            connection.sock.close()
+        self._connections.pop(connection, None)
+        mine = self._by_address.get(connection.address)
+        if mine is not None:
+            mine.pop(connection, None)
+            if not mine:
+                del self._by_address[connection.address]
+
+    def _take_returned(self) -> None:
+        with self._lock:
+            returned, self._returned = self._returned, []
+        now = time.monotonic()
+        for connection, keep in returned:
+            connection.busy = False
+            left = self._busy.get(connection.address, 1) - 1
+            if left:
+                self._busy[connection.address] = left
+            else:
+                self._busy.pop(connection.address, None)
+            if not keep:
+                self._close(connection)
+                continue
+            connection.since = now
+            connection.head_started = now if connection.buffer else None
+            try:
+                connection.sock.setblocking(False)
+                self._selector.register(connection.sock, selectors.EVENT_READ, connection)
+            except (OSError, ValueError):
+                self._close(connection)
+                continue
+            # re-queue at the end: the oldest-first order is by when a connection was last parked
+            self._connections.pop(connection, None)
+            self._connections[connection] = None
+            mine = self._by_address.setdefault(connection.address, {})
+            mine.pop(connection, None)
+            mine[connection] = None
+            if connection.buffer:  # a pipelined request came with the last one
+                self._check_head(connection)
+
+    def _sweep(self, now: float) -> None:
+        limits = self.limits
+        for connection in list(self._connections):
+            if connection.busy:
+                continue
+            if connection.head_started is not None:
+                if now - connection.head_started > limits.head_timeout:
+                    log.debug("closing %s:%s: no complete request head within %g s", connection.address,
+                              connection.port, limits.head_timeout)
+                    self._answer_and_close(connection, 408, "The request head took too long.")
+            elif now - connection.since > limits.idle_timeout:
+                self._close(connection)
+
+    def _hand_back(self, connection: _Connection, keep: bool) -> None:
+        """From a worker: the request is done; the connection goes back to the selector (or is closed)."""
+        with self._lock:
+            if self._stopped:
+                with contextlib.suppress(OSError):
+                    connection.sock.close()
+                return
+            self._returned.append((connection, keep))
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"\0")
+
+    def close(self) -> None:
+        """Close the listening socket and every connection; requests running in workers are cut."""
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+            for connection in list(self._connections):
+                if connection.busy:  # its worker sees the connection break and ends the request
+                    with contextlib.suppress(OSError):
+                        connection.sock.shutdown(socket.SHUT_RDWR)
+        for connection in list(self._connections):
+            if not connection.busy:
+                self._close(connection)
+        self._connections.clear()
+        self._by_address.clear()
+        for sock in (self.socket, self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                sock.close()
+        with contextlib.suppress(OSError, ValueError):
+            self._selector.close()
+        self._pool.close()
+
+    # -- the worker side ---------------------------------------------------------------------------------------
+    def _error_bytes(self, status: int, message: str, head_only: bool = False) -> bytes:
+        body = (message + "\n").encode()
+        head = (f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\nDate: {self._http_date()}\r\n"
+                f"Content-Type: text/plain; charset=utf-8\r\nContent-Length: {len(body)}\r\n"
+                f"Connection: close\r\n\r\n").encode()
+        return head if head_only else head + body
+
+    def _http_date(self) -> str:
+        now = int(time.time())
+        if self._date[0] != now:
+            self._date = (now, formatdate(now, usegmt=True))
+        return self._date[1]
+
+    def _run(self, connection: _Connection, head: bytes, rest: bytes) -> None:
+        keep = False
+        try:
+            keep = self._handle(connection, head, rest)
+        except OSError as error:
+            log.debug("connection from %s:%s ended: %s", connection.address, connection.port,
+                      error.strerror or error)
+        except Exception:
+            log.exception("HTTP request from %s failed", connection.address)
+        finally:
+            self._hand_back(connection, keep)
+
+    def _parse_head(self, head: bytes):
+        """(method, target, version, [(name, value), ...]) or an (error status, message) pair."""
+        lines = head.split(b"\r\n")
+        parts = lines[0].split(b" ")
+        if len(parts) != 3 or not _TOKEN_RE.match(parts[0]) or not parts[1]:
+            return 400, "Malformed request line."
+        method, target, version = parts
+        match = _VERSION_RE.match(version)
+        if not match:
+            return 400, "Malformed request line."
+        if match.group(1) != b"1":
+            return 400, "Only HTTP/1.0 and HTTP/1.1 are supported."
+        if any(c < 0x21 or c == 0x7f for c in target):
+            return 400, "Malformed request target."
+        headers = []
+        for line in lines[1:]:
+            name, colon, value = line.partition(b":")
+            if not colon or not _TOKEN_RE.match(name):
+                return 400, "Malformed header line."
+            headers.append((name.decode("latin-1"), value.strip(b" \t").decode("latin-1")))
+        return method.decode("latin-1"), target.decode("latin-1"), version.decode("latin-1"), headers
+
+    def _handle(self, connection: _Connection, head: bytes, rest: bytes) -> bool:
+        """Run one request; True when the connection may be kept for another."""
+        wire = _Wire(connection.sock, self.limits)
+        parsed = self._parse_head(head)
+        if len(parsed) == 2:
+            log.debug("%s from %s:%s", parsed[1], connection.address, connection.port)
+            wire.send(self._error_bytes(*parsed))
+            return False
+        method, target, version, headers = parsed
+        path, _, query = target.partition("?")
+        if path.startswith(("http://", "https://")):  # absolute form
+            path = "/" + path.split("/", 3)[3] if path.count("/") >= 3 else "/"
+        elif not path.startswith("/") and not (path == "*" and method == "OPTIONS"):
+            wire.send(self._error_bytes(400, "Malformed request target."))
+            return False
+        environ = {
+            "REQUEST_METHOD": method, "SCRIPT_NAME": "",
+            "PATH_INFO": unquote_to_bytes(path.encode("latin-1")).decode("latin-1"), "QUERY_STRING": query,
+            "REQUEST_URI": target, "SERVER_NAME": str(self.server_address[0]),
+            "SERVER_PORT": str(self.server_address[1]), "SERVER_PROTOCOL": version,
+            "REMOTE_ADDR": connection.address, "REMOTE_PORT": str(connection.port),
+            "wsgi.version": (1, 0), "wsgi.url_scheme": "http", "wsgi.errors": sys.stderr,
+            "wsgi.multithread": True, "wsgi.multiprocess": False, "wsgi.run_once": False,
+            "wsgi.input_terminated": True, "wsgi.file_wrapper": _FileWrapper,
+        }
+        lengths, codings, tokens = set(), [], set()
+        for name, value in headers:
+            key = name.upper().replace("-", "_")
+            if "_" in name:
+                continue  # "X_A" and "X-A" would both be HTTP_X_A: such headers are dropped (as nginx does)
+            if key == "CONTENT_LENGTH":
+                lengths.add(value)
+                continue
+            if key == "TRANSFER_ENCODING":
+                codings += [c.strip().lower() for c in value.split(",") if c.strip()]
+            if key == "CONNECTION":
+                tokens |= {t.strip().lower() for t in value.split(",")}
+            if key == "CONTENT_TYPE":
+                environ["CONTENT_TYPE"] = value
+                continue
+            key = "HTTP_" + key
+            if key in environ:
+                environ[key] += ("; " if key == "HTTP_COOKIE" else ", ") + value
+            else:
+                environ[key] = value
+        http11 = version == "HTTP/1.1"
+        keep = "close" not in tokens if http11 else "keep-alive" in tokens
+        chunked = False
+        length = None
+        if codings:
+            if lengths or not http11:
+                wire.send(self._error_bytes(400, "Transfer-Encoding with Content-Length or HTTP/1.0."))
+                return False
+            if codings != ["chunked"]:
+                wire.send(self._error_bytes(400, "Only the chunked transfer-coding is supported."))
+                return False
+            chunked = True
+        elif lengths:
+            if len(lengths) != 1 or not re.fullmatch(r"[0-9]{1,18}", next(iter(lengths))):
+                wire.send(self._error_bytes(400, "Malformed Content-Length."))
+                return False
+            length = int(next(iter(lengths)))
+            environ["CONTENT_LENGTH"] = str(length)
+        expect = http11 and environ.get("HTTP_EXPECT", "").lower() == "100-continue"
+        body = _RequestBody(wire, rest, length, chunked, expect)
+        environ["wsgi.input"] = body
+        if not self._respond(wire, environ, method, http11, keep) or not body.finish(self.limits.drain_bytes):
+            return False
+        connection.buffer = bytearray(body.leftover())
+        return True
+
+    def _respond(self, wire: _Wire, environ: dict, method: str, http11: bool, keep: bool) -> bool:
+        """Run the app and send its response; True when the connection may be kept."""
+        state = {"status": None, "headers": None, "sent": False}
+
+        def start_response(status, headers, exc_info=None):
+            if exc_info:
+                try:
+                    if state["sent"]:
+                        raise exc_info[1].with_traceback(exc_info[2])
+                finally:
+                    exc_info = None
+            elif state["status"] is not None:
+                raise AssertionError("start_response was called twice")
+            state["status"], state["headers"] = status, list(headers)
+            return write
+
+        def write(data):  # the legacy write() callable: sent as it comes, chunked or up to a Content-Length
+            nonlocal writer
+            if writer is None:
+                writer = _ResponseWriter(self, wire, state, method, http11, keep, None, b"")
+                state["sent"] = True
+            writer.send(data)
+
+        writer: _ResponseWriter | None = None
+        try:
+            result = self.app(environ, start_response)
+        except Exception:
+            log.exception("the app failed on %s %s", method, environ.get("PATH_INFO"))
+            wire.send(self._error_bytes(500, "Internal server error."))
+            return False
+        try:
+            blocks = iter(result) if not isinstance(result, (list, tuple)) else None
+            if blocks is not None and not isinstance(result, _FileWrapper):
+                first = b""
+                for first in blocks:  # the headers are sent with the first non-empty block
+                    if first:
+                        break
+            else:
+                first = b""
+            if state["status"] is None:
+                raise AssertionError("the app did not call start_response")
+            if writer is None:
+                writer = _ResponseWriter(self, wire, state, method, http11, keep, result, first)
+                state["sent"] = True
+            if isinstance(result, (list, tuple)):
+                writer.send_all(result)
+            elif isinstance(result, _FileWrapper):
+                writer.send_file(result)
+            else:
+                writer.send(first)
+                for block in blocks:
+                    writer.send(block)
+            return writer.finish()
+        except OSError:
+            raise
+        except Exception:
+            log.exception("the app failed on %s %s", method, environ.get("PATH_INFO"))
+            if not state["sent"]:
+                wire.send(self._error_bytes(500, "Internal server error."))
+            return False
+        finally:
+            if hasattr(result, "close"):
+                result.close()
+
+
+class _ResponseWriter:
+    """Sends one response: status line and headers with the first block, then Content-Length or chunked."""
+
+    def __init__(self, server: HTTPServer, wire: _Wire, state: dict, method: str, http11: bool, keep: bool,
+                 result, first: bytes):
+        self.wire = wire
+        status, headers = state["status"], state["headers"]
+        code = int(status.split(" ", 1)[0])
+        self.body_allowed = method != "HEAD" and code >= 200 and code not in (204, 304)
+        self.length = None
+        lines = [f"HTTP/1.1 {status}"]
+        has_date = False
+        for name, value in headers:
+            lower = name.lower()
+            if lower == "content-length":
+                self.length = int(value)
+            elif lower == "connection":
+                if "close" in value.lower():
+                    keep = False
+                continue
+            elif lower == "transfer-encoding":
+                continue  # framing is the server's business
+            elif lower == "date":
+                has_date = True
+            lines.append(f"{name}: {value}")
+        if not has_date:
+            lines.append(f"Date: {server._http_date()}")
+        if self.length is None and isinstance(result, (list, tuple)) and self.body_allowed:
+            self.length = sum(len(block) for block in result)  # a whole body in hand: its length is known
+            if self.body_allowed:
+                lines.append(f"Content-Length: {self.length}")
+        self.chunked = self.length is None and self.body_allowed and http11
+        if self.length is None and self.body_allowed and not http11:
+            keep = False  # an HTTP/1.0 body without a length ends when the connection closes
+        if self.chunked:
+            lines.append("Transfer-Encoding: chunked")
+        if not keep:
+            lines.append("Connection: close")
+        elif not http11:
+            lines.append("Connection: keep-alive")
+        self.keep = keep
+        self.head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        self.sent = 0
+
+    def _flush_head(self, data=b"") -> None:
+        if self.head is not None:
+            head, self.head = self.head, None
+            if len(data) <= _SEND_BLOCK:
+                self.wire.send(head + bytes(data))
+                return
+            self.wire.send(head)
+        if data:
+            self.wire.send(data)
+
+    def send(self, data) -> None:
+        if not self.body_allowed:
+            self._flush_head()
+            return
+        if self.length is not None:
+            data = memoryview(data).cast("B")
+            if len(data) > self.length - self.sent:  # more than the app's Content-Length: cut, then close
+                data, self.keep = data[:max(self.length - self.sent, 0)], False
+        if self.chunked and data:
+            self._flush_head(b"%x\r\n" % len(data) + bytes(data) + b"\r\n" if len(data) <= _SEND_BLOCK else b"")
+            if len(data) > _SEND_BLOCK:
+                self.wire.send(b"%x\r\n" % len(data))
+                self.wire.send(data)
+                self.wire.send(b"\r\n")
+        else:
+            self._flush_head(data)
+        self.sent += len(data)
+
+    def send_all(self, blocks) -> None:
+        if len(blocks) == 1:
+            self.send(blocks[0])
+        else:
+            for block in blocks:
+                self.send(block)
+
+    def send_file(self, wrapper: _FileWrapper) -> None:
+        file = wrapper.file
+        try:
+            fileno = file.fileno()
+            offset = file.tell()
+        except (AttributeError, OSError, ValueError):
+            fileno = None
+        if (fileno is None or not hasattr(os, "sendfile") or self.length is None or not self.body_allowed
+                or self.chunked):
+            for block in wrapper:
+                self.send(block)
+            return
+        self._flush_head()
+        self.sent += self.wire.sendfile(file, offset, self.length)
+
+    def finish(self) -> bool:
+        self._flush_head()
+        if self.chunked:
+            self.wire.send(b"0\r\n\r\n")
+            return self.keep
+        if self.length is not None and self.body_allowed and self.sent < self.length:
+            log.debug("the app's response was shorter than its Content-Length: closing the connection")
+            return False
+        return self.keep
+
+
+def make_server(app: Callable, host: str, port: int, *, limits: ServerLimits = ServerLimits(),
+                ssl_context=None) -> HTTPServer:
+    """pyfiledrop's HTTP server for ``app``, bound but not yet serving; port 0 picks a free one."""
+    if ssl_context is not None:
+        # The hook for HTTPS: the handshake belongs in the selector thread, non-blocking (wrap_socket with
+        # do_handshake_on_connect=False, then do_handshake() on readiness), so it can never block accepting.
+        raise NotImplementedError("HTTPS is not implemented yet")
+    return HTTPServer(app, host, port, limits)
+
+
+###############################################################################
 # serve() #####################################################################
 ###############################################################################
-
-
-def make_server(app: Callable, host: str, port: int):
-    """A Paste HTTP server for ``app``, bound but not yet serving; port 0 picks a free one."""
-    from paste import httpserver
-
-    class Handler(httpserver.WSGIHandler):
-        # Paste writes a response's headers and body in separate sends: with Nagle's algorithm on, the body
-        # waits for the client's delayed ACK of the headers (~40 ms per request on Linux).
-        disable_nagle_algorithm = True
-
-        def wsgi_setup(self, environ=None):
-            super().wsgi_setup(environ)
-            # Paste decodes the path as UTF-8 and normalises it; WSGI wants the raw bytes as latin-1.
-            raw = urlsplit(self.path).path
-            self.wsgi_environ["PATH_INFO"] = unquote_to_bytes(raw).decode("latin-1")
-
-    return httpserver.serve(
-        app, host=host, port=port, handler=Handler, protocol_version="HTTP/1.1", start_loop=False,
-        use_threadpool=True, threadpool_workers=SERVER_THREADS, daemon_threads=True,
-        # Paste kills "hung" threads by default; an upload of a big file over Wi-Fi is not hung.
-        threadpool_options={"hung_thread_limit": 10 ** 9, "kill_thread_limit": 0, "max_requests": 0,
-                            "spawn_if_under": 0},
-        request_queue_size=LISTEN_BACKLOG, socket_timeout=SOCKET_TIMEOUT_S,
-    )
 
 
 def _print_banner(config: Config, urls: list[str], console: Console) -> None:
@@ -3234,21 +4199,15 @@ def serve(config: Config, engine: Engine, server, *, stop: threading.Event | Non
     try:  # from here on Ctrl+C ends with the last line, even while the banner is being printed
         if not config.quiet:
             _print_banner(config, urls, console)
-        _serve_until(server, stop)
+        server.serve(stop)
     except KeyboardInterrupt:
         pass
     finally:
         stop.set()
-        server.socket.close()
+        server.close()
     if not config.quiet:
         console.finish(f"Stopped. {engine.stored_count} file(s) stored this session.")
     return 0
-
-
-def _serve_until(server, stop: threading.Event) -> None:
-    server.timeout = 0.25  # how soon ``stop`` is noticed
-    while not stop.is_set():
-        server.handle_request()
 
 
 ###############################################################################

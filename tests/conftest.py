@@ -124,8 +124,8 @@ def encode_multipart(fields: dict, files, *, files_first: bool = False) -> tuple
 
 
 @contextlib.contextmanager
-def running_server(tmp_path: Path, **options):
-    """pyfiledrop in this process on port 0, with its own storage and chunks folders."""
+def running_server(tmp_path: Path, *, limits: pyfiledrop.ServerLimits | None = None, **options):
+    """pyfiledrop in this process on port 0, with its own storage and chunks folders (and ``limits``)."""
     storage, chunks = tmp_path / "storage", tmp_path / "chunks"
     storage.mkdir(exist_ok=True)
     chunks.mkdir(exist_ok=True)
@@ -134,7 +134,7 @@ def running_server(tmp_path: Path, **options):
     events: list = []
     engine = pyfiledrop.open_engine(config, events=events.append)
     app = pyfiledrop.create_app(config, engine)
-    server = pyfiledrop.make_server(app, "127.0.0.1", 0)
+    server = pyfiledrop.make_server(app, "127.0.0.1", 0, limits=limits or pyfiledrop.ServerLimits())
     stop = threading.Event()
     thread = threading.Thread(target=pyfiledrop.serve, args=(config, engine, server),
                               kwargs={"stop": stop}, daemon=True)
