@@ -1103,6 +1103,11 @@ class UploadInfo:
         return missing
 
 
+_GONE = {State.FAILED: "That upload failed.", State.EXPIRED: "That upload expired.",
+         State.DELETED: "That upload was deleted.", State.RECEIVING: "That upload is still receiving.",
+         State.STORED: "That upload is stored."}
+
+
 class Ledger:
     """The one record of every upload: a SQLite database (WAL) in the chunks folder.
 
@@ -1678,7 +1683,7 @@ class Engine:
         """An upload no longer receiving: its info if it was stored, else NotFound (it expired or failed)."""
         info = self.info(upload_id)
         if info.state is not State.STORED:
-            raise NotFound(f"That upload was {info.state.value}; start it again.")
+            raise NotFound(f"{_GONE[info.state]} Start it again.")
         return info
 
     def received_now(self, upload_id: str) -> int:
@@ -1844,9 +1849,11 @@ class Engine:
     def _commit(self, live: _Live, writer: _Writer) -> None:
         """Record the bytes ``writer`` wrote since its last commit; then let the hash move on over them."""
         with writer.lock:
-            if writer.fenced or writer.position == writer.committed_to or live.info.state is State.STORED:
+            if writer.fenced or writer.position == writer.committed_to:
                 return
             with live.lock:
+                if live.info.state is not State.RECEIVING:  # stored meanwhile by another request
+                    return
                 info = dataclasses.replace(live.info, updated=self.clock(),
                                            received=add_range(live.info.received, writer.start, writer.position))
                 if not live.ephemeral:
@@ -1893,7 +1900,7 @@ class Engine:
     # -- the in-order hash ----------------------------------------------------------------------------------
     def _advance_hash(self, live: _Live, wait: bool = False) -> None:
         """Hash received bytes from the file where no writer is hashing them as they arrive."""
-        while self._hash_backlog(live):
+        while self._hash_backlog(live, trust_writers=not wait):
             if not wait and prefix_end(live.info.received) - live.hashed_to > BACKGROUND_HASH:
                 if not live.background_hash:
                     live.background_hash = True
@@ -1903,7 +1910,7 @@ class Engine:
                 return
             try:
                 end = prefix_end(live.info.received)
-                if self._hash_backlog(live):
+                if self._hash_backlog(live, trust_writers=not wait):
                     fd = os.open(self.backend.part_path(live.info.id), os.O_RDONLY | getattr(os, "O_BINARY", 0))
                     try:
                         self._hash_from_file(live.hasher, fd, live.hashed_to, end)
@@ -1914,12 +1921,13 @@ class Engine:
                 live.hash_lock.release()
 
     @staticmethod
-    def _hash_backlog(live: _Live) -> bool:
-        """Received bytes wait for the hash, and no writer hashing as it goes will bring the hash over them."""
+    def _hash_backlog(live: _Live, trust_writers: bool = True) -> bool:
+        """Received bytes wait for the hash, and (``trust_writers``) no writer hashing as it goes will bring
+        the hash over them."""
         if prefix_end(live.info.received) <= live.hashed_to:
             return False
-        return not any(w.hasher is not None and not w.fenced and w.hash_from <= live.hashed_to
-                       for w in tuple(live.writers))
+        return not trust_writers or not any(w.hasher is not None and not w.fenced and w.hash_from <= live.hashed_to
+                                            for w in tuple(live.writers))
 
     def _catch_up(self, live: _Live) -> None:
         try:
@@ -1959,6 +1967,9 @@ class Engine:
                 return live.info
             if not live.info.fully_received:
                 raise Conflict("The upload is not complete: parts are missing.")
+            with live.changed:  # writers that hashed as they wrote hand their hash over as they finish
+                live.changed.wait_for(lambda: not any(w.hasher is not None and not w.fenced for w in live.writers),
+                                      timeout=RIVAL_WAIT_S)
             self._advance_hash(live, wait=True)
             if live.hashed_to != live.info.size:
                 raise StorageFailure("The server could not check the file.")
@@ -1981,13 +1992,18 @@ class Engine:
             raise storage_error(error)
         live.linked_as = stored_name
         now = self.clock()
-        info = dataclasses.replace(live.info, state=State.STORED, sha256=digest, stored_name=stored_name,
-                                   finished=now, updated=now)
-        self._record(info)  # on failure the part stays linked: a retry of finish records the same name
+        with live.lock:  # from now on a late commit of another request sees the upload stored
+            receiving = live.info
+            info = live.info = dataclasses.replace(receiving, state=State.STORED, sha256=digest,
+                                                   stored_name=stored_name, finished=now, updated=now)
+            try:
+                self._record(info)  # on failure the part stays linked: a retry of finish records the same name
+            except UploadError:
+                live.info = receiving
+                raise
         self.checkpoint("recorded")
         self.backend.discard(upload_id)
         self.checkpoint("discarded")
-        live.info = info
         return info
 
     def receive_whole(self, name: str, pieces: Iterable, *, client: str, size: int | None = None,
@@ -2459,7 +2475,7 @@ def status_reply(engine: Engine, upload_id: str) -> dict:
     """``GET /api/uploads/ID``: what is missing of an upload, or what was stored."""
     info = engine.info(upload_id) if is_valid_id(upload_id) else None
     if info is None or info.state not in (State.RECEIVING, State.STORED):
-        raise NotFound("No such upload." if info is None else f"That upload was {info.state.value}.")
+        raise NotFound("No such upload." if info is None else _GONE[info.state])
     if info.state is State.STORED:
         return {**completed_reply(info), "available": engine.backend.stored_exists(info.stored_name)}
     if info.fully_received:  # stopped after the last part, before completion: complete it now

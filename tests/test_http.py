@@ -278,7 +278,10 @@ def test_a_short_or_long_chunk_is_refused(server):
     for data in (b"1234", b"123456"):
         status, headers, body = server.post_chunk(upload_id, 0, data, 10, 5)
         assert "expected 5" in assert_plain_error(status, headers, body, 400, server)
-    assert json.loads(server.request("GET", f"/api/uploads/{upload_id}")[2])["received_chunks"] == 0
+    # nothing of the upload arrived, so nothing of it is kept: the page's retry starts it again
+    assert server.request("GET", f"/api/uploads/{upload_id}")[0] == 404
+    assert server.post_chunk(upload_id, 0, b"12345", 10, 5)[0] == 200
+    assert json.loads(server.request("GET", f"/api/uploads/{upload_id}")[2])["received_chunks"] == 1
 
 
 @pytest.mark.parametrize("body, ctype", [
