@@ -471,7 +471,7 @@ def raise_nofile() -> int:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=int, default=3, help="runs per measurement; median and worst reported")
+    parser.add_argument("--runs", type=int, default=5, help="runs per measurement; median and worst reported")
     parser.add_argument("--size", type=parse_size, default=GIB, help="size of the big file (default 1G)")
     parser.add_argument("--files", type=int, default=500, help="number of small files (default 500)")
     parser.add_argument("--file-size", type=parse_size, default=64 * 1024)
