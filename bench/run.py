@@ -160,6 +160,18 @@ def cpu_seconds(pid: int) -> float:
     return ticks / CLOCK_TICKS
 
 
+def system_cpu_seconds() -> float:
+    """Busy CPU seconds of the whole machine (user nice system irq softirq of /proc/stat's cpu line)."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    return sum(int(fields[i]) for i in (0, 1, 2, 5, 6)) / CLOCK_TICKS
+
+
+def own_cpu_seconds() -> float:
+    """This process (every thread: the client) and its waited-for children (curl)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
 class Meter:
     """Around one measurement: os.sync() first, then server CPU seconds, wall time and peak RSS of it."""
 
@@ -174,13 +186,16 @@ class Meter:
         self.sampler = None if self.peak_reset else RssSampler(self.pid)
         if self.sampler:
             self.sampler.start()
-        self.cpu0 = cpu_seconds(self.pid)
+        self.cpu0, self.own0, self.all0 = cpu_seconds(self.pid), own_cpu_seconds(), system_cpu_seconds()
         self.t0 = time.perf_counter()
         return self
 
     def __exit__(self, *exc) -> None:
         self.seconds = time.perf_counter() - self.t0
         self.cpu = cpu_seconds(self.pid) - self.cpu0
+        # CPU the rest of the machine used meanwhile (not this server, not the bench and its curl): cores
+        others = (system_cpu_seconds() - self.all0) - self.cpu - (own_cpu_seconds() - self.own0)
+        self.other_load = max(0.0, others) / self.seconds if self.seconds > 0 else 0.0
         self.peak = peak_rss(self.pid) if self.peak_reset else max(self.sampler.stop(), current_rss(self.pid))
 
 
@@ -367,6 +382,7 @@ class Bench:
         self.processes[server.name] = max(self.processes.get(server.name, 0), len(process_tree(server.proc.pid)))
         self.threads[server.name] = max(self.threads.get(server.name, 0), thread_count(server.proc.pid))
         self.add(key, "rss", meter.peak / MIB)
+        self.add(key, "other", meter.other_load)
         if size is not None:
             self.add(key, "cpu", meter.cpu / (size / GIB))
             return f"{meter.cpu / (size / GIB):.2f} CPU s/GiB, peak RSS {meter.peak / MIB:.1f} MiB"
@@ -629,8 +645,8 @@ def main(argv=None) -> int:
         lines += [
             f"### {size_label} upload: server CPU per GiB beside the floor ({args.runs} run(s): median / worst)",
             "",
-            "| Case | CPU s/GiB | x floor | MB/s | peak RSS MiB | completion ms |",
-            "|---|---:|---:|---:|---:|---:|",
+            "| Case | CPU s/GiB | x floor | MB/s | peak RSS MiB | completion ms | other load, cores |",
+            "|---|---:|---:|---:|---:|---:|---:|",
         ]
         seen = set()
         for key, label in big_cases:
@@ -644,9 +660,10 @@ def main(argv=None) -> int:
             mb, mb_w = agg(key, "MB/s")
             rss, rss_w = agg(key, "rss")
             fin, fin_w = agg(key, "finish_ms")
+            other, other_w = agg(key, "other")
             lines.append(f"| {label} | {f2(cpu)} / {f2(cpu_w)} | {f2(r)}x / {f2(r_w)}x | {fmt(mb)} / {fmt(mb_w)} | "
                          f"{fmt(rss)} / {fmt(rss_w)} | " + (f"{fmt(fin)} / {fmt(fin_w)}" if fin is not None else "")
-                         + " |")
+                         + f" | {f2(other)} / {f2(other_w)} |")
         if big_rss:
             lines.append(f"| pyfiledrop, {args.big_size / GIB:g} GiB, page defaults (fresh server, one run) | "
                          f"{f2(big_cpu)} | | | {fmt(big_rss / MIB)} (VmRSS every 20 ms and VmHWM) | "
@@ -656,8 +673,8 @@ def main(argv=None) -> int:
         lines += [
             f"### {args.files} x {args.file_size // 1024} KiB files ({args.runs} run(s): median / worst)",
             "",
-            "| Case | clients | files/s | CPU ms per file | peak RSS MiB |",
-            "|---|---:|---:|---:|---:|",
+            "| Case | clients | files/s | CPU ms per file | peak RSS MiB | other load, cores |",
+            "|---|---:|---:|---:|---:|---:|",
         ]
         for clients in (1, 8):
             for name, _, _, label in many_cases:
@@ -667,8 +684,9 @@ def main(argv=None) -> int:
                     continue
                 cpu, cpu_w = agg(key, "cpu")
                 rss, rss_w = agg(key, "rss")
+                other, other_w = agg(key, "other")
                 lines.append(f"| {label} | {clients} | {fmt(fs)} / {fmt(fs_w)} | {f2(cpu)} / {f2(cpu_w)} | "
-                             f"{fmt(rss)} / {fmt(rss_w)} |")
+                             f"{fmt(rss)} / {fmt(rss_w)} | {f2(other)} / {f2(other_w)} |")
         lines.append("")
     if conn_rows:
         lines += connections.table(conn_rows, args.probe_timeout) + [""]
