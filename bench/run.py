@@ -1,6 +1,6 @@
 """Benchmark pyfiledrop against nginx (PUT to disk) and copyparty, all on loopback, in one run.
 
-    python bench/run.py                 # full run: median of 3, 1 GiB file, 500 x 64 KiB, 4 GiB RSS test
+    python bench/run.py                 # full run: 5 runs, 1 GiB, 500 x 64 KiB, 4 GiB RSS test, connections
     python bench/run.py --quick         # smoke run: small sizes, one run, no 4 GiB test
     python bench/run.py --runs 5 --size 2G --no-big
 
