@@ -1,6 +1,6 @@
 """Benchmark pyfiledrop against nginx (PUT to disk) and copyparty, all on loopback, in one run.
 
-    python bench/run.py                 # full run: median of 3, 1 GiB file, 500 x 64 KiB, 4 GiB RSS test
+    python bench/run.py                 # full run: 5 runs, 1 GiB, 500 x 64 KiB, 4 GiB RSS test, connections
     python bench/run.py --quick         # smoke run: small sizes, one run, no 4 GiB test
     python bench/run.py --runs 5 --size 2G --no-big
 
@@ -120,6 +120,83 @@ def process_tree(pid: int) -> list[int]:
 def peak_rss(pid: int) -> int:
     """Sum of VmHWM (peak resident set) over the process and its children."""
     return sum(_status(p, "VmHWM") for p in process_tree(pid))
+
+
+def current_rss(pid: int) -> int:
+    return sum(_status(p, "VmRSS") for p in process_tree(pid))
+
+
+def thread_count(pid: int) -> int:
+    return sum(_status(p, "Threads") // 1024 for p in process_tree(pid))
+
+
+def reset_peak_rss(pid: int) -> bool:
+    """Reset VmHWM to the current RSS (``echo 5 > /proc/PID/clear_refs``, Linux >= 4.0), so that the next
+    peak_rss() is the peak of one measurement, not of the process's life.  False where not permitted."""
+    ok = True
+    for p in process_tree(pid):
+        try:
+            Path(f"/proc/{p}/clear_refs").write_text("5")
+        except OSError:
+            ok = False
+    return ok
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """user+sys CPU seconds of the process and every process under it, all their threads included
+    (/proc/PID/stat utime+stime count every thread of the process), plus cutime+cstime: children that
+    already exited and were waited for."""
+    ticks = 0
+    for p in process_tree(pid):
+        try:
+            text = Path(f"/proc/{p}/stat").read_text()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        fields = text[text.rindex(")") + 2:].split()  # fields[0] is field 3 (state)
+        ticks += sum(int(fields[i]) for i in (11, 12, 13, 14))  # utime stime cutime cstime
+    return ticks / CLOCK_TICKS
+
+
+def system_cpu_seconds() -> float:
+    """Busy CPU seconds of the whole machine (user nice system irq softirq of /proc/stat's cpu line)."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    return sum(int(fields[i]) for i in (0, 1, 2, 5, 6)) / CLOCK_TICKS
+
+
+def own_cpu_seconds() -> float:
+    """This process (every thread: the client) and its waited-for children (curl)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+class Meter:
+    """Around one measurement: os.sync() first, then server CPU seconds, wall time and peak RSS of it."""
+
+    def __init__(self, server: "Server"):
+        self.pid = server.proc.pid
+        self.cpu = self.seconds = 0.0
+        self.peak = 0
+
+    def __enter__(self) -> "Meter":
+        os.sync()
+        self.peak_reset = reset_peak_rss(self.pid)
+        self.sampler = None if self.peak_reset else RssSampler(self.pid)
+        if self.sampler:
+            self.sampler.start()
+        self.cpu0, self.own0, self.all0 = cpu_seconds(self.pid), own_cpu_seconds(), system_cpu_seconds()
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.seconds = time.perf_counter() - self.t0
+        self.cpu = cpu_seconds(self.pid) - self.cpu0
+        # CPU the rest of the machine used meanwhile (not this server, not the bench and its curl): cores
+        others = (system_cpu_seconds() - self.all0) - self.cpu - (own_cpu_seconds() - self.own0)
+        self.other_load = max(0.0, others) / self.seconds if self.seconds > 0 else 0.0
+        self.peak = peak_rss(self.pid) if self.peak_reset else max(self.sampler.stop(), current_rss(self.pid))
 
 
 class RssSampler(threading.Thread):
@@ -254,83 +331,115 @@ class Copyparty(Server):
         return out.splitlines()[0] if out else "?"
 
 
+class Floor(Server):
+    """bench/floor.py: recv_into a reused 1 MiB buffer + pwrite + sha256, one thread per connection."""
+    name = "floor"
+
+    def command(self) -> list[str]:
+        return [sys.executable, str(HERE / "floor.py"), "--host", "127.0.0.1", "--port", str(self.port),
+                "--dir", str(self.store)]
+
+
 # -- measurements ---------------------------------------------------------------------------------------------
 class Bench:
+    """Every measurement is recorded as data[key][metric][run] -> list of values (a run's value is their
+    mean: the floor is measured twice per run).  Metrics: "MB/s", "files/s", "cpu" (s/GiB or ms/file),
+    "rss" (peak MiB during the measurement), "finish_ms" (chunked uploads)."""
+
     def __init__(self, args, tmp: Path):
         self.args, self.tmp = args, tmp
         self.failures: list[str] = []
-        self.samples: dict[str, list[float]] = {}
+        self.data: dict[str, dict[str, dict[int, list[float]]]] = {}
+        self.run = 0
+        self.processes: dict[str, int] = {}   # most processes seen under each server during a measurement
+        self.threads: dict[str, int] = {}
 
-    def add(self, key: str, value: float) -> None:
-        self.samples.setdefault(key, []).append(value)
+    def add(self, key: str, metric: str, value: float) -> None:
+        self.data.setdefault(key, {}).setdefault(metric, {}).setdefault(self.run, []).append(value)
+
+    def per_run(self, key: str, metric: str) -> dict[int, float]:
+        return {run: statistics.mean(values) for run, values in self.data.get(key, {}).get(metric, {}).items()}
 
     def fail(self, message: str) -> None:
         print("FAILURE:", message, flush=True)
         self.failures.append(message)
 
-    def check_stored(self, server: Server, expected: dict[str, str], what: str) -> None:
+    def check_stored(self, server: Server, expected: dict[str, str], what: str) -> bool:
         """``expected``: sha256 -> count expected; every stored file must be one of them."""
         found: dict[str, int] = {}
         for path in server.stored_files():
             digest = sha256_file(path)
             found[digest] = found.get(digest, 0) + 1
+        server.clean()
         if found != expected:
             missing = sum(max(0, n - found.get(d, 0)) for d, n in expected.items())
             wrong = sum(n for d, n in found.items() if d not in expected)
             self.fail(f"{what} on {server.name}: {missing} file(s) missing or wrong, {wrong} unexpected")
-        server.clean()
+            return False
+        return True
 
-    @staticmethod
-    def settle() -> None:
-        """Start each measurement with no dirty pages: otherwise the kernel's writeback of the previous one
-        (the files are deleted, but writeback may have begun) runs during this one, and which test follows
-        which decides the result more than the server does."""
-        os.sync()
+    def record(self, server: Server, key: str, meter: Meter, size: int | None = None, files: int | None = None):
+        self.processes[server.name] = max(self.processes.get(server.name, 0), len(process_tree(server.proc.pid)))
+        self.threads[server.name] = max(self.threads.get(server.name, 0), thread_count(server.proc.pid))
+        self.add(key, "rss", meter.peak / MIB)
+        self.add(key, "other", meter.other_load)
+        if size is not None:
+            self.add(key, "cpu", meter.cpu / (size / GIB))
+            return f"{meter.cpu / (size / GIB):.2f} CPU s/GiB, peak RSS {meter.peak / MIB:.1f} MiB"
+        self.add(key, "cpu", meter.cpu / files * 1000)
+        return f"{meter.cpu / files * 1000:.2f} CPU ms/file, peak RSS {meter.peak / MIB:.1f} MiB"
 
     def big_chunked(self, server: PyFileDrop, source: Path, digest: str, chunk: int, parallel: int, key: str):
-        self.settle()
+        size = source.stat().st_size
         try:
-            result = client.upload_chunked("127.0.0.1", server.port, str(source), chunk_size=chunk,
-                                           parallel=parallel, filename="big.bin")
+            with Meter(server) as meter:
+                result = client.upload_chunked("127.0.0.1", server.port, str(source), chunk_size=chunk,
+                                               parallel=parallel, filename="big.bin")
         except client.UploadFailed as error:
             self.fail(f"{key}: {error}")
+            server.clean()
             return None
         if result.reply.get("sha256") != digest:
             self.fail(f"{key}: the server reported sha256 {result.reply.get('sha256')}")
-        self.check_stored(server, {digest: 1}, key)
-        self.add(key, result.mb_per_s)
-        self.add(key + " finish_ms", result.finish_s * 1000)
-        print(f"  {key}: {result.mb_per_s:.0f} MB/s, completing {result.finish_s * 1000:.1f} ms", flush=True)
+        if not self.check_stored(server, {digest: 1}, key):
+            return None
+        self.add(key, "MB/s", result.mb_per_s)
+        self.add(key, "finish_ms", result.finish_s * 1000)
+        extra = self.record(server, key, meter, size=size)
+        print(f"  {key}: {result.mb_per_s:.0f} MB/s, {extra}, completing {result.finish_s * 1000:.1f} ms",
+              flush=True)
         return result
 
     def big_curl(self, server: Server, source: Path, digest: str, key: str) -> None:
-        self.settle()
-        started = time.perf_counter()
-        done = subprocess.run(["curl", "-sS", "-f", "-o", "/dev/null", "-T", str(source),
-                               server.put_url("big.bin")], capture_output=True, text=True)
-        seconds = time.perf_counter() - started
+        size = source.stat().st_size
+        with Meter(server) as meter:
+            done = subprocess.run(["curl", "-sS", "-f", "-o", "/dev/null", "-T", str(source),
+                                   server.put_url("big.bin")], capture_output=True, text=True)
         if done.returncode:
             self.fail(f"{key}: curl exited {done.returncode}: {done.stderr.strip()}")
             server.clean()
             return
-        size = source.stat().st_size
-        self.check_stored(server, {digest: 1}, key)
-        self.add(key, size / seconds / 1e6)
-        print(f"  {key}: {size / seconds / 1e6:.0f} MB/s", flush=True)
+        if not self.check_stored(server, {digest: 1}, key):
+            return
+        self.add(key, "MB/s", size / meter.seconds / 1e6)
+        extra = self.record(server, key, meter, size=size)
+        print(f"  {key}: {size / meter.seconds / 1e6:.0f} MB/s, {extra}", flush=True)
 
-    def many(self, server: Server, paths: list[str], digests: dict[str, int], clients: int, key: str) -> None:
-        mode = "chunk" if isinstance(server, PyFileDrop) else "put"
-        self.settle()
+    def many(self, server: Server, paths: list[str], digests: dict[str, int], clients: int, key: str,
+             mode: str = "put") -> None:
         try:
-            result = client.upload_many("127.0.0.1", server.port, paths, clients=clients, mode=mode,
-                                        put_prefix=server.put_prefix)
+            with Meter(server) as meter:
+                result = client.upload_many("127.0.0.1", server.port, paths, clients=clients, mode=mode,
+                                            put_prefix=server.put_prefix)
         except client.UploadFailed as error:
             self.fail(f"{key}: {error}")
             server.clean()
             return
-        self.check_stored(server, digests, key)
-        self.add(key, result["files_per_s"])
-        print(f"  {key}: {result['files_per_s']:.0f} files/s", flush=True)
+        if not self.check_stored(server, digests, key):
+            return
+        self.add(key, "files/s", result["files_per_s"])
+        extra = self.record(server, key, meter, files=len(paths))
+        print(f"  {key}: {result['files_per_s']:.0f} files/s, {extra}", flush=True)
 
 
 def median(values):
@@ -363,40 +472,90 @@ def machine() -> dict:
             "python": platform.python_version(), "kernel": platform.release(), "nginx": nginx}
 
 
+def worst_of(metric: str):
+    return min if metric in ("MB/s", "files/s") else max
+
+
+def raise_nofile() -> int:
+    """RLIMIT_NOFILE of this process (and so of the servers it starts) up to its hard limit."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=int, default=3, help="runs per measurement; the median is reported")
+    parser.add_argument("--runs", type=int, default=5, help="runs per measurement; median and worst reported")
     parser.add_argument("--size", type=parse_size, default=GIB, help="size of the big file (default 1G)")
     parser.add_argument("--files", type=int, default=500, help="number of small files (default 500)")
     parser.add_argument("--file-size", type=parse_size, default=64 * 1024)
     parser.add_argument("--big-size", type=parse_size, default=4 * GIB,
                         help="size of the pyfiledrop peak-RSS upload (default 4G)")
     parser.add_argument("--no-big", action="store_true", help="skip the 4 GiB peak-RSS upload")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 64 MiB, 50 files, 1 run, no 4 GiB")
-    parser.add_argument("--only", choices=["big", "many"], help="run only one group of measurements")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 64 MiB, 50 files, 1 run, no 4 GiB, two short connection cases")
+    parser.add_argument("--only", choices=["big", "many", "connections"], help="run only one group")
+    parser.add_argument("--connections", default=None,
+                        help="connection cases N:M,... (N idle + M trickling; default "
+                             "0:0,70:0,300:100,500:500; --quick 0:0,70:10)")
+    parser.add_argument("--no-connections", action="store_true", help="skip bench/connections.py's cases")
+    parser.add_argument("--probe-timeout", type=float, default=None,
+                        help="connections: seconds to wait for the new upload (default 30, --quick 10)")
     parser.add_argument("--pyfiledrop", type=Path, default=PYFILEDROP, help="the pyfiledrop.py to measure")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "latest.md")
     args = parser.parse_args(argv)
     if args.quick:
         args.size, args.files, args.runs, args.no_big = min(args.size, 64 * MIB), min(args.files, 50), 1, True
+    if args.connections is None:
+        args.connections = "0:0,70:10" if args.quick else "0:0,70:0,300:100,500:500"
+    if args.probe_timeout is None:
+        args.probe_timeout = 10.0 if args.quick else 30.0
+    do_big, do_many = args.only in (None, "big"), args.only in (None, "many")
+    do_conn = args.only in (None, "connections") and not args.no_connections
 
+    started_all = time.monotonic()
+    nofile = raise_nofile()
     PyFileDrop.script = args.pyfiledrop.resolve()
     tmp = Path(tempfile.mkdtemp(prefix="pyfiledrop-bench-"))
-    servers = [PyFileDrop(tmp), Nginx(tmp), Copyparty(tmp)]
-    pfd, nginx, copyparty = servers
+    servers = [PyFileDrop(tmp), Nginx(tmp), Copyparty(tmp), Floor(tmp)]
+    pfd, nginx, copyparty, floor = servers
     bench = Bench(args, tmp)
-    big_rss = big_finish = None
+    big_rss = big_finish = big_cpu = None
+    conn_rows: list = []
     info = machine()
+    info["nofile"] = nofile
+    size_label = f"{args.size / GIB:g} GiB" if args.size >= GIB else f"{args.size / MIB:g} MiB"
+    # (key, label) of every big-file case, in the order they run (alternating servers); the floor twice
+    big_cases = [
+        ("floor curl", "floor (bench/floor.py), curl -T"),
+        ("pfd default x6", f"pyfiledrop, page defaults ({DEFAULT_CHUNK // MIB} MiB chunks, 6 in flight)"),
+        ("nginx curl", "nginx, curl -T"),
+        ("pfd 1MB x6", "pyfiledrop, 1 MB chunks, 6 in flight"),
+        ("copyparty curl", "copyparty, curl -T"),
+        ("pfd curl", "pyfiledrop, curl -T (PUT /upload/NAME)"),
+        ("floor curl", None),
+        ("pfd default x1", f"pyfiledrop, {DEFAULT_CHUNK // MIB} MiB chunks, 1 in flight"),
+        *((f"pfd {other // MIB}MiB x6", f"pyfiledrop, {other // MIB} MiB chunks, 6 in flight")
+          for other in OTHER_CHUNKS),
+    ]
+    many_cases = [("pyfiledrop", pfd, "chunk", "pyfiledrop, chunk protocol (one chunk per file)"),
+                  ("pyfiledrop PUT", pfd, "put", "pyfiledrop, PUT /upload/NAME"),
+                  ("copyparty", copyparty, "put", "copyparty, PUT"),
+                  ("nginx", nginx, "put", "nginx, PUT"),
+                  ("floor", floor, "put", "floor (bench/floor.py), PUT")]
     try:
-        for server in servers:
-            server.start()
-        info["copyparty"] = copyparty.version()
-        size_label = f"{args.size / GIB:g} GiB" if args.size >= GIB else f"{args.size / MIB:g} MiB"
+        if do_big or do_many:
+            for server in servers:
+                server.start()
+            info["copyparty"] = copyparty.version()
+            info["pyfiledrop processes at start"] = len(process_tree(pfd.proc.pid))
         source = tmp / "big.bin"
-        if args.only in (None, "big"):
+        if do_big:
             print(f"writing a {size_label} random file", flush=True)
             digest = write_random(source, args.size)
-        if args.only in (None, "many"):
+        if do_many:
             small = tmp / "small"
             small.mkdir()
             paths, digests = [], {}
@@ -405,26 +564,27 @@ def main(argv=None) -> int:
                 d = write_random(path, args.file_size)
                 digests[d] = digests.get(d, 0) + 1
                 paths.append(str(path))
-        for run in range(args.runs):
+        for run in range(args.runs if do_big or do_many else 0):
+            bench.run = run
             print(f"run {run + 1} of {args.runs}", flush=True)
-            if args.only in (None, "big"):
-                # alternate between servers within each run
-                bench.big_chunked(pfd, source, digest, DEFAULT_CHUNK, 1, "big chunk default x1")
-                bench.big_curl(nginx, source, digest, "big nginx curl")
-                bench.big_chunked(pfd, source, digest, DEFAULT_CHUNK, 6, "big chunk default x6")
-                bench.big_curl(copyparty, source, digest, "big copyparty curl")
-                bench.big_chunked(pfd, source, digest, 1_000_000, 6, "big chunk 1MB x6")
-                for other in OTHER_CHUNKS:
-                    bench.big_chunked(pfd, source, digest, other, 6, f"big chunk {other // MIB}MiB x6")
-                bench.big_curl(pfd, source, digest, "big pyfiledrop curl")
-            if args.only in (None, "many"):
+            if do_big:
+                for key, _ in big_cases:
+                    name, _, how = key.partition(" ")
+                    if how == "curl":
+                        target = {"floor": floor, "nginx": nginx, "copyparty": copyparty, "pfd": pfd}[name]
+                        bench.big_curl(target, source, digest, key)
+                    else:
+                        chunk_text, parallel = how.split(" x")
+                        chunk = DEFAULT_CHUNK if chunk_text == "default" else (
+                            1_000_000 if chunk_text == "1MB" else int(chunk_text.removesuffix("MiB")) * MIB)
+                        bench.big_chunked(pfd, source, digest, chunk, int(parallel), key)
+            if do_many:
                 for clients in (1, 8):
-                    for server in servers:
-                        bench.many(server, paths, digests, clients, f"many {server.name} x{clients}")
+                    for name, server, mode, _ in many_cases:
+                        bench.many(server, paths, digests, clients, f"many {name} x{clients}", mode)
         if source.exists():
             source.unlink()
-        rss = {server.name: peak_rss(server.proc.pid) for server in servers}
-        if not args.no_big:
+        if do_big and not args.no_big:
             pfd.stop()
             pfd.clean()
             pfd.start()
@@ -433,75 +593,135 @@ def main(argv=None) -> int:
             huge_digest = write_random(huge, args.big_size)
             sampler = RssSampler(pfd.proc.pid)
             sampler.start()
-            result = bench.big_chunked(pfd, huge, huge_digest, DEFAULT_CHUNK, 6, "huge chunk default x6")
+            bench.run = 0
+            result = bench.big_chunked(pfd, huge, huge_digest, DEFAULT_CHUNK, 6, "huge default x6")
             sampled = sampler.stop()
             big_rss = max(sampled, peak_rss(pfd.proc.pid))
             big_finish = result.finish_s * 1000 if result else None
+            big_cpu = bench.per_run("huge default x6", "cpu").get(0)
             huge.unlink()
             print(f"  pyfiledrop peak RSS during {args.big_size / GIB:g} GiB: {big_rss / MIB:.1f} MiB", flush=True)
     finally:
         for server in servers:
             server.stop()
+    try:
+        if do_conn:
+            import connections
+            cases = connections.parse_cases(args.connections)
+            factories = [lambda root: PyFileDrop(root), lambda root: Copyparty(root), lambda root: Nginx(root)]
+            conn_rows = connections.run_cases(factories, cases, tmp / "connections", args.probe_timeout)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    elapsed = time.monotonic() - started_all
 
-    m = {key: median(values) for key, values in bench.samples.items()}
-    ng, cp = m.get("big nginx curl"), m.get("big copyparty curl")
+    # -- report ------------------------------------------------------------------------------------------
+    def agg(key, metric):
+        values = list(bench.per_run(key, metric).values())
+        return (median(values), worst_of(metric)(values)) if values else (None, None)
+
+    floor_runs = bench.per_run("floor curl", "cpu")
+
+    def floor_ratios(key):
+        runs = bench.per_run(key, "cpu")
+        values = [runs[r] / floor_runs[r] for r in runs if floor_runs.get(r)]
+        return (median(values), max(values), values) if values else (None, None, [])
+
+    def f2(value, digits=2):
+        return "-" if value is None else f"{value:.{digits}f}"
+
     lines = [
-        f"pyfiledrop benchmark: {args.runs} run(s), median; big file {size_label}, {args.files} x "
-        f"{args.file_size // 1024} KiB files; loopback",
+        f"pyfiledrop benchmark: {args.runs} run(s); big file {size_label}, {args.files} x "
+        f"{args.file_size // 1024} KiB files; loopback; {elapsed / 60:.1f} min",
         "",
         f"Machine: {info['nproc']} cores, {info['cpu']}, disk {info['disk']}, Python {info['python']}, "
-        f"kernel {info['kernel']}, {info['nginx']}, {info.get('copyparty', '')}",
+        f"kernel {info['kernel']}, {info['nginx']}, {info.get('copyparty', '')}; RLIMIT_NOFILE {nofile}",
         "",
-        "| Test | pyfiledrop | nginx | copyparty | pyfiledrop/nginx | pyfiledrop/copyparty |",
-        "|---|---:|---:|---:|---:|---:|",
     ]
-    big_rows = [
-        (f"{size_label}, {DEFAULT_CHUNK // MIB} MiB chunks (default), 1 in flight, MB/s", "big chunk default x1"),
-        (f"{size_label}, {DEFAULT_CHUNK // MIB} MiB chunks (default), 6 in flight, MB/s", "big chunk default x6"),
-        (f"{size_label}, 1 MB chunks, 6 in flight, MB/s", "big chunk 1MB x6"),
-        *((f"{size_label}, {other // MIB} MiB chunks, 6 in flight, MB/s", f"big chunk {other // MIB}MiB x6")
-          for other in OTHER_CHUNKS),
-        (f"{size_label}, curl -T (all three), MB/s", "big pyfiledrop curl"),
-    ]
-    if "big nginx curl" in m:
-        for label, key in big_rows:
-            value = m.get(key)
-            lines.append(f"| {label} | {fmt(value)} | {fmt(ng)} | {fmt(cp)} | {ratio(value, ng)} | "
-                         f"{ratio(value, cp)} |")
-    for clients in (1, 8):
-        p, n, c = (m.get(f"many {s} x{clients}") for s in ("pyfiledrop", "nginx", "copyparty"))
-        if p is not None:
-            lines.append(f"| {args.files} x {args.file_size // 1024} KiB, {clients} client(s), files/s | {fmt(p)} | "
-                         f"{fmt(n)} | {fmt(c)} | {ratio(p, n)} | {ratio(p, c)} |")
-    lines.append(f"| peak RSS over the whole run, MiB | {fmt(rss['pyfiledrop'] / MIB)} | {fmt(rss['nginx'] / MIB)} | "
-                 f"{fmt(rss['copyparty'] / MIB)} | | |")
-    if big_rss:
-        lines.append(f"| peak RSS during a {args.big_size / GIB:g} GiB upload (6 in flight), MiB | "
-                     f"{fmt(big_rss / MIB)} | | | | |")
-    for label, key in [("1 in flight", "big chunk default x1 finish_ms"),
-                       ("6 in flight", "big chunk default x6 finish_ms")]:
-        if key in m:
-            lines.append(f"| completing a file ({size_label}, {label}): last chunk sent -> reply, ms | "
-                         f"{fmt(m[key])} | | | | |")
-    if big_finish is not None:
-        lines.append(f"| completing a file ({args.big_size / GIB:g} GiB, 6 in flight), ms | {fmt(big_finish)} | | | | |")
+    if do_big or do_many:
+        lines += [f"pyfiledrop: {bench.processes.get('pyfiledrop', '?')} process(es) during every measurement "
+                  f"(at start {info.get('pyfiledrop processes at start', '?')}), up to "
+                  f"{bench.threads.get('pyfiledrop', '?')} threads", ""]
+    if do_big:
+        lines += [
+            f"### {size_label} upload: server CPU per GiB beside the floor ({args.runs} run(s): median / worst)",
+            "",
+            "| Case | CPU s/GiB | x floor | MB/s | peak RSS MiB | completion ms | other load, cores |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        seen = set()
+        for key, label in big_cases:
+            if key in seen or label is None:
+                continue
+            seen.add(key)
+            cpu, cpu_w = agg(key, "cpu")
+            if cpu is None:
+                continue
+            r, r_w, _ = floor_ratios(key)
+            mb, mb_w = agg(key, "MB/s")
+            rss, rss_w = agg(key, "rss")
+            fin, fin_w = agg(key, "finish_ms")
+            other, other_w = agg(key, "other")
+            lines.append(f"| {label} | {f2(cpu)} / {f2(cpu_w)} | {f2(r)}x / {f2(r_w)}x | {fmt(mb)} / {fmt(mb_w)} | "
+                         f"{fmt(rss)} / {fmt(rss_w)} | " + (f"{fmt(fin)} / {fmt(fin_w)}" if fin is not None else "")
+                         + f" | {f2(other)} / {f2(other_w)} |")
+        if big_rss:
+            lines.append(f"| pyfiledrop, {args.big_size / GIB:g} GiB, page defaults (fresh server, one run) | "
+                         f"{f2(big_cpu)} | | | {fmt(big_rss / MIB)} (VmRSS every 20 ms and VmHWM) | "
+                         f"{fmt(big_finish) if big_finish is not None else '-'} |")
+        lines.append("")
+    if do_many:
+        lines += [
+            f"### {args.files} x {args.file_size // 1024} KiB files ({args.runs} run(s): median / worst)",
+            "",
+            "| Case | clients | files/s | CPU ms per file | peak RSS MiB | other load, cores |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for clients in (1, 8):
+            for name, _, _, label in many_cases:
+                key = f"many {name} x{clients}"
+                fs, fs_w = agg(key, "files/s")
+                if fs is None:
+                    continue
+                cpu, cpu_w = agg(key, "cpu")
+                rss, rss_w = agg(key, "rss")
+                other, other_w = agg(key, "other")
+                lines.append(f"| {label} | {clients} | {fmt(fs)} / {fmt(fs_w)} | {f2(cpu)} / {f2(cpu_w)} | "
+                             f"{fmt(rss)} / {fmt(rss_w)} | {f2(other)} / {f2(other_w)} |")
+        lines.append("")
+    if conn_rows:
+        lines += connections.table(conn_rows, args.probe_timeout) + [""]
 
     targets = []
 
-    def target(text, ok):
-        targets.append(f"- [{'x' if ok else ' '}] {text}" + ("" if ok is not None else " (not measured)"))
+    def target(text, ok, detail=""):
+        mark = "x" if ok else " "
+        targets.append(f"- [{mark}] {text}" + (f": {detail}" if detail else "")
+                       + ("" if ok is not None else " (not measured)"))
 
-    d6, one_mb, f8 = m.get("big chunk default x6"), m.get("big chunk 1MB x6"), m.get("many pyfiledrop x8")
-    target("default settings, 6 in flight >= 70% of nginx MB/s", (d6 / ng >= 0.7) if d6 and ng else None)
-    target("default settings, 6 in flight >= 2.5x copyparty curl -T", (d6 / cp >= 2.5) if d6 and cp else None)
-    target("1 MB chunks >= copyparty curl -T", (one_mb >= cp) if one_mb and cp else None)
-    c8 = m.get("many copyparty x8")
-    target("500 x 64 KiB, 8 clients: more files/s than copyparty", (f8 > c8) if f8 and c8 else None)
-    target("peak RSS during 4 GiB < 64 MiB", (big_rss < 64 * MIB) if big_rss else None)
-    finishes = [v for k, v in m.items() if k.endswith("finish_ms")] + ([big_finish] if big_finish else [])
-    target("completing a file < 100 ms", (max(finishes) < 100) if finishes else None)
-    lines += ["", "Targets:", *targets, ""]
+    if do_big:
+        _, w, every = floor_ratios("pfd default x6")
+        target("page defaults at most 1.15x the floor in every run", (w <= 1.15) if every else None,
+               ", ".join(f"{v:.2f}x" for v in every))
+        med, w, every = floor_ratios("pfd curl")
+        target("curl -T at most 1.1x the floor", (med <= 1.1) if every else None,
+               f"median {f2(med)}x, worst {f2(w)}x")
+        med, w, every = floor_ratios("pfd 1MB x6")
+        target("1 MB chunks at most 1.5x the floor", (med <= 1.5) if every else None,
+               f"median {f2(med)}x, worst {f2(w)}x")
+    if do_many:
+        p8, c8 = bench.per_run("many pyfiledrop x8", "files/s"), bench.per_run("many copyparty x8", "files/s")
+        pairs = [(p8[r], c8[r]) for r in p8 if r in c8]
+        target(f"{args.files} x {args.file_size // 1024} KiB, 8 clients: more files/s than copyparty in the "
+               "same run", all(p > c for p, c in pairs) if pairs else None,
+               ", ".join(f"{p:.0f} vs {c:.0f}" for p, c in pairs))
+    if do_big:
+        target(f"peak RSS during a {args.big_size / GIB:g} GiB upload under 64 MiB",
+               (big_rss < 64 * MIB) if big_rss else None, f"{big_rss / MIB:.1f} MiB" if big_rss else "")
+        finishes = [v for key in bench.data for v in bench.per_run(key, "finish_ms").values()]
+        target("completion under 100 ms at any size (worst of every chunked upload)",
+               (max(finishes) < 100) if finishes else None, f"worst {max(finishes):.1f} ms" if finishes else "")
+    if targets:
+        lines += ["Targets (reported, not asserted):", *targets, ""]
     if bench.failures:
         lines += ["FAILURES:", *[f"- {f}" for f in bench.failures], ""]
     text = "\n".join(lines)
@@ -510,8 +730,11 @@ def main(argv=None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     args.out.with_suffix(".json").write_text(json.dumps(
-        {"machine": info, "samples": bench.samples, "medians": m, "rss": rss, "big_rss": big_rss,
-         "big_finish_ms": big_finish, "failures": bench.failures}, indent=1))
+        {"machine": info, "args": {k: str(v) for k, v in vars(args).items()},
+         "data": {k: {m: {str(r): v for r, v in runs.items()} for m, runs in metrics.items()}
+                  for k, metrics in bench.data.items()},
+         "big_rss": big_rss, "big_finish_ms": big_finish, "processes": bench.processes,
+         "threads": bench.threads, "connections": conn_rows, "failures": bench.failures}, indent=1))
     return 1 if bench.failures else 0
 
 
