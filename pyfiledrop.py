@@ -1256,25 +1256,28 @@ class LocalBackend:
         self._chunks = str(self.chunks)
         self._checkpoint = checkpoint
         self._warn = warn
+        self._copies: set[str] = set()          # ids copied into storage from another filesystem
+        self._free: tuple[float, int] = (-1.0, 0)  # (when, bytes): statvfs at most every FREE_SPACE_TTL_S
+        self._written = 0                          # bytes written since then
 
     # -- partial files --------------------------------------------------------------------------------------
     def part_path(self, upload_id: str) -> str:
         return os.path.join(self._chunks, _part_key(upload_id) + ".part")  # plain strings: the hot path
 
-    def create_part(self, upload_id: str) -> None:
-        """A new empty partial file; FileExistsError when one is there already."""
+    def create_part(self, upload_id: str) -> int:
+        """A new empty partial file, open for writing; FileExistsError when one is there already."""
         flags = os.O_CREAT | os.O_EXCL | os.O_RDWR | getattr(os, "O_BINARY", 0)
         try:
-            os.close(os.open(self.part_path(upload_id), flags, 0o644))
+            return os.open(self.part_path(upload_id), flags, 0o644)
         except FileNotFoundError:
             self._recreate(self.chunks, "chunks")
-            os.close(os.open(self.part_path(upload_id), flags, 0o644))
+            return os.open(self.part_path(upload_id), flags, 0o644)
 
     def open_part(self, upload_id: str) -> int:
         return os.open(self.part_path(upload_id), os.O_RDWR | getattr(os, "O_BINARY", 0))
 
-    @staticmethod
-    def write_at(fd: int, data, offset: int) -> None:
+    def write_at(self, fd: int, data, offset: int) -> None:
+        self._written += len(data)
         view = memoryview(data)
         if hasattr(os, "pwrite"):
             while view:
@@ -1301,9 +1304,11 @@ class LocalBackend:
             return None
 
     def discard(self, upload_id: str) -> None:
-        """Remove what an upload left in the chunks folder (and a copy in storage not yet named)."""
+        """Remove what an upload left in the chunks folder (and its copy in storage, if one was made)."""
         _unlink_quietly(self.part_path(upload_id))
-        _unlink_quietly(self._temp_path(upload_id))
+        if upload_id in self._copies:
+            self._copies.discard(upload_id)
+            _unlink_quietly(self._temp_path(upload_id))
 
     def part_ids(self) -> list[str | None]:
         """Ids of the partial files in the chunks folder (None for a file that is no part of ours)."""
@@ -1313,12 +1318,19 @@ class LocalBackend:
             return []
         return [_id_from_key(name[:-5]) for name in names if name.endswith(".part")]
 
-    def free_space(self) -> int:
-        """Free bytes on the fuller of the two filesystems."""
-        try:
-            return min(shutil.disk_usage(folder).free for folder in {self.storage, self.chunks})
-        except OSError as error:
-            raise storage_error(error)
+    FREE_SPACE_TTL_S = 0.05   # many small uploads a second need not each ask the filesystem
+
+    def free_space(self, fresh: bool = False) -> int:
+        """Free bytes on the fuller of the two filesystems (an estimate from a recent look, unless ``fresh``)."""
+        when, free = self._free
+        now = time.monotonic()
+        if fresh or now - when > self.FREE_SPACE_TTL_S:
+            try:
+                free = min(shutil.disk_usage(folder).free for folder in {self.storage, self.chunks})
+            except OSError as error:
+                raise storage_error(error)
+            self._free, self._written = (now, free), 0
+        return free - self._written
 
     def total_space(self) -> int:
         return min(shutil.disk_usage(folder).total for folder in {self.storage, self.chunks})
@@ -1384,6 +1396,7 @@ class LocalBackend:
         """Chunks and storage on different filesystems: one copy, under a hidden name, removed on failure."""
         temp = self._temp_path(upload_id)
         _unlink_quietly(temp)  # a copy from an attempt that failed; never a stored file (those are links)
+        self._copies.add(upload_id)
         try:
             with open(self.part_path(upload_id), "rb") as source, open(temp, "xb") as target:
                 shutil.copyfileobj(source, target, READ_BLOCK)
@@ -1546,10 +1559,11 @@ class _Live:
     """An upload being received, in memory: its record, the requests writing it, and the in-order hash."""
 
     __slots__ = ("info", "ephemeral", "lock", "changed", "writers", "hash_lock", "hasher", "hashed_to",
-                 "finish_lock", "linked_as", "background_hash")
+                 "finish_lock", "linked_as", "background_hash", "fd")
 
-    def __init__(self, info: UploadInfo, ephemeral: bool):
+    def __init__(self, info: UploadInfo, ephemeral: bool, fd: int | None = None):
         self.info = info
+        self.fd = fd                     # an upload of one request keeps the file it was created with open
         self.ephemeral = ephemeral       # arrives in one request: no record until it is stored
         self.lock = threading.Lock()     # info and writers
         self.changed = threading.Condition(self.lock)   # a writer has gone
@@ -1594,40 +1608,47 @@ class Engine:
 
     # -- create -------------------------------------------------------------------------------------------
     def create(self, upload_id: str, name: str, *, size: int | None, part_size: int, client: str,
-               ephemeral: bool = False) -> UploadInfo:
-        """A new upload, or the one already under ``upload_id`` if it matches (name, size, part size)."""
+               ephemeral: bool = False, fresh: bool = False) -> UploadInfo:
+        """A new upload, or the one already under ``upload_id`` if it matches (name, size, part size).
+
+        ``ephemeral``: it arrives in one request, so it is recorded only once stored.  ``fresh``: the id was
+        just made by the server, so nothing can be under it yet (no look-up).
+        """
         if size is not None and size > self.limits.max_size:
             raise TooLarge(f"File too large: {size} bytes; this server accepts up to {self.limits.max_size} "
                            "bytes per file.")
         with self._opening[hash(upload_id) % 64]:
-            live = self._live.get(upload_id) or self._resume(upload_id)
+            live = self._live.get(upload_id)
+            recorded = None if live is not None or fresh else self.ledger.get(upload_id)
+            if recorded is not None and recorded.state is State.RECEIVING:
+                live = self._resume(recorded)
             if live is not None:
                 _check_same(live.info, name, size, part_size)
                 return live.info
-            stored = self.ledger.get(upload_id)
-            if stored is not None and stored.state is State.STORED:
-                _check_same(stored, name, size, part_size)
-                return stored
+            if recorded is not None and recorded.state is State.STORED:
+                _check_same(recorded, name, size, part_size)
+                return recorded
             self.check_space(size or 0)
             now = self.clock()
             info = UploadInfo(id=upload_id, name=name, size=size, part_size=part_size, client=client,
                               created=now, updated=now)
-            self._new_part(upload_id)
+            fd = self._new_part(upload_id)
+            live = _Live(info, ephemeral, fd if ephemeral else None)
             if not ephemeral:
+                os.close(fd)
                 self._record(info, on_failure=lambda: self.backend.discard(upload_id))
-            live = _Live(info, ephemeral)
             with self._lock:
                 self._live[upload_id] = live
             return info
 
-    def _new_part(self, upload_id: str) -> None:
+    def _new_part(self, upload_id: str) -> int:
         try:
             try:
-                self.backend.create_part(upload_id)
+                return self.backend.create_part(upload_id)
             except FileExistsError:
                 # Neither live nor recorded (we hold this id's opening lock): left by a stop before its record.
                 self.backend.discard(upload_id)
-                self.backend.create_part(upload_id)
+                return self.backend.create_part(upload_id)
         except OSError as error:
             raise storage_error(error)
 
@@ -1639,11 +1660,11 @@ class Engine:
             log.error("the ledger could not record upload %s: %s", info.id, error)
             raise StorageFailure("The server could not record the upload.") from None
 
-    def _resume(self, upload_id: str) -> _Live | None:
-        """The unfinished upload ``upload_id`` from the ledger (after a restart, or idle for a while)."""
-        info = self.ledger.get(upload_id)
+    def _resume(self, info: UploadInfo | None) -> _Live | None:
+        """An unfinished upload recorded in the ledger, live again (after a restart)."""
         if info is None or info.state is not State.RECEIVING:
             return None
+        upload_id = info.id
         if self.backend.part_stat(upload_id) is None:
             self._record(dataclasses.replace(info, state=State.FAILED, reason="its partial file disappeared"))
             return None
@@ -1659,12 +1680,14 @@ class Engine:
         live = self._live.get(upload_id)
         if live is None:
             with self._opening[hash(upload_id) % 64]:
-                live = self._live.get(upload_id) or self._resume(upload_id)
+                live = self._live.get(upload_id) or self._resume(self.ledger.get(upload_id))
         return live
 
     def check_space(self, needed: int) -> None:
         """507 unless ``needed`` more bytes leave the reserve (``min_free``) free on every filesystem."""
         free = self.backend.free_space()
+        if needed + self.limits.min_free > free:  # look again before refusing: the estimate may be stale
+            free = self.backend.free_space(fresh=True)
         if needed + self.limits.min_free > free:
             raise InsufficientStorage(f"Not enough disk space on the server: {needed} bytes needed, "
                                       f"{max(0, free - self.limits.min_free)} available.")
@@ -1753,7 +1776,7 @@ class Engine:
 
     def _receive(self, live: _Live, writer: _Writer, pieces: Iterable) -> None:
         try:
-            fd = self.backend.open_part(live.info.id)
+            fd = os.dup(live.fd) if live.fd is not None else self.backend.open_part(live.info.id)
         except FileNotFoundError:
             if live.info.state is State.STORED:  # completed by another request meanwhile: nothing to write
                 return _drain(pieces)
@@ -1975,8 +1998,8 @@ class Engine:
                 raise StorageFailure("The server could not check the file.")
             self.checkpoint("hashed")
             info = self._store(live, live.hasher.hexdigest())
+        self._forget(upload_id)
         with self._lock:
-            self._live.pop(upload_id, None)
             self.stored_count += 1
         self.events(Stored(info))
         return info
@@ -2009,8 +2032,10 @@ class Engine:
     def receive_whole(self, name: str, pieces: Iterable, *, client: str, size: int | None = None,
                       upload_id: str | None = None) -> UploadInfo:
         """A file that arrives whole in one request (PUT, a multipart file): received, then stored."""
+        fresh = upload_id is None
         upload_id = upload_id or str(uuid.uuid4())
-        self.create(upload_id, name, size=size, part_size=max(1, size or 0), client=client, ephemeral=True)
+        self.create(upload_id, name, size=size, part_size=max(1, size or 0), client=client, ephemeral=True,
+                    fresh=fresh)
         try:
             info = self.put(upload_id, 0, pieces, length=size)
             if info.size is None:
@@ -2037,10 +2062,17 @@ class Engine:
 
     def discard(self, upload_id: str) -> None:
         """Forget an unfinished upload that will not go on; its partial file goes."""
-        with self._lock:
-            live = self._live.pop(upload_id, None)
+        live = self._forget(upload_id)
         if live is not None and live.info.state is not State.STORED:
             self.backend.discard(upload_id)
+
+    def _forget(self, upload_id: str) -> _Live | None:
+        with self._lock:
+            live = self._live.pop(upload_id, None)
+        if live is not None and live.fd is not None:
+            fd, live.fd = live.fd, None
+            os.close(fd)
+        return live
 
     # -- expire ---------------------------------------------------------------------------------------------
     def expire(self, now: float | None = None) -> int:
@@ -2052,8 +2084,7 @@ class Engine:
                 live = self._live.get(info.id)
                 if live is not None and (live.writers or live.info.updated >= cutoff):
                     continue
-                with self._lock:
-                    self._live.pop(info.id, None)
+                self._forget(info.id)
                 self.backend.discard(info.id)
                 self._record(dataclasses.replace(info, state=State.EXPIRED, updated=self.clock(),
                                                  reason="untouched for too long"))
@@ -2581,7 +2612,7 @@ def _spool(engine: Engine, part: FilePart, client: str) -> str:
     """Receive a whole file of a form; stored by ``_store_spooled`` once the form has ended well."""
     upload_id, name = str(uuid.uuid4()), sanitize_filename(part.filename)
     with _Subject(name):
-        engine.create(upload_id, name, size=None, part_size=1, client=client, ephemeral=True)
+        engine.create(upload_id, name, size=None, part_size=1, client=client, ephemeral=True, fresh=True)
         engine.put(upload_id, 0, part.data)
     return upload_id
 
@@ -3233,6 +3264,10 @@ class ServerLimits:
     worker_idle_timeout: float = 60.0
     drain_bytes: int = 64 * 1024 * 1024
     """After a response, an unread request body up to this size is read off to keep the connection."""
+    linger: float = 0.005
+    """After a response, a worker waits this long for the same connection's next request before parking it
+    in the selector: the page sends its next chunk, and a script its next file, within a millisecond or two,
+    and handing a connection back and forth costs more than a small file's whole request."""
     listen_backlog: int = 1024
     """Connections the kernel queues before the selector accepts them (it accepts as fast as they come)."""
 
@@ -3889,7 +3924,12 @@ class HTTPServer:
     def _run(self, connection: _Connection, head: bytes, rest: bytes) -> None:
         keep = False
         try:
-            keep = self._handle(connection, head, rest)
+            while True:
+                keep = self._handle(connection, head, rest)
+                following = self._next_head(connection) if keep and self._may_linger(connection) else None
+                if following is None:
+                    break
+                head, rest = following
         except OSError as error:
             log.debug("connection from %s:%s ended: %s", connection.address, connection.port,
                       error.strerror or error)
@@ -3897,6 +3937,42 @@ class HTTPServer:
             log.exception("HTTP request from %s failed", connection.address)
         finally:
             self._hand_back(connection, keep)
+
+    def _may_linger(self, connection: _Connection) -> bool:
+        """Only while the address is far from its caps: a lingering connection counts as busy, and must not
+        stand in the way of the rule that parked connections give way to new ones."""
+        limits = self.limits
+        return (not self._stopped and len(self._connections) < self.max_connections // 2
+                and len(self._by_address.get(connection.address, ())) < limits.max_connections_per_address // 2
+                and self._busy.get(connection.address, 0) < limits.max_busy_per_address // 2)
+
+    def _next_head(self, connection: _Connection) -> tuple[bytes, bytes] | None:
+        """The next request's head if it arrives within ``linger``: a client that goes on at once (the page's
+        next chunk, a script's next file) is served by this worker without a trip through the selector.
+        None hands the connection (and any partial head) back to the selector."""
+        buffer, sock = connection.buffer, connection.sock
+        deadline = time.monotonic() + self.limits.linger
+        while True:
+            while buffer[:2] == b"\r\n":
+                del buffer[:2]
+            end = buffer.find(_HEAD_END)
+            if end >= 0:
+                if end + 4 > self.limits.max_head_bytes:
+                    return None  # the selector answers 431
+                head, rest = bytes(buffer[:end]), bytes(buffer[end + 4:])
+                connection.buffer = bytearray()
+                return head, rest
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or len(buffer) > self.limits.max_head_bytes:
+                return None
+            sock.settimeout(remaining)
+            try:
+                data = sock.recv(65536)
+            except (TimeoutError, BlockingIOError, InterruptedError):
+                return None
+            if not data:
+                return None  # closed: the selector sees it and closes too
+            buffer += data
 
     def _parse_head(self, head: bytes):
         """(method, target, version, [(name, value), ...]) or an (error status, message) pair."""
