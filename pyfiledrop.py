@@ -1092,7 +1092,15 @@ class UploadInfo:
         return not range_holes(self.received, start, end)
 
     def received_parts(self) -> int:
-        return sum(1 for index in range(self.total_parts) if self.part_received(index))
+        """How many parts of the grid are received whole (counted per range, not per part)."""
+        size, part = self.size or 0, self.part_size
+        if size == 0:
+            return self.total_parts  # an empty file's one part has no bytes to wait for
+        count = 0
+        for low, high in self.received:
+            last = self.total_parts if high == size else high // part   # parts [first, last) lie inside
+            count += max(0, last - -(-low // part))
+        return count
 
     def missing_parts(self, limit: int) -> list[int]:
         missing: list[int] = []
