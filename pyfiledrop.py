@@ -2263,6 +2263,7 @@ class FilePart:
     name: str
     filename: str
     data: Iterator[bytes]
+    expect: Callable[[int], None] = lambda length: None   # "the data is this long": it is then not searched
 
 
 _buffer_pool: list = []
@@ -2349,7 +2350,7 @@ def multipart_parts(environ: dict, length: int | None) -> Iterator[FormField | F
                 yield FormField(name, text)
             else:
                 data = reader.part_data()
-                yield FilePart(name, filename, data)
+                yield FilePart(name, filename, data, reader.expect)
                 _drain(data)
     finally:
         reader.close()
@@ -2360,6 +2361,8 @@ _MALFORMED = "The multipart body is malformed."
 
 def _at(buffer, offset: int, prefix: bytes) -> bool:
     return buffer[offset:offset + len(prefix)] == prefix
+
+
 _PART_HEADER_LIMIT = 16 * 1024
 _MAX_PADDING = 64
 def _part_names(raw: bytes) -> tuple[str, str | None]:
@@ -2389,6 +2392,7 @@ class _MultipartReader:
         self.delimiter = b"\r\n--" + boundary
         self.parts = 0
         self.closed = False
+        self.expected: int | None = None
 
     def close(self) -> None:
         if not self.closed:
@@ -2477,8 +2481,41 @@ class _MultipartReader:
             return None
         return _at(buf, pad, b"\r\n")
 
+    def expect(self, length: int) -> None:
+        """The next part's data should be ``length`` bytes: they are passed on without a search for the
+        boundary, which is then looked for right after them (and searched for as usual if it is not there)."""
+        self.expected = length
+
+    def _fits(self, length: int) -> bool:
+        remaining = self.body.remaining
+        return remaining is not None and self.end - self.start + remaining >= length + len(self.delimiter) + 4
+
+    def _known_length(self, length: int) -> Iterator[memoryview]:
+        while length:
+            if self.start == self.end and not self._fill():
+                raise BadRequest(_MALFORMED)
+            take = min(length, self.end - self.start)
+            yield self.view[self.start:self.start + take]
+            self.start += take
+            length -= take
+
+    def _delimiter_here(self) -> bool:
+        try:
+            self._need(len(self.delimiter) + 2)
+        except BadRequest:
+            return False
+        if not _at(self.buf, self.start, self.delimiter) or not self._delimiter_ends(self.start + len(self.delimiter)):
+            return False
+        self.start += 2
+        return True
+
     def part_data(self) -> Iterator[memoryview]:
         """The current part's data as slices of the buffer; stops at (and leaves the reader on) the boundary."""
+        expected, self.expected = self.expected, None
+        if expected is not None and self._fits(expected):
+            yield from self._known_length(expected)
+            if self._delimiter_here():
+                return
         delimiter = self.delimiter
         tail = len(delimiter) - 1
         while True:
@@ -2595,6 +2632,7 @@ def receive_form(engine: Engine, environ: dict, client: str) -> dict:
                 if chunk_reply is not None or (chunk is not None and spooled):
                     raise BadRequest("A chunk request carries exactly one file.")
                 if chunk is not None:
+                    part.expect(chunk.length)
                     chunk_reply = receive_chunk(engine, chunk, part.filename, part.data, client)
                 elif part.filename or _has_bytes(part):
                     if not spooled:

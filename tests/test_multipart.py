@@ -21,14 +21,17 @@ class TrickleInput:
         return self.stream.read(min(size, self.rng.randint(1, self.largest)))
 
 
-def parse(body: bytes, boundary: str, rng=None, largest=1 << 20):
+def parse(body: bytes, boundary: str, rng=None, largest=1 << 20, expectations=()):
+    """``expectations``: lengths announced for the file parts in turn (as a chunk's fields announce it)."""
     environ = {"wsgi.input": TrickleInput(body, rng or random.Random(0), largest),
                "CONTENT_TYPE": f"multipart/form-data; boundary={boundary}"}
-    parts = []
+    parts, expectations = [], list(expectations)
     for part in multipart_parts(environ, len(body)):
         if isinstance(part, FormField):
             parts.append(("field", part.name, part.value.encode()))
         else:
+            if expectations:
+                part.expect(expectations.pop(0))
             parts.append(("file", part.name, part.filename, b"".join(bytes(p) for p in part.data)))
     return parts
 
@@ -84,6 +87,28 @@ def test_scanner_agrees_with_werkzeug(seed):
     body = build(rng, boundary)
     expected = [tuple(part) for part in reference(body, boundary)]
     assert parse(body, boundary, rng, largest=rng.choice([1, 7, 100, 65536, 1 << 20])) == expected
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_an_announced_length_gives_the_same_parts(seed):
+    """A file part announced at its true length (or shorter) is passed on without a search for the boundary,
+    and must come out exactly as werkzeug decodes it; announced longer, it may only swallow what follows
+    (the client's own upload is then wrong, and atomic chunks are refused), never lose data."""
+    rng = random.Random(seed)
+    boundary = "----WebKitFormBoundary" + "".join(rng.choice("abcXYZ019") for _ in range(16))
+    body = build(rng, boundary)
+    expected = [tuple(part) for part in reference(body, boundary)]
+    true_lengths = [len(part[3]) for part in expected if part[0] == "file"]
+    shorter = [max(0, length - rng.randint(0, 50)) for length in true_lengths]
+    for announced in (true_lengths, shorter):
+        assert parse(body, boundary, rng, rng.choice([7, 65536, 1 << 20]), announced) == expected
+    longer = [length + rng.randint(1, 50) for length in true_lengths]
+    try:
+        got = parse(body, boundary, rng, 65536, longer)
+    except BadRequest:
+        return
+    files = [part[3] for part in got if part[0] == "file"]
+    assert files[:1] == [] or files[0].startswith([part[3] for part in expected if part[0] == "file"][0])
 
 
 @pytest.mark.parametrize("body", [
