@@ -1039,7 +1039,7 @@ SPACE_CHECK_EVERY = 4 * MIB      # how often a long request looks at the free sp
 PROGRESS_EVERY_S = 0.25
 STALLED_AFTER_S = 1.0            # a request that moved no byte for this long may be taken over by a retry
 RIVAL_WAIT_S = 10.0              # a retry waits this long at most for an earlier copy of itself still moving
-BACKGROUND_HASH = 64 * MIB       # a hash backlog this large (after a restart) is caught up off the request
+HASH_WINDOW = 8 * MIB            # the in-order hash reads back at most this much per turn of its lock
 
 
 class _Writer:
@@ -1076,7 +1076,7 @@ class _Live:
     """An upload being received, in memory: its record, the requests writing it, and the in-order hash."""
 
     __slots__ = ("info", "ephemeral", "lock", "changed", "writers", "hash_lock", "hasher", "hashed_to",
-                 "finish_lock", "linked_as", "background_hash", "fd")
+                 "finish_lock", "linked_as", "background_hash", "hash_wanted", "fd")
 
     def __init__(self, info: UploadInfo, ephemeral: bool, fd: int | None = None):
         self.info = info
@@ -1090,7 +1090,8 @@ class _Live:
         self.hashed_to = 0
         self.finish_lock = threading.Lock()
         self.linked_as: str | None = None   # stored under this name, not yet recorded (the ledger failed)
-        self.background_hash = False
+        self.background_hash = False    # a thread is hashing received bytes from the file
+        self.hash_wanted = False        # more bytes arrived meanwhile: it looks again before it ends
 
     def in_flight(self) -> int:
         return sum(max(0, writer.position - writer.committed_to) for writer in tuple(self.writers))
@@ -1432,26 +1433,53 @@ class Engine:
 
     # -- the in-order hash ----------------------------------------------------------------------------------
     def _advance_hash(self, live: _Live, wait: bool = False) -> None:
-        """Hash received bytes from the file where no writer is hashing them as they arrive."""
-        while self._hash_backlog(live, trust_writers=not wait):
-            if not wait and prefix_end(live.info.received) - live.hashed_to > BACKGROUND_HASH:
-                if not live.background_hash:
-                    live.background_hash = True
-                    threading.Thread(target=self._catch_up, args=(live,), daemon=True).start()
+        """Hash received bytes from the file where no writer is hashing them as they arrive.
+
+        ``wait`` (completion): here and now, until every received byte is hashed.  Otherwise one background
+        thread per upload does it, so no request's reply waits for bytes of other requests to be hashed.
+        """
+        if wait:
+            return self._hash_now(live, trust_writers=False)
+        with live.lock:
+            if live.background_hash:
+                live.hash_wanted = True  # the running thread looks again before it ends
                 return
-            if not live.hash_lock.acquire(blocking=wait):
+            if not self._hash_backlog(live):
                 return
-            try:
-                end = prefix_end(live.info.received)
-                if self._hash_backlog(live, trust_writers=not wait):
-                    fd = os.open(self.backend.part_path(live.info.id), os.O_RDONLY | getattr(os, "O_BINARY", 0))
-                    try:
-                        self._hash_from_file(live.hasher, fd, live.hashed_to, end)
-                    finally:
-                        os.close(fd)
+            live.background_hash = True
+        threading.Thread(target=self._catch_up, args=(live,), name="pyfiledrop-hash", daemon=True).start()
+
+    def _catch_up(self, live: _Live) -> None:
+        try:
+            while True:
+                self._hash_now(live, trust_writers=True)
+                with live.lock:
+                    if not live.hash_wanted and not self._hash_backlog(live):
+                        live.background_hash = False
+                        return
+                    live.hash_wanted = False
+        except Exception as error:  # completion hashes what is left; only the head start is lost
+            log.warning("hashing %s in the background failed: %s", live.info.name, error)
+            with live.lock:
+                live.background_hash = False
+
+    def _hash_now(self, live: _Live, trust_writers: bool) -> None:
+        """Hash the received prefix from the file, a window at a time (the lock is let go in between, so a
+        writer handing over its own hash never waits long)."""
+        fd = None
+        try:
+            while self._hash_backlog(live, trust_writers):
+                with live.hash_lock:
+                    end = min(prefix_end(live.info.received), live.hashed_to + HASH_WINDOW)
+                    if not self._hash_backlog(live, trust_writers):
+                        continue
+                    if fd is None:
+                        fd = os.open(self.backend.part_path(live.info.id), os.O_RDONLY | getattr(os, "O_BINARY", 0))
+                    self._hash_from_file(live.hasher, fd, live.hashed_to, end)
                     live.hashed_to = end
-            finally:
-                live.hash_lock.release()
+        finally:
+            if fd is not None:
+                os.close(fd)
 
     @staticmethod
     def _hash_backlog(live: _Live, trust_writers: bool = True) -> bool:
@@ -1461,14 +1489,6 @@ class Engine:
             return False
         return not trust_writers or not any(w.hasher is not None and not w.fenced and w.hash_from <= live.hashed_to
                                             for w in tuple(live.writers))
-
-    def _catch_up(self, live: _Live) -> None:
-        try:
-            self._advance_hash(live, wait=True)
-        except Exception as error:  # completion hashes again; only the head start is lost
-            log.warning("hashing %s in the background failed: %s", live.info.name, error)
-        finally:
-            live.background_hash = False
 
     # -- size, finish -----------------------------------------------------------------------------------------
     def declare_size(self, upload_id: str, size: int) -> UploadInfo:
