@@ -1040,6 +1040,7 @@ PROGRESS_EVERY_S = 0.25
 STALLED_AFTER_S = 1.0            # a request that moved no byte for this long may be taken over by a retry
 RIVAL_WAIT_S = 10.0              # a retry waits this long at most for an earlier copy of itself still moving
 HASH_WINDOW = 8 * MIB            # the in-order hash reads back at most this much per turn of its lock
+HASH_BACKLOG = 32 * MIB          # a reply waits while more than this waits to be hashed: completion stays quick
 
 
 class _Writer:
@@ -1076,7 +1077,7 @@ class _Live:
     """An upload being received, in memory: its record, the requests writing it, and the in-order hash."""
 
     __slots__ = ("info", "ephemeral", "lock", "changed", "writers", "hash_lock", "hasher", "hashed_to",
-                 "finish_lock", "linked_as", "background_hash", "hash_wanted", "fd")
+                 "finish_lock", "linked_as", "background_hash", "hash_wanted", "hash_progress", "fd")
 
     def __init__(self, info: UploadInfo, ephemeral: bool, fd: int | None = None):
         self.info = info
@@ -1092,6 +1093,7 @@ class _Live:
         self.linked_as: str | None = None   # stored under this name, not yet recorded (the ledger failed)
         self.background_hash = False    # a thread is hashing received bytes from the file
         self.hash_wanted = False        # more bytes arrived meanwhile: it looks again before it ends
+        self.hash_progress = threading.Condition()   # the hash moved on (replies held back wait for it)
 
     def in_flight(self) -> int:
         return sum(max(0, writer.position - writer.committed_to) for writer in tuple(self.writers))
@@ -1417,6 +1419,16 @@ class Engine:
                 live.changed.notify_all()
         if failed and not writer.superseded:
             self._forget_if_empty(live)
+        elif not failed:
+            self._hold_back(live)
+
+    def _hold_back(self, live: _Live) -> None:
+        """Slow the client to the speed of the hash: while more than HASH_BACKLOG of received bytes wait to be
+        hashed (the parts came faster than one thread hashes them), this reply waits, so completing the file
+        never has much left to hash."""
+        with live.hash_progress:
+            while prefix_end(live.info.received) - live.hashed_to > HASH_BACKLOG and live.background_hash:
+                live.hash_progress.wait(1.0)
 
     def _forget_if_empty(self, live: _Live) -> None:
         """A failed request leaves nothing behind where nothing of its upload was received: a retry starts it
@@ -1456,12 +1468,14 @@ class Engine:
                 with live.lock:
                     if not live.hash_wanted and not self._hash_backlog(live):
                         live.background_hash = False
-                        return
+                        break
                     live.hash_wanted = False
         except Exception as error:  # completion hashes what is left; only the head start is lost
             log.warning("hashing %s in the background failed: %s", live.info.name, error)
             with live.lock:
                 live.background_hash = False
+        with live.hash_progress:
+            live.hash_progress.notify_all()
 
     def _hash_now(self, live: _Live, trust_writers: bool) -> None:
         """Hash the received prefix from the file, a window at a time (the lock is let go in between, so a
@@ -1477,6 +1491,8 @@ class Engine:
                         fd = os.open(self.backend.part_path(live.info.id), os.O_RDONLY | getattr(os, "O_BINARY", 0))
                     self._hash_from_file(live.hasher, fd, live.hashed_to, end)
                     live.hashed_to = end
+                with live.hash_progress:
+                    live.hash_progress.notify_all()
         finally:
             if fd is not None:
                 os.close(fd)
