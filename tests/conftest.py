@@ -50,6 +50,52 @@ def http_request(port: int, method: str, path: str, body: bytes | None = None, h
         connection.close()
 
 
+class Output:
+    """Collects a process's output lines in a thread, as they come; waits poll for a condition on them."""
+
+    def __init__(self, process: subprocess.Popen):
+        self.process = process
+        self.lines: list[str] = []
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+    def since(self, mark: int) -> list[str]:
+        return list(self.lines[mark:])
+
+    def wait_for(self, predicate, timeout: float = 30.0) -> None:
+        """Until ``predicate(all the output so far)`` holds."""
+        deadline = time.monotonic() + timeout
+        while not predicate(self.text):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out; output so far:\n{self.text}")
+            threading.Event().wait(0.05)
+
+    def wait_for_line(self, predicate, timeout: float = 20.0, start: int = 0) -> str:
+        """The first line from ``start`` on for which ``predicate(line)`` holds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = next((line for line in self.lines[start:] if predicate(line)), None)
+            if found is not None:
+                return found
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no matching console line within {timeout} s; output:\n{self.text}")
+            threading.Event().wait(0.05)
+
+    def close(self) -> str:
+        """Wait for the process to end and for its last line to be read."""
+        self.process.wait(30)
+        self._thread.join(10)
+        return self.text
+
+
 @dataclasses.dataclass
 class Server:
     config: pyfiledrop.Config

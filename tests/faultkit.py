@@ -19,7 +19,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import chunk_fields, cli_server, encode_multipart, http_request
+from conftest import Output, chunk_fields, cli_server, encode_multipart, http_request
 
 LEDGER = "ledger.sqlite3"
 LEDGER_FILES = {LEDGER, LEDGER + "-wal", LEDGER + "-shm", LEDGER + "-journal"}
@@ -45,35 +45,6 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):
 
 
 # -- the server and its console ------------------------------------------------------------------------------
-
-class Output:
-    """Collects a process's output lines in a thread, as they come."""
-
-    def __init__(self, process: subprocess.Popen):
-        self.process = process
-        self.lines: list[str] = []
-        self._thread = threading.Thread(target=self._read, daemon=True)
-        self._thread.start()
-
-    def _read(self) -> None:
-        for line in self.process.stdout:
-            self.lines.append(line.rstrip("\n"))
-
-    @property
-    def text(self) -> str:
-        return "\n".join(self.lines)
-
-    def since(self, mark: int) -> list[str]:
-        return list(self.lines[mark:])
-
-    def wait_for_line(self, predicate, timeout: float = 20.0, start: int = 0) -> str:
-        def found():
-            return next((line for line in self.lines[start:] if predicate(line)), None)
-        try:
-            return wait_until(found, timeout, "a console line")
-        except AssertionError:
-            raise AssertionError(f"no matching console line within {timeout} s; output:\n{self.text}") from None
-
 
 @dataclasses.dataclass
 class Drop:

@@ -14,43 +14,12 @@ import time
 import uuid
 
 import pytest
-from conftest import ROOT, chunk_fields, cli_server, encode_multipart, free_port, http_request, sha256
+from conftest import ROOT, Output, chunk_fields, cli_server, encode_multipart, free_port, http_request, sha256
 
 import pyfiledrop
 
 pytestmark = pytest.mark.skipif(os.name == "nt", reason="sends SIGINT")
 QR_BLOCK = "\u2588"
-
-
-class Output:
-    """Collects a process's output lines in a thread; ``wait_for`` polls for a condition on them."""
-
-    def __init__(self, process: subprocess.Popen):
-        self.process = process
-        self.lines: list[str] = []
-        self._thread = threading.Thread(target=self._read, daemon=True)
-        self._thread.start()
-
-    def _read(self) -> None:
-        for line in self.process.stdout:
-            self.lines.append(line.rstrip("\n"))
-
-    @property
-    def text(self) -> str:
-        return "\n".join(self.lines)
-
-    def wait_for(self, predicate, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not predicate(self.text):
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out; output so far:\n{self.text}")
-            threading.Event().wait(0.05)
-
-    def close(self) -> str:
-        """Wait for the process to end and for its last line to be read."""
-        self.process.wait(30)
-        self._thread.join(10)
-        return self.text
 
 
 def post_chunk(port: int, upload_id: str, index: int, data: bytes, chunk_size: int, name: str) -> dict:
