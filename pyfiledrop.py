@@ -1229,11 +1229,6 @@ class Engine:
             raise NotFound(f"{_GONE[info.state]} Start it again.")
         return info
 
-    def received_now(self, upload_id: str) -> int:
-        """Bytes of ``upload_id`` received so far, including what requests in flight have written."""
-        live = self._live.get(upload_id)
-        return self.info(upload_id).received_bytes if live is None else live.info.received_bytes + live.in_flight()
-
     def list(self, limit: int = 100, offset: int = 0) -> list[UploadInfo]:
         """Uploads, newest first."""
         return self.ledger.newest(limit, offset)

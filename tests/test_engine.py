@@ -539,3 +539,17 @@ def test_part_counts_agree_with_the_plain_definition():
         parts = range(info.total_parts)
         assert info.received_parts() == sum(1 for index in parts if info.part_received(index))
         assert info.missing_parts(10 ** 6) == [index for index in parts if not info.part_received(index)]
+
+
+def test_list_gives_every_upload_newest_first(tmp_path):
+    clock = [1000.0]
+    engine = make_engine(tmp_path, clock=lambda: clock[0])
+    for name in ("a.txt", "b.txt", "c.txt"):
+        clock[0] += 1
+        engine.receive_whole(name, [name.encode()], client="10.0.0.9")
+    clock[0] += 1
+    engine.create("part-1", "d.bin", size=10, part_size=5, client="10.0.0.8")
+    listed = engine.list()
+    assert [info.name for info in listed] == ["d.bin", "c.txt", "b.txt", "a.txt"]
+    assert [info.state for info in listed] == [State.RECEIVING] + [State.STORED] * 3
+    assert [info.name for info in engine.list(limit=2, offset=1)] == ["c.txt", "b.txt"]
