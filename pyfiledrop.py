@@ -620,9 +620,20 @@ class Ledger:
     def __init__(self, path: Path | str):
         self.path = str(path)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=2)
+        try:
+            # Exclusive, taken at once and held: no file locks per transaction, and a second pyfiledrop on the
+            # same chunks folder is refused at its start rather than sharing uploads it cannot see.
+            self._db.execute("PRAGMA locking_mode=EXCLUSIVE")
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("COMMIT")
+        except sqlite3.OperationalError as error:
+            self._db.close()
+            if "locked" in str(error):
+                raise RuntimeError("another pyfiledrop is using this chunks folder") from None
+            raise
         self._migrate()
         placeholders = ", ".join("?" for _ in self._COLUMNS)
         updates = ", ".join(f"{column}=excluded.{column}" for column in self._COLUMNS[1:])
@@ -1320,6 +1331,8 @@ class Engine:
         if writer.position + count > self.limits.max_size:
             raise TooLarge(f"File too large: this server accepts up to {self.limits.max_size} bytes per file.")
         position = writer.position
+        if writer.hasher is None and writer.whole and writer.start <= live.hashed_to <= position:
+            self._join_hash(live, writer, fd)  # before the write: this piece is then hashed from memory
         with writer.lock:
             if writer.fenced:
                 raise Superseded("A newer request took over these bytes of the upload.")
@@ -1333,8 +1346,6 @@ class Engine:
             writer.position = position + count
         if writer.hasher is not None:
             writer.hasher.update(piece)
-        elif writer.whole and writer.start <= live.hashed_to <= writer.position:
-            self._join_hash(live, writer, fd)
 
     def _write_holes(self, writer: _Writer, fd: int, piece, position: int) -> None:
         """Write only the parts of ``piece`` that were not received before this request."""

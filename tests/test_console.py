@@ -229,6 +229,13 @@ def test_port_in_use_is_one_clear_line(tmp_path):
     assert result.stdout == ""
 
 
+def test_a_second_server_on_the_same_folders_is_one_clear_line(tmp_path):
+    """Two servers on one chunks folder would each miss the other's uploads; the second is refused at start."""
+    with cli_server(folders(tmp_path), cwd=tmp_path):
+        result = run_cli(["--host", "127.0.0.1", "-p", str(free_port()), *folders(tmp_path)], tmp_path)
+    assert_one_line_error(result, "another pyfiledrop is using this chunks folder")
+
+
 def test_storage_that_is_a_file_is_one_clear_line(tmp_path):
     (tmp_path / "storage").write_text("not a folder")
     result = run_cli(["--host", "127.0.0.1", "-p", str(free_port()), *folders(tmp_path)], tmp_path)
