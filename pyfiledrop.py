@@ -2871,6 +2871,7 @@ class BodyTooSlow(TimeoutError):
 
 
 _HEAD_END = b"\r\n\r\n"
+HEAD_READ = 8192   # a request head is read this much at a time: little of a body arrives with it, to be copied
 _TOKEN_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _VERSION_RE = re.compile(rb"HTTP/(\d)\.(\d)\Z")
 _CHUNK_SIZE_RE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\r\n]*)?\Z")
@@ -3359,7 +3360,7 @@ class HTTPServer:
 
     def _read_head(self, connection: _Connection) -> None:
         try:
-            data = connection.sock.recv(65536)
+            data = connection.sock.recv(HEAD_READ)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
@@ -3557,7 +3558,7 @@ class HTTPServer:
                 return None
             sock.settimeout(remaining)
             try:
-                data = sock.recv(65536)
+                data = sock.recv(HEAD_READ)
             except (TimeoutError, BlockingIOError, InterruptedError):
                 return None
             if not data:
