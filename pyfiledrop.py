@@ -903,7 +903,11 @@ class LocalBackend:
 
     @staticmethod
     def _move_without_link(source: str, target: Path) -> bool:
-        """For filesystems without hard links (FAT, exFAT): False when ``target`` is taken."""
+        """For filesystems without hard links (FAT, exFAT): False when ``target`` is taken.
+
+        Known gap: with no link count to show it, a kill between claiming ``target`` (empty) and the replace
+        leaves that empty file, and the retry stores the upload under the next name.
+        """
         if os.name == "nt":
             try:
                 os.rename(source, target)  # refuses an existing target on Windows
