@@ -80,7 +80,7 @@ DEFAULT_PARTIAL_TTL_HOURS = 24.0
 
 MIB = 1024 * 1024
 MAX_CHUNK_SIZE = 1024 * MIB
-MAX_CHUNK_COUNT = 1 << 20          # keeps the persisted received-chunk bitmap under 128 KiB
+MAX_CHUNK_COUNT = 1 << 20          # bounds the part grid of one upload (status replies, missing-part lists)
 MAX_ID_LENGTH = 64
 MAX_NAME_BYTES = 200               # leaves room for " (12345)" under every filesystem's 255 limit
 MAX_FIELD_BYTES = 1024

@@ -245,14 +245,14 @@ def test_slow_link_shared_by_two_files(make_server, page, tmp_path):
 
 def test_stalled_chunk_request_is_retried(make_server, page, monkeypatch):
     server = make_server(timeout_ms=3000)
-    write_chunk, release, calls = server.engine.put, threading.Event(), []
+    put, release, calls = server.engine.put, threading.Event(), []
 
     def stall_first(*args, **kwargs):
         calls.append(1)
         if len(calls) == 1:
             release.wait(60)  # the server never answers this request (until the test ends)
             raise pyfiledrop.BadRequest("released")
-        return write_chunk(*args, **kwargs)
+        return put(*args, **kwargs)
 
     monkeypatch.setattr(server.engine, "put", stall_first)
     try:
