@@ -18,11 +18,15 @@ from __future__ import annotations
 
 import argparse
 import base64
+import binascii
 import contextlib
 import dataclasses
 import enum
 import errno
+import getpass
 import hashlib
+import hmac
+import ipaddress
 import itertools
 import json
 import logging
@@ -34,6 +38,7 @@ import selectors
 import shutil
 import socket
 import sqlite3
+import stat
 import sys
 import threading
 import time
@@ -135,6 +140,9 @@ class Config:
     verbose: bool = False
     qr: bool = True
     open_browser: bool = False
+    password: PasswordHash | None = None        # --password: uploading and the page (the admin one also works)
+    admin_password: PasswordHash | None = None  # --admin-password: also /files and the /api/uploads list
+    expire_after_s: float | None = None         # --expire-after: stored files are removed this long after
 
     @property
     def max_size_bytes(self) -> int:
@@ -185,6 +193,34 @@ def _byte_size(text: str) -> int:
     return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()])
 
 
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(text: str) -> float:
+    """"90s", "30m", "12h", "7d", "1.5d": seconds."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([smhd])\s*", text, re.IGNORECASE)
+    if not match or float(match.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"expected a time such as 90s, 30m, 12h or 7d, got {text!r}")
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2).lower()]
+
+
+def _read_password(parser: argparse.ArgumentParser, asked: bool, env: str, flag: str) -> PasswordHash | None:
+    """The password for ``flag`` from ``env``, else asked on the terminal (never from the command line, where
+    ``ps`` shows it); None when neither the flag nor the variable is given."""
+    password = os.environ.get(env, "")
+    if not password and not asked:
+        return None
+    if not password:
+        if not sys.stdin or not sys.stdin.isatty():
+            parser.error(f"{flag}: no terminal to ask for it on; set {env} instead")
+        password = getpass.getpass(f"{flag[2:].replace('-', ' ').capitalize()}: ")
+        if password != getpass.getpass("The same again: "):
+            parser.error(f"{flag}: the two entries differ")
+    if not password.strip():
+        parser.error(f"{flag}: the password is empty")
+    return PasswordHash.of(password)
+
+
 def build_parser() -> argparse.ArgumentParser:
     here = _program_dir()
     parser = _ArgumentParser(
@@ -223,6 +259,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("-v", "--verbose", action="store_true", help="also log every HTTP request")
     add("--no-qr", action="store_true", help="do not draw a QR code of the address")
     add("--open", action="store_true", help="open the page in the default browser")
+    add("--password", action="store_true",
+        help=f"ask for a password (or read ${PASSWORD_ENV}) that the page and uploading need")
+    add("--admin-password", action="store_true",
+        help=f"ask for an admin password (or read ${ADMIN_PASSWORD_ENV}) for /files, the list of every upload")
+    add("--expire-after", type=_duration, metavar="TIME",
+        help="remove stored files this long after they were stored (units s, m, h, d: 7d); "
+             "their records stay, as expired")
     return parser
 
 
@@ -234,6 +277,10 @@ def parse_args(argv: list[str] | None = None) -> Config:
     index = args.index
     if index is not None and not index.is_file():
         parser.error(f"--index: no such file: {index}")
+    password = _read_password(parser, args.password, PASSWORD_ENV, "--password")
+    admin_password = _read_password(parser, args.admin_password, ADMIN_PASSWORD_ENV, "--admin-password")
+    if password and admin_password and admin_password.session_tag == password.session_tag:
+        parser.error("--admin-password must differ from --password (else every uploader is an admin)")
     if index is None and (_program_dir() / "index.html").is_file():
         index = _program_dir() / "index.html"
     return Config(
@@ -256,6 +303,9 @@ def parse_args(argv: list[str] | None = None) -> Config:
         verbose=args.verbose,
         qr=not args.no_qr,
         open_browser=args.open,
+        password=password,
+        admin_password=admin_password,
+        expire_after_s=args.expire_after,
     )
 
 
@@ -613,6 +663,12 @@ class Ledger:
                received TEXT NOT NULL, sha256 TEXT, stored_name TEXT, finished REAL, reason TEXT NOT NULL);
            CREATE INDEX uploads_by_state ON uploads (state, updated);
            CREATE INDEX uploads_by_created ON uploads (created);""",
+        # The files page: keyset pages in each order it offers, and each stored file's identity when stored.
+        """CREATE INDEX uploads_newest ON uploads (created, id);
+           CREATE INDEX uploads_by_path ON uploads (COALESCE(stored_name, name), id);
+           CREATE INDEX uploads_by_size ON uploads (COALESCE(size, 0), id);
+           CREATE TABLE stored_marks (id TEXT PRIMARY KEY, device INTEGER NOT NULL, inode INTEGER NOT NULL,
+                                      size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL);""",
     )
     _COLUMNS = ("id", "name", "size", "part_size", "client", "created", "updated", "state", "received", "sha256",
                 "stored_name", "finished", "reason")
@@ -689,6 +745,39 @@ class Ledger:
             rows = self._db.execute(f"SELECT {', '.join(self._COLUMNS)} FROM uploads ORDER BY created DESC "
                                     "LIMIT ? OFFSET ?", (limit, offset)).fetchall()
         return [self._info(row) for row in rows]
+
+    def select(self, where: str, arguments: Mapping, order: str = "created DESC, id DESC",
+               limit: int = 100) -> list[UploadInfo]:
+        """Records matching ``where`` (an SQL condition of the caller's own text; every value is bound from
+        ``arguments``), in ``order``: one keyset page of the files page, or a sweep."""
+        query = (f"SELECT {', '.join(self._COLUMNS)} FROM uploads WHERE {where} ORDER BY {order} "
+                 "LIMIT :limit")
+        with self._lock:
+            rows = self._db.execute(query, {**arguments, "limit": limit}).fetchall()
+        return [self._info(row) for row in rows]
+
+    def save_mark(self, upload_id: str, mark: tuple[int, int, int, int]) -> None:
+        """What the stored file of ``upload_id`` is (device, inode, size, mtime in ns), to notice changes."""
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO stored_marks VALUES (?, ?, ?, ?, ?)", (upload_id, *mark))
+
+    def marks(self, upload_ids: Iterable[str]) -> dict[str, tuple[int, int, int, int]]:
+        ids = list(upload_ids)
+        found: dict[str, tuple[int, int, int, int]] = {}
+        with self._lock:
+            for start in range(0, len(ids), 500):
+                batch = ids[start:start + 500]
+                rows = self._db.execute(f"SELECT * FROM stored_marks WHERE id IN ({', '.join('?' * len(batch))})",
+                                        batch).fetchall()
+                found.update((row[0], tuple(row[1:])) for row in rows)
+        return found
+
+    def rename_folder(self, old: str, new: str) -> int:
+        """Stored uploads under folder ``old`` are now under ``new`` (the folder was renamed on the files page)."""
+        with self._lock:
+            return self._db.execute(
+                "UPDATE uploads SET stored_name = :new || substr(stored_name, length(:old) + 1) "
+                "WHERE substr(stored_name, 1, length(:old) + 1) = :old || '/'", {"old": old, "new": new}).rowcount
 
     def close(self) -> None:
         with self._lock:
@@ -1015,6 +1104,7 @@ class EngineLimits:
     max_size: int                    # bytes per file
     min_free: int = 0                # bytes every filesystem keeps free; uploads that would eat into it get 507
     partial_ttl: float = DEFAULT_PARTIAL_TTL_HOURS * 3600.0   # seconds an unfinished upload may sit untouched
+    stored_ttl: float | None = None  # seconds a stored file is kept (--expire-after); None: for good
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1648,7 +1738,104 @@ class Engine:
         if removed:
             self._notice(f"removed {removed} unfinished upload(s) untouched for "
                          f"{self.limits.partial_ttl / 3600:g} hours")
+        return removed + self._expire_stored(self.clock() if now is None else now)
+
+    def _expire_stored(self, now: float) -> int:
+        """Remove stored files kept ``stored_ttl`` seconds; their records stay, as expired."""
+        if self.limits.stored_ttl is None:
+            return 0
+        removed = 0
+        while due := self.ledger.select("state = 'stored' AND finished <= :cutoff",
+                                        {"cutoff": now - self.limits.stored_ttl}, "finished", 500):
+            for info in due:
+                try:
+                    self._remove_stored(info, State.EXPIRED, "kept for as long as --expire-after says")
+                except Conflict as error:  # changed by hand: no longer only ours to remove
+                    self._record(dataclasses.replace(info, state=State.EXPIRED, updated=self.clock(),
+                                                     reason=error.message))
+                removed += 1
+        if removed:
+            self._notice(f"removed {removed} stored file(s) past --expire-after")
         return removed
+
+    def _remove_stored(self, info: UploadInfo, state: State, reason: str) -> UploadInfo:
+        """Unlink the stored file of ``info`` (unless another record stores under that name, or it was changed
+        by hand: then Conflict) and record ``state``."""
+        presence = storage_presence(self.backend, info, self.ledger.marks([info.id]).get(info.id))
+        if presence == "changed":
+            raise Conflict("The file was changed on the server since it was stored, so it was left in place.")
+        shared = self.ledger.select("state = 'stored' AND COALESCE(stored_name, name) = :name AND id != :id",
+                                    {"name": info.stored_name, "id": info.id}, "id", 1)
+        if presence == "present" and not shared:
+            try:
+                _unlink_quietly(self.backend.stored_path(info.stored_name))
+            except OSError as error:
+                raise storage_error(error)
+        removed = dataclasses.replace(info, state=state, updated=self.clock(), reason=reason)
+        self._record(removed)
+        return removed
+
+    def delete(self, upload_id: str) -> UploadInfo:
+        """Remove an upload's bytes, stored or partial (a request still sending gets 409), recorded as deleted."""
+        with self._opening[hash(upload_id) % 64]:
+            live = self._live.get(upload_id)
+            if live is None:
+                info = self.ledger.get(upload_id)
+                if info is None:
+                    raise NotFound("No such upload.")
+                if info.state is State.STORED:
+                    return self._remove_stored(info, State.DELETED, "deleted on the files page")
+                if info.state is not State.RECEIVING:
+                    return info
+                live = _Live(info, ephemeral=False)
+            with live.finish_lock:
+                for writer in tuple(live.writers):
+                    writer.fence()
+                with live.lock:
+                    if live.info.state is State.STORED:  # completed meanwhile
+                        info = live.info
+                    else:
+                        info = live.info = dataclasses.replace(live.info, state=State.DELETED,
+                                                               updated=self.clock(), reason="deleted on the files page")
+            self._forget(upload_id)
+            if info.state is State.STORED:
+                return self._remove_stored(info, State.DELETED, "deleted on the files page")
+            self.backend.discard(upload_id)
+            self._record(info)
+            return info
+
+
+def storage_presence(backend: LocalBackend, info: UploadInfo, mark: tuple[int, int, int, int] | None) -> str:
+    """Whether a stored upload's file is still there as stored: "present", "missing" (removed by hand),
+    "changed" (modified or replaced by hand: another size, or another inode or mtime than recorded when it was
+    stored), or "" for an upload not stored."""
+    if info.state is not State.STORED or not info.stored_name:
+        return ""
+    try:
+        found = os.lstat(backend.stored_path(info.stored_name))
+    except OSError:
+        return "missing"
+    if not stat.S_ISREG(found.st_mode) or found.st_size != info.size:
+        return "changed"
+    if mark is not None and (found.st_dev, found.st_ino, found.st_size, found.st_mtime_ns) != mark:
+        return "changed"
+    return "present"
+
+
+def _marking_stored(ledger: Ledger, backend: LocalBackend,
+                    events: Callable[[EngineEvent], None]) -> Callable[[EngineEvent], None]:
+    """``events``, after recording what each newly stored file is, so the files page notices it changing."""
+
+    def handle(event: EngineEvent) -> None:
+        if isinstance(event, Stored) and event.info.stored_name:
+            try:
+                found = os.lstat(backend.stored_path(event.info.stored_name))
+                ledger.save_mark(event.info.id, (found.st_dev, found.st_ino, found.st_size, found.st_mtime_ns))
+            except (OSError, sqlite3.Error) as error:  # the page then checks the size only
+                log.warning("could not note what %s looks like: %s", event.info.stored_name, error)
+        events(event)
+
+    return handle
 
 
 def _check_same(info: UploadInfo, name: str, size: int | None, part_size: int) -> None:
@@ -2300,6 +2487,392 @@ def plain_response(status: int, message: str, *, close: bool = False) -> bottle.
     return response
 
 
+# -- Authentication ---------------------------------------------------------------------------------------------
+# Three levels, each route naming the one it needs in its config (``auth=``; default UPLOADER):
+#   PUBLIC    the icon, the page's assets, the login page;
+#   UPLOADER  the page, uploading, an upload's status and download: open to all unless --password is set;
+#   ADMIN     /files and the /api/uploads list and actions: only with --admin-password, which also opens UPLOADER.
+# Browsers log in on /login and carry a signed cookie; scripts send HTTP Basic (any user name).
+
+PUBLIC, UPLOADER, ADMIN = "public", "upload", "admin"
+PASSWORD_ENV = "PYFILEDROP_PASSWORD"
+ADMIN_PASSWORD_ENV = "PYFILEDROP_ADMIN_PASSWORD"
+SESSION_COOKIE = "pyfiledrop_session"
+CSRF_COOKIE = "pyfiledrop_csrf"           # readable by the pages' scripts, which echo it in CSRF_HEADER
+CSRF_HEADER = "X-CSRF-Token"
+SESSION_SECONDS = 30 * 86400
+SESSION_KEY_FILENAME = "session.key"     # beside the ledger: logins survive a restart
+# scrypt n=2**14, r=8: 16 MiB and some 50 ms per check.  The hash never leaves memory, wrong guesses are slowed
+# per address (below) and a right password is checked once, then known by its HMAC: the cost buys little more.
+SCRYPT_COST = {"n": 1 << 14, "r": 8, "p": 1, "maxmem": 64 * MIB}
+FREE_FAILURES = 5                        # wrong passwords from one address before each next try must wait
+MAX_LOCKOUT_S = 300.0                    # the wait doubles per further failure, up to this
+FAILURES_FORGOTTEN_S = 3600.0
+MAX_TRACKED_ADDRESSES = 4096
+UNSAFE_METHODS = frozenset({"POST", "PUT", "DELETE", "PATCH"})
+_SCRYPT_SLOTS = threading.BoundedSemaphore(2)   # password checks at once: they cannot take every core
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class PasswordHash:
+    """A password as a salted scrypt hash (the password itself is not kept).
+
+    ``session_tag`` is derived with a fixed salt so that it is the same on every start: it goes into every
+    login cookie's signature, so changing the password logs out everyone who logged in with the old one.
+    """
+
+    salt: bytes
+    digest: bytes
+    session_tag: bytes
+
+    @classmethod
+    def of(cls, password: str) -> PasswordHash:
+        salt = os.urandom(16)
+        secret = password.encode("utf-8")
+        return cls(salt, hashlib.scrypt(secret, salt=salt, **SCRYPT_COST),
+                   hashlib.scrypt(secret, salt=b"pyfiledrop session tag", **SCRYPT_COST))
+
+    def matches(self, password: str) -> bool:
+        with _SCRYPT_SLOTS:
+            digest = hashlib.scrypt(password.encode("utf-8", "surrogatepass"), salt=self.salt, **SCRYPT_COST)
+        return hmac.compare_digest(digest, self.digest)
+
+    def __repr__(self) -> str:
+        return "PasswordHash(...)"
+
+
+def load_session_key(chunks: Path) -> bytes:
+    """The key that signs login cookies: made once (atomically: never a half-written key), kept in ``chunks``."""
+    path = chunks / SESSION_KEY_FILENAME
+    try:
+        key = path.read_bytes()
+        if len(key) == 32:
+            return key
+    except FileNotFoundError:
+        pass
+    temp = chunks / f".{SESSION_KEY_FILENAME}.{uuid.uuid4().hex}.tmp"
+    fd = os.open(temp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    try:
+        os.write(fd, os.urandom(32))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temp, path)   # a key of the wrong length (damaged) is replaced: its logins end
+    return path.read_bytes()
+
+
+class _Throttle:
+    """Wrong passwords per address (IPv6 per /64, which one device can rotate within): after FREE_FAILURES,
+    each further try must wait 2, 4, 8 ... up to MAX_LOCKOUT_S seconds after the last failure."""
+
+    def __init__(self, clock: Callable[[], float]):
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._failures: dict[str, tuple[int, float]] = {}   # key: (count, time of the last), oldest first
+
+    @staticmethod
+    def _key(address: str) -> str:
+        try:
+            parsed = ipaddress.ip_address(address)
+        except ValueError:
+            return address
+        if parsed.version == 4:
+            return str(parsed)
+        if parsed.ipv4_mapped is not None:
+            return str(parsed.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{parsed}/64", strict=False))
+
+    def wait_left(self, address: str) -> float:
+        with self._lock:
+            count, last = self._failures.get(self._key(address), (0, 0.0))
+        if count < FREE_FAILURES:
+            return 0.0
+        return max(0.0, last + min(MAX_LOCKOUT_S, 2.0 ** (count - FREE_FAILURES + 1)) - self.clock())
+
+    def failed(self, address: str) -> None:
+        key, now = self._key(address), self.clock()
+        with self._lock:
+            count, last = self._failures.pop(key, (0, now))
+            self._failures[key] = (1 if now - last > FAILURES_FORGOTTEN_S else count + 1, now)
+            while len(self._failures) > MAX_TRACKED_ADDRESSES:
+                del self._failures[next(iter(self._failures))]
+
+    def succeeded(self, address: str) -> None:
+        with self._lock:
+            self._failures.pop(self._key(address), None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Credentials:
+    """Who a request is: the role it proved (None: none), how (``"basic"``, ``"cookie"``), its CSRF token."""
+
+    role: str | None
+    via: str = ""
+    csrf: str = ""
+
+
+class Authenticator:
+    """Checks passwords and login cookies; issues cookies and CSRF tokens.  Holds no password, only hashes."""
+
+    def __init__(self, password: PasswordHash | None, admin_password: PasswordHash | None, key: bytes, *,
+                 clock: Callable[[], float] = time.time):
+        self.hashes = {role: h for role, h in ((ADMIN, admin_password), (UPLOADER, password)) if h is not None}
+        self.key = key
+        self.clock = clock
+        self.throttle = _Throttle(clock)
+        self._known: dict[str, bytes] = {}   # role: HMAC of its password, once a request has proved it
+
+    def required(self, level: str) -> bool:
+        """Whether a route of ``level`` needs any password at all."""
+        return level == ADMIN or (level == UPLOADER and UPLOADER in self.hashes)
+
+    def role_of(self, password: str) -> str | None:
+        """The role ``password`` proves (the admin one first), or None.  Not throttled: see ``attempt``."""
+        tag = hmac.new(self.key, password.encode("utf-8", "surrogatepass"), hashlib.sha256).digest()
+        for role in self.hashes:
+            if role in self._known and hmac.compare_digest(self._known[role], tag):
+                return role
+        for role, hashed in self.hashes.items():
+            if role not in self._known and hashed.matches(password):
+                self._known[role] = tag
+                return role
+        return None
+
+    def attempt(self, password: str, address: str) -> str | None:
+        """``role_of``, counted against ``address``: raises TooManyAttempts while it must wait."""
+        wait = self.throttle.wait_left(address)
+        if wait > 0:
+            raise TooManyAttempts(wait)
+        role = self.role_of(password)
+        if role is None:
+            self.throttle.failed(address)
+        else:
+            self.throttle.succeeded(address)
+        return role
+
+    def _sign(self, payload: str, role: str) -> str:
+        mac = hmac.new(self.key, payload.encode("ascii") + b"|" + self.hashes[role].session_tag, hashlib.sha256)
+        return base64.urlsafe_b64encode(mac.digest()).decode("ascii").rstrip("=")
+
+    def issue(self, role: str) -> str:
+        """A login cookie's value: role, expiry, a random session id, and their signature."""
+        payload = f"{role}.{int(self.clock()) + SESSION_SECONDS}.{uuid.uuid4().hex}"
+        return f"{payload}.{self._sign(payload, role)}"
+
+    def session(self, value: str) -> Credentials:
+        parts = value.split(".")
+        if len(parts) != 4 or parts[0] not in self.hashes or not parts[1].isdigit():
+            return Credentials(None)
+        payload = ".".join(parts[:3])
+        if not hmac.compare_digest(self._sign(payload, parts[0]).encode(), parts[3].encode("ascii", "replace")):
+            return Credentials(None)
+        if int(parts[1]) < self.clock():
+            return Credentials(None)
+        return Credentials(parts[0], "cookie", self.csrf_token(parts[2]))
+
+    def csrf_token(self, session_id: str) -> str:
+        mac = hmac.new(self.key, b"csrf|" + session_id.encode("ascii", "replace"), hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(mac[:24]).decode("ascii")
+
+
+class TooManyAttempts(UploadError):
+    status = 429
+
+    def __init__(self, wait: float):
+        self.wait = max(1, int(wait + 0.999))
+        super().__init__(f"Too many wrong passwords from this address: try again in {self.wait} s.")
+
+
+def _basic_password(header: str) -> str | None:
+    """The password of an ``Authorization: Basic`` header (any user name), None for another scheme."""
+    scheme, _, token = header.strip().partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        decoded = base64.b64decode(token.strip(), validate=True).decode("utf-8")
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequest("Malformed Authorization header.") from None
+    if ":" not in decoded:
+        raise BadRequest("Malformed Authorization header: expected user:password (any user name).")
+    return decoded.split(":", 1)[1]
+
+
+def _is_browser(environ: dict) -> bool:
+    """Browsers get the login page instead of ``WWW-Authenticate`` (which would pop up their own prompt)."""
+    return (any(key.startswith("HTTP_SEC_FETCH_") for key in environ) or "HTTP_X_REQUESTED_WITH" in environ
+            or "text/html" in environ.get("HTTP_ACCEPT", "")
+            or environ.get("HTTP_USER_AGENT", "").startswith("Mozilla/"))
+
+
+def _cross_site(environ: dict) -> bool:
+    """A request a browser sent on behalf of another site (a form or script there posting to us)."""
+    if environ.get("HTTP_SEC_FETCH_SITE", "same-origin") not in ("same-origin", "none"):
+        return True
+    origin = environ.get("HTTP_ORIGIN")
+    if origin is None:
+        return False
+    host = environ.get("HTTP_HOST", "")
+    return origin == "null" or urlsplit(origin).netloc.lower() != host.lower()
+
+
+def _cookie(environ: dict, name: str) -> str:
+    for item in environ.get("HTTP_COOKIE", "").split(";"):
+        key, _, value = item.strip().partition("=")
+        if key == name:
+            return value
+    return ""
+
+
+class RequirePassword:
+    """Bottle plugin: a route's ``auth`` level is checked before its callback runs, so before any byte of the
+    request body is read; the server sends "100 Continue" only on the first read, so a client that waits for it
+    (``Expect: 100-continue``, as curl does for large files) is refused without sending its body at all."""
+
+    name = "pyfiledrop-auth"
+    api = 2
+
+    def __init__(self, auth: Authenticator | None):
+        self.auth = auth
+
+    def apply(self, callback: Callable, route: bottle.Route) -> Callable:
+        level = route.config.get("auth", UPLOADER)
+        if level == PUBLIC:
+            return callback
+
+        def checked(*args, **kwargs):
+            refusal = self.check(bottle.request.environ, level)
+            return refusal if refusal is not None else callback(*args, **kwargs)
+
+        return checked
+
+    def check(self, environ: dict, level: str) -> bottle.HTTPResponse | None:
+        """None when the request may go on (its Credentials then in the environ), else the refusal."""
+        auth = self.auth
+        if level == ADMIN and (auth is None or ADMIN not in auth.hashes):
+            return plain_response(403, "This needs the admin password: start the server with --admin-password.")
+        if auth is None or not auth.required(level):
+            return None
+        try:
+            credentials = self.credentials(environ)
+        except TooManyAttempts as error:
+            refusal = _auth_refusal(environ, error.status, error.message, login=False)
+            refusal.set_header("Retry-After", str(error.wait))
+            return refusal
+        if credentials.role is None:
+            wrong = credentials.via == "basic"
+            return _auth_refusal(environ, 403 if wrong else 401,
+                                 "Wrong password." if wrong else "This server needs a password.")
+        if level == ADMIN and credentials.role != ADMIN:
+            return _auth_refusal(environ, 403, "This needs the admin password.")
+        if environ["REQUEST_METHOD"] in UNSAFE_METHODS:
+            if credentials.via == "cookie" and not hmac.compare_digest(
+                    environ.get("HTTP_X_CSRF_TOKEN", "").encode("latin-1"), credentials.csrf.encode("ascii")):
+                return plain_response(403, f"Missing or wrong {CSRF_HEADER} header: reload the page.")
+            if _cross_site(environ):
+                return plain_response(403, "A request from another site was refused.")
+        environ["pyfiledrop.credentials"] = credentials
+        return None
+
+    def credentials(self, environ: dict) -> Credentials:
+        header = environ.get("HTTP_AUTHORIZATION", "")
+        password = _basic_password(header) if header else None
+        if password is not None:
+            return Credentials(self.auth.attempt(password, environ.get("REMOTE_ADDR", "")), "basic")
+        cookie = _cookie(environ, SESSION_COOKIE)
+        return self.auth.session(cookie) if cookie else Credentials(None)
+
+
+def _auth_refusal(environ: dict, status: int, message: str, login: bool = True) -> bottle.HTTPResponse:
+    """401/403/429: the login page for a browser's page load, else one plain line (with the Basic challenge on
+    a 401 to a client that is not a browser)."""
+    browser = _is_browser(environ)
+    if browser and environ["REQUEST_METHOD"] in ("GET", "HEAD") and "text/html" in environ.get("HTTP_ACCEPT", ""):
+        target = environ.get("PATH_INFO", "/") + ("?" + environ["QUERY_STRING"] if environ.get("QUERY_STRING") else "")
+        return login_page(message, target if login else "", status)
+    response = plain_response(status, message)
+    if status == 401 and not browser:
+        response.set_header("WWW-Authenticate", 'Basic realm="pyfiledrop", charset="UTF-8"')
+    return response
+
+
+def _local_target(text: str) -> str:
+    """Where to go after logging in: a path on this server only (never "//elsewhere" or a URL)."""
+    if (not text.startswith("/") or text.startswith(("//", "/\\")) or len(text) > 2000
+            or any(ord(c) < 0x20 or c == "\x7f" for c in text)):
+        return ""
+    return text
+
+
+def login_page(message: str, target: str, status: int = 200) -> bottle.HTTPResponse:
+    html = (LOGIN_HTML.replace("{{message}}", bottle.html_escape(message))
+            .replace("{{next}}", bottle.html_escape(_local_target(target))))
+    response = bottle.HTTPResponse(html, status=status)
+    response.content_type = "text/html; charset=utf-8"
+    response.set_header("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'; img-src 'self'; "
+                        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
+    response.set_header("X-Content-Type-Options", "nosniff")
+    response.set_header("Referrer-Policy", "no-referrer")
+    response.set_header("Cache-Control", "no-store")
+    return response
+
+
+def _login_cookies(response: bottle.HTTPResponse, session: str, csrf: str, secure: bool, max_age: int) -> None:
+    attributes = f"Path=/; Max-Age={max_age}; SameSite=Strict" + ("; Secure" if secure else "")
+    response.add_header("Set-Cookie", f"{SESSION_COOKIE}={session}; HttpOnly; {attributes}")
+    response.add_header("Set-Cookie", f"{CSRF_COOKIE}={csrf}; {attributes}")
+
+
+def _login_routes(app: bottle.Bottle, auth: Authenticator | None) -> None:
+    """/login (a form for browsers; scripts use Basic instead) and /logout."""
+
+    @app.get("/login", auth=PUBLIC)
+    def login_form():
+        return login_page("Enter the password." if auth else "This server needs no password.",
+                          bottle.request.query.get("next", ""))
+
+    @app.post("/login", auth=PUBLIC)
+    def login():
+        environ = bottle.request.environ
+        if auth is None:
+            return plain_response(404, "This server needs no password.")
+        if _cross_site(environ):
+            return plain_response(403, "A request from another site was refused.")
+        if (content_length(environ) or 0) > 64 * 1024:
+            return plain_response(413, "Request too large.", close=True)
+        target = _local_target(bottle.request.forms.getunicode("next") or "")
+        try:
+            role = auth.attempt(bottle.request.forms.getunicode("password") or "", environ.get("REMOTE_ADDR", ""))
+        except TooManyAttempts as error:
+            response = login_page(error.message, target, error.status)
+            response.set_header("Retry-After", str(error.wait))
+            return response
+        if role is None:
+            return login_page("Wrong password.", target, 403)
+        session = auth.issue(role)
+        response = bottle.HTTPResponse(status=303)
+        response.set_header("Location", target or ("/files" if role == ADMIN else "/"))
+        response.set_header("Cache-Control", "no-store")
+        _login_cookies(response, session, auth.session(session).csrf, environ.get("wsgi.url_scheme") == "https",
+                       SESSION_SECONDS)
+        return response
+
+    @app.post("/logout", auth=PUBLIC)
+    def logout():
+        if _cross_site(bottle.request.environ):
+            return plain_response(403, "A request from another site was refused.")
+        response = bottle.HTTPResponse(status=303)
+        response.set_header("Location", "/login")
+        _login_cookies(response, "", "", bottle.request.environ.get("wsgi.url_scheme") == "https", 0)
+        return response
+
+
+def _authenticator(config: Config, engine: Engine) -> Authenticator | None:
+    if config.password is None and config.admin_password is None:
+        return None
+    return Authenticator(config.password, config.admin_password, load_session_key(config.chunks),
+                         clock=engine.clock)
+
+
 ###############################################################################
 # The application #############################################################
 ###############################################################################
@@ -2357,13 +2930,15 @@ def render_index(config: Config) -> tuple[str, str]:
 
 
 def open_engine(config: Config, *, events: Callable[[EngineEvent], None] = lambda event: None,
-                checkpoint: Callable[[str], None] = lambda step: None) -> Engine:
+                checkpoint: Callable[[str], None] = lambda step: None, clock: Callable[[], float] = time.time) -> Engine:
     """The engine over ``config``'s folders: its ledger opened (and migrated), disk and ledger reconciled."""
     warn = lambda text: events(Notice(text, True))  # noqa: E731
     backend = LocalBackend(config.storage, config.chunks, checkpoint=checkpoint, warn=warn)
     min_free = config.min_free if config.min_free is not None else default_min_free(backend.total_space())
-    limits = EngineLimits(config.max_size_bytes, min_free, config.partial_ttl_seconds)
-    return Engine(Ledger(config.chunks / Ledger.FILENAME), backend, limits, events=events, checkpoint=checkpoint)
+    limits = EngineLimits(config.max_size_bytes, min_free, config.partial_ttl_seconds, config.expire_after_s)
+    ledger = Ledger(config.chunks / Ledger.FILENAME)
+    return Engine(ledger, backend, limits, events=_marking_stored(ledger, backend, events), checkpoint=checkpoint,
+                  clock=clock)
 
 
 def default_min_free(disk_size: int) -> int:
@@ -2375,6 +2950,10 @@ def create_app(config: Config, engine: Engine) -> bottle.Bottle:
     """The WSGI application for ``config``; routes only translate between HTTP and the ``engine``."""
     app = bottle.Bottle(catchall=True)
     app.install(ErrorsAsResponses(engine.events))
+    auth = _authenticator(config, engine)
+    app.install(RequirePassword(auth))
+    _login_routes(app, auth)
+    _files_routes(app, config, engine)
     _page_routes(app, config)
 
     def client() -> str:
@@ -2452,14 +3031,14 @@ def _page_routes(app: bottle.Bottle, config: Config) -> None:
         response.set_header("Cache-Control", "no-cache")
         return response
 
-    @app.get("/favicon.ico")
+    @app.get("/favicon.ico", auth=PUBLIC)
     def favicon_route():
         response = bottle.HTTPResponse(favicon)
         response.content_type = "image/png"
         response.set_header("Cache-Control", "public, max-age=86400")
         return response
 
-    @app.get("/assets/<name>")
+    @app.get("/assets/<name>", auth=PUBLIC)
     def asset(name):
         if name not in assets:
             return plain_response(404, "Not found.")
@@ -2484,6 +3063,268 @@ def _error_pages(app: bottle.Bottle) -> None:
 
     for code in messages:
         app.error(code)(error_page)
+
+
+# -- The files page and its API (admin) -------------------------------------------------------------------------
+
+ABANDONED_AFTER_S = 15 * 60   # an unfinished upload that moved no byte for this long is shown as abandoned
+MAX_LIST_ROWS = 500
+MAX_FOLDER_DEPTH = 32
+_PATH_SQL = "COALESCE(stored_name, name)"
+_LIST_ORDERS = {               # ?sort=: (SQL key, descending); each has an index (Ledger.MIGRATIONS[1])
+    "newest": ("created", True), "oldest": ("created", False),
+    "name": (_PATH_SQL, False), "size": ("COALESCE(size, 0)", True),
+}
+_STATE_SQL = {                 # ?state=: the states the page shows, from the ledger's
+    "receiving": "(state = 'receiving' AND updated >= :idle)",
+    "abandoned": "((state = 'receiving' AND updated < :idle) OR (state = 'expired' AND finished IS NULL))",
+    "stored": "state = 'stored'",
+    "expired": "(state = 'expired' AND finished IS NOT NULL)",
+    "deleted": "state = 'deleted'",
+    "failed": "state = 'failed'",
+}
+
+
+def iso_time(timestamp: float | None) -> str | None:
+    if timestamp is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
+
+
+def shown_state(info: UploadInfo, now: float) -> str:
+    """The state the files page shows: the ledger's, with "abandoned" for an upload that stopped short."""
+    if info.state is State.RECEIVING and info.updated < now - ABANDONED_AFTER_S:
+        return "abandoned"
+    if info.state is State.EXPIRED and info.finished is None:
+        return "abandoned"
+    return info.state.value
+
+
+def _encode_cursor(sort: str, info: UploadInfo) -> str:
+    key = {"newest": info.created, "oldest": info.created, "name": info.stored_name or info.name,
+           "size": info.size or 0}[sort]
+    raw = json.dumps([sort, key, info.id], separators=(",", ":")).encode("utf-8")
+    return base64.urlsafe_b64encode(raw).decode("ascii").rstrip("=")
+
+
+def _decode_cursor(text: str, sort: str) -> tuple:
+    try:
+        value = json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
+        kind, key, upload_id = value
+        if kind != sort or not isinstance(upload_id, str) or not isinstance(key, (int, float, str)):
+            raise ValueError
+    except (ValueError, TypeError, binascii.Error):
+        raise BadRequest("Malformed cursor (it belongs to another sort order, or was changed).") from None
+    return key, upload_id
+
+
+def _like_escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def list_query(query: Mapping[str, str], now: float) -> tuple[str, dict, str, str, int]:
+    """The files list's ?state=, ?q=, ?folder=, ?sort=, ?cursor=, ?limit= as (where, arguments, order, sort,
+    limit) for Ledger.select; every value bound, only fixed SQL text put together."""
+    sort = query.get("sort") or "newest"
+    if sort not in _LIST_ORDERS:
+        raise BadRequest(f"Unknown sort order; use one of {', '.join(_LIST_ORDERS)}.")
+    key, descending = _LIST_ORDERS[sort]
+    where, arguments = ["1"], {"idle": now - ABANDONED_AFTER_S}
+    states = [state for state in (query.get("state") or "").split(",") if state]
+    if any(state not in _STATE_SQL for state in states):
+        raise BadRequest(f"Unknown state; use one or more (comma-separated) of {', '.join(_STATE_SQL)}.")
+    if states:
+        where.append("(" + " OR ".join(_STATE_SQL[state] for state in states) + ")")
+    if query.get("q"):
+        where.append(f"{_PATH_SQL} LIKE :q ESCAPE '\\'")
+        arguments["q"] = f"%{_like_escape(query['q'][:MAX_NAME_BYTES * 4])}%"
+    if "folder" in query:
+        folder = folder_path(query["folder"]) if query["folder"] else ""
+        arguments["prefix"] = folder + "/" if folder else ""
+        where.append(f"substr({_PATH_SQL}, 1, length(:prefix)) = :prefix "
+                     f"AND instr(substr({_PATH_SQL}, length(:prefix) + 1), '/') = 0")
+    if query.get("cursor"):
+        arguments["after_key"], arguments["after_id"] = _decode_cursor(query["cursor"], sort)
+        where.append(f"({key}, id) {'<' if descending else '>'} (:after_key, :after_id)")
+    limit = query.get("limit") or "100"
+    if not limit.isdigit() or not 1 <= int(limit) <= MAX_LIST_ROWS:
+        raise BadRequest(f"?limit= is a number from 1 to {MAX_LIST_ROWS}.")
+    direction = "DESC" if descending else "ASC"
+    return " AND ".join(where), arguments, f"{key} {direction}, id {direction}", sort, int(limit)
+
+
+def upload_entry(engine: Engine, info: UploadInfo, mark, now: float, detail: bool) -> dict:
+    """One upload as GET /api/uploads lists it."""
+    folder, _, name = (info.stored_name or info.name).rpartition("/")
+    presence = storage_presence(engine.backend, info, mark)
+    if info.state is State.RECEIVING:
+        exists = engine.backend.part_stat(info.id) is not None
+        expires = info.updated + engine.limits.partial_ttl
+    else:
+        exists = presence == "present"
+        ttl = engine.limits.stored_ttl
+        expires = info.finished + ttl if info.state is State.STORED and ttl and info.finished else None
+    entry = {"id": info.id, "name": name, "folder": folder, "size": info.size, "sha256": info.sha256,
+             "state": shown_state(info, now), "exists": exists, "client": info.client,
+             "created": iso_time(info.created), "completed": iso_time(info.finished), "expires": iso_time(expires)}
+    if detail:
+        entry.update(received=info.received_bytes, changed=presence == "changed", reason=info.reason)
+    return entry
+
+
+def list_uploads(engine: Engine, query: Mapping[str, str]) -> dict:
+    now = engine.clock()
+    where, arguments, order, sort, limit = list_query(query, now)
+    infos = engine.ledger.select(where, arguments, order, limit + 1)
+    more, infos = len(infos) > limit, infos[:limit]
+    marks = engine.ledger.marks(info.id for info in infos if info.state is State.STORED)
+    detail = query.get("detail") == "1"
+    return {"uploads": [upload_entry(engine, info, marks.get(info.id), now, detail) for info in infos],
+            "next": _encode_cursor(sort, infos[-1]) if more else None}
+
+
+def remove_abandoned(engine: Engine) -> dict:
+    """The files page's clean-up: partial files of uploads that stopped short, and stored files past their
+    expiry (the janitor's work, done now)."""
+    cutoff = engine.clock() - ABANDONED_AFTER_S
+    removed = 0
+    while stale := engine.ledger.select("state = 'receiving' AND updated < :cutoff", {"cutoff": cutoff}, "id", 500):
+        for info in stale:
+            engine.delete(info.id)
+            removed += 1
+    return {"abandoned": removed, "expired": engine.expire()}
+
+
+def folder_path(text: str) -> str:
+    """A folder inside storage as "a/b": every part a plain name (as uploads' names are cleaned), none hidden."""
+    parts = text.strip("/").split("/")
+    if len(parts) > MAX_FOLDER_DEPTH or not all(parts):
+        raise BadRequest("Not a folder name.")
+    for part in parts:
+        if part != sanitize_filename(part) or part.startswith(".") or len(part.encode("utf-8")) > MAX_NAME_BYTES:
+            raise BadRequest(f"Not a usable folder name: {part[:80]!r}.")
+    return "/".join(parts)
+
+
+def _folder_on_disk(engine: Engine, path: str) -> Path:
+    """The folder ``path`` in storage, refusing one that leads out of it (a link made by hand)."""
+    storage = os.path.realpath(engine.backend.storage)
+    target = engine.backend.storage / path if path else engine.backend.storage
+    real = os.path.realpath(target)
+    if real != storage and not real.startswith(storage + os.sep):
+        raise Forbidden("That folder leads outside the storage folder.")
+    return target
+
+
+def list_folders(engine: Engine, path: str) -> dict:
+    folder = _folder_on_disk(engine, path)
+    try:
+        with os.scandir(folder) as entries:
+            names = sorted(entry.name for entry in entries
+                           if entry.is_dir(follow_symlinks=False) and not entry.name.startswith("."))
+    except FileNotFoundError:
+        raise NotFound("No such folder.") from None
+    except OSError as error:
+        raise storage_error(error)
+    return {"path": path, "folders": names}
+
+
+def change_folder(engine: Engine, action: str, path: str, to: str = "") -> dict:
+    """Create, rename (its stored uploads' records follow) or delete (only when empty) a storage folder."""
+    folder = _folder_on_disk(engine, path)
+    try:
+        if action == "create":
+            folder.mkdir(parents=True)
+        elif action == "delete":
+            folder.rmdir()
+        else:
+            target = _folder_on_disk(engine, to)
+            if target.exists():
+                raise Conflict("A file or folder with that name already exists.")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            folder.rename(target)
+            engine.ledger.rename_folder(path, to)
+    except FileExistsError:
+        raise Conflict("A file or folder with that name already exists.") from None
+    except FileNotFoundError:
+        raise NotFound("No such folder.") from None
+    except OSError as error:
+        if error.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            raise Conflict("The folder is not empty: delete or move its files first.") from None
+        raise storage_error(error)
+    return {"path": to or path}
+
+
+def _json_body() -> dict:
+    if (content_length(bottle.request.environ) or 0) > 64 * 1024:
+        raise TooLarge("Request too large.")
+    try:
+        data = json.loads(bottle.request.body.read() or b"{}")
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequest("The request body is not JSON.") from None
+    if not isinstance(data, dict) or not all(isinstance(value, str) for value in data.values()):
+        raise BadRequest('Expected a JSON object of strings, such as {"path": "photos"}.')
+    return data
+
+
+def _files_routes(app: bottle.Bottle, config: Config, engine: Engine) -> None:
+    """/files and the admin API behind it."""
+
+    @app.get("/files", auth=ADMIN)
+    def files_page():
+        return render_files_page(config, engine, bottle.request.environ)
+
+    @app.get("/api/uploads", auth=ADMIN)
+    def uploads_list():
+        return _json(list_uploads(engine, bottle.request.query.decode()))
+
+    @app.delete("/api/uploads/<upload_id>", auth=ADMIN, report=True)
+    def upload_delete(upload_id):
+        info = engine.delete(upload_id)
+        return _json(upload_entry(engine, info, None, engine.clock(), False))
+
+    @app.get("/api/uploads/<upload_id>/file", auth=ADMIN)
+    def upload_file(upload_id):
+        return stored_file_response(engine, upload_id)
+
+    @app.post("/api/cleanup", auth=ADMIN, report=True)
+    def cleanup():
+        return _json(remove_abandoned(engine))
+
+    @app.get("/api/folders", auth=ADMIN)
+    def folders():
+        path = bottle.request.query.getunicode("path") or ""
+        return _json(list_folders(engine, folder_path(path) if path else ""))
+
+    @app.post("/api/folders", auth=ADMIN, report=True)
+    def folder_create():
+        return _json(change_folder(engine, "create", folder_path(_json_body().get("path", ""))), 201)
+
+    @app.post("/api/folders/rename", auth=ADMIN, report=True)
+    def folder_rename():
+        body = _json_body()
+        return _json(change_folder(engine, "rename", folder_path(body.get("path", "")), folder_path(body.get("to", ""))))
+
+    @app.delete("/api/folders", auth=ADMIN, report=True)
+    def folder_delete():
+        return _json(change_folder(engine, "delete", folder_path(bottle.request.query.getunicode("path") or "")))
+
+
+def render_files_page(config: Config, engine: Engine, environ: dict) -> bottle.HTTPResponse:
+    credentials = environ.get("pyfiledrop.credentials") or Credentials(None)
+    page_config = {"csrfHeader": CSRF_HEADER, "csrf": credentials.csrf, "loggedIn": credentials.via == "cookie",
+                   "expireAfter": config.expire_after_s, "version": __version__}
+    config_json = json.dumps(page_config).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+    html = FILES_HTML.replace("{{config_json}}", config_json).replace("{{version}}", __version__)
+    response = bottle.HTTPResponse(html)
+    response.content_type = "text/html; charset=utf-8"
+    response.set_header("Content-Security-Policy", f"default-src 'self'; script-src '{_script_hash(html)}'; "
+                        "style-src 'unsafe-inline'; img-src 'self'; connect-src 'self'; object-src 'none'; "
+                        "base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+    response.set_header("X-Content-Type-Options", "nosniff")
+    response.set_header("Referrer-Policy", "no-referrer")
+    response.set_header("Cache-Control", "no-store")
+    return response
 
 
 ###############################################################################
@@ -3889,7 +4730,7 @@ def serve(config: Config, engine: Engine, server, *, stop: threading.Event | Non
     engine.expire()
 
     def janitor() -> None:
-        interval = min(3600.0, max(60.0, engine.limits.partial_ttl / 4))
+        interval = min(3600.0, max(60.0, min(engine.limits.partial_ttl, engine.limits.stored_ttl or 1e9) / 4))
         while not stop.wait(interval):
             try:
                 engine.expire()
@@ -4583,6 +5424,350 @@ INDEX_HTML = r"""<!doctype html>
     }
   });
   window.pyfiledrop = { dropzone: dz };
+})();
+</script>
+</body>
+</html>
+"""
+
+
+LOGIN_HTML = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="referrer" content="no-referrer">
+<title>pyfiledrop: log in</title>
+<link rel="icon" href="/favicon.ico">
+<style>
+  body { font: 16px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #1d2329; background: #f6f8fa;
+         margin: 0; display: flex; min-height: 100vh; align-items: center; justify-content: center; }
+  form { background: #fff; border: 1px solid #d5dbe1; border-radius: 12px; padding: 24px; width: min(360px, 90vw); }
+  h1 { font-size: 1.3rem; margin: 0 0 12px; }
+  label { display: block; margin: 0 0 6px; }
+  input[type=password] { font: inherit; width: 100%; box-sizing: border-box; padding: 10px; border-radius: 8px;
+         border: 1px solid #b8c2cc; }
+  button { font: inherit; margin-top: 14px; padding: 10px 18px; border-radius: 8px; border: 0; background: #0b63c5;
+         color: #fff; cursor: pointer; min-height: 44px; }
+  #message { color: #b3261e; min-height: 1.5em; margin: 0 0 8px; }
+</style>
+</head>
+<body>
+<form method="post" action="/login">
+  <h1>pyfiledrop</h1>
+  <p id="message" role="alert">{{message}}</p>
+  <label for="password">Password</label>
+  <input type="password" id="password" name="password" autocomplete="current-password" autofocus required>
+  <input type="hidden" name="next" value="{{next}}">
+  <button type="submit">Log in</button>
+</form>
+</body>
+</html>
+"""
+
+FILES_HTML = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="referrer" content="no-referrer">
+<title>pyfiledrop: files</title>
+<link rel="icon" href="/favicon.ico">
+<style>
+  :root { --line: #d5dbe1; --muted: #5b6670; --accent: #0b63c5; --bad: #b3261e; }
+  body { font: 15px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #1d2329; margin: 0;
+         background: #fff; }
+  header, main { padding: 0 16px; }
+  header { display: flex; gap: 16px; align-items: center; flex-wrap: wrap; border-bottom: 1px solid var(--line); }
+  header h1 { font-size: 1.25rem; margin: 12px 0; }
+  header a, header button.link { color: var(--accent); background: none; border: 0; font: inherit; cursor: pointer; }
+  .bar { display: flex; gap: 8px; flex-wrap: wrap; align-items: center; margin: 12px 0; }
+  .bar input, .bar select, button { font: inherit; padding: 6px 10px; border-radius: 8px; border: 1px solid var(--line);
+         background: #fff; min-height: 36px; }
+  button { cursor: pointer; }
+  button.danger { color: var(--bad); }
+  #crumbs button, #subfolders button { border: 0; color: var(--accent); padding: 4px 6px; min-height: 0; }
+  #crumbs button[aria-current] { color: inherit; font-weight: 600; }
+  table { border-collapse: collapse; width: 100%; font-variant-numeric: tabular-nums; }
+  th, td { text-align: left; padding: 6px 8px; border-bottom: 1px solid var(--line); vertical-align: top; }
+  th { font-weight: 600; font-size: .85rem; color: var(--muted); position: sticky; top: 0; background: #fff; }
+  td.name { word-break: break-all; min-width: 12em; }
+  td .folder { color: var(--muted); }
+  td.sha { font-family: ui-monospace, monospace; font-size: .8rem; }
+  td.bad { color: var(--bad); font-weight: 600; }
+  td.actions { white-space: nowrap; }
+  td.actions a, td.actions button { margin-right: 6px; }
+  #message { min-height: 1.5em; color: var(--muted); }
+  #message.error { color: var(--bad); }
+  .table-wrap { overflow-x: auto; }
+</style>
+</head>
+<body>
+<header>
+  <h1>pyfiledrop: files</h1>
+  <a href="/">Upload page</a>
+  <form method="post" action="/logout" id="logout" hidden><button type="submit" class="link">Log out</button></form>
+</header>
+<main>
+  <div class="bar" id="folderbar">
+    <span>Folder:</span>
+    <span id="crumbs"></span>
+    <span id="subfolders"></span>
+    <button type="button" id="new-folder">New folder</button>
+    <button type="button" id="rename-folder">Rename folder</button>
+    <button type="button" id="delete-folder" class="danger">Delete folder</button>
+  </div>
+  <div class="bar">
+    <input type="search" id="filter" placeholder="Filter by name" aria-label="Filter by name">
+    <select id="state" aria-label="State">
+      <option value="">Every state</option><option value="stored">Stored</option>
+      <option value="receiving">Receiving</option><option value="abandoned">Abandoned</option>
+      <option value="expired">Expired</option><option value="deleted">Deleted</option>
+      <option value="failed">Failed</option>
+    </select>
+    <select id="sort" aria-label="Sort by">
+      <option value="newest">Newest first</option><option value="oldest">Oldest first</option>
+      <option value="name">By name</option><option value="size">Largest first</option>
+    </select>
+    <button type="button" id="refresh">Refresh</button>
+    <button type="button" id="cleanup" class="danger">Remove abandoned and expired</button>
+  </div>
+  <p id="message" role="status"></p>
+  <div class="table-wrap">
+  <table id="uploads">
+    <thead><tr><th>Name</th><th>Size</th><th>SHA-256</th><th>From</th><th>Uploaded</th><th>Completed</th>
+      <th>Expires</th><th>State</th><th>In storage</th><th>Actions</th></tr></thead>
+    <tbody></tbody>
+  </table>
+  </div>
+  <p><button type="button" id="more" hidden>Show more</button></p>
+</main>
+<script>
+(function () {
+  "use strict";
+  var config = {{config_json}};
+  var view = { folder: null, next: null, pages: 0, timer: null };
+  var $ = function (id) { return document.getElementById(id); };
+  var tbody = $("uploads").tBodies[0];
+
+  function say(text, isError) {
+    $("message").textContent = text;
+    $("message").className = isError ? "error" : "";
+  }
+
+  function api(method, url, body) {
+    var headers = { "Accept": "application/json" };
+    headers[config.csrfHeader] = config.csrf;
+    if (body !== undefined) headers["Content-Type"] = "application/json";
+    return fetch(url, { method: method, headers: headers, credentials: "same-origin",
+                        body: body === undefined ? undefined : JSON.stringify(body) }).then(function (response) {
+      if (response.status === 401) { location.reload(); throw new Error("Logged out: log in again."); }
+      if (!response.ok) return response.text().then(function (text) { throw new Error(text.trim()); });
+      return response.json();
+    });
+  }
+
+  function size(bytes) {
+    if (bytes === null || bytes === undefined) return "?";
+    var units = ["bytes", "KiB", "MiB", "GiB", "TiB"], value = bytes, unit = 0;
+    while (value >= 1024 && unit < units.length - 1) { value /= 1024; unit += 1; }
+    return unit === 0 ? bytes + " bytes" : value.toFixed(value < 10 ? 1 : 0) + " " + units[unit];
+  }
+
+  function when(iso) { return iso ? new Date(iso).toLocaleString() : "\\u2014"; }
+
+  function cell(row, text, className, title) {
+    var td = row.insertCell();
+    td.textContent = text;
+    if (className) td.className = className;
+    if (title) td.title = title;
+    return td;
+  }
+
+  function stateText(entry) {
+    if (entry.state === "receiving" && entry.size) {
+      return "receiving " + Math.floor(100 * entry.received / entry.size) + "%";
+    }
+    return entry.state;
+  }
+
+  function storageText(entry) {
+    if (entry.state === "stored") return entry.exists ? "yes" : entry.changed ? "changed by hand" : "missing";
+    if (entry.state === "receiving" || entry.state === "abandoned") return entry.exists ? "partial" : "\\u2014";
+    return "\\u2014";
+  }
+
+  function button(parent, label, action, danger) {
+    var b = document.createElement("button");
+    b.type = "button";
+    b.textContent = label;
+    if (danger) b.className = "danger";
+    b.addEventListener("click", action);
+    parent.appendChild(b);
+  }
+
+  function remove(entry, question) {
+    if (!confirm(question)) return;
+    api("DELETE", "/api/uploads/" + encodeURIComponent(entry.id)).then(function () {
+      say("Removed " + entry.name + ".");
+      reload();
+    }, function (error) { say(error.message, true); });
+  }
+
+  function addRow(entry) {
+    var row = tbody.insertRow();
+    row.dataset.id = entry.id;
+    row.dataset.state = entry.state;
+    var name = row.insertCell();
+    name.className = "name";
+    if (entry.folder) {
+      var folder = document.createElement("span");
+      folder.className = "folder";
+      folder.textContent = entry.folder + "/";
+      name.appendChild(folder);
+    }
+    name.appendChild(document.createTextNode(entry.name));
+    cell(row, size(entry.size));
+    cell(row, entry.sha256 ? entry.sha256.slice(0, 12) + "\\u2026" : "\\u2014", "sha", entry.sha256 || "");
+    cell(row, entry.client);
+    cell(row, when(entry.created), "", entry.created);
+    cell(row, when(entry.completed), "", entry.completed || "");
+    cell(row, when(entry.expires), "", entry.expires || "");
+    cell(row, stateText(entry), "state");
+    var exists = storageText(entry);
+    cell(row, exists, "exists" + (exists === "missing" || exists === "changed by hand" ? " bad" : ""), entry.reason);
+    var actions = row.insertCell();
+    actions.className = "actions";
+    if (entry.state === "stored" && entry.exists) {
+      var link = document.createElement("a");
+      link.href = "/api/uploads/" + encodeURIComponent(entry.id) + "/file";
+      link.textContent = "Download";
+      link.setAttribute("download", entry.name);
+      actions.appendChild(link);
+    }
+    if (entry.state === "stored") {
+      button(actions, "Delete", function () { remove(entry, "Delete " + entry.name + " from the server?"); }, true);
+    } else if (entry.state === "receiving" || entry.state === "abandoned") {
+      button(actions, "Remove", function () { remove(entry, "Remove the incomplete upload " + entry.name + "?"); }, true);
+    }
+  }
+
+  function query(cursor) {
+    var params = new URLSearchParams({ detail: "1", sort: $("sort").value, limit: "100" });
+    if ($("state").value) params.set("state", $("state").value);
+    if ($("filter").value) params.set("q", $("filter").value);
+    if (view.folder !== null) params.set("folder", view.folder);
+    if (cursor) params.set("cursor", cursor);
+    return "/api/uploads?" + params.toString();
+  }
+
+  function load(cursor) {
+    return api("GET", query(cursor)).then(function (data) {
+      if (!cursor) { tbody.textContent = ""; view.pages = 0; }
+      data.uploads.forEach(addRow);
+      view.pages += 1;
+      view.next = data.next;
+      $("more").hidden = !data.next;
+      document.body.dataset.loaded = String(Date.now());
+      if (!tbody.rows.length) say("No uploads here.");
+      else if (!$("message").classList.contains("error")) say(tbody.rows.length + (data.next ? "+" : "") + " shown.");
+      clearTimeout(view.timer);
+      if (view.pages === 1 && tbody.querySelector("tr[data-state=receiving]")) view.timer = setTimeout(reload, 5000);
+    }, function (error) { say(error.message, true); });
+  }
+
+  function reload() { return load(null); }
+
+  function folderJoin(name) { return view.folder ? view.folder + "/" + name : name; }
+
+  function showFolders() {
+    var crumbs = $("crumbs"), subs = $("subfolders");
+    crumbs.textContent = "";
+    subs.textContent = "";
+    var all = document.createElement("button");
+    all.type = "button";
+    all.textContent = "All uploads";
+    if (view.folder === null) all.setAttribute("aria-current", "true");
+    all.addEventListener("click", function () { openFolder(null); });
+    crumbs.appendChild(all);
+    var parts = view.folder === null ? null : view.folder ? view.folder.split("/") : [];
+    if (parts !== null) {
+      ["storage"].concat(parts).forEach(function (part, index) {
+        var path = parts.slice(0, index).join("/");
+        crumbs.appendChild(document.createTextNode(" / "));
+        var b = document.createElement("button");
+        b.type = "button";
+        b.textContent = part;
+        if (index === parts.length) b.setAttribute("aria-current", "true");
+        b.addEventListener("click", function () { openFolder(path); });
+        crumbs.appendChild(b);
+      });
+    }
+    var here = view.folder || "";
+    $("rename-folder").disabled = $("delete-folder").disabled = !view.folder;
+    api("GET", "/api/folders" + (here ? "?path=" + encodeURIComponent(here) : "")).then(function (data) {
+      data.folders.forEach(function (name) {
+        var b = document.createElement("button");
+        b.type = "button";
+        b.className = "subfolder";
+        b.textContent = name + "/";
+        b.addEventListener("click", function () { openFolder(folderJoin(name)); });
+        subs.appendChild(b);
+      });
+    }, function (error) { say(error.message, true); });
+  }
+
+  function openFolder(path) {
+    view.folder = path;
+    showFolders();
+    reload();
+  }
+
+  function folderAction(promise, done) {
+    promise.then(function (data) { done(data); }, function (error) { say(error.message, true); });
+  }
+
+  $("new-folder").addEventListener("click", function () {
+    var name = prompt("Name of the new folder:");
+    if (!name) return;
+    folderAction(api("POST", "/api/folders", { path: folderJoin(name) }), function (data) {
+      say("Created " + data.path + ".");
+      openFolder(data.path);
+    });
+  });
+  $("rename-folder").addEventListener("click", function () {
+    var parts = view.folder.split("/"), name = prompt("New name of the folder:", parts[parts.length - 1]);
+    if (!name) return;
+    var to = parts.slice(0, -1).concat([name]).join("/");
+    folderAction(api("POST", "/api/folders/rename", { path: view.folder, to: to }), function (data) {
+      say("Renamed to " + data.path + ".");
+      openFolder(data.path);
+    });
+  });
+  $("delete-folder").addEventListener("click", function () {
+    if (!confirm("Delete the empty folder " + view.folder + "?")) return;
+    var parent = view.folder.split("/").slice(0, -1).join("/");
+    folderAction(api("DELETE", "/api/folders?path=" + encodeURIComponent(view.folder)), function () {
+      say("Deleted the folder.");
+      openFolder(parent);
+    });
+  });
+  $("cleanup").addEventListener("click", function () {
+    if (!confirm("Remove every abandoned upload's partial file, and every stored file past its expiry?")) return;
+    api("POST", "/api/cleanup", {}).then(function (data) {
+      say("Removed " + data.abandoned + " abandoned and " + data.expired + " expired.");
+      reload();
+    }, function (error) { say(error.message, true); });
+  });
+  var typing = null;
+  $("filter").addEventListener("input", function () { clearTimeout(typing); typing = setTimeout(reload, 250); });
+  $("state").addEventListener("change", reload);
+  $("sort").addEventListener("change", reload);
+  $("refresh").addEventListener("click", reload);
+  $("more").addEventListener("click", function () { if (view.next) load(view.next); });
+  $("logout").hidden = !config.loggedIn;
+  showFolders();
+  reload();
 })();
 </script>
 </body>
