@@ -2550,8 +2550,8 @@ def load_session_key(chunks: Path) -> bytes:
             return key
     except FileNotFoundError:
         pass
-    temp = chunks / f".{SESSION_KEY_FILENAME}.{uuid.uuid4().hex}.tmp"
-    fd = os.open(temp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    temp = chunks / f".{SESSION_KEY_FILENAME}.tmp"   # one server per chunks folder (the ledger's lock)
+    fd = os.open(temp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o600)
     try:
         os.write(fd, os.urandom(32))
         os.fsync(fd)
