@@ -23,6 +23,7 @@ import dataclasses
 import enum
 import errno
 import hashlib
+import hmac
 import itertools
 import json
 import logging
@@ -50,12 +51,12 @@ from werkzeug.http import parse_options_header
 
 __version__ = "1.1.0"
 __all__ = [
-    "Config", "parse_args", "main", "serve", "create_app", "open_engine", "make_server", "ServerLimits",
-    "Engine", "EngineLimits", "Ledger", "LocalBackend", "BackendConstraints", "UploadInfo", "State",
-    "Progress", "Stored", "Refused", "Notice", "UploadError", "BadRequest", "Forbidden", "NotFound", "Conflict",
-    "Superseded", "TooLarge", "InsufficientStorage", "StorageFailure", "ClientDisconnected", "Console",
-    "sanitize_filename", "numbered_name", "chunk_count", "chunk_length", "add_range", "range_holes",
-    "prefix_end", "multipart_parts", "FormField", "FilePart",
+    "Config", "parse_args", "main", "serve", "create_app", "open_engine", "make_server", "ServerLimits", "Engine",
+    "EngineLimits", "Ledger", "LocalBackend", "BackendConstraints", "UploadInfo", "State", "Progress", "Stored",
+    "Refused", "Notice", "UploadError", "BadRequest", "Forbidden", "NotFound", "Conflict", "Superseded",
+    "ChecksumMismatch", "TooLarge", "InsufficientStorage", "StorageFailure", "ClientDisconnected", "Console",
+    "sanitize_filename", "sanitize_relative_path", "split_folder", "numbered_name", "chunk_count", "chunk_length",
+    "add_range", "range_holes", "prefix_end", "multipart_parts", "FormField", "FilePart",
 ]
 
 ###############################################################################
@@ -86,6 +87,8 @@ MAX_NAME_BYTES = 200               # leaves room for " (12345)" under every file
 MAX_FIELD_BYTES = 1024
 MAX_FORM_PARTS = 64
 MAX_NAME_ATTEMPTS = 10_000
+MAX_FOLDER_DEPTH = 32              # folders an upload may name above its file
+MAX_PATH_BYTES = 1024              # a stored name with its folders (Windows and macOS allow about this much)
 READ_BLOCK = 1 * MIB
 
 DZ_FIELDS = ("dzuuid", "dzchunkindex", "dztotalfilesize", "dzchunksize", "dztotalchunkcount",
@@ -298,6 +301,27 @@ def sanitize_filename(raw: str) -> str:
     return _truncate_name(name, MAX_NAME_BYTES)
 
 
+def sanitize_relative_path(raw: str) -> str:
+    """``sanitize_filename`` for each folder and the file of a relative path ("a/b/c.txt"); nothing climbs.
+
+    "." and ".." and empty components are dropped, so no path leaves the folder it is stored under;
+    BadRequest when it names more than MAX_FOLDER_DEPTH folders or MAX_PATH_BYTES bytes.
+    """
+    parts = [part for part in raw.replace("\\", "/").split("/") if part.strip(" ") not in ("", ".", "..")]
+    if len(parts) > MAX_FOLDER_DEPTH + 1:
+        raise BadRequest(f"Folders nest at most {MAX_FOLDER_DEPTH} deep here.")
+    path = "/".join(sanitize_filename(part) for part in parts) if parts else "file"
+    if len(path.encode("utf-8")) > MAX_PATH_BYTES:
+        raise BadRequest(f"The file's path is too long: at most {MAX_PATH_BYTES} bytes with its folders.")
+    return path
+
+
+def split_folder(path: str) -> tuple[str, str]:
+    """("a/b", "c.txt") for "a/b/c.txt"; ("", "c.txt") for a file at the top."""
+    folder, _, name = path.rpartition("/")
+    return folder, name
+
+
 def _truncate_name(name: str, limit: int) -> str:
     if len(name.encode("utf-8")) <= limit:
         return name
@@ -459,6 +483,12 @@ class TooLarge(UploadError):
     status = 413
 
 
+class ChecksumMismatch(UploadError):
+    """The bytes that arrived do not have the hash the client sent with them (tus answers 460 for this)."""
+
+    status = 460
+
+
 class InsufficientStorage(UploadError):
     status = 507
 
@@ -541,7 +571,7 @@ class UploadInfo:
     """What the ledger knows of one upload; a frozen value, replaced (``dataclasses.replace``) on change."""
 
     id: str
-    name: str                    # the sanitised name the client gave
+    name: str                    # the sanitised name the client gave, with its folders ("a/b/c.txt")
     size: int | None             # None until a body of unknown length ends
     part_size: int               # the client's chunk grid (the whole size for one-request uploads)
     client: str
@@ -553,6 +583,7 @@ class UploadInfo:
     stored_name: str | None = None
     finished: float | None = None
     reason: str = ""
+    mtime: float | None = None   # the original's modification time, given to the stored file
 
     @property
     def received_bytes(self) -> int:
@@ -613,9 +644,11 @@ class Ledger:
                received TEXT NOT NULL, sha256 TEXT, stored_name TEXT, finished REAL, reason TEXT NOT NULL);
            CREATE INDEX uploads_by_state ON uploads (state, updated);
            CREATE INDEX uploads_by_created ON uploads (created);""",
+        """ALTER TABLE uploads ADD COLUMN mtime REAL;
+           CREATE INDEX uploads_by_content ON uploads (sha256, size);""",
     )
     _COLUMNS = ("id", "name", "size", "part_size", "client", "created", "updated", "state", "received", "sha256",
-                "stored_name", "finished", "reason")
+                "stored_name", "finished", "reason", "mtime")
 
     def __init__(self, path: Path | str):
         self.path = str(path)
@@ -698,7 +731,7 @@ class Ledger:
     def _row(info: UploadInfo) -> tuple:
         return (info.id, info.name, info.size, info.part_size, info.client, info.created, info.updated,
                 info.state.value, json.dumps(info.received, separators=(",", ":")), info.sha256, info.stored_name,
-                info.finished, info.reason)
+                info.finished, info.reason, info.mtime)
 
     @staticmethod
     def _info(row: tuple) -> UploadInfo:
@@ -864,25 +897,44 @@ class LocalBackend:
         return min(shutil.disk_usage(folder).total for folder in {self.storage, self.chunks})
 
     # -- stored files ---------------------------------------------------------------------------------------
-    def store(self, upload_id: str, name: str) -> str:
+    def store(self, upload_id: str, name: str, mtime: float | None = None) -> str:
         """Give the complete partial file its final name in storage, never replacing a file; the name used.
 
-        The partial file stays (linked twice) until ``discard``: the engine records the name in between.
+        ``name`` may name folders ("a/b/c.txt"): they are made as needed, inside storage.  The partial file
+        stays (linked twice) until ``discard``: the engine records the name in between.
         """
+        folder, leaf = split_folder(name)
+        directory = self.folder_for(folder)
         source = self.part_path(upload_id)
+        _set_mtime(source, mtime)   # before the link: the stored file never shows another time
         for number in range(MAX_NAME_ATTEMPTS):
-            candidate = numbered_name(name, number)
+            candidate = numbered_name(leaf, number)
             try:
-                claimed = self._claim(source, self.storage / candidate)
+                claimed = self._claim(source, directory / candidate)
             except OSError as error:
                 if error.errno != errno.EXDEV:
                     raise
                 source = self._copy_into_storage(upload_id)  # the folders are on different filesystems
-                claimed = self._claim(source, self.storage / candidate)
+                _set_mtime(source, mtime)
+                claimed = self._claim(source, directory / candidate)
             if claimed:
                 self._checkpoint("linked")
-                return candidate
+                return f"{folder}/{candidate}" if folder else candidate
         raise Conflict("Too many files with this name already.")
+
+    def folder_for(self, folder: str) -> Path:
+        """The storage folder ``folder`` ("a/b", sanitised), made if missing; never a way out of storage."""
+        if not folder:
+            return self.storage
+        directory = self.storage / folder
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise Conflict(f'A file is in the way of the folder "{folder}".') from None
+        root = os.path.realpath(self.storage)
+        if not os.path.realpath(directory).startswith(root + os.sep):  # a symbolic link someone put there
+            raise Forbidden(f'The folder "{folder}" leads out of the storage folder.')
+        return directory
 
     def _claim(self, source: str, target: Path) -> bool:
         """Link ``source`` as ``target``; False when ``target`` is taken."""
@@ -892,9 +944,11 @@ class LocalBackend:
         except FileExistsError:
             return False
         except FileNotFoundError:
-            if not os.path.exists(source):
+            if not os.path.exists(source) or target.parent.exists():
                 raise
-            self._recreate(self.storage, "storage")
+            if not self.storage.exists():
+                self._recreate(self.storage, "storage")
+            target.parent.mkdir(parents=True, exist_ok=True)
             return self._claim(source, target)
         except OSError as error:
             if error.errno in _LINK_FATAL_ERRNOS or error.errno == errno.EXDEV:
@@ -951,22 +1005,26 @@ class LocalBackend:
         if source is None or source.st_nlink < 2:
             return None
         identity = (source.st_ino, source.st_dev)
+        folder, leaf = split_folder(name or "")
         misses = 0
         for number in range(MAX_NAME_ATTEMPTS if name else 0):  # names are claimed in this order
-            candidate = numbered_name(name, number)
+            candidate = f"{folder}/{numbered_name(leaf, number)}" if folder else numbered_name(leaf, number)
             try:
                 found = os.stat(self.storage / candidate)
-            except FileNotFoundError:
+            except (FileNotFoundError, NotADirectoryError):
                 misses += 1
                 if misses > 100:
                     break
                 continue
             if (found.st_ino, found.st_dev) == identity:
                 return candidate
-        with os.scandir(self.storage) as entries:  # renamed by hand, or no record of the name: look at all
-            for entry in entries:
-                if entry.is_file() and (entry.stat().st_ino, entry.stat().st_dev) == identity:
-                    return entry.name
+        for top, _, files in os.walk(self.storage):  # renamed by hand, or no record of the name: look at all
+            for filename in files:
+                path = os.path.join(top, filename)
+                with contextlib.suppress(OSError):
+                    found = os.stat(path, follow_symlinks=False)
+                    if (found.st_ino, found.st_dev) == identity:
+                        return os.path.relpath(path, self.storage).replace(os.sep, "/")
         return None
 
     def temporaries(self) -> list[tuple[str, str | None]]:
@@ -996,6 +1054,13 @@ class LocalBackend:
             while count := handle.readinto(buffer):
                 digest.update(view[:count])
         return digest.hexdigest()
+
+
+def _set_mtime(path: str, mtime: float | None) -> None:
+    if mtime is None:
+        return
+    with contextlib.suppress(OSError, OverflowError, ValueError):  # a time the filesystem cannot hold
+        os.utime(path, (time.time(), mtime))
 
 
 def _unlink_quietly(path: str | Path) -> None:
@@ -1062,7 +1127,8 @@ class _Writer:
     """One request putting bytes into an upload from ``start``; ``fenced`` once a newer request took over."""
 
     __slots__ = ("start", "end", "position", "committed_to", "lock", "fenced", "whole", "holes", "hasher",
-                 "hash_from", "next_space_check", "next_progress", "last_progress", "atomic", "superseded")
+                 "hash_from", "next_space_check", "next_progress", "last_progress", "atomic", "superseded",
+                 "keep_if_empty")
 
     def __init__(self, start: int, end: int | None, holes: list[tuple[int, int | None]]):
         self.start = self.position = self.committed_to = start
@@ -1078,6 +1144,7 @@ class _Writer:
         self.last_progress = time.monotonic()
         self.atomic = False
         self.superseded = False          # fenced by a newer request (not by its own failure)
+        self.keep_if_empty = False
 
     def fence(self, superseded: bool = True) -> None:
         with self.lock:
@@ -1143,11 +1210,12 @@ class Engine:
 
     # -- create -------------------------------------------------------------------------------------------
     def create(self, upload_id: str, name: str, *, size: int | None, part_size: int, client: str,
-               ephemeral: bool = False, fresh: bool = False) -> UploadInfo:
+               ephemeral: bool = False, fresh: bool = False, mtime: float | None = None) -> UploadInfo:
         """A new upload, or the one already under ``upload_id`` if it matches (name, size, part size).
 
-        ``ephemeral``: it arrives in one request, so it is recorded only once stored.  ``fresh``: the id was
-        just made by the server, so nothing can be under it yet (no look-up).
+        ``name`` may name folders ("a/b/c.txt", as ``sanitize_relative_path`` makes it).  ``ephemeral``: it
+        arrives in one request, so it is recorded only once stored.  ``fresh``: the id was just made by the
+        server, so nothing can be under it yet (no look-up).  ``mtime``: the stored file's modification time.
         """
         if size is not None and size > self.limits.max_size:
             raise TooLarge(f"File too large: {size} bytes; this server accepts up to {self.limits.max_size} "
@@ -1166,7 +1234,7 @@ class Engine:
             self.check_space(size or 0)
             now = self.clock()
             info = UploadInfo(id=upload_id, name=name, size=size, part_size=part_size, client=client,
-                              created=now, updated=now)
+                              created=now, updated=now, mtime=mtime)
             fd = self._new_part(upload_id)
             live = _Live(info, ephemeral, fd if ephemeral else None)
             if not ephemeral:
@@ -1250,34 +1318,53 @@ class Engine:
 
     # -- put ------------------------------------------------------------------------------------------------
     def put(self, upload_id: str, offset: int, pieces: Iterable, *, length: int | None = None,
-            atomic: bool = False) -> UploadInfo:
+            atomic: bool = False, checksum: tuple[str, bytes] | None = None,
+            keep_if_empty: bool = False) -> UploadInfo:
         """Write the bytes of ``pieces`` at ``offset`` (at most ``length`` of them); the upload's info after.
 
         Bytes already received are read and dropped, never written again.  What arrived is recorded even
         when the request breaks off (the client vanished), so it can go on from there; ``atomic``: only if
-        all ``length`` bytes arrive (a chunk protocol that always sends a part again whole).  A stored
-        upload is answered as it is, without writing.
+        all ``length`` bytes arrive (a chunk protocol that always sends a part again whole).
+        ``checksum`` (algorithm, digest), "sha1" or "sha256": the bytes of this request must have that hash,
+        else none of them counts and ChecksumMismatch is raised; bytes received before are checked too, so a
+        part sent again with other content is refused.  A stored upload is answered as it is, unwritten.
+        ``keep_if_empty``: an upload the client created explicitly (tus) outlives a failed request that brought
+        none of its bytes; otherwise such an upload is forgotten, and a retry starts it again.
         """
+        check = _checksum_hasher(checksum)
+        if check is not None:
+            pieces, atomic_here = _hashed(pieces, check), True
+        else:
+            atomic_here = atomic
         live = self._get_live(upload_id)
         if live is None:
-            return self._settled_info(upload_id)
+            info = self._settled_info(upload_id)
+            if check is not None:
+                _drain(pieces)
+                _verify(check, checksum)
+            return info
         size = live.info.size
         end = offset + length if length is not None else size
         if offset < 0 or (size is not None and (offset > size or end > size)):
             raise BadRequest("Those bytes lie past the end of the file.")
         writer = self._claim(live, offset, end)
-        writer.atomic = atomic
+        writer.atomic = atomic_here
+        writer.keep_if_empty = keep_if_empty
         failed = True
         try:
             self._receive(live, writer, pieces)
             failed = atomic and writer.position != end
+            if check is not None and not failed:
+                failed = not _verify(check, checksum, raise_error=False)
         except TooManyBytes:
-            atomic = True  # a request that breaks its own announcement: none of it counts
+            atomic_here = True  # a request that breaks its own announcement: none of it counts
             raise
         finally:
-            if failed and atomic:
+            if failed and atomic_here:
                 writer.fence(superseded=False)  # none of it counts
             self._settle(live, writer, failed)
+        if check is not None:
+            _verify(check, checksum)
         return live.info
 
     def _claim(self, live: _Live, start: int, end: int | None) -> _Writer:
@@ -1427,7 +1514,7 @@ class Engine:
             with live.changed:
                 live.writers.remove(writer)
                 live.changed.notify_all()
-        if failed and not writer.superseded:
+        if failed and not writer.superseded and not writer.keep_if_empty:
             self._forget_if_empty(live)
         elif not failed:
             self._hold_back(live)
@@ -1566,7 +1653,7 @@ class Engine:
         if stat is None or stat.st_size != live.info.size:
             raise StorageFailure("The partial file does not have the declared size.")
         try:
-            stored_name = live.linked_as or self.backend.store(upload_id, live.info.name)
+            stored_name = live.linked_as or self.backend.store(upload_id, live.info.name, live.info.mtime)
         except OSError as error:
             raise storage_error(error)
         live.linked_as = stored_name
@@ -1622,6 +1709,27 @@ class Engine:
         if live is not None and live.info.state is not State.STORED:
             self.backend.discard(upload_id)
 
+    def abort(self, upload_id: str, reason: str = "cancelled") -> UploadInfo:
+        """End an unfinished upload for good (the client cancelled it): requests still writing it are fenced,
+        its partial file goes, its record stays as deleted.  A stored upload is answered as it is."""
+        with self._opening[hash(upload_id) % 64]:
+            live = self._live.get(upload_id) or self._resume(self.ledger.get(upload_id))
+        if live is None:
+            return self.info(upload_id)
+        with live.finish_lock:
+            with live.lock:
+                if live.info.state is State.STORED:
+                    return live.info
+                info = live.info = dataclasses.replace(live.info, state=State.DELETED, updated=self.clock(),
+                                                       reason=reason)
+            for writer in list(live.writers):
+                writer.fence()
+            self._forget(upload_id)
+            self.backend.discard(upload_id)
+            if not live.ephemeral:
+                self._record(info)
+        return info
+
     def _forget(self, upload_id: str) -> _Live | None:
         with self._lock:
             live = self._live.pop(upload_id, None)
@@ -1649,6 +1757,35 @@ class Engine:
             self._notice(f"removed {removed} unfinished upload(s) untouched for "
                          f"{self.limits.partial_ttl / 3600:g} hours")
         return removed
+
+
+CHECKSUM_ALGORITHMS = {"sha1": hashlib.sha1, "sha256": hashlib.sha256}
+
+
+def _checksum_hasher(checksum: tuple[str, bytes] | None):
+    if checksum is None:
+        return None
+    algorithm, digest = checksum
+    if algorithm not in CHECKSUM_ALGORITHMS:
+        raise BadRequest(f"Unknown checksum algorithm {algorithm[:20]!r}; use sha1 or sha256.")
+    hasher = CHECKSUM_ALGORITHMS[algorithm]()
+    if len(digest) != hasher.digest_size:
+        raise BadRequest(f"A {algorithm} checksum is {hasher.digest_size} bytes long.")
+    return hasher
+
+
+def _hashed(pieces: Iterable, hasher) -> Iterator:
+    for piece in pieces:
+        hasher.update(piece)
+        yield piece
+
+
+def _verify(hasher, checksum: tuple[str, bytes], raise_error: bool = True) -> bool:
+    if hmac.compare_digest(hasher.digest(), checksum[1]):
+        return True
+    if raise_error:
+        raise ChecksumMismatch("Checksum mismatch: these bytes were damaged on the way; send them again.")
+    return False
 
 
 def _check_same(info: UploadInfo, name: str, size: int | None, part_size: int) -> None:
@@ -2152,10 +2289,13 @@ def receive_chunk(engine: Engine, chunk: ChunkInfo, filename: str, data: Iterabl
 
 
 def receive_put(engine: Engine, environ: dict, client: str) -> dict:
-    """``PUT /upload/NAME``: the body is the file; of unknown length when chunked."""
+    """``PUT /upload/NAME`` or ``/upload/FOLDER/.../NAME``: the body is the file; of unknown length when chunked.
+
+    Folders in the path are kept under storage, each sanitised like a file name (an encoded slash is one too).
+    """
     # Bottle re-decodes PATH_INFO as UTF-8, dropping what is not; the raw path keeps every byte.
     raw = environ.get("bottle.raw_path", environ.get("PATH_INFO", "")).encode("latin-1").split(b"/", 2)[-1]
-    name = sanitize_filename(raw.decode("utf-8", errors="replace"))
+    name = sanitize_relative_path(raw.decode("utf-8", errors="replace"))
     with _Subject(name):
         length = content_length(environ)
         info = engine.receive_whole(name, request_body(environ, length), client=client, size=length)
