@@ -445,6 +445,7 @@ class UploadError(Exception):
     """An upload refused or failed; ``status`` is the HTTP status the message goes out with."""
 
     status = 500
+    headers: Mapping[str, str] = {}     # sent with the error reply
 
     def __init__(self, message: str):
         super().__init__(message)
@@ -465,6 +466,10 @@ class NotFound(UploadError):
 
 class Conflict(UploadError):
     status = 409
+
+
+class Gone(UploadError):
+    status = 410
 
 
 class Superseded(Conflict):
@@ -1312,6 +1317,20 @@ class Engine:
             raise NotFound(f"{_GONE[info.state]} Start it again.")
         return info
 
+    def offset(self, upload_id: str) -> int:
+        """How many bytes from the start are here without a gap, counting those that requests still running
+        have written and not yet recorded (a resumable client asks this to go on from there)."""
+        live = self._live.get(upload_id)
+        if live is None:
+            info = self.info(upload_id)
+            return info.size or 0 if info.state is State.STORED else prefix_end(info.received)
+        with live.changed:
+            ranges = live.info.received
+            for writer in live.writers:
+                if not writer.fenced and not writer.atomic:
+                    ranges = add_range(ranges, writer.start, writer.position)
+        return prefix_end(ranges) if live.info.state is not State.STORED else live.info.size or 0
+
     def list(self, limit: int = 100, offset: int = 0) -> list[UploadInfo]:
         """Uploads, newest first."""
         return self.ledger.newest(limit, offset)
@@ -1389,6 +1408,8 @@ class Engine:
                     live.changed.wait(STALLED_AFTER_S / 4)
                     continue
             for rival in rivals:  # outside live.lock: a rival commits holding its own lock, then live.lock
+                if not rival.atomic:
+                    self._commit(live, rival)  # what it wrote counts: a resumable client goes on from there
                 rival.fence()
 
     def _receive(self, live: _Live, writer: _Writer, pieces: Iterable) -> None:
@@ -2393,6 +2414,199 @@ def _has_bytes(part: FilePart) -> bool:
 
 
 ###############################################################################
+# Protocol adapters: tus 1.0 ##################################################
+###############################################################################
+# tus (tus.io) is the open protocol for resumable uploads: a POST creates an upload at the server's address,
+# PATCH requests append at its current offset, HEAD tells the offset after any failure.  Each request becomes
+# engine calls: create, put at the offset (non-atomic, so an interrupted PATCH keeps what arrived), finish.
+
+TUS_VERSION = "1.0.0"
+TUS_EXTENSIONS = "creation,creation-with-upload,expiration,checksum,termination"
+TUS_CONTENT_TYPE = "application/offset+octet-stream"
+TUS_HEADERS = {"Tus-Resumable": TUS_VERSION}
+MAX_TUS_METADATA_BYTES = 4096
+
+
+class TusVersionMismatch(UploadError):
+    status = 412
+    headers = {"Tus-Version": TUS_VERSION}
+
+
+class UnsupportedMediaType(UploadError):
+    status = 415
+
+
+@dataclasses.dataclass(frozen=True)
+class TusCreation:
+    """What a tus POST asks for: the file's size, its name (with folders) and its original time."""
+
+    size: int
+    name: str
+    mtime: float | None
+
+
+def tus_check_version(environ: dict) -> None:
+    if environ.get("HTTP_TUS_RESUMABLE", "").strip() != TUS_VERSION:
+        raise TusVersionMismatch(f"This server speaks tus {TUS_VERSION}: send Tus-Resumable: {TUS_VERSION}.")
+
+
+def tus_options(config: Config) -> dict[str, str]:
+    return {"Tus-Version": TUS_VERSION, "Tus-Extension": TUS_EXTENSIONS, "Tus-Max-Size": str(config.max_size_bytes),
+            "Tus-Checksum-Algorithm": ",".join(CHECKSUM_ALGORITHMS)}
+
+
+def _header_uint(environ: dict, header: str, what: str) -> int | None:
+    text = environ.get("HTTP_" + header.upper().replace("-", "_"))
+    if text is None:
+        return None
+    if not _UINT_RE.match(text.strip()):
+        raise BadRequest(f"{what} must be a whole number of bytes.")
+    return int(text.strip())
+
+
+def tus_metadata(header: str) -> dict[str, str]:
+    """``Upload-Metadata``: comma-separated ``key base64value`` pairs (a key alone has an empty value)."""
+    if len(header) > MAX_TUS_METADATA_BYTES:
+        raise BadRequest(f"Upload-Metadata is too long (at most {MAX_TUS_METADATA_BYTES} bytes).")
+    metadata: dict[str, str] = {}
+    for pair in filter(None, (item.strip() for item in header.split(","))):
+        key, _, value = pair.partition(" ")
+        if not key.isascii() or not key.isprintable() or key in metadata:
+            raise BadRequest("Upload-Metadata has a malformed or repeated key.")
+        try:
+            decoded = base64.b64decode(value.strip(), validate=True)
+        except ValueError:
+            raise BadRequest(f"Upload-Metadata: the value of {key[:40]!r} is not base64.") from None
+        metadata[key] = decoded.decode("utf-8", errors="replace")
+    return metadata
+
+
+def tus_creation(environ: dict, max_size: int) -> TusCreation:
+    size = _header_uint(environ, "Upload-Length", "Upload-Length")
+    if size is None:
+        if environ.get("HTTP_UPLOAD_DEFER_LENGTH") is not None:
+            raise BadRequest("This server needs the size at creation: send Upload-Length.")
+        raise BadRequest("Send the file's size as Upload-Length.")
+    if size > max_size:
+        raise TooLarge(f"File too large: {size} bytes; this server accepts up to {max_size} bytes per file.")
+    metadata = tus_metadata(environ.get("HTTP_UPLOAD_METADATA", ""))
+    filename = metadata.get("filename") or metadata.get("name") or "file"
+    folder = metadata.get("folder") or split_folder(metadata.get("relativePath", "").replace("\\", "/"))[0]
+    return TusCreation(size, sanitize_relative_path(f"{folder}/{sanitize_filename(filename)}"),
+                       _metadata_time(metadata.get("mtime")))
+
+
+def _metadata_time(text: str | None) -> float | None:
+    """The original's modification time, seconds since 1970; a value that is no plausible time is ignored."""
+    try:
+        value = float(text) if text else None
+    except ValueError:
+        return None
+    return value if value is not None and 0 <= value < 1 << 34 else None
+
+
+def tus_checksum(environ: dict) -> tuple[str, bytes] | None:
+    """``Upload-Checksum: sha1 BASE64``, as the engine checks it."""
+    header = environ.get("HTTP_UPLOAD_CHECKSUM")
+    if header is None:
+        return None
+    algorithm, _, value = header.strip().partition(" ")
+    if algorithm not in CHECKSUM_ALGORITHMS:
+        raise BadRequest(f"Unsupported checksum algorithm; use one of {', '.join(CHECKSUM_ALGORITHMS)}.")
+    try:
+        return algorithm, base64.b64decode(value.strip(), validate=True)
+    except ValueError:
+        raise BadRequest("Upload-Checksum: the checksum is not base64.") from None
+
+
+def tus_create(engine: Engine, environ: dict, client: str) -> tuple[UploadInfo, bool]:
+    """``POST``: a new upload (and its first bytes, with creation-with-upload); (info, bytes were sent)."""
+    creation = tus_creation(environ, engine.limits.max_size)
+    with_upload = _tus_body_follows(environ)
+    upload_id = str(uuid.uuid4())
+    with _Subject(creation.name):
+        checksum = tus_checksum(environ) if with_upload else None
+        info = engine.create(upload_id, creation.name, size=creation.size, part_size=max(1, creation.size),
+                             client=client, fresh=True, mtime=creation.mtime)
+        if with_upload:
+            try:
+                info = _tus_append(engine, environ, info, 0, checksum)
+            except BaseException:
+                engine.abort(upload_id, reason="its first request failed")  # the client never learns its address
+                raise
+        elif creation.size == 0:
+            info = engine.finish(upload_id)
+    return info, with_upload
+
+
+def _tus_body_follows(environ: dict) -> bool:
+    if environ.get("CONTENT_TYPE", "").split(";")[0].strip().lower() == TUS_CONTENT_TYPE:
+        return True
+    if content_length(environ):
+        raise UnsupportedMediaType(f"Send the bytes of an upload with Content-Type: {TUS_CONTENT_TYPE}.")
+    return False
+
+
+def tus_patch(engine: Engine, environ: dict, upload_id: str) -> UploadInfo:
+    """``PATCH``: bytes at the upload's current offset, which the client names in ``Upload-Offset``."""
+    if environ.get("CONTENT_TYPE", "").split(";")[0].strip().lower() != TUS_CONTENT_TYPE:
+        raise UnsupportedMediaType(f"A PATCH carries Content-Type: {TUS_CONTENT_TYPE}.")
+    offset = _header_uint(environ, "Upload-Offset", "Upload-Offset")
+    if offset is None:
+        raise BadRequest("Send the offset the bytes belong at as Upload-Offset.")
+    checksum = tus_checksum(environ)
+    info = tus_info(engine, upload_id)
+    with _Subject(info.name):
+        current = engine.offset(upload_id)
+        if offset != current:
+            raise Conflict(f"Upload-Offset is {offset}, but the upload is at {current}: ask with HEAD.")
+        return _tus_append(engine, environ, info, offset, checksum)
+
+
+def _tus_append(engine: Engine, environ: dict, info: UploadInfo, offset: int,
+                checksum: tuple[str, bytes] | None) -> UploadInfo:
+    length = content_length(environ)
+    if length is not None and offset + length > (info.size or 0):
+        raise TooLarge("These bytes would go past the Upload-Length of the upload.")
+    info = engine.put(info.id, offset, request_body(environ, length), length=length, checksum=checksum,
+                      keep_if_empty=True)
+    if info.state is State.RECEIVING and info.fully_received:
+        info = engine.finish(info.id)
+    return info
+
+
+def tus_info(engine: Engine, upload_id: str) -> UploadInfo:
+    """The upload behind a tus address; 404 for none, 410 for one that ended without being stored."""
+    info = engine.info(upload_id) if is_valid_id(upload_id) else None
+    if info is None:
+        raise NotFound("No such upload.")
+    if info.state not in (State.RECEIVING, State.STORED):
+        raise Gone(_GONE[info.state])
+    return info
+
+
+def tus_upload_headers(engine: Engine, info: UploadInfo) -> dict[str, str]:
+    """The headers of a reply about an upload: its offset, length, metadata and, unfinished, its expiry."""
+    headers = {"Upload-Offset": str(engine.offset(info.id)), "Upload-Length": str(info.size or 0)}
+    folder, name = split_folder(info.stored_name or info.name)
+    pairs = [("filename", name)] + ([("folder", folder)] if folder else [])
+    headers["Upload-Metadata"] = ",".join(f"{key} {base64.b64encode(value.encode()).decode()}" for key, value in pairs)
+    if info.state is State.RECEIVING:
+        headers["Upload-Expires"] = formatdate(info.updated + engine.limits.partial_ttl, usegmt=True)
+    return headers
+
+
+def tus_terminate(engine: Engine, upload_id: str) -> None:
+    """``DELETE``: an unfinished upload ends and its bytes go.  A stored file is not the uploader's to remove:
+    it is on someone's disk now (the admin removes stored files)."""
+    info = tus_info(engine, upload_id)
+    if info.state is State.STORED:
+        raise Forbidden("This upload is complete and stored; it can no longer be removed this way.")
+    if engine.abort(upload_id, reason="terminated by the client").state is State.STORED:
+        raise Forbidden("This upload is complete and stored; it can no longer be removed this way.")
+
+
+###############################################################################
 # Plugins #####################################################################
 ###############################################################################
 
@@ -2416,7 +2630,10 @@ class ErrorsAsResponses:
             except UploadError as error:
                 if report:
                     self._report(error.status, error.message, getattr(error, "subject", ""))
-                return plain_response(error.status, error.message, close=isinstance(error, ClientDisconnected))
+                response = plain_response(error.status, error.message, close=isinstance(error, ClientDisconnected))
+                for header, value in (*route.config.get("error_headers", ()), *error.headers.items()):
+                    response.set_header(header, value)
+                return response
             except Exception as error:  # a bug: say so in one line, keep serving
                 log.debug("request failed", exc_info=True)
                 self._report(500, f"internal error ({type(error).__name__})", "")
@@ -2430,8 +2647,11 @@ class ErrorsAsResponses:
         self.events(Refused(what, request.environ.get("REMOTE_ADDR", ""), status, message))
 
 
+_STATUS_LINES = {460: "460 Checksum Mismatch"}   # tus's own status, unknown to Bottle
+
+
 def plain_response(status: int, message: str, *, close: bool = False) -> bottle.HTTPResponse:
-    response = bottle.HTTPResponse(message.rstrip("\n") + "\n", status=status)
+    response = bottle.HTTPResponse(message.rstrip("\n") + "\n", status=_STATUS_LINES.get(status, status))
     response.content_type = "text/plain; charset=utf-8"
     response.set_header("X-Content-Type-Options", "nosniff")
     response.set_header("Cache-Control", "no-store")
@@ -2533,6 +2753,8 @@ def create_app(config: Config, engine: Engine) -> bottle.Bottle:
     def put_without_name():
         raise BadRequest("Put the file name in the address: PUT /upload/NAME")
 
+    _tus_routes(app, config, engine, client)
+
     @app.get("/api/uploads/<upload_id>")
     def upload_status(upload_id):
         return _json(status_reply(engine, upload_id))
@@ -2552,6 +2774,49 @@ def create_app(config: Config, engine: Engine) -> bottle.Bottle:
                      bottle.response.status_code)
 
     return app
+
+
+def _tus_routes(app: bottle.Bottle, config: Config, engine: Engine, client: Callable[[], str]) -> None:
+    """tus 1.0 at /tus/ (see the tus adapter section); every reply, errors too, carries Tus-Resumable."""
+    tus = {"report": True, "error_headers": tuple(TUS_HEADERS.items())}  # pairs: Bottle flattens a dict here
+
+    def reply(status: int, headers: Mapping[str, str] = {}) -> bottle.HTTPResponse:
+        response = bottle.HTTPResponse(status=status)
+        for header, value in {**TUS_HEADERS, **headers}.items():
+            response.set_header(header, value)
+        return response
+
+    @app.route("/tus/", method="OPTIONS", **tus)
+    @app.route("/tus/<upload_id>", method="OPTIONS", **tus)
+    def tus_discover(upload_id=None):
+        return reply(204, tus_options(config))
+
+    @app.post("/tus/", **tus)
+    def tus_post():
+        tus_check_version(bottle.request.environ)
+        info, with_upload = tus_create(engine, bottle.request.environ, client())
+        headers = tus_upload_headers(engine, info)
+        location = f"{bottle.request.urlparts.scheme}://{bottle.request.urlparts.netloc}/tus/{info.id}"
+        return reply(201, {"Location": location, "Upload-Offset": headers["Upload-Offset"],
+                           **({"Upload-Expires": headers["Upload-Expires"]} if "Upload-Expires" in headers else {})})
+
+    @app.route("/tus/<upload_id>", method="HEAD", **tus)
+    def tus_head(upload_id):
+        tus_check_version(bottle.request.environ)
+        return reply(200, {**tus_upload_headers(engine, tus_info(engine, upload_id)), "Cache-Control": "no-store"})
+
+    @app.route("/tus/<upload_id>", method="PATCH", **tus)
+    def tus_append(upload_id):
+        tus_check_version(bottle.request.environ)
+        info = tus_patch(engine, bottle.request.environ, upload_id)
+        headers = tus_upload_headers(engine, info)
+        return reply(204, {key: headers[key] for key in ("Upload-Offset", "Upload-Expires") if key in headers})
+
+    @app.delete("/tus/<upload_id>", **tus)
+    def tus_delete(upload_id):
+        tus_check_version(bottle.request.environ)
+        tus_terminate(engine, upload_id)
+        return reply(204)
 
 
 def stored_file_response(engine: Engine, upload_id: str) -> bottle.HTTPResponse:
