@@ -55,12 +55,12 @@ from werkzeug.http import parse_options_header
 
 __version__ = "1.1.0"
 __all__ = [
-    "Config", "parse_args", "main", "serve", "create_app", "open_engine", "make_server", "ServerLimits",
-    "Engine", "EngineLimits", "Ledger", "LocalBackend", "BackendConstraints", "UploadInfo", "State",
-    "Progress", "Stored", "Refused", "Notice", "UploadError", "BadRequest", "Forbidden", "NotFound", "Conflict",
-    "Superseded", "TooLarge", "InsufficientStorage", "StorageFailure", "ClientDisconnected", "Console",
-    "sanitize_filename", "numbered_name", "chunk_count", "chunk_length", "add_range", "range_holes",
-    "prefix_end", "multipart_parts", "FormField", "FilePart",
+    "Config", "parse_args", "main", "serve", "create_app", "open_engine", "make_server", "ServerLimits", "Engine",
+    "EngineLimits", "Ledger", "LocalBackend", "BackendConstraints", "UploadInfo", "State", "Progress", "Stored",
+    "Refused", "Notice", "UploadError", "BadRequest", "Forbidden", "NotFound", "Conflict", "Superseded",
+    "ChecksumMismatch", "TooLarge", "InsufficientStorage", "StorageFailure", "ClientDisconnected", "Console",
+    "sanitize_filename", "sanitize_relative_path", "split_folder", "numbered_name", "chunk_count", "chunk_length",
+    "add_range", "range_holes", "prefix_end", "multipart_parts", "FormField", "FilePart",
 ]
 
 ###############################################################################
@@ -91,6 +91,8 @@ MAX_NAME_BYTES = 200               # leaves room for " (12345)" under every file
 MAX_FIELD_BYTES = 1024
 MAX_FORM_PARTS = 64
 MAX_NAME_ATTEMPTS = 10_000
+MAX_FOLDER_DEPTH = 32              # folders an upload may name above its file
+MAX_PATH_BYTES = 1024              # a stored name with its folders (Windows and macOS allow about this much)
 READ_BLOCK = 1 * MIB
 
 DZ_FIELDS = ("dzuuid", "dzchunkindex", "dztotalfilesize", "dzchunksize", "dztotalchunkcount",
@@ -348,6 +350,27 @@ def sanitize_filename(raw: str) -> str:
     return _truncate_name(name, MAX_NAME_BYTES)
 
 
+def sanitize_relative_path(raw: str) -> str:
+    """``sanitize_filename`` for each folder and the file of a relative path ("a/b/c.txt"); nothing climbs.
+
+    "." and ".." and empty components are dropped, so no path leaves the folder it is stored under;
+    BadRequest when it names more than MAX_FOLDER_DEPTH folders or MAX_PATH_BYTES bytes.
+    """
+    parts = [part for part in raw.replace("\\", "/").split("/") if part.strip(" ") not in ("", ".", "..")]
+    if len(parts) > MAX_FOLDER_DEPTH + 1:
+        raise BadRequest(f"Folders nest at most {MAX_FOLDER_DEPTH} deep here.")
+    path = "/".join(sanitize_filename(part) for part in parts) if parts else "file"
+    if len(path.encode("utf-8")) > MAX_PATH_BYTES:
+        raise BadRequest(f"The file's path is too long: at most {MAX_PATH_BYTES} bytes with its folders.")
+    return path
+
+
+def split_folder(path: str) -> tuple[str, str]:
+    """("a/b", "c.txt") for "a/b/c.txt"; ("", "c.txt") for a file at the top."""
+    folder, _, name = path.rpartition("/")
+    return folder, name
+
+
 def _truncate_name(name: str, limit: int) -> str:
     if len(name.encode("utf-8")) <= limit:
         return name
@@ -471,6 +494,7 @@ class UploadError(Exception):
     """An upload refused or failed; ``status`` is the HTTP status the message goes out with."""
 
     status = 500
+    headers: Mapping[str, str] = {}     # sent with the error reply
 
     def __init__(self, message: str):
         super().__init__(message)
@@ -493,6 +517,10 @@ class Conflict(UploadError):
     status = 409
 
 
+class Gone(UploadError):
+    status = 410
+
+
 class Superseded(Conflict):
     """A newer request took over the bytes this request was writing (a retry of a stalled request)."""
 
@@ -507,6 +535,12 @@ class TooManyBytes(BadRequest):
 
 class TooLarge(UploadError):
     status = 413
+
+
+class ChecksumMismatch(UploadError):
+    """The bytes that arrived do not have the hash the client sent with them (tus answers 460 for this)."""
+
+    status = 460
 
 
 class InsufficientStorage(UploadError):
@@ -591,7 +625,7 @@ class UploadInfo:
     """What the ledger knows of one upload; a frozen value, replaced (``dataclasses.replace``) on change."""
 
     id: str
-    name: str                    # the sanitised name the client gave
+    name: str                    # the sanitised name the client gave, with its folders ("a/b/c.txt")
     size: int | None             # None until a body of unknown length ends
     part_size: int               # the client's chunk grid (the whole size for one-request uploads)
     client: str
@@ -603,6 +637,7 @@ class UploadInfo:
     stored_name: str | None = None
     finished: float | None = None
     reason: str = ""
+    mtime: float | None = None   # the original's modification time, given to the stored file
 
     @property
     def received_bytes(self) -> int:
@@ -663,6 +698,8 @@ class Ledger:
                received TEXT NOT NULL, sha256 TEXT, stored_name TEXT, finished REAL, reason TEXT NOT NULL);
            CREATE INDEX uploads_by_state ON uploads (state, updated);
            CREATE INDEX uploads_by_created ON uploads (created);""",
+        """ALTER TABLE uploads ADD COLUMN mtime REAL;
+           CREATE INDEX uploads_by_content ON uploads (sha256, size);""",
         # The files page: keyset pages in each order it offers, and each stored file's identity when stored.
         """CREATE INDEX uploads_newest ON uploads (created, id);
            CREATE INDEX uploads_by_path ON uploads (COALESCE(stored_name, name), id);
@@ -671,7 +708,7 @@ class Ledger:
                                       size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL);""",
     )
     _COLUMNS = ("id", "name", "size", "part_size", "client", "created", "updated", "state", "received", "sha256",
-                "stored_name", "finished", "reason")
+                "stored_name", "finished", "reason", "mtime")
 
     def __init__(self, path: Path | str):
         self.path = str(path)
@@ -787,7 +824,7 @@ class Ledger:
     def _row(info: UploadInfo) -> tuple:
         return (info.id, info.name, info.size, info.part_size, info.client, info.created, info.updated,
                 info.state.value, json.dumps(info.received, separators=(",", ":")), info.sha256, info.stored_name,
-                info.finished, info.reason)
+                info.finished, info.reason, info.mtime)
 
     @staticmethod
     def _info(row: tuple) -> UploadInfo:
@@ -953,25 +990,44 @@ class LocalBackend:
         return min(shutil.disk_usage(folder).total for folder in {self.storage, self.chunks})
 
     # -- stored files ---------------------------------------------------------------------------------------
-    def store(self, upload_id: str, name: str) -> str:
+    def store(self, upload_id: str, name: str, mtime: float | None = None) -> str:
         """Give the complete partial file its final name in storage, never replacing a file; the name used.
 
-        The partial file stays (linked twice) until ``discard``: the engine records the name in between.
+        ``name`` may name folders ("a/b/c.txt"): they are made as needed, inside storage.  The partial file
+        stays (linked twice) until ``discard``: the engine records the name in between.
         """
+        folder, leaf = split_folder(name)
+        directory = self.folder_for(folder)
         source = self.part_path(upload_id)
+        _set_mtime(source, mtime)   # before the link: the stored file never shows another time
         for number in range(MAX_NAME_ATTEMPTS):
-            candidate = numbered_name(name, number)
+            candidate = numbered_name(leaf, number)
             try:
-                claimed = self._claim(source, self.storage / candidate)
+                claimed = self._claim(source, directory / candidate)
             except OSError as error:
                 if error.errno != errno.EXDEV:
                     raise
                 source = self._copy_into_storage(upload_id)  # the folders are on different filesystems
-                claimed = self._claim(source, self.storage / candidate)
+                _set_mtime(source, mtime)
+                claimed = self._claim(source, directory / candidate)
             if claimed:
                 self._checkpoint("linked")
-                return candidate
+                return f"{folder}/{candidate}" if folder else candidate
         raise Conflict("Too many files with this name already.")
+
+    def folder_for(self, folder: str) -> Path:
+        """The storage folder ``folder`` ("a/b", sanitised), made if missing; never a way out of storage."""
+        if not folder:
+            return self.storage
+        directory = self.storage / folder
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise Conflict(f'A file is in the way of the folder "{folder}".') from None
+        root = os.path.realpath(self.storage)
+        if not os.path.realpath(directory).startswith(root + os.sep):  # a symbolic link someone put there
+            raise Forbidden(f'The folder "{folder}" leads out of the storage folder.')
+        return directory
 
     def _claim(self, source: str, target: Path) -> bool:
         """Link ``source`` as ``target``; False when ``target`` is taken."""
@@ -981,9 +1037,11 @@ class LocalBackend:
         except FileExistsError:
             return False
         except FileNotFoundError:
-            if not os.path.exists(source):
+            if not os.path.exists(source) or target.parent.exists():
                 raise
-            self._recreate(self.storage, "storage")
+            if not self.storage.exists():
+                self._recreate(self.storage, "storage")
+            target.parent.mkdir(parents=True, exist_ok=True)
             return self._claim(source, target)
         except OSError as error:
             if error.errno in _LINK_FATAL_ERRNOS or error.errno == errno.EXDEV:
@@ -1040,22 +1098,26 @@ class LocalBackend:
         if source is None or source.st_nlink < 2:
             return None
         identity = (source.st_ino, source.st_dev)
+        folder, leaf = split_folder(name or "")
         misses = 0
         for number in range(MAX_NAME_ATTEMPTS if name else 0):  # names are claimed in this order
-            candidate = numbered_name(name, number)
+            candidate = f"{folder}/{numbered_name(leaf, number)}" if folder else numbered_name(leaf, number)
             try:
                 found = os.stat(self.storage / candidate)
-            except FileNotFoundError:
+            except (FileNotFoundError, NotADirectoryError):
                 misses += 1
                 if misses > 100:
                     break
                 continue
             if (found.st_ino, found.st_dev) == identity:
                 return candidate
-        with os.scandir(self.storage) as entries:  # renamed by hand, or no record of the name: look at all
-            for entry in entries:
-                if entry.is_file() and (entry.stat().st_ino, entry.stat().st_dev) == identity:
-                    return entry.name
+        for top, _, files in os.walk(self.storage):  # renamed by hand, or no record of the name: look at all
+            for filename in files:
+                path = os.path.join(top, filename)
+                with contextlib.suppress(OSError):
+                    found = os.stat(path, follow_symlinks=False)
+                    if (found.st_ino, found.st_dev) == identity:
+                        return os.path.relpath(path, self.storage).replace(os.sep, "/")
         return None
 
     def temporaries(self) -> list[tuple[str, str | None]]:
@@ -1085,6 +1147,13 @@ class LocalBackend:
             while count := handle.readinto(buffer):
                 digest.update(view[:count])
         return digest.hexdigest()
+
+
+def _set_mtime(path: str, mtime: float | None) -> None:
+    if mtime is None:
+        return
+    with contextlib.suppress(OSError, OverflowError, ValueError):  # a time the filesystem cannot hold
+        os.utime(path, (time.time(), mtime))
 
 
 def _unlink_quietly(path: str | Path) -> None:
@@ -1152,7 +1221,8 @@ class _Writer:
     """One request putting bytes into an upload from ``start``; ``fenced`` once a newer request took over."""
 
     __slots__ = ("start", "end", "position", "committed_to", "lock", "fenced", "whole", "holes", "hasher",
-                 "hash_from", "next_space_check", "next_progress", "last_progress", "atomic", "superseded")
+                 "hash_from", "next_space_check", "next_progress", "last_progress", "atomic", "superseded",
+                 "keep_if_empty")
 
     def __init__(self, start: int, end: int | None, holes: list[tuple[int, int | None]]):
         self.start = self.position = self.committed_to = start
@@ -1168,6 +1238,7 @@ class _Writer:
         self.last_progress = time.monotonic()
         self.atomic = False
         self.superseded = False          # fenced by a newer request (not by its own failure)
+        self.keep_if_empty = False
 
     def fence(self, superseded: bool = True) -> None:
         with self.lock:
@@ -1233,11 +1304,12 @@ class Engine:
 
     # -- create -------------------------------------------------------------------------------------------
     def create(self, upload_id: str, name: str, *, size: int | None, part_size: int, client: str,
-               ephemeral: bool = False, fresh: bool = False) -> UploadInfo:
+               ephemeral: bool = False, fresh: bool = False, mtime: float | None = None) -> UploadInfo:
         """A new upload, or the one already under ``upload_id`` if it matches (name, size, part size).
 
-        ``ephemeral``: it arrives in one request, so it is recorded only once stored.  ``fresh``: the id was
-        just made by the server, so nothing can be under it yet (no look-up).
+        ``name`` may name folders ("a/b/c.txt", as ``sanitize_relative_path`` makes it).  ``ephemeral``: it
+        arrives in one request, so it is recorded only once stored.  ``fresh``: the id was just made by the
+        server, so nothing can be under it yet (no look-up).  ``mtime``: the stored file's modification time.
         """
         if size is not None and size > self.limits.max_size:
             raise TooLarge(f"File too large: {size} bytes; this server accepts up to {self.limits.max_size} "
@@ -1256,7 +1328,7 @@ class Engine:
             self.check_space(size or 0)
             now = self.clock()
             info = UploadInfo(id=upload_id, name=name, size=size, part_size=part_size, client=client,
-                              created=now, updated=now)
+                              created=now, updated=now, mtime=mtime)
             fd = self._new_part(upload_id)
             live = _Live(info, ephemeral, fd if ephemeral else None)
             if not ephemeral:
@@ -1334,40 +1406,73 @@ class Engine:
             raise NotFound(f"{_GONE[info.state]} Start it again.")
         return info
 
+    def offset(self, upload_id: str) -> int:
+        """How many bytes from the start are here without a gap, counting those that requests still running
+        have written and not yet recorded (a resumable client asks this to go on from there)."""
+        live = self._live.get(upload_id)
+        if live is None:
+            info = self.info(upload_id)
+            return info.size or 0 if info.state is State.STORED else prefix_end(info.received)
+        with live.changed:
+            ranges = live.info.received
+            for writer in live.writers:
+                if not writer.fenced and not writer.atomic:
+                    ranges = add_range(ranges, writer.start, writer.position)
+        return prefix_end(ranges) if live.info.state is not State.STORED else live.info.size or 0
+
     def list(self, limit: int = 100, offset: int = 0) -> list[UploadInfo]:
         """Uploads, newest first."""
         return self.ledger.newest(limit, offset)
 
     # -- put ------------------------------------------------------------------------------------------------
     def put(self, upload_id: str, offset: int, pieces: Iterable, *, length: int | None = None,
-            atomic: bool = False) -> UploadInfo:
+            atomic: bool = False, checksum: tuple[str, bytes] | None = None,
+            keep_if_empty: bool = False) -> UploadInfo:
         """Write the bytes of ``pieces`` at ``offset`` (at most ``length`` of them); the upload's info after.
 
         Bytes already received are read and dropped, never written again.  What arrived is recorded even
         when the request breaks off (the client vanished), so it can go on from there; ``atomic``: only if
-        all ``length`` bytes arrive (a chunk protocol that always sends a part again whole).  A stored
-        upload is answered as it is, without writing.
+        all ``length`` bytes arrive (a chunk protocol that always sends a part again whole).
+        ``checksum`` (algorithm, digest), "sha1" or "sha256": the bytes of this request must have that hash,
+        else none of them counts and ChecksumMismatch is raised; bytes received before are checked too, so a
+        part sent again with other content is refused.  A stored upload is answered as it is, unwritten.
+        ``keep_if_empty``: an upload the client created explicitly (tus) outlives a failed request that brought
+        none of its bytes; otherwise such an upload is forgotten, and a retry starts it again.
         """
+        check = _checksum_hasher(checksum)
+        if check is not None:
+            pieces, atomic_here = _hashed(pieces, check), True
+        else:
+            atomic_here = atomic
         live = self._get_live(upload_id)
         if live is None:
-            return self._settled_info(upload_id)
+            info = self._settled_info(upload_id)
+            if check is not None:
+                _drain(pieces)
+                _verify(check, checksum)
+            return info
         size = live.info.size
         end = offset + length if length is not None else size
         if offset < 0 or (size is not None and (offset > size or end > size)):
             raise BadRequest("Those bytes lie past the end of the file.")
         writer = self._claim(live, offset, end)
-        writer.atomic = atomic
+        writer.atomic = atomic_here
+        writer.keep_if_empty = keep_if_empty
         failed = True
         try:
             self._receive(live, writer, pieces)
             failed = atomic and writer.position != end
+            if check is not None and not failed:
+                failed = not _verify(check, checksum, raise_error=False)
         except TooManyBytes:
-            atomic = True  # a request that breaks its own announcement: none of it counts
+            atomic_here = True  # a request that breaks its own announcement: none of it counts
             raise
         finally:
-            if failed and atomic:
+            if failed and atomic_here:
                 writer.fence(superseded=False)  # none of it counts
             self._settle(live, writer, failed)
+        if check is not None:
+            _verify(check, checksum)
         return live.info
 
     def _claim(self, live: _Live, start: int, end: int | None) -> _Writer:
@@ -1392,6 +1497,8 @@ class Engine:
                     live.changed.wait(STALLED_AFTER_S / 4)
                     continue
             for rival in rivals:  # outside live.lock: a rival commits holding its own lock, then live.lock
+                if not rival.atomic:
+                    self._commit(live, rival)  # what it wrote counts: a resumable client goes on from there
                 rival.fence()
 
     def _receive(self, live: _Live, writer: _Writer, pieces: Iterable) -> None:
@@ -1517,7 +1624,7 @@ class Engine:
             with live.changed:
                 live.writers.remove(writer)
                 live.changed.notify_all()
-        if failed and not writer.superseded:
+        if failed and not writer.superseded and not writer.keep_if_empty:
             self._forget_if_empty(live)
         elif not failed:
             self._hold_back(live)
@@ -1656,7 +1763,7 @@ class Engine:
         if stat is None or stat.st_size != live.info.size:
             raise StorageFailure("The partial file does not have the declared size.")
         try:
-            stored_name = live.linked_as or self.backend.store(upload_id, live.info.name)
+            stored_name = live.linked_as or self.backend.store(upload_id, live.info.name, live.info.mtime)
         except OSError as error:
             raise storage_error(error)
         live.linked_as = stored_name
@@ -1711,6 +1818,27 @@ class Engine:
         live = self._forget(upload_id)
         if live is not None and live.info.state is not State.STORED:
             self.backend.discard(upload_id)
+
+    def abort(self, upload_id: str, reason: str = "cancelled") -> UploadInfo:
+        """End an unfinished upload for good (the client cancelled it): requests still writing it are fenced,
+        its partial file goes, its record stays as deleted.  A stored upload is answered as it is."""
+        with self._opening[hash(upload_id) % 64]:
+            live = self._live.get(upload_id) or self._resume(self.ledger.get(upload_id))
+        if live is None:
+            return self.info(upload_id)
+        with live.finish_lock:
+            with live.lock:
+                if live.info.state is State.STORED:
+                    return live.info
+                info = live.info = dataclasses.replace(live.info, state=State.DELETED, updated=self.clock(),
+                                                       reason=reason)
+            for writer in list(live.writers):
+                writer.fence()
+            self._forget(upload_id)
+            self.backend.discard(upload_id)
+            if not live.ephemeral:
+                self._record(info)
+        return info
 
     def _forget(self, upload_id: str) -> _Live | None:
         with self._lock:
@@ -1776,33 +1904,14 @@ class Engine:
         return removed
 
     def delete(self, upload_id: str) -> UploadInfo:
-        """Remove an upload's bytes, stored or partial (a request still sending gets 409), recorded as deleted."""
-        with self._opening[hash(upload_id) % 64]:
-            live = self._live.get(upload_id)
-            if live is None:
-                info = self.ledger.get(upload_id)
-                if info is None:
-                    raise NotFound("No such upload.")
-                if info.state is State.STORED:
-                    return self._remove_stored(info, State.DELETED, "deleted on the files page")
-                if info.state is not State.RECEIVING:
-                    return info
-                live = _Live(info, ephemeral=False)
-            with live.finish_lock:
-                for writer in tuple(live.writers):
-                    writer.fence()
-                with live.lock:
-                    if live.info.state is State.STORED:  # completed meanwhile
-                        info = live.info
-                    else:
-                        info = live.info = dataclasses.replace(live.info, state=State.DELETED,
-                                                               updated=self.clock(), reason="deleted on the files page")
-            self._forget(upload_id)
-            if info.state is State.STORED:
-                return self._remove_stored(info, State.DELETED, "deleted on the files page")
-            self.backend.discard(upload_id)
-            self._record(info)
-            return info
+        """Remove an upload's bytes, stored (``_remove_stored``) or partial (``abort``: a request still sending it
+        gets 409); the record stays, as deleted."""
+        info = self.info(upload_id)
+        if info.state is State.RECEIVING:
+            info = self.abort(upload_id, "deleted on the files page")
+        if info.state is State.STORED:  # or completed meanwhile
+            return self._remove_stored(info, State.DELETED, "deleted on the files page")
+        return info
 
 
 def storage_presence(backend: LocalBackend, info: UploadInfo, mark: tuple[int, int, int, int] | None) -> str:
@@ -1836,6 +1945,35 @@ def _marking_stored(ledger: Ledger, backend: LocalBackend,
         events(event)
 
     return handle
+
+
+CHECKSUM_ALGORITHMS = {"sha1": hashlib.sha1, "sha256": hashlib.sha256}
+
+
+def _checksum_hasher(checksum: tuple[str, bytes] | None):
+    if checksum is None:
+        return None
+    algorithm, digest = checksum
+    if algorithm not in CHECKSUM_ALGORITHMS:
+        raise BadRequest(f"Unknown checksum algorithm {algorithm[:20]!r}; use sha1 or sha256.")
+    hasher = CHECKSUM_ALGORITHMS[algorithm]()
+    if len(digest) != hasher.digest_size:
+        raise BadRequest(f"A {algorithm} checksum is {hasher.digest_size} bytes long.")
+    return hasher
+
+
+def _hashed(pieces: Iterable, hasher) -> Iterator:
+    for piece in pieces:
+        hasher.update(piece)
+        yield piece
+
+
+def _verify(hasher, checksum: tuple[str, bytes], raise_error: bool = True) -> bool:
+    if hmac.compare_digest(hasher.digest(), checksum[1]):
+        return True
+    if raise_error:
+        raise ChecksumMismatch("Checksum mismatch: these bytes were damaged on the way; send them again.")
+    return False
 
 
 def _check_same(info: UploadInfo, name: str, size: int | None, part_size: int) -> None:
@@ -2339,10 +2477,13 @@ def receive_chunk(engine: Engine, chunk: ChunkInfo, filename: str, data: Iterabl
 
 
 def receive_put(engine: Engine, environ: dict, client: str) -> dict:
-    """``PUT /upload/NAME``: the body is the file; of unknown length when chunked."""
+    """``PUT /upload/NAME`` or ``/upload/FOLDER/.../NAME``: the body is the file; of unknown length when chunked.
+
+    Folders in the path are kept under storage, each sanitised like a file name (an encoded slash is one too).
+    """
     # Bottle re-decodes PATH_INFO as UTF-8, dropping what is not; the raw path keeps every byte.
     raw = environ.get("bottle.raw_path", environ.get("PATH_INFO", "")).encode("latin-1").split(b"/", 2)[-1]
-    name = sanitize_filename(raw.decode("utf-8", errors="replace"))
+    name = sanitize_relative_path(raw.decode("utf-8", errors="replace"))
     with _Subject(name):
         length = content_length(environ)
         info = engine.receive_whole(name, request_body(environ, length), client=client, size=length)
@@ -2440,6 +2581,199 @@ def _has_bytes(part: FilePart) -> bool:
 
 
 ###############################################################################
+# Protocol adapters: tus 1.0 ##################################################
+###############################################################################
+# tus (tus.io) is the open protocol for resumable uploads: a POST creates an upload at the server's address,
+# PATCH requests append at its current offset, HEAD tells the offset after any failure.  Each request becomes
+# engine calls: create, put at the offset (non-atomic, so an interrupted PATCH keeps what arrived), finish.
+
+TUS_VERSION = "1.0.0"
+TUS_EXTENSIONS = "creation,creation-with-upload,expiration,checksum,termination"
+TUS_CONTENT_TYPE = "application/offset+octet-stream"
+TUS_HEADERS = {"Tus-Resumable": TUS_VERSION}
+MAX_TUS_METADATA_BYTES = 4096
+
+
+class TusVersionMismatch(UploadError):
+    status = 412
+    headers = {"Tus-Version": TUS_VERSION}
+
+
+class UnsupportedMediaType(UploadError):
+    status = 415
+
+
+@dataclasses.dataclass(frozen=True)
+class TusCreation:
+    """What a tus POST asks for: the file's size, its name (with folders) and its original time."""
+
+    size: int
+    name: str
+    mtime: float | None
+
+
+def tus_check_version(environ: dict) -> None:
+    if environ.get("HTTP_TUS_RESUMABLE", "").strip() != TUS_VERSION:
+        raise TusVersionMismatch(f"This server speaks tus {TUS_VERSION}: send Tus-Resumable: {TUS_VERSION}.")
+
+
+def tus_options(config: Config) -> dict[str, str]:
+    return {"Tus-Version": TUS_VERSION, "Tus-Extension": TUS_EXTENSIONS, "Tus-Max-Size": str(config.max_size_bytes),
+            "Tus-Checksum-Algorithm": ",".join(CHECKSUM_ALGORITHMS)}
+
+
+def _header_uint(environ: dict, header: str, what: str) -> int | None:
+    text = environ.get("HTTP_" + header.upper().replace("-", "_"))
+    if text is None:
+        return None
+    if not _UINT_RE.match(text.strip()):
+        raise BadRequest(f"{what} must be a whole number of bytes.")
+    return int(text.strip())
+
+
+def tus_metadata(header: str) -> dict[str, str]:
+    """``Upload-Metadata``: comma-separated ``key base64value`` pairs (a key alone has an empty value)."""
+    if len(header) > MAX_TUS_METADATA_BYTES:
+        raise BadRequest(f"Upload-Metadata is too long (at most {MAX_TUS_METADATA_BYTES} bytes).")
+    metadata: dict[str, str] = {}
+    for pair in filter(None, (item.strip() for item in header.split(","))):
+        key, _, value = pair.partition(" ")
+        if not key.isascii() or not key.isprintable() or key in metadata:
+            raise BadRequest("Upload-Metadata has a malformed or repeated key.")
+        try:
+            decoded = base64.b64decode(value.strip(), validate=True)
+        except ValueError:
+            raise BadRequest(f"Upload-Metadata: the value of {key[:40]!r} is not base64.") from None
+        metadata[key] = decoded.decode("utf-8", errors="replace")
+    return metadata
+
+
+def tus_creation(environ: dict, max_size: int) -> TusCreation:
+    size = _header_uint(environ, "Upload-Length", "Upload-Length")
+    if size is None:
+        if environ.get("HTTP_UPLOAD_DEFER_LENGTH") is not None:
+            raise BadRequest("This server needs the size at creation: send Upload-Length.")
+        raise BadRequest("Send the file's size as Upload-Length.")
+    if size > max_size:
+        raise TooLarge(f"File too large: {size} bytes; this server accepts up to {max_size} bytes per file.")
+    metadata = tus_metadata(environ.get("HTTP_UPLOAD_METADATA", ""))
+    filename = metadata.get("filename") or metadata.get("name") or "file"
+    folder = metadata.get("folder") or split_folder(metadata.get("relativePath", "").replace("\\", "/"))[0]
+    return TusCreation(size, sanitize_relative_path(f"{folder}/{sanitize_filename(filename)}"),
+                       _metadata_time(metadata.get("mtime")))
+
+
+def _metadata_time(text: str | None) -> float | None:
+    """The original's modification time, seconds since 1970; a value that is no plausible time is ignored."""
+    try:
+        value = float(text) if text else None
+    except ValueError:
+        return None
+    return value if value is not None and 0 <= value < 1 << 34 else None
+
+
+def tus_checksum(environ: dict) -> tuple[str, bytes] | None:
+    """``Upload-Checksum: sha1 BASE64``, as the engine checks it."""
+    header = environ.get("HTTP_UPLOAD_CHECKSUM")
+    if header is None:
+        return None
+    algorithm, _, value = header.strip().partition(" ")
+    if algorithm not in CHECKSUM_ALGORITHMS:
+        raise BadRequest(f"Unsupported checksum algorithm; use one of {', '.join(CHECKSUM_ALGORITHMS)}.")
+    try:
+        return algorithm, base64.b64decode(value.strip(), validate=True)
+    except ValueError:
+        raise BadRequest("Upload-Checksum: the checksum is not base64.") from None
+
+
+def tus_create(engine: Engine, environ: dict, client: str) -> tuple[UploadInfo, bool]:
+    """``POST``: a new upload (and its first bytes, with creation-with-upload); (info, bytes were sent)."""
+    creation = tus_creation(environ, engine.limits.max_size)
+    with_upload = _tus_body_follows(environ)
+    upload_id = str(uuid.uuid4())
+    with _Subject(creation.name):
+        checksum = tus_checksum(environ) if with_upload else None
+        info = engine.create(upload_id, creation.name, size=creation.size, part_size=max(1, creation.size),
+                             client=client, fresh=True, mtime=creation.mtime)
+        if with_upload:
+            try:
+                info = _tus_append(engine, environ, info, 0, checksum)
+            except BaseException:
+                engine.abort(upload_id, reason="its first request failed")  # the client never learns its address
+                raise
+        elif creation.size == 0:
+            info = engine.finish(upload_id)
+    return info, with_upload
+
+
+def _tus_body_follows(environ: dict) -> bool:
+    if environ.get("CONTENT_TYPE", "").split(";")[0].strip().lower() == TUS_CONTENT_TYPE:
+        return True
+    if content_length(environ):
+        raise UnsupportedMediaType(f"Send the bytes of an upload with Content-Type: {TUS_CONTENT_TYPE}.")
+    return False
+
+
+def tus_patch(engine: Engine, environ: dict, upload_id: str) -> UploadInfo:
+    """``PATCH``: bytes at the upload's current offset, which the client names in ``Upload-Offset``."""
+    if environ.get("CONTENT_TYPE", "").split(";")[0].strip().lower() != TUS_CONTENT_TYPE:
+        raise UnsupportedMediaType(f"A PATCH carries Content-Type: {TUS_CONTENT_TYPE}.")
+    offset = _header_uint(environ, "Upload-Offset", "Upload-Offset")
+    if offset is None:
+        raise BadRequest("Send the offset the bytes belong at as Upload-Offset.")
+    checksum = tus_checksum(environ)
+    info = tus_info(engine, upload_id)
+    with _Subject(info.name):
+        current = engine.offset(upload_id)
+        if offset != current:
+            raise Conflict(f"Upload-Offset is {offset}, but the upload is at {current}: ask with HEAD.")
+        return _tus_append(engine, environ, info, offset, checksum)
+
+
+def _tus_append(engine: Engine, environ: dict, info: UploadInfo, offset: int,
+                checksum: tuple[str, bytes] | None) -> UploadInfo:
+    length = content_length(environ)
+    if length is not None and offset + length > (info.size or 0):
+        raise TooLarge("These bytes would go past the Upload-Length of the upload.")
+    info = engine.put(info.id, offset, request_body(environ, length), length=length, checksum=checksum,
+                      keep_if_empty=True)
+    if info.state is State.RECEIVING and info.fully_received:
+        info = engine.finish(info.id)
+    return info
+
+
+def tus_info(engine: Engine, upload_id: str) -> UploadInfo:
+    """The upload behind a tus address; 404 for none, 410 for one that ended without being stored."""
+    info = engine.info(upload_id) if is_valid_id(upload_id) else None
+    if info is None:
+        raise NotFound("No such upload.")
+    if info.state not in (State.RECEIVING, State.STORED):
+        raise Gone(_GONE[info.state])
+    return info
+
+
+def tus_upload_headers(engine: Engine, info: UploadInfo) -> dict[str, str]:
+    """The headers of a reply about an upload: its offset, length, metadata and, unfinished, its expiry."""
+    headers = {"Upload-Offset": str(engine.offset(info.id)), "Upload-Length": str(info.size or 0)}
+    folder, name = split_folder(info.stored_name or info.name)
+    pairs = [("filename", name)] + ([("folder", folder)] if folder else [])
+    headers["Upload-Metadata"] = ",".join(f"{key} {base64.b64encode(value.encode()).decode()}" for key, value in pairs)
+    if info.state is State.RECEIVING:
+        headers["Upload-Expires"] = formatdate(info.updated + engine.limits.partial_ttl, usegmt=True)
+    return headers
+
+
+def tus_terminate(engine: Engine, upload_id: str) -> None:
+    """``DELETE``: an unfinished upload ends and its bytes go.  A stored file is not the uploader's to remove:
+    it is on someone's disk now (the admin removes stored files)."""
+    info = tus_info(engine, upload_id)
+    if info.state is State.STORED:
+        raise Forbidden("This upload is complete and stored; it can no longer be removed this way.")
+    if engine.abort(upload_id, reason="terminated by the client").state is State.STORED:
+        raise Forbidden("This upload is complete and stored; it can no longer be removed this way.")
+
+
+###############################################################################
 # Plugins #####################################################################
 ###############################################################################
 
@@ -2463,7 +2797,10 @@ class ErrorsAsResponses:
             except UploadError as error:
                 if report:
                     self._report(error.status, error.message, getattr(error, "subject", ""))
-                return plain_response(error.status, error.message, close=isinstance(error, ClientDisconnected))
+                response = plain_response(error.status, error.message, close=isinstance(error, ClientDisconnected))
+                for header, value in (*route.config.get("error_headers", ()), *error.headers.items()):
+                    response.set_header(header, value)
+                return response
             except Exception as error:  # a bug: say so in one line, keep serving
                 log.debug("request failed", exc_info=True)
                 self._report(500, f"internal error ({type(error).__name__})", "")
@@ -2477,8 +2814,11 @@ class ErrorsAsResponses:
         self.events(Refused(what, request.environ.get("REMOTE_ADDR", ""), status, message))
 
 
+_STATUS_LINES = {460: "460 Checksum Mismatch"}   # tus's own status, unknown to Bottle
+
+
 def plain_response(status: int, message: str, *, close: bool = False) -> bottle.HTTPResponse:
-    response = bottle.HTTPResponse(message.rstrip("\n") + "\n", status=status)
+    response = bottle.HTTPResponse(message.rstrip("\n") + "\n", status=_STATUS_LINES.get(status, status))
     response.content_type = "text/plain; charset=utf-8"
     response.set_header("X-Content-Type-Options", "nosniff")
     response.set_header("Cache-Control", "no-store")
@@ -2972,6 +3312,8 @@ def create_app(config: Config, engine: Engine) -> bottle.Bottle:
     def put_without_name():
         raise BadRequest("Put the file name in the address: PUT /upload/NAME")
 
+    _tus_routes(app, config, engine, client)
+
     @app.get("/api/uploads/<upload_id>")
     def upload_status(upload_id):
         return _json(status_reply(engine, upload_id))
@@ -2991,6 +3333,49 @@ def create_app(config: Config, engine: Engine) -> bottle.Bottle:
                      bottle.response.status_code)
 
     return app
+
+
+def _tus_routes(app: bottle.Bottle, config: Config, engine: Engine, client: Callable[[], str]) -> None:
+    """tus 1.0 at /tus/ (see the tus adapter section); every reply, errors too, carries Tus-Resumable."""
+    tus = {"report": True, "error_headers": tuple(TUS_HEADERS.items())}  # pairs: Bottle flattens a dict here
+
+    def reply(status: int, headers: Mapping[str, str] = {}) -> bottle.HTTPResponse:
+        response = bottle.HTTPResponse(status=status)
+        for header, value in {**TUS_HEADERS, **headers}.items():
+            response.set_header(header, value)
+        return response
+
+    @app.route("/tus/", method="OPTIONS", **tus)
+    @app.route("/tus/<upload_id>", method="OPTIONS", **tus)
+    def tus_discover(upload_id=None):
+        return reply(204, tus_options(config))
+
+    @app.post("/tus/", **tus)
+    def tus_post():
+        tus_check_version(bottle.request.environ)
+        info, with_upload = tus_create(engine, bottle.request.environ, client())
+        headers = tus_upload_headers(engine, info)
+        location = f"{bottle.request.urlparts.scheme}://{bottle.request.urlparts.netloc}/tus/{info.id}"
+        return reply(201, {"Location": location, "Upload-Offset": headers["Upload-Offset"],
+                           **({"Upload-Expires": headers["Upload-Expires"]} if "Upload-Expires" in headers else {})})
+
+    @app.route("/tus/<upload_id>", method="HEAD", **tus)
+    def tus_head(upload_id):
+        tus_check_version(bottle.request.environ)
+        return reply(200, {**tus_upload_headers(engine, tus_info(engine, upload_id)), "Cache-Control": "no-store"})
+
+    @app.route("/tus/<upload_id>", method="PATCH", **tus)
+    def tus_append(upload_id):
+        tus_check_version(bottle.request.environ)
+        info = tus_patch(engine, bottle.request.environ, upload_id)
+        headers = tus_upload_headers(engine, info)
+        return reply(204, {key: headers[key] for key in ("Upload-Offset", "Upload-Expires") if key in headers})
+
+    @app.delete("/tus/<upload_id>", **tus)
+    def tus_delete(upload_id):
+        tus_check_version(bottle.request.environ)
+        tus_terminate(engine, upload_id)
+        return reply(204)
 
 
 def stored_file_response(engine: Engine, upload_id: str) -> bottle.HTTPResponse:
@@ -3069,9 +3454,8 @@ def _error_pages(app: bottle.Bottle) -> None:
 
 ABANDONED_AFTER_S = 15 * 60   # an unfinished upload that moved no byte for this long is shown as abandoned
 MAX_LIST_ROWS = 500
-MAX_FOLDER_DEPTH = 32
 _PATH_SQL = "COALESCE(stored_name, name)"
-_LIST_ORDERS = {               # ?sort=: (SQL key, descending); each has an index (Ledger.MIGRATIONS[1])
+_LIST_ORDERS = {               # ?sort=: (SQL key, descending); each has an index (Ledger.MIGRATIONS[2])
     "newest": ("created", True), "oldest": ("created", False),
     "name": (_PATH_SQL, False), "size": ("COALESCE(size, 0)", True),
 }
