@@ -3072,8 +3072,9 @@ class RequirePassword:
     name = "pyfiledrop-auth"
     api = 2
 
-    def __init__(self, auth: Authenticator | None):
+    def __init__(self, auth: Authenticator | None, events: Callable[[EngineEvent], None] = lambda event: None):
         self.auth = auth
+        self.events = events   # a wrong password is one console line (further tries are throttled)
 
     def apply(self, callback: Callable, route: bottle.Route) -> Callable:
         level = route.config.get("auth", UPLOADER)
@@ -3106,9 +3107,11 @@ class RequirePassword:
             refusal.set_header("Retry-After", str(error.wait))
             return refusal
         if credentials.role is None:
-            wrong = credentials.via == "basic"
-            return _auth_refusal(environ, 403 if wrong else 401,
-                                 "Wrong password." if wrong else "This server needs a password.")
+            if credentials.via == "basic":
+                self.events(Refused(f"{environ['REQUEST_METHOD']} {environ.get('PATH_INFO', '')}",
+                                    environ.get("REMOTE_ADDR", ""), 403, "Wrong password."))
+                return _auth_refusal(environ, 403, "Wrong password.")
+            return _auth_refusal(environ, 401, "This server needs a password.")
         if level == ADMIN and credentials.role != ADMIN:
             return _auth_refusal(environ, 403, "This needs the admin password.")
         if environ["REQUEST_METHOD"] in UNSAFE_METHODS:
@@ -3169,7 +3172,7 @@ def _login_cookies(response: bottle.HTTPResponse, session: str, csrf: str, secur
     response.add_header("Set-Cookie", f"{CSRF_COOKIE}={csrf}; {attributes}")
 
 
-def _login_routes(app: bottle.Bottle, auth: Authenticator | None) -> None:
+def _login_routes(app: bottle.Bottle, auth: Authenticator | None, events: Callable[[EngineEvent], None]) -> None:
     """/login (a form for browsers; scripts use Basic instead) and /logout."""
 
     @app.get("/login", auth=PUBLIC)
@@ -3184,8 +3187,9 @@ def _login_routes(app: bottle.Bottle, auth: Authenticator | None) -> None:
             return plain_response(404, "This server needs no password.")
         if _cross_site(environ):
             return plain_response(403, "A request from another site was refused.")
-        if (content_length(environ) or 0) > 64 * 1024:
-            return plain_response(413, "Request too large.", close=True)
+        if content_length(environ) is None or content_length(environ) > 64 * 1024:
+            return plain_response(411 if content_length(environ) is None else 413,
+                                  "Send the form with a Content-Length of at most 64 KiB.", close=True)
         target = _local_target(bottle.request.forms.getunicode("next") or "")
         try:
             role = auth.attempt(bottle.request.forms.getunicode("password") or "", environ.get("REMOTE_ADDR", ""))
@@ -3194,6 +3198,7 @@ def _login_routes(app: bottle.Bottle, auth: Authenticator | None) -> None:
             response.set_header("Retry-After", str(error.wait))
             return response
         if role is None:
+            events(Refused("a login", environ.get("REMOTE_ADDR", ""), 403, "Wrong password."))
             return login_page("Wrong password.", target, 403)
         session = auth.issue(role)
         response = bottle.HTTPResponse(status=303)
@@ -3298,8 +3303,8 @@ def create_app(config: Config, engine: Engine) -> bottle.Bottle:
     app = bottle.Bottle(catchall=True)
     app.install(ErrorsAsResponses(engine.events))
     auth = _authenticator(config, engine)
-    app.install(RequirePassword(auth))
-    _login_routes(app, auth)
+    app.install(RequirePassword(auth, engine.events))
+    _login_routes(app, auth, engine.events)
     _files_routes(app, config, engine)
     _page_routes(app, config)
 
@@ -3649,8 +3654,9 @@ def change_folder(engine: Engine, action: str, path: str, to: str = "") -> dict:
 
 
 def _json_body() -> dict:
-    if (content_length(bottle.request.environ) or 0) > 64 * 1024:
-        raise TooLarge("Request too large.")
+    length = content_length(bottle.request.environ)
+    if length is None or length > 64 * 1024:
+        raise BadRequest("Send a JSON body with a Content-Length of at most 64 KiB.")
     try:
         data = json.loads(bottle.request.body.read() or b"{}")
     except (ValueError, UnicodeDecodeError):
@@ -3819,11 +3825,27 @@ def banner(config: Config, urls: list[str]) -> str:
         f"  limits         files up to {config.max_size_mb} MiB; chunks of {binary_size(config.chunk_size)}, "
         f"{config.parallel_chunks} at a time; {config.timeout_ms / 1000:g} s per chunk",
         f"  downloads      {'allowed' if config.allow_downloads else 'off'}",
+        f"  access         {access_summary(config)}",
         "Open this address on a phone or PC on this network:" if len(urls) == 1 else
         "Open one of these addresses on a phone or PC on this network (the first is the most likely):",
         *(f"  {url}" for url in urls),
     ]
     return "\n".join(lines)
+
+
+def access_summary(config: Config) -> str:
+    """Who may do what, in one banner line."""
+    uploads = "uploading needs the password" if config.password else "anyone on the network may upload"
+    files = "the admin password opens /files" if config.admin_password else "no /files (no --admin-password)"
+    expiry = f"; stored files removed after {_duration_text(config.expire_after_s)}" if config.expire_after_s else ""
+    return f"{uploads}; {files}{expiry}"
+
+
+def _duration_text(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"
 
 
 def qr_code(text: str, *, ansi: bool = False, blocks: bool = True) -> list[str]:

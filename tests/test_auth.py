@@ -559,3 +559,29 @@ def test_two_different_entries_on_the_terminal_are_refused(tmp_path):
         _, status = os.waitpid(pid, 0)
         os.close(fd)
     assert os.waitstatus_to_exitcode(status) == 2
+
+
+def test_a_chunked_login_form_is_refused_unread(protected):
+    reply = raw_exchange(protected.port, b"POST /login HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                                         b"Content-Type: application/x-www-form-urlencoded\r\n\r\n"
+                                         b"ffffff\r\n" + b"password=" + b"x" * 1000)
+    assert reply.startswith("HTTP/1.1 411 ")
+
+
+def test_a_wrong_password_is_one_console_line(protected):
+    req(protected, "PUT", "/upload/a.txt", b"x", basic("nope"))
+    req(protected, "POST", "/login", b"password=nope", {"Content-Type": "application/x-www-form-urlencoded"})
+    refused = [event for event in protected.events if isinstance(event, pyfiledrop.Refused)]
+    assert [(event.what, event.client, event.status) for event in refused] == [
+        ("PUT /upload/a.txt", "127.0.0.1", 403), ("a login", "127.0.0.1", 403)]
+
+
+def test_the_banner_says_who_may_do_what():
+    upload, admin = hashes()
+    summary = lambda **options: pyfiledrop.access_summary(pyfiledrop.Config(**options))  # noqa: E731
+    assert summary() == "anyone on the network may upload; no /files (no --admin-password)"
+    assert summary(password=upload, admin_password=admin, expire_after_s=7 * 86400) == (
+        "uploading needs the password; the admin password opens /files; stored files removed after 7d")
+    assert summary(admin_password=admin, expire_after_s=90) == (
+        "anyone on the network may upload; the admin password opens /files; stored files removed after 90s")
+    assert "  access         anyone on the network may upload" in pyfiledrop.banner(pyfiledrop.Config(), ["http://x/"])
