@@ -2868,13 +2868,13 @@ class PasswordHash:
     @classmethod
     def of(cls, password: str) -> PasswordHash:
         salt = os.urandom(16)
-        secret = password.encode("utf-8")
+        secret = password.encode("utf-8", "surrogateescape")   # a variable's bytes as they are
         return cls(salt, hashlib.scrypt(secret, salt=salt, **SCRYPT_COST),
                    hashlib.scrypt(secret, salt=b"pyfiledrop session tag", **SCRYPT_COST))
 
     def matches(self, password: str) -> bool:
         with _SCRYPT_SLOTS:
-            digest = hashlib.scrypt(password.encode("utf-8", "surrogatepass"), salt=self.salt, **SCRYPT_COST)
+            digest = hashlib.scrypt(password.encode("utf-8", "surrogateescape"), salt=self.salt, **SCRYPT_COST)
         return hmac.compare_digest(digest, self.digest)
 
     def __repr__(self) -> str:
@@ -2924,18 +2924,33 @@ class _Throttle:
 
     def wait_left(self, address: str) -> float:
         with self._lock:
-            count, last = self._failures.get(self._key(address), (0, 0.0))
+            return self._wait(self._key(address))
+
+    def _wait(self, key: str) -> float:
+        count, last = self._failures.get(key, (0, 0.0))
         if count < FREE_FAILURES:
             return 0.0
         return max(0.0, last + min(MAX_LOCKOUT_S, 2.0 ** (count - FREE_FAILURES + 1)) - self.clock())
 
-    def failed(self, address: str) -> None:
-        key, now = self._key(address), self.clock()
+    def begin(self, address: str) -> float:
+        """The seconds ``address`` must still wait, or 0 and this try counted as a failure until ``succeeded``:
+        counted before the check, so many guesses sent at once cannot all slip in under the limit."""
         with self._lock:
-            count, last = self._failures.pop(key, (0, now))
-            self._failures[key] = (1 if now - last > FAILURES_FORGOTTEN_S else count + 1, now)
-            while len(self._failures) > MAX_TRACKED_ADDRESSES:
-                del self._failures[next(iter(self._failures))]
+            wait = self._wait(self._key(address))
+            if not wait:
+                self._count(self._key(address))
+            return wait
+
+    def failed(self, address: str) -> None:
+        with self._lock:
+            self._count(self._key(address))
+
+    def _count(self, key: str) -> None:
+        now = self.clock()
+        count, last = self._failures.pop(key, (0, now))
+        self._failures[key] = (1 if now - last > FAILURES_FORGOTTEN_S else count + 1, now)
+        while len(self._failures) > MAX_TRACKED_ADDRESSES:
+            del self._failures[next(iter(self._failures))]
 
     def succeeded(self, address: str) -> None:
         with self._lock:
@@ -2968,7 +2983,7 @@ class Authenticator:
 
     def role_of(self, password: str) -> str | None:
         """The role ``password`` proves (the admin one first), or None.  Not throttled: see ``attempt``."""
-        tag = hmac.new(self.key, password.encode("utf-8", "surrogatepass"), hashlib.sha256).digest()
+        tag = hmac.new(self.key, password.encode("utf-8", "surrogateescape"), hashlib.sha256).digest()
         for role in self.hashes:
             if role in self._known and hmac.compare_digest(self._known[role], tag):
                 return role
@@ -2980,13 +2995,11 @@ class Authenticator:
 
     def attempt(self, password: str, address: str) -> str | None:
         """``role_of``, counted against ``address``: raises TooManyAttempts while it must wait."""
-        wait = self.throttle.wait_left(address)
+        wait = self.throttle.begin(address)
         if wait > 0:
             raise TooManyAttempts(wait)
         role = self.role_of(password)
-        if role is None:
-            self.throttle.failed(address)
-        else:
+        if role is not None:
             self.throttle.succeeded(address)
         return role
 
@@ -3636,6 +3649,8 @@ def change_folder(engine: Engine, action: str, path: str, to: str = "") -> dict:
         elif action == "delete":
             folder.rmdir()
         else:
+            if to == path or to.startswith(path + "/"):
+                raise BadRequest("A folder cannot move into itself.")
             target = _folder_on_disk(engine, to)
             if target.exists():
                 raise Conflict("A file or folder with that name already exists.")

@@ -585,3 +585,18 @@ def test_the_banner_says_who_may_do_what():
     assert summary(admin_password=admin, expire_after_s=90) == (
         "anyone on the network may upload; the admin password opens /files; stored files removed after 90s")
     assert "  access         anyone on the network may upload" in pyfiledrop.banner(pyfiledrop.Config(), ["http://x/"])
+
+
+def test_many_guesses_sent_at_once_get_no_more_than_the_free_tries(protected):
+    """Each try counts before its (slow) check, so a burst cannot slip in under the limit."""
+    results = []
+
+    def guess(number):
+        results.append(req(protected, "GET", "/", None, basic(f"guess {number}"))[0])
+
+    threads = [threading.Thread(target=guess, args=(number,)) for number in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert sorted(results) == [403] * pyfiledrop.FREE_FAILURES + [429] * (16 - pyfiledrop.FREE_FAILURES)

@@ -346,3 +346,11 @@ def test_a_bad_folder_request_body_is_4xx(admin, body):
     server = admin()
     status, _, _ = server.request("POST", "/api/folders", body, {**AUTH, "Content-Type": "application/json"})
     assert status in (400, 413)
+
+
+def test_a_folder_cannot_move_into_itself(admin):
+    server = admin()
+    put(server, "a/x.txt", b"x")
+    assert api(server, "POST", "/api/folders/rename", {"path": "a", "to": "a/b"})[0] == 400
+    assert api(server, "POST", "/api/folders/rename", {"path": "a", "to": "a"})[0] == 400
+    assert (server.storage / "a" / "x.txt").exists()
