@@ -5916,6 +5916,7 @@ FILES_HTML = """<!doctype html>
          background: #fff; min-height: 36px; }
   button { cursor: pointer; }
   button.danger { color: var(--bad); }
+  label.button { padding: 6px 10px; border-radius: 8px; border: 1px solid var(--line); cursor: pointer; }
   #crumbs button, #subfolders button { border: 0; color: var(--accent); padding: 4px 6px; min-height: 0; }
   #crumbs button[aria-current] { color: inherit; font-weight: 600; }
   table { border-collapse: collapse; width: 100%; font-variant-numeric: tabular-nums; }
@@ -5946,6 +5947,7 @@ FILES_HTML = """<!doctype html>
     <button type="button" id="new-folder">New folder</button>
     <button type="button" id="rename-folder">Rename folder</button>
     <button type="button" id="delete-folder" class="danger">Delete folder</button>
+    <label class="button" id="upload-label">Upload here<input type="file" id="upload-here" multiple hidden></label>
   </div>
   <div class="bar">
     <input type="search" id="filter" placeholder="Filter by name" aria-label="Filter by name">
@@ -6188,6 +6190,25 @@ FILES_HTML = """<!doctype html>
       say("Removed " + data.abandoned + " abandoned and " + data.expired + " expired.");
       reload();
     }, function (error) { say(error.message, true); });
+  });
+  function putFile(file) {
+    var path = (view.folder ? view.folder + "/" : "") + file.name;
+    var headers = {};
+    headers[config.csrfHeader] = config.csrf;
+    return fetch("/upload/" + path.split("/").map(encodeURIComponent).join("/"),
+                 { method: "PUT", headers: headers, credentials: "same-origin", body: file }).then(function (response) {
+      if (!response.ok) return response.text().then(function (text) { throw new Error(file.name + ": " + text.trim()); });
+    });
+  }
+  $("upload-here").addEventListener("change", function () {
+    var files = Array.prototype.slice.call(this.files), input = this;
+    say("Uploading " + files.length + " file(s) to " + (view.folder || "the top folder") + "\u2026");
+    files.reduce(function (previous, file) { return previous.then(function () { return putFile(file); }); },
+                 Promise.resolve()).then(function () {
+      say("Uploaded " + files.length + " file(s).");
+      input.value = "";
+      reload();
+    }, function (error) { say(error.message, true); input.value = ""; reload(); });
   });
   var typing = null;
   $("filter").addEventListener("input", function () { clearTimeout(typing); typing = setTimeout(reload, 250); });

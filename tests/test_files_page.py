@@ -4,6 +4,7 @@ the list, a file removed by hand, delete, filter, folders, download, and 100,000
 Every wait is on the DOM with generous timeouts; no fixed sleeps, no timing assertions."""
 from __future__ import annotations
 
+import base64
 import json
 import os
 import urllib.parse
@@ -68,8 +69,9 @@ def page(browser):
     context.close()
 
 
-def put(server, name: str, data: bytes) -> dict:
-    status, _, body = server.request("PUT", "/upload/" + urllib.parse.quote(name), data)
+def put(server, name: str, data: bytes, password: str = "") -> dict:
+    headers = {"Authorization": "Basic " + base64.b64encode(f":{password}".encode()).decode()} if password else {}
+    status, _, body = server.request("PUT", "/upload/" + urllib.parse.quote(name), data, headers)
     assert status == 200, body
     return json.loads(body)
 
@@ -130,9 +132,10 @@ def test_log_in_list_missing_file_delete_filter_download(make_server, page, admi
 
 
 def test_folders_on_the_page(make_server, page, admin_hash):
-    server = make_server(admin_password=admin_hash)
-    put(server, "trip/beach.jpg", b"sand")
-    put(server, "top.txt", b"top")
+    """With --password too: the page's own upload carries the login's CSRF token."""
+    server = make_server(admin_password=admin_hash, password=pyfiledrop.PasswordHash.of("uploader"))
+    put(server, "trip/beach.jpg", b"sand", "uploader")
+    put(server, "top.txt", b"top", "uploader")
     log_in(page, server)
     wait_rows(page, 2)
     page.locator("#crumbs button", has_text="All uploads").wait_for()
@@ -155,6 +158,11 @@ def test_folders_on_the_page(make_server, page, admin_hash):
     wait_rows(page, 1)
     assert page.locator("#uploads tbody td.name").text_content() == "holiday/beach.jpg"
     assert row(page, "beach.jpg").locator("td.exists").text_content() == "yes"
+
+    page.set_input_files("#upload-here", files=[{"name": "shell.jpg", "mimeType": "image/jpeg", "buffer": b"shell"}])
+    wait_rows(page, 2)
+    assert (server.storage / "holiday" / "shell.jpg").read_bytes() == b"shell"   # into the folder shown
+    assert row(page, "shell.jpg").locator("td.name").text_content() == "holiday/shell.jpg"
 
     page.answers.append(True)
     page.click("#delete-folder")   # not empty: refused, said on the page
