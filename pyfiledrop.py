@@ -722,6 +722,14 @@ class Ledger:
             rows = self._db.execute(query, arguments).fetchall()
         return [self._info(row) for row in rows]
 
+    def stored_with(self, sha256: str, size: int, limit: int = 100) -> list[UploadInfo]:
+        """Stored uploads with this content (by the index on sha256 and size), newest first."""
+        with self._lock:
+            rows = self._db.execute(f"SELECT {', '.join(self._COLUMNS)} FROM uploads WHERE sha256 = ? AND size = ? "
+                                    "AND state = ? ORDER BY created DESC LIMIT ?",
+                                    (sha256, size, State.STORED.value, limit)).fetchall()
+        return [self._info(row) for row in rows]
+
     def newest(self, limit: int = 100, offset: int = 0) -> list[UploadInfo]:
         with self._lock:
             rows = self._db.execute(f"SELECT {', '.join(self._COLUMNS)} FROM uploads ORDER BY created DESC "
@@ -1050,6 +1058,12 @@ class LocalBackend:
 
     def stored_exists(self, stored_name: str) -> bool:
         return (self.storage / stored_name).is_file()
+
+    def stored_size(self, stored_name: str) -> int | None:
+        try:
+            return os.stat(self.storage / stored_name).st_size
+        except OSError:
+            return None
 
     def hash_stored(self, stored_name: str) -> str:
         digest = hashlib.sha256()
@@ -2438,11 +2452,13 @@ class UnsupportedMediaType(UploadError):
 
 @dataclasses.dataclass(frozen=True)
 class TusCreation:
-    """What a tus POST asks for: the file's size, its name (with folders) and its original time."""
+    """What a tus POST asks for: the file's size, its name (with folders), its original time, and its sha256 if
+    the client knows it (then a file already stored under that name with that content is not sent again)."""
 
     size: int
     name: str
     mtime: float | None
+    sha256: str | None = None
 
 
 def tus_check_version(environ: dict) -> None:
@@ -2492,8 +2508,9 @@ def tus_creation(environ: dict, max_size: int) -> TusCreation:
     metadata = tus_metadata(environ.get("HTTP_UPLOAD_METADATA", ""))
     filename = metadata.get("filename") or metadata.get("name") or "file"
     folder = metadata.get("folder") or split_folder(metadata.get("relativePath", "").replace("\\", "/"))[0]
+    digest = metadata.get("sha256", "").lower()
     return TusCreation(size, sanitize_relative_path(f"{folder}/{sanitize_filename(filename)}"),
-                       _metadata_time(metadata.get("mtime")))
+                       _metadata_time(metadata.get("mtime")), digest if re.fullmatch("[0-9a-f]{64}", digest) else None)
 
 
 def _metadata_time(text: str | None) -> float | None:
@@ -2523,6 +2540,11 @@ def tus_create(engine: Engine, environ: dict, client: str) -> tuple[UploadInfo, 
     """``POST``: a new upload (and its first bytes, with creation-with-upload); (info, bytes were sent)."""
     creation = tus_creation(environ, engine.limits.max_size)
     with_upload = _tus_body_follows(environ)
+    already = already_stored(engine, creation)
+    if already is not None:
+        if with_upload:
+            _drain(request_body(environ, content_length(environ)))
+        return already, with_upload
     upload_id = str(uuid.uuid4())
     with _Subject(creation.name):
         checksum = tus_checksum(environ) if with_upload else None
@@ -2537,6 +2559,17 @@ def tus_create(engine: Engine, environ: dict, client: str) -> tuple[UploadInfo, 
         elif creation.size == 0:
             info = engine.finish(upload_id)
     return info, with_upload
+
+
+def already_stored(engine: Engine, creation: TusCreation) -> UploadInfo | None:
+    """The stored upload that is this file already: the same name, size and sha256, and still there with that
+    size (a sender re-run over the same folder skips what arrived).  Its bytes are not hashed again here."""
+    if creation.sha256 is None:
+        return None
+    for info in engine.ledger.stored_with(creation.sha256, creation.size):
+        if info.stored_name == creation.name and engine.backend.stored_size(info.stored_name) == creation.size:
+            return info
+    return None
 
 
 def _tus_body_follows(environ: dict) -> bool:
