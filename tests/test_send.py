@@ -55,7 +55,11 @@ class ThrottlingProxy:
                 client, _ = self.listener.accept()
             except OSError:
                 return
-            upstream = socket.create_connection(("127.0.0.1", self.target))
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target))
+            except OSError:  # the server is down: so is the connection through the proxy
+                client.close()
+                continue
             threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
             threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
 
@@ -69,12 +73,13 @@ class ThrottlingProxy:
                 target.sendall(data)
         except OSError:
             pass
-        finally:
+        finally:  # one side gone: both go (a shut-down socket left open would swallow the client's bytes)
             for sock in (source, target):
                 try:
                     sock.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+                sock.close()
 
     def close(self):
         self.listener.close()
