@@ -193,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _ArgumentParser(
         prog="pyfiledrop",
         description="Serve a drop page on the LAN; files dropped on it are saved to the storage folder.",
+        epilog="To send files to a server from a terminal: pyfiledrop send FILE_OR_FOLDER... --to URL "
+               "(see pyfiledrop send --help).",
     )
     add = parser.add_argument
     add("--version", action="version", version=f"pyfiledrop {__version__}")
