@@ -48,7 +48,7 @@ import zlib
 from email.utils import formatdate
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping
-from urllib.parse import quote, unquote_to_bytes, urlsplit
+from urllib.parse import quote, unquote_to_bytes, urljoin, urlsplit
 
 import bottle
 from werkzeug.http import parse_options_header
@@ -198,7 +198,7 @@ def _byte_size(text: str) -> int:
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
-def _duration(text: str) -> float:
+def _time_span(text: str) -> float:
     """"90s", "30m", "12h", "7d", "1.5d": seconds."""
     match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([smhd])\s*", text, re.IGNORECASE)
     if not match or float(match.group(1)) <= 0:
@@ -228,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _ArgumentParser(
         prog="pyfiledrop",
         description="Serve a drop page on the LAN; files dropped on it are saved to the storage folder.",
+        epilog="To send files to a server from a terminal: pyfiledrop send FILE_OR_FOLDER... --to URL "
+               "(see pyfiledrop send --help).",
     )
     add = parser.add_argument
     add("--version", action="version", version=f"pyfiledrop {__version__}")
@@ -265,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"ask for a password (or read ${PASSWORD_ENV}) that the page and uploading need")
     add("--admin-password", action="store_true",
         help=f"ask for an admin password (or read ${ADMIN_PASSWORD_ENV}) for /files, the list of every upload")
-    add("--expire-after", type=_duration, metavar="TIME",
+    add("--expire-after", type=_time_span, metavar="TIME",
         help="remove stored files this long after they were stored (units s, m, h, d: 7d); "
              "their records stay, as expired")
     return parser
@@ -777,6 +779,14 @@ class Ledger:
             rows = self._db.execute(query, arguments).fetchall()
         return [self._info(row) for row in rows]
 
+    def stored_with(self, sha256: str, size: int, limit: int = 100) -> list[UploadInfo]:
+        """Stored uploads with this content (by the index on sha256 and size), newest first."""
+        with self._lock:
+            rows = self._db.execute(f"SELECT {', '.join(self._COLUMNS)} FROM uploads WHERE sha256 = ? AND size = ? "
+                                    "AND state = ? ORDER BY created DESC LIMIT ?",
+                                    (sha256, size, State.STORED.value, limit)).fetchall()
+        return [self._info(row) for row in rows]
+
     def newest(self, limit: int = 100, offset: int = 0) -> list[UploadInfo]:
         with self._lock:
             rows = self._db.execute(f"SELECT {', '.join(self._COLUMNS)} FROM uploads ORDER BY created DESC "
@@ -1138,6 +1148,12 @@ class LocalBackend:
 
     def stored_exists(self, stored_name: str) -> bool:
         return (self.storage / stored_name).is_file()
+
+    def stored_size(self, stored_name: str) -> int | None:
+        try:
+            return os.stat(self.storage / stored_name).st_size
+        except OSError:
+            return None
 
     def hash_stored(self, stored_name: str) -> str:
         digest = hashlib.sha256()
@@ -2605,11 +2621,13 @@ class UnsupportedMediaType(UploadError):
 
 @dataclasses.dataclass(frozen=True)
 class TusCreation:
-    """What a tus POST asks for: the file's size, its name (with folders) and its original time."""
+    """What a tus POST asks for: the file's size, its name (with folders), its original time, and its sha256 if
+    the client knows it (then a file already stored under that name with that content is not sent again)."""
 
     size: int
     name: str
     mtime: float | None
+    sha256: str | None = None
 
 
 def tus_check_version(environ: dict) -> None:
@@ -2659,8 +2677,9 @@ def tus_creation(environ: dict, max_size: int) -> TusCreation:
     metadata = tus_metadata(environ.get("HTTP_UPLOAD_METADATA", ""))
     filename = metadata.get("filename") or metadata.get("name") or "file"
     folder = metadata.get("folder") or split_folder(metadata.get("relativePath", "").replace("\\", "/"))[0]
+    digest = metadata.get("sha256", "").lower()
     return TusCreation(size, sanitize_relative_path(f"{folder}/{sanitize_filename(filename)}"),
-                       _metadata_time(metadata.get("mtime")))
+                       _metadata_time(metadata.get("mtime")), digest if re.fullmatch("[0-9a-f]{64}", digest) else None)
 
 
 def _metadata_time(text: str | None) -> float | None:
@@ -2690,6 +2709,11 @@ def tus_create(engine: Engine, environ: dict, client: str) -> tuple[UploadInfo, 
     """``POST``: a new upload (and its first bytes, with creation-with-upload); (info, bytes were sent)."""
     creation = tus_creation(environ, engine.limits.max_size)
     with_upload = _tus_body_follows(environ)
+    already = already_stored(engine, creation)
+    if already is not None:
+        if with_upload:
+            _drain(request_body(environ, content_length(environ)))
+        return already, with_upload
     upload_id = str(uuid.uuid4())
     with _Subject(creation.name):
         checksum = tus_checksum(environ) if with_upload else None
@@ -2704,6 +2728,17 @@ def tus_create(engine: Engine, environ: dict, client: str) -> tuple[UploadInfo, 
         elif creation.size == 0:
             info = engine.finish(upload_id)
     return info, with_upload
+
+
+def already_stored(engine: Engine, creation: TusCreation) -> UploadInfo | None:
+    """The stored upload that is this file already: the same name, size and sha256, and still there with that
+    size (a sender re-run over the same folder skips what arrived).  Its bytes are not hashed again here."""
+    if creation.sha256 is None:
+        return None
+    for info in engine.ledger.stored_with(creation.sha256, creation.size):
+        if info.stored_name == creation.name and engine.backend.stored_size(info.stored_name) == creation.size:
+            return info
+    return None
 
 
 def _tus_body_follows(environ: dict) -> bool:
@@ -5184,6 +5219,396 @@ def serve(config: Config, engine: Engine, server, *, stop: threading.Event | Non
 
 
 ###############################################################################
+# pyfiledrop send: the tus client ############################################
+###############################################################################
+# ``pyfiledrop send FILE_OR_FOLDER... --to URL`` pushes files to a pyfiledrop (or any tus server) and survives
+# anything: each file's upload address is kept in a small state file, so running the command again goes on
+# where it stopped (after Ctrl+C, a network drop, a reboot of either side).  Standard library only.
+
+SEND_PARALLEL = 4                 # files in flight at once
+SEND_BLOCK = 1 * MIB              # read and sent this much at a time
+SEND_GIVE_UP_S = 600.0            # a file is given up after this long without any progress
+SEND_BACKOFF_S = (0.5, 1, 2, 4, 8, 15, 30)
+
+
+@dataclasses.dataclass(frozen=True)
+class SendConfig:
+    sources: tuple[Path, ...]
+    endpoint: str                 # the tus endpoint, e.g. http://host:8000/tus/
+    password: str | None
+    parallel: int
+    state: Path
+    quiet: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class SendItem:
+    path: Path
+    name: str                     # with its folders, as it is to be stored ("holiday/day 1/clip.mp4")
+    size: int
+    mtime: float
+
+    @property
+    def key(self) -> str:
+        return f"{self.path.resolve()}|{self.size}|{self.mtime}"
+
+
+class SendFailed(Exception):
+    """A file that cannot be sent: the server refused it for good, or no progress for SEND_GIVE_UP_S."""
+
+
+def _default_send_state() -> Path:
+    if os.name == "nt":
+        base = Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local")
+    else:
+        base = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
+    return base / "pyfiledrop" / "send.json"
+
+
+def parse_send_args(argv: list[str]) -> SendConfig:
+    parser = _ArgumentParser(prog="pyfiledrop send", description="Send files and folders to a pyfiledrop (or "
+                             "any tus server); run it again to go on after any interruption.")
+    parser.add_argument("sources", nargs="+", type=Path, metavar="FILE_OR_FOLDER")
+    parser.add_argument("--to", required=True, metavar="URL",
+                        help="the server's address (http://HOST:PORT) or its tus endpoint")
+    parser.add_argument("-u", "--password", metavar="PASSWORD",
+                        help="the upload password (default: $PYFILEDROP_PASSWORD)")
+    parser.add_argument("--parallel", type=_positive_int, default=SEND_PARALLEL, metavar="N",
+                        help=f"files sent at once (default {SEND_PARALLEL})")
+    parser.add_argument("--state", type=Path, default=_default_send_state(), metavar="FILE",
+                        help="where upload addresses are remembered (default: %(default)s)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress line")
+    args = parser.parse_args(argv)
+    parts = urlsplit(args.to if "://" in args.to else f"http://{args.to}")
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        parser.error(f"--to: expected an http:// or https:// address, got {args.to!r}")
+    path = parts.path if parts.path not in ("", "/") else "/tus/"
+    endpoint = f"{parts.scheme}://{parts.netloc}{path.rstrip('/')}/"
+    password = args.password if args.password is not None else os.environ.get("PYFILEDROP_PASSWORD")
+    return SendConfig(tuple(args.sources), endpoint, password, args.parallel, args.state, args.quiet)
+
+
+def collect_send_items(sources: Iterable[Path]) -> tuple[list[SendItem], list[str]]:
+    """Every file to send, a folder's with their folders; and the sources that are neither file nor folder."""
+    items: list[SendItem] = []
+    problems: list[str] = []
+    for source in sources:
+        if source.is_file():
+            items.append(_send_item(source, source.name))
+        elif source.is_dir():
+            top = source.resolve().name or "folder"
+            for folder, folders, files in os.walk(source):
+                folders.sort()
+                relative = Path(folder).relative_to(source).as_posix()
+                for filename in sorted(files):
+                    name = "/".join(part for part in (top, relative, filename) if part and part != ".")
+                    items.append(_send_item(Path(folder) / filename, name))
+        else:
+            problems.append(f"{source}: no such file or folder")
+    return items, problems
+
+
+def _send_item(path: Path, name: str) -> SendItem:
+    stat = path.stat()
+    return SendItem(path, name, stat.st_size, stat.st_mtime)
+
+
+class SendState:
+    """Upload addresses and hashes of files being sent, kept across runs in one small JSON file."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._lock = threading.Lock()
+        try:
+            self._records: dict[str, dict] = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            self._records = {}
+
+    def get(self, key: str) -> dict:
+        with self._lock:
+            return dict(self._records.get(key, {}))
+
+    def update(self, key: str, **values) -> None:
+        with self._lock:
+            record = self._records.setdefault(key, {})
+            record.update({name: value for name, value in values.items() if value is not None})
+            for name in [name for name, value in values.items() if value is None]:
+                record.pop(name, None)
+            self._save()
+
+    def _save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+        temporary.write_text(json.dumps(self._records, indent=0), encoding="utf-8")
+        os.replace(temporary, self.path)  # a crash leaves the old file or the new one, never half of one
+
+
+class _Retry(Exception):
+    """A failure worth trying again: the network, a restarting server, a damaged part."""
+
+
+class TusSession:
+    """One connection to the tus server, made again after any failure; requests as (status, headers, body)."""
+
+    def __init__(self, endpoint: str, password: str | None, timeout: float = 60.0):
+        parts = urlsplit(endpoint)
+        self.endpoint, self.scheme, self.netloc, self.timeout = endpoint, parts.scheme, parts.netloc, timeout
+        self.headers = {"Tus-Resumable": TUS_VERSION, "User-Agent": f"pyfiledrop-send/{__version__}"}
+        if password is not None:
+            token = base64.b64encode(f"pyfiledrop:{password}".encode()).decode()
+            self.headers["Authorization"] = f"Basic {token}"
+        self._connection = None
+
+    def _connect(self):
+        import http.client
+
+        if self._connection is None:
+            kind = http.client.HTTPSConnection if self.scheme == "https" else http.client.HTTPConnection
+            self._connection = kind(self.netloc, timeout=self.timeout)
+        return self._connection
+
+    def close(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+
+    def request(self, method: str, url: str, headers: Mapping[str, str] = {}, body=None,
+                sent: Callable[[int], None] = lambda count: None) -> tuple[int, dict, str]:
+        """``body``: bytes, or (file, offset, length) streamed from the file, ``sent`` told of each block."""
+        import http.client
+
+        path = urlsplit(url).path or "/"
+        try:
+            connection = self._connect()
+            connection.putrequest(method, path, skip_accept_encoding=True)
+            length = len(body) if isinstance(body, bytes) else body[2] if body else 0
+            for name, value in {**self.headers, **headers, "Content-Length": str(length)}.items():
+                connection.putheader(name, value)
+            connection.endheaders(body if isinstance(body, bytes) else None)
+            if body and not isinstance(body, bytes):
+                _stream_file(connection, *body, sent)
+            response = connection.getresponse()
+            text = response.read().decode("utf-8", errors="replace")
+            return response.status, {k.lower(): v for k, v in response.getheaders()}, text.strip()
+        except (OSError, http.client.HTTPException) as error:
+            self.close()
+            raise _Retry(f"connection: {error}") from None
+
+
+def _stream_file(connection, handle, offset: int, length: int, sent: Callable[[int], None]) -> None:
+    handle.seek(offset)
+    while length > 0:
+        block = handle.read(min(SEND_BLOCK, length))
+        if not block:
+            raise _Retry("the file got shorter while it was sent")
+        connection.send(block)
+        length -= len(block)
+        sent(len(block))
+
+
+class SendProgress:
+    """Bytes the server has of each file, summed into one line: files, bytes, speed, time left."""
+
+    def __init__(self, items: list[SendItem], stream, quiet: bool):
+        self.total = sum(item.size for item in items)
+        self.count = len(items)
+        self.stream, self.quiet = stream, quiet or not getattr(stream, "isatty", lambda: False)()
+        self._lock = threading.Lock()
+        self._offsets: dict[str, int] = {}
+        self._sent_now = 0                # bytes sent in this run (the speed counts only those)
+        self.finished = 0
+        self.started = time.monotonic()
+
+    def at(self, item: SendItem, offset: int) -> None:
+        with self._lock:
+            self._offsets[item.key] = offset
+
+    def sent(self, item: SendItem, count: int) -> None:
+        with self._lock:
+            self._offsets[item.key] = self._offsets.get(item.key, 0) + count
+            self._sent_now += count
+
+    def done(self) -> None:
+        with self._lock:
+            self.finished += 1
+
+    def line(self) -> str:
+        with self._lock:
+            have, sent, finished = sum(self._offsets.values()), self._sent_now, self.finished
+        elapsed = max(1e-3, time.monotonic() - self.started)
+        speed = sent / elapsed
+        left = f" · {_duration((self.total - have) / speed)} left" if speed > 0 and have < self.total else ""
+        return (f"{finished} of {self.count} files · {human_size(have)} of {human_size(self.total)} · "
+                f"{human_size(speed)}/s{left}")
+
+    def show(self, stop: threading.Event) -> None:
+        while not self.quiet and not stop.wait(0.5):
+            self.stream.write("\r\x1b[K" + self.line())
+            self.stream.flush()
+        if not self.quiet:
+            self.stream.write("\r\x1b[K")
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600} h {seconds % 3600 // 60} min"
+    return f"{seconds // 60} min {seconds % 60} s" if seconds >= 60 else f"{seconds} s"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb", buffering=0) as handle:
+        while block := handle.read(SEND_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def send_file(item: SendItem, session: TusSession, state: SendState, progress: SendProgress) -> bool:
+    """Send one file until the server has it all; True if it was there already.  SendFailed if it cannot be."""
+    key = f"{session.endpoint}|{item.key}"
+    record = state.get(key)
+    digest = record.get("sha256") or file_sha256(item.path)
+    state.update(key, sha256=digest)
+    url, sent_any = record.get("url"), False
+    finished_before = record.get("done", False)   # then the server is asked whether it still has it all
+    last_progress, attempt = time.monotonic(), 0
+    while True:
+        try:
+            if url is None:
+                url, offset = _send_create(session, item, digest)
+                state.update(key, url=url)
+                sent_any = sent_any or item.size == 0  # an empty file is complete once created
+                finished_before = False
+            else:
+                offset = _send_offset(session, url)
+            progress.at(item, offset)
+            if offset < item.size:
+                sent_any = True
+                offset = _send_patch(session, url, item, offset, progress)
+            if offset >= item.size:
+                state.update(key, done=True)
+                return finished_before or not sent_any
+            last_progress, attempt = time.monotonic(), 0
+        except _Gone:
+            url = None
+        except _Retry as error:
+            if time.monotonic() - last_progress > SEND_GIVE_UP_S:
+                raise SendFailed(f"no progress for {SEND_GIVE_UP_S / 60:g} minutes ({error})") from None
+            threading.Event().wait(SEND_BACKOFF_S[min(attempt, len(SEND_BACKOFF_S) - 1)])
+            attempt += 1
+
+
+class _Gone(Exception):
+    """The server no longer knows the upload (it expired, or the server was replaced): start it again."""
+
+
+def _send_answer(status: int, body: str, what: str) -> None:
+    if status in (404, 410):
+        raise _Gone()
+    if status in (409, 423, 460) or status >= 500 and status != 507:
+        raise _Retry(f"{what}: {status} {body[:200]}")
+    if status >= 400:
+        raise SendFailed(f"{status} {body[:200]}" if body else f"the server answered {status}")
+
+
+def _send_create(session: TusSession, item: SendItem, digest: str) -> tuple[str, int]:
+    folder, name = split_folder(item.name)
+    pairs = {"filename": name, "folder": folder, "mtime": repr(item.mtime), "sha256": digest}
+    metadata = ",".join(f"{k} {base64.b64encode(v.encode()).decode()}" for k, v in pairs.items() if v)
+    status, headers, body = session.request("POST", session.endpoint, {"Upload-Length": str(item.size),
+                                                                       "Upload-Metadata": metadata})
+    if status in (404, 410):
+        raise SendFailed(f"no tus endpoint at {session.endpoint} ({status})")
+    _send_answer(status, body, "creating the upload")
+    if status != 201 or "location" not in headers:
+        raise SendFailed(f"the server did not create the upload (it answered {status})")
+    url = urljoin(session.endpoint, headers["location"])
+    return url, int(headers.get("upload-offset") or 0)
+
+
+def _send_offset(session: TusSession, url: str) -> int:
+    status, headers, body = session.request("HEAD", url)
+    _send_answer(status, body, "asking for the offset")
+    return int(headers.get("upload-offset", 0))
+
+
+def _send_patch(session: TusSession, url: str, item: SendItem, offset: int, progress: SendProgress) -> int:
+    with open(item.path, "rb") as handle:
+        status, headers, body = session.request(
+            "PATCH", url, {"Upload-Offset": str(offset), "Content-Type": TUS_CONTENT_TYPE},
+            (handle, offset, item.size - offset), sent=lambda count: progress.sent(item, count))
+    _send_answer(status, body, "sending")
+    return int(headers.get("upload-offset", offset))
+
+
+def send_main(argv: list[str], stdout=None, stderr=None) -> int:
+    """``pyfiledrop send``: 0 when the server has every file; 1 naming each that did not make it; 2 on usage."""
+    stdout, stderr = stdout or sys.stdout, stderr or sys.stderr
+    try:
+        config = parse_send_args(argv)
+    except SystemExit as exit_:
+        return exit_.code if isinstance(exit_.code, int) else 2
+    items, problems = collect_send_items(config.sources)
+    state = SendState(config.state)
+    progress = SendProgress(items, stderr, config.quiet)
+    stop = threading.Event()
+    shower = threading.Thread(target=progress.show, args=(stop,), daemon=True)
+    shower.start()
+    outcomes: dict[SendItem, str | bool] = {}
+    work = queue.SimpleQueue()
+    for item in items:
+        work.put(item)
+    workers = [threading.Thread(target=_send_worker, args=(config, work, state, progress, outcomes), daemon=True)
+               for _ in range(min(config.parallel, max(1, len(items))))]
+    try:
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            while worker.is_alive():
+                worker.join(0.5)
+    except KeyboardInterrupt:
+        stop.set()
+        shower.join(2)
+        stderr.write("stopped; run the same command again to go on where it stopped\n")
+        return 130
+    stop.set()
+    shower.join(2)
+    return _send_summary(items, outcomes, problems, progress, stdout, stderr)
+
+
+def _send_worker(config: SendConfig, work: queue.SimpleQueue, state: SendState, progress: SendProgress,
+                 outcomes: dict) -> None:
+    session = TusSession(config.endpoint, config.password)
+    try:
+        while True:
+            try:
+                item = work.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                outcomes[item] = send_file(item, session, state, progress)
+            except (SendFailed, OSError) as error:
+                outcomes[item] = str(error) or type(error).__name__
+            progress.done()
+    finally:
+        session.close()
+
+
+def _send_summary(items: list[SendItem], outcomes: dict, problems: list[str], progress: SendProgress,
+                  stdout, stderr) -> int:
+    failed = [(item, outcome) for item, outcome in outcomes.items() if isinstance(outcome, str)]
+    skipped = sum(1 for outcome in outcomes.values() if outcome is True)
+    sent = len(items) - len(failed) - skipped
+    stdout.write(f"sent {sent} file(s), {human_size(progress._sent_now)}; {skipped} already on the server\n")
+    for item, reason in failed:
+        stderr.write(f"not sent: {item.path}: {reason}\n")
+    for problem in problems:
+        stderr.write(f"not sent: {problem}\n")
+    return 1 if failed or problems else 0
+
+
+###############################################################################
 # main() ######################################################################
 ###############################################################################
 
@@ -5280,6 +5705,9 @@ def _disable_quick_edit() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    arguments = sys.argv[1:] if argv is None else argv
+    if arguments[:1] == ["send"]:
+        return send_main(arguments[1:])
     try:
         return _main(argv)
     except KeyboardInterrupt:  # Ctrl+C while starting up

@@ -312,3 +312,18 @@ def test_tuspy_resumes_from_its_stored_url_after_the_server_was_killed(tmp_path)
         assert second.offset == 3 << 20
         second.upload()
     assert (tmp_path / "storage" / "big.bin").read_bytes() == source.read_bytes()
+
+
+def test_a_file_stored_under_the_same_name_with_the_same_content_is_not_sent_again(server):
+    data = b"same bytes"
+    digest = hashlib.sha256(data).hexdigest()
+    metadata = f"filename {b64('same.txt')},folder {b64('f')},sha256 {b64(digest)}"
+    first, _ = create(server, len(data), metadata)
+    patch(server, first, 0, data)
+    again, headers = create(server, len(data), metadata)
+    assert again == first and headers["Upload-Offset"] == str(len(data))
+    other_name, headers = create(server, len(data), f"filename {b64('other.txt')},sha256 {b64(digest)}")
+    assert other_name != first and headers["Upload-Offset"] == "0"
+    (server.storage / "f" / "same.txt").write_bytes(b"edited")   # changed by hand: no longer the same file
+    changed_size, _ = create(server, len(data), metadata)
+    assert changed_size != first
