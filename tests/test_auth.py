@@ -600,3 +600,20 @@ def test_many_guesses_sent_at_once_get_no_more_than_the_free_tries(protected):
     for thread in threads:
         thread.join(60)
     assert sorted(results) == [403] * pyfiledrop.FREE_FAILURES + [429] * (16 - pyfiledrop.FREE_FAILURES)
+
+
+def test_pyfiledrop_send_and_tus_clients_use_basic(protected, tmp_path):
+    source = tmp_path / "to send"
+    source.mkdir()
+    (source / "a.txt").write_bytes(b"sent with a password")
+    command = [sys.executable, str(ROOT / "pyfiledrop.py"), "send", str(source), "--to", protected.url, "-q",
+               "--state", str(tmp_path / "state.json")]
+    wrong = subprocess.run(command, capture_output=True, text=True, timeout=120,
+                           env={**os.environ, pyfiledrop.PASSWORD_ENV: "not it"})
+    assert wrong.returncode != 0 and "Wrong password" in wrong.stderr + wrong.stdout
+    status, headers, _ = req(protected, "POST", "/tus/", b"", {"Tus-Resumable": "1.0.0", "Upload-Length": "5"})
+    assert status == 401 and headers["Tus-Resumable"] == "1.0.0"   # a tus client can read the refusal
+    right = subprocess.run(command, capture_output=True, text=True, timeout=120,
+                           env={**os.environ, pyfiledrop.PASSWORD_ENV: UPLOAD_PASSWORD})
+    assert right.returncode == 0, right.stderr
+    assert (protected.storage / "to send" / "a.txt").read_bytes() == b"sent with a password"
