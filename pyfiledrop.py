@@ -3226,7 +3226,7 @@ def _login_routes(app: bottle.Bottle, auth: Authenticator | None, events: Callab
     @app.get("/login", auth=PUBLIC)
     def login_form():
         return login_page("Enter the password." if auth else "This server needs no password.",
-                          bottle.request.query.get("next", ""))
+                          bottle.request.query.getunicode("next") or "")
 
     @app.post("/login", auth=PUBLIC)
     def login():
