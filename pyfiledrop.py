@@ -3437,6 +3437,17 @@ def _tus_routes(app: bottle.Bottle, config: Config, engine: Engine, client: Call
         tus_terminate(engine, upload_id)
         return reply(204)
 
+    overridden = {"PATCH": tus_append, "DELETE": tus_delete, "HEAD": tus_head}
+
+    @app.post("/tus/<upload_id>", **tus)
+    def tus_method_override(upload_id):
+        """tus: "X-HTTP-Method-Override MUST be interpreted as the request's method" (for clients whose
+        network lets only GET and POST through)."""
+        method = bottle.request.environ.get("HTTP_X_HTTP_METHOD_OVERRIDE", "").strip().upper()
+        if method not in overridden:
+            raise BadRequest("POST to an upload's address needs X-HTTP-Method-Override: PATCH, DELETE or HEAD.")
+        return overridden[method](upload_id)
+
 
 def stored_file_response(engine: Engine, upload_id: str) -> bottle.HTTPResponse:
     info = engine.info(upload_id) if is_valid_id(upload_id) else None
