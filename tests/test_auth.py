@@ -617,3 +617,24 @@ def test_pyfiledrop_send_and_tus_clients_use_basic(protected, tmp_path):
                            env={**os.environ, pyfiledrop.PASSWORD_ENV: UPLOAD_PASSWORD})
     assert right.returncode == 0, right.stderr
     assert (protected.storage / "to send" / "a.txt").read_bytes() == b"sent with a password"
+
+
+@pytest.mark.skipif(not hasattr(pyfiledrop, "open_tls"), reason="needs --tls (from branch issue12-tls, not merged yet)")
+def test_under_https_the_login_cookies_are_secure(tmp_path):
+    import ssl
+
+    env = {pyfiledrop.ADMIN_PASSWORD_ENV: ADMIN_PASSWORD}
+    with cli_server(["--tls", "--admin-password", "-s", str(tmp_path / "s"), "-c", str(tmp_path / "c")],
+                    env=env) as (process, port):
+        context = ssl.create_default_context()
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE   # the self-signed certificate
+        body = f"password={ADMIN_PASSWORD}".encode()
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as raw, \
+                context.wrap_socket(raw, server_hostname="localhost") as sock:
+            sock.sendall((f"POST /login HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/x-www-form-"
+                          f"urlencoded\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body)
+            reply = b""
+            while chunk := sock.recv(65536):
+                reply += chunk
+        cookies = [line for line in reply.decode("latin-1").split("\r\n") if line.lower().startswith("set-cookie:")]
+        assert len(cookies) == 2 and all(line.endswith("; Secure") for line in cookies), cookies
