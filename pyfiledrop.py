@@ -2442,7 +2442,8 @@ def status_reply(engine: Engine, upload_id: str) -> dict:
     if info is None or info.state not in (State.RECEIVING, State.STORED):
         raise NotFound("No such upload." if info is None else _GONE[info.state])
     if info.state is State.STORED:
-        return {**completed_reply(info), "available": engine.backend.stored_exists(info.stored_name)}
+        return {**completed_reply(info), "available": engine.backend.stored_exists(info.stored_name),
+                "expires": iso_time(stored_expiry(engine, info))}
     if info.fully_received:  # stopped after the last part, before completion: complete it now
         return {**completed_reply(engine.finish(upload_id)), "available": True}
     return {"id": info.id, "complete": False, "name": info.name, "size": info.size,
@@ -3610,6 +3611,12 @@ def list_query(query: Mapping[str, str], now: float) -> tuple[str, dict, str, st
     return " AND ".join(where), arguments, f"{key} {direction}, id {direction}", sort, int(limit)
 
 
+def stored_expiry(engine: Engine, info: UploadInfo) -> float | None:
+    """When --expire-after removes this stored file (None: never, or it is not stored)."""
+    ttl = engine.limits.stored_ttl
+    return info.finished + ttl if info.state is State.STORED and ttl and info.finished else None
+
+
 def upload_entry(engine: Engine, info: UploadInfo, mark, now: float, detail: bool) -> dict:
     """One upload as GET /api/uploads lists it."""
     folder, _, name = (info.stored_name or info.name).rpartition("/")
@@ -3619,8 +3626,7 @@ def upload_entry(engine: Engine, info: UploadInfo, mark, now: float, detail: boo
         expires = info.updated + engine.limits.partial_ttl
     else:
         exists = presence == "present"
-        ttl = engine.limits.stored_ttl
-        expires = info.finished + ttl if info.state is State.STORED and ttl and info.finished else None
+        expires = stored_expiry(engine, info)
     entry = {"id": info.id, "name": name, "folder": folder, "size": info.size, "sha256": info.sha256,
              "state": shown_state(info, now), "exists": exists, "client": info.client,
              "created": iso_time(info.created), "completed": iso_time(info.finished), "expires": iso_time(expires)}

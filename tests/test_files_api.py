@@ -354,3 +354,13 @@ def test_a_folder_cannot_move_into_itself(admin):
     assert api(server, "POST", "/api/folders/rename", {"path": "a", "to": "a/b"})[0] == 400
     assert api(server, "POST", "/api/folders/rename", {"path": "a", "to": "a"})[0] == 400
     assert (server.storage / "a" / "x.txt").exists()
+
+
+def test_an_uploaders_status_reply_says_when_the_file_expires(admin):
+    server = admin(expire_after_s=2 * 86400)
+    upload = put(server, "soon.txt", b"x")
+    status, _, body = server.request("GET", f"/api/uploads/{upload['id']}")
+    assert status == 200 and json.loads(body)["expires"] == "2027-01-17T08:00:00Z"
+    plain = admin()
+    upload = put(plain, "kept.txt", b"x")
+    assert json.loads(plain.request("GET", f"/api/uploads/{upload['id']}")[2])["expires"] is None
