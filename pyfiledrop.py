@@ -1915,6 +1915,7 @@ class Engine:
                 _unlink_quietly(self.backend.stored_path(info.stored_name))
             except OSError as error:
                 raise storage_error(error)
+        self.checkpoint("removed")   # a stop here leaves a stored record of a missing file: removing it again ends it
         removed = dataclasses.replace(info, state=state, updated=self.clock(), reason=reason)
         self._record(removed)
         return removed
