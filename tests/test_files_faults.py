@@ -54,3 +54,48 @@ def test_a_kill_while_removing_a_stored_file_is_finished_by_removing_it_again(tm
     assert engine.info("kept").state is pyfiledrop.State.STORED and (storage / "kept.txt").read_bytes() == b"kept"
     assert sorted(os.listdir(storage)) == ["kept.txt"]
     ledger.close()
+
+
+def test_deleting_an_upload_while_a_request_still_sends_it(make_server):
+    """The sender is cut off (its bytes no longer count), the partial file goes, nothing is stored, the record
+    says deleted."""
+    import base64
+    import json
+    import socket
+    import time
+
+    from conftest import chunk_fields, encode_multipart
+
+    admin = pyfiledrop.PasswordHash.of("admin")
+    server = make_server(admin_password=admin)
+    auth = {"Authorization": "Basic " + base64.b64encode(b":admin").decode()}
+    size = 4 * 1024 * 1024
+    body, content_type = encode_multipart(chunk_fields("in-flight", 0, size * 2, size), [("file", "f.bin", b"\0" * size)])
+    head = (f"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(head + body[:1024 * 1024])
+        deadline = time.monotonic() + 30
+        while not [u for u in json.loads(server.request("GET", "/api/uploads", None, auth)[2])["uploads"]
+                   if u["id"] == "in-flight"]:
+            assert time.monotonic() < deadline, "the upload never showed up"
+            threading_wait(0.02)
+        status, _, reply = server.request("DELETE", "/api/uploads/in-flight", None, auth)
+        assert status == 200 and json.loads(reply)["state"] == "deleted"
+        try:
+            sock.sendall(body[1024 * 1024:])
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        except OSError:
+            answer = b""
+    assert not answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    assert [name for name in os.listdir(server.chunks) if name.endswith(".part")] == []
+    assert os.listdir(server.storage) == []
+    assert server.engine.info("in-flight").state is pyfiledrop.State.DELETED
+
+
+def threading_wait(seconds: float) -> None:
+    import threading
+
+    threading.Event().wait(seconds)
