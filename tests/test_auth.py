@@ -638,3 +638,22 @@ def test_under_https_the_login_cookies_are_secure(tmp_path):
                 reply += chunk
         cookies = [line for line in reply.decode("latin-1").split("\r\n") if line.lower().startswith("set-cookie:")]
         assert len(cookies) == 2 and all(line.endswith("; Secure") for line in cookies), cookies
+
+
+@pytest.mark.skipif(not __import__("shutil").which("curl"), reason="curl is not installed")
+def test_curl_with_basic_as_the_readme_shows(protected, tmp_path):
+    """``curl -u :PASSWORD -T FILE URL``; a file over 1 MiB, so curl sends Expect: 100-continue and, refused,
+    never sends the body."""
+    data = os.urandom(3 * 1024 * 1024 + 7)
+    path = tmp_path / "photo.jpg"
+    path.write_bytes(data)
+    base = ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code} %{size_upload}", "-T", str(path)]
+    wrong = subprocess.run(base + ["-u", ":wrong", f"{protected.url}/upload/"], capture_output=True, text=True,
+                           timeout=120)
+    assert wrong.stdout.split() == ["403", "0"], wrong.stdout + wrong.stderr   # not one byte of the body sent
+    missing = subprocess.run(base + [f"{protected.url}/upload/"], capture_output=True, text=True, timeout=120)
+    assert missing.stdout.split() == ["401", "0"], missing.stdout + missing.stderr
+    right = subprocess.run(base + ["-u", f":{UPLOAD_PASSWORD}", f"{protected.url}/upload/"], capture_output=True,
+                           text=True, timeout=120)
+    assert right.stdout.split()[0] == "200", right.stdout + right.stderr
+    assert (protected.storage / "photo.jpg").read_bytes() == data
