@@ -34,6 +34,7 @@ import selectors
 import shutil
 import socket
 import sqlite3
+import ssl
 import sys
 import threading
 import time
@@ -126,6 +127,10 @@ class Config:
     parallel_chunks: int = DEFAULT_PARALLEL_CHUNKS
     force_chunking: bool = True
     allow_downloads: bool = False
+    tls: bool = False                  # HTTPS with a certificate made and kept in the chunks folder
+    cert: Path | None = None           # HTTPS with this certificate (PEM, chain allowed) and key instead
+    key: Path | None = None
+    share: Path | None = None          # a folder whose files the page lists for download
     dz_cdn: str | None = None
     dz_version: str | None = None
     index: Path | None = None
@@ -210,6 +215,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--disable-force-chunking", action="store_true",
         help="send files smaller than one chunk as a plain upload")
     add("-a", "--allow-downloads", action="store_true", help="let the page download uploaded files back")
+    add("--tls", action="store_true",
+        help="serve HTTPS with a self-signed certificate made on first use and kept in the chunks folder "
+             "(needs the cryptography package)")
+    add("--cert", type=Path, metavar="FILE", help="serve HTTPS with this certificate (PEM) and --key")
+    add("--key", type=Path, metavar="FILE", help="the private key (PEM, no passphrase) of --cert")
+    add("--share", type=Path, metavar="DIR", help="list the files of DIR (and its subfolders) on the page for "
+                                                  "download")
     add("--dz-cdn", metavar="URL", help="load Dropzone from this CDN instead of the embedded copy")
     add("--dz-version", metavar="V", help="Dropzone version to load from the CDN")
     add("--index", type=Path, metavar="FILE",
@@ -231,6 +243,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
     args = parser.parse_args(argv)
     if args.chunk_size > MAX_CHUNK_SIZE:
         parser.error(f"--chunk-size is at most {MAX_CHUNK_SIZE} bytes")
+    _check_tls_and_share(parser, args)
     index = args.index
     if index is not None and not index.is_file():
         parser.error(f"--index: no such file: {index}")
@@ -247,6 +260,10 @@ def parse_args(argv: list[str] | None = None) -> Config:
         parallel_chunks=1 if args.disable_parallel_chunks else args.parallel_chunks,
         force_chunking=not args.disable_force_chunking,
         allow_downloads=args.allow_downloads,
+        tls=args.tls or args.cert is not None,
+        cert=args.cert.expanduser().resolve() if args.cert else None,
+        key=args.key.expanduser().resolve() if args.key else None,
+        share=args.share.expanduser().resolve() if args.share else None,
         dz_cdn=args.dz_cdn,
         dz_version=args.dz_version,
         index=index,
@@ -257,6 +274,16 @@ def parse_args(argv: list[str] | None = None) -> Config:
         qr=not args.no_qr,
         open_browser=args.open,
     )
+
+
+def _check_tls_and_share(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if (args.cert is None) != (args.key is None):
+        parser.error("--cert and --key go together: the certificate and its private key")
+    for option, path in (("--cert", args.cert), ("--key", args.key)):
+        if path is not None and not path.expanduser().is_file():
+            parser.error(f"{option}: no such file: {path}")
+    if args.share is not None and not args.share.expanduser().is_dir():
+        parser.error(f"--share: no such folder: {args.share}")
 
 
 ###############################################################################
@@ -2568,15 +2595,15 @@ def lan_addresses() -> list[str]:
     return sorted(candidates, key=candidates.__getitem__)
 
 
-def page_urls(host: str, port: int) -> list[str]:
+def page_urls(host: str, port: int, *, scheme: str = "http") -> list[str]:
     if host in ("0.0.0.0", "", "::"):
         hosts = lan_addresses() or ["127.0.0.1"]
     else:
         hosts = [f"[{host}]" if ":" in host else host]
-    return [f"http://{h}:{port}/" for h in hosts]
+    return [f"{scheme}://{h}:{port}/" for h in hosts]
 
 
-def banner(config: Config, urls: list[str]) -> str:
+def banner(config: Config, urls: list[str], tls: TLSIdentity | None = None) -> str:
     ttl = f"{config.partial_ttl_hours:g} h"
     lines = [
         f"pyfiledrop {__version__}",
@@ -2585,11 +2612,28 @@ def banner(config: Config, urls: list[str]) -> str:
         f"  limits         files up to {config.max_size_mb} MiB; chunks of {binary_size(config.chunk_size)}, "
         f"{config.parallel_chunks} at a time; {config.timeout_ms / 1000:g} s per chunk",
         f"  downloads      {'allowed' if config.allow_downloads else 'off'}",
+        *tls_banner_lines(tls),
         "Open this address on a phone or PC on this network:" if len(urls) == 1 else
         "Open one of these addresses on a phone or PC on this network (the first is the most likely):",
         *(f"  {url}" for url in urls),
     ]
     return "\n".join(lines)
+
+
+def tls_banner_lines(tls: TLSIdentity | None) -> list[str]:
+    """What HTTPS serves with, and the fingerprint a person compares with what the phone shows."""
+    if tls is None:
+        return []
+    what = {"new": "a self-signed certificate made now (kept in the chunks folder for later starts)",
+            "kept": "the self-signed certificate made at an earlier start",
+            "renewed": "the self-signed certificate, made again (it was ending, or this machine has a new "
+                       "address): phones ask again",
+            "own": f"the certificate {tls.certificate}"}[tls.origin]
+    half = len(tls.fingerprint) // 2 + 1
+    lines = [f"  HTTPS          {what}"]
+    if tls.origin != "own":
+        lines.append("                 a phone warns it is not trusted: accept it only if its SHA-256 matches")
+    return lines + [f"  SHA-256        {tls.fingerprint[:half - 1]}", f"                 {tls.fingerprint[half:]}"]
 
 
 def qr_code(text: str, *, ansi: bool = False, blocks: bool = True) -> list[str]:
@@ -2886,7 +2930,7 @@ _SEND_BLOCK = 64 * 1024    # a response's first block this small goes out in one
 
 
 class _Connection:
-    __slots__ = ("sock", "address", "port", "buffer", "since", "head_started", "busy", "closed")
+    __slots__ = ("sock", "address", "port", "buffer", "since", "head_started", "busy", "closed", "tls_started")
 
     def __init__(self, sock: socket.socket, address: str, port: int, now: float):
         self.sock, self.address, self.port = sock, address, port
@@ -2895,6 +2939,7 @@ class _Connection:
         self.head_started = None     # when the first byte of the head now arriving came
         self.busy = False            # running a request in a worker (else parked in the selector)
         self.closed = False
+        self.tls_started = None      # HTTPS: when the connection came, until its TLS handshake is done
 
 
 class _Wire:
@@ -3253,8 +3298,10 @@ def _raise_open_file_limit() -> int | None:
 class HTTPServer:
     """The server ``make_server`` returns: ``serve(stop)`` until the event is set, then ``close()``."""
 
-    def __init__(self, app: Callable, host: str, port: int, limits: ServerLimits):
+    def __init__(self, app: Callable, host: str, port: int, limits: ServerLimits,
+                 ssl_context: ssl.SSLContext | None = None):
         self.app, self.limits = app, limits
+        self.ssl_context = ssl_context
         self.max_connections = _connection_cap(limits)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.socket = socket.socket(family, socket.SOCK_STREAM)
@@ -3336,6 +3383,8 @@ class HTTPServer:
                     self._refuse_now(sock, address, "every connection is busy")
                     continue
             connection = _Connection(sock, address, peer[1], time.monotonic())
+            if self.ssl_context is not None:
+                connection.tls_started = connection.since
             self._connections[connection] = None
             self._by_address.setdefault(address, {})[connection] = None
             self._selector.register(sock, selectors.EVENT_READ, connection)
@@ -3363,9 +3412,12 @@ class HTTPServer:
             log.debug("%s", message)
 
     def _read_head(self, connection: _Connection) -> None:
+        if connection.tls_started is not None:
+            self._start_handshake_step(connection)
+            return
         try:
-            data = connection.sock.recv(HEAD_READ)
-        except (BlockingIOError, InterruptedError):
+            data = _recv_head_bytes(connection.sock, self.limits.max_head_bytes)
+        except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
             return
         except OSError:
             data = b""
@@ -3455,13 +3507,20 @@ class HTTPServer:
             mine[connection] = None
             if connection.buffer:  # a pipelined request came with the last one
                 self._check_head(connection)
+            elif _tls_pending(connection.sock):  # decrypted bytes the selector cannot see
+                self._read_head(connection)
 
     def _sweep(self, now: float) -> None:
         limits = self.limits
         for connection in list(self._connections):
             if connection.busy:
                 continue
-            if connection.head_started is not None:
+            if connection.tls_started is not None:
+                if now - connection.tls_started > limits.head_timeout:
+                    log.debug("closing %s:%s: no TLS handshake within %g s", connection.address, connection.port,
+                              limits.head_timeout)
+                    self._close(connection)
+            elif connection.head_started is not None:
                 if now - connection.head_started > limits.head_timeout:
                     log.debug("closing %s:%s: no complete request head within %g s", connection.address,
                               connection.port, limits.head_timeout)
@@ -3488,8 +3547,8 @@ class HTTPServer:
             self._stopped = True
             for connection in list(self._connections):
                 if connection.busy:  # its worker sees the connection break and ends the request
-                    with contextlib.suppress(OSError):
-                        connection.sock.shutdown(socket.SHUT_RDWR)
+                    with contextlib.suppress(OSError):  # (under TLS too: the socket's own shutdown, not SSL's)
+                        socket.socket.shutdown(connection.sock, socket.SHUT_RDWR)
         for connection in list(self._connections):
             if not connection.busy:
                 self._close(connection)
@@ -3501,6 +3560,72 @@ class HTTPServer:
         with contextlib.suppress(OSError, ValueError):
             self._selector.close()
         self._pool.close()
+
+    # -- HTTPS connections ------------------------------------------------------------------------------------
+    # A TLS handshake never blocks a thread while it waits: the selector waits for the client's bytes, then a
+    # worker runs one non-blocking step of the handshake (its signature costs CPU that must not delay
+    # accepting), and hands the connection back.  A client that stalls or sends garbage holds only a parked
+    # socket, closed after head_timeout like a slow request head.
+    def _start_handshake_step(self, connection: _Connection) -> None:
+        if self._busy.get(connection.address, 0) >= self.limits.max_busy_per_address:
+            self._close(connection)
+            return
+        self._selector.unregister(connection.sock)
+        connection.busy = True
+        self._busy[connection.address] = self._busy.get(connection.address, 0) + 1
+        self._pool.submit(lambda: self._handshake_step(connection))
+
+    def _handshake_step(self, connection: _Connection) -> None:
+        keep = False
+        try:
+            keep = self._advance_handshake(connection)
+        except (OSError, ValueError) as error:  # ssl.SSLError is an OSError: garbage, an old version, a reset
+            log.debug("TLS handshake with %s:%s failed: %s", connection.address, connection.port, error)
+        finally:
+            self._hand_back(connection, keep)
+
+    def _advance_handshake(self, connection: _Connection) -> bool:
+        """As far as the client's bytes allow; True while the connection goes on (handshake done or waiting)."""
+        sock = connection.sock
+        if not isinstance(sock, ssl.SSLSocket):
+            try:
+                first = sock.recv(HEAD_READ, socket.MSG_PEEK)
+            except (BlockingIOError, InterruptedError):
+                return True
+            if first[:1] != b"\x16":  # no TLS handshake record: plain HTTP (or garbage) on the HTTPS port
+                if first[:1].isalpha():
+                    self._redirect_to_https(sock, first)
+                return False
+            sock = connection.sock = self.ssl_context.wrap_socket(sock, server_side=True,
+                                                                  do_handshake_on_connect=False)
+        while True:
+            try:
+                sock.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                return True
+            except ssl.SSLWantWriteError:  # only if the client reads nothing of the handshake it started
+                if not _wait_writable(sock, 1.0):
+                    return False
+        connection.tls_started = None
+        return True
+
+    def _redirect_to_https(self, sock: socket.socket, head: bytes) -> None:
+        """An address typed without https:// reaches the HTTPS port: send the browser to https (307, so no
+        browser remembers it for a later plain-HTTP server on the same port)."""
+        sock.recv(len(head))  # taken off, so closing does not reset the connection before the reply is read
+        target = re.match(rb"[A-Z]{3,10} (/[\x21-\x7e]{0,2000}) HTTP/1\.[01]\r\n", head)
+        host = re.search(rb"\r\nHost:[ \t]*([A-Za-z0-9.:\[\]-]{1,300})[ \t]*\r\n", head, re.IGNORECASE)
+        if target and host:
+            location = b"https://" + host.group(1) + target.group(1)
+            body = b"This server speaks HTTPS: " + location + b"\n"
+            reply = (b"HTTP/1.1 307 Temporary Redirect\r\nLocation: " + location + b"\r\nCache-Control: no-store"
+                     b"\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\nConnection: close"
+                     b"\r\n\r\n" % len(body) + body)
+        else:
+            reply = self._error_bytes(400, "This server speaks HTTPS: open its address with https://")
+        sock.send(reply)
+        sock.shutdown(socket.SHUT_WR)
 
     # -- the worker side ---------------------------------------------------------------------------------------
     def _error_bytes(self, status: int, message: str, head_only: bool = False) -> bytes:
@@ -3607,6 +3732,8 @@ class HTTPServer:
             wire.send(self._error_bytes(400, "Malformed request target."))
             return False
         environ = self._base_environ(connection, method, path, query, target, version)
+        if isinstance(connection.sock, ssl.SSLSocket):
+            environ.update({"wsgi.url_scheme": "https", "HTTPS": "on"})
         tokens, framing = self._read_headers(environ, headers)
         http11 = version == "HTTP/1.1"
         keep = "close" not in tokens if http11 else "keep-alive" in tokens
@@ -3829,7 +3956,7 @@ class _ResponseWriter:
         except (AttributeError, OSError, ValueError):
             fileno = None
         if (fileno is None or not hasattr(os, "sendfile") or self.length is None or not self.body_allowed
-                or self.chunked):
+                or self.chunked or isinstance(self.wire.sock, ssl.SSLSocket)):  # sendfile would skip TLS
             for block in wrapper:
                 self.send(block)
             return
@@ -3847,14 +3974,219 @@ class _ResponseWriter:
         return self.keep
 
 
+def _tls_pending(sock: socket.socket) -> bool:
+    """Whether TLS has decrypted bytes buffered: they are no longer in the socket, so no selector sees them."""
+    try:
+        return isinstance(sock, ssl.SSLSocket) and sock.pending() > 0
+    except (OSError, ValueError):
+        return False
+
+
+def _recv_head_bytes(sock: socket.socket, limit: int) -> bytes:
+    """What has arrived of a request head (over TLS with what is decrypted already, up to about ``limit``)."""
+    data = sock.recv(HEAD_READ)
+    while data and len(data) <= limit and _tls_pending(sock):
+        data += sock.recv(HEAD_READ)
+    return data
+
+
+def _wait_writable(sock: socket.socket, timeout: float) -> bool:
+    with selectors.DefaultSelector() as ready:
+        ready.register(sock, selectors.EVENT_WRITE)
+        return bool(ready.select(timeout))
+
+
 def make_server(app: Callable, host: str, port: int, *, limits: ServerLimits = ServerLimits(),
                 ssl_context=None) -> HTTPServer:
-    """pyfiledrop's HTTP server for ``app``, bound but not yet serving; port 0 picks a free one."""
-    if ssl_context is not None:
-        # The hook for HTTPS: the handshake belongs in the selector thread, non-blocking (wrap_socket with
-        # do_handshake_on_connect=False, then do_handshake() on readiness), so it can never block accepting.
-        raise NotImplementedError("HTTPS is not implemented yet")
-    return HTTPServer(app, host, port, limits)
+    """pyfiledrop's HTTP server for ``app``, bound but not yet serving; port 0 picks a free one.
+
+    With ``ssl_context`` it serves HTTPS only (see "HTTPS connections" in HTTPServer)."""
+    return HTTPServer(app, host, port, limits, ssl_context)
+
+
+###############################################################################
+# HTTPS: the certificate and the TLS context ##################################
+###############################################################################
+# --tls makes a self-signed certificate once and keeps it beside the ledger, so a phone that accepted it (after
+# comparing the fingerprint the banner prints) sees the same one on every start.  It is made with the optional
+# ``cryptography`` package, imported only here; --cert/--key need nothing but the standard library's ssl.
+
+TLS_CERT_NAME = "tls-certificate.pem"
+TLS_KEY_NAME = "tls-key.pem"
+# Apple's rule for TLS server certificates (iOS 13, macOS 10.15): valid for 825 days at most.
+TLS_VALID_DAYS = 800
+TLS_BACKDATE_S = 86400         # a phone whose clock is a little behind still accepts a certificate made now
+TLS_RENEW_DAYS = 30            # a kept certificate this close to its end is renewed (with the same key)
+
+
+class TLSSetupError(Exception):
+    """HTTPS cannot start: the message is one line for the console."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TLSIdentity:
+    """What HTTPS serves with: the context for the server, and what the banner says about the certificate."""
+    context: ssl.SSLContext
+    fingerprint: str        # SHA-256 of the certificate (DER), "AB:CD:...", as browsers show it
+    certificate: Path
+    origin: str             # "new", "kept", "renewed" (made by --tls) or "own" (--cert)
+
+
+def open_tls(config: Config, *, now: float | None = None) -> TLSIdentity | None:
+    """The TLS identity ``config`` asks for (None for plain HTTP); TLSSetupError with a one-line reason."""
+    if config.cert is not None:
+        cert, key, origin = config.cert, config.key, "own"
+    elif config.tls:
+        dns_names, addresses = certificate_names(config.host)
+        cert, key, origin = generated_certificate(config.chunks, dns_names, addresses,
+                                                  time.time() if now is None else now)
+    else:
+        return None
+    return TLSIdentity(tls_context(cert, key), certificate_fingerprint(cert), cert, origin)
+
+
+def certificate_names(host: str) -> tuple[list[str], list[str]]:
+    """(DNS names, IP addresses) a made certificate covers: localhost, this machine's name, every LAN address."""
+    hostname = socket.gethostname().strip(".") or "localhost"
+    dns_names = ["localhost", hostname] + ([f"{hostname}.local"] if "." not in hostname else [])
+    addresses = ["127.0.0.1", "::1", *lan_addresses()]
+    if host not in ("0.0.0.0", "", "::") and host not in addresses:
+        addresses.append(host)
+    return list(dict.fromkeys(dns_names)), addresses
+
+
+def tls_context(cert: Path, key: Path) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.options |= getattr(ssl, "OP_NO_RENEGOTIATION", 0)  # a client could make the server sign again and again
+    context.set_alpn_protocols(["http/1.1"])
+
+    def no_password() -> bytes:  # never prompt on the terminal: the server runs unattended
+        raise TLSSetupError(f"the key {key} is protected by a passphrase; give a key without one")
+
+    try:
+        context.load_cert_chain(cert, key, password=no_password)
+    except OSError as error:
+        if isinstance(error, ssl.SSLError):
+            raise TLSSetupError(f"the certificate {cert} and the key {key} cannot be used together "
+                                f"({error.reason or error})") from None
+        raise TLSSetupError(f"cannot read {error.filename or cert}: {error.strerror or error}") from None
+    return context
+
+
+_PEM_CERT_RE = re.compile(r"-----BEGIN CERTIFICATE-----[A-Za-z0-9+/=\s]+-----END CERTIFICATE-----")
+
+
+def certificate_fingerprint(cert: Path) -> str:
+    """The SHA-256 fingerprint of the first certificate in a PEM file, as "AB:CD:..."."""
+    try:
+        match = _PEM_CERT_RE.search(cert.read_text(encoding="ascii", errors="replace"))
+        der = ssl.PEM_cert_to_DER_cert(match.group(0)) if match else b""
+    except (OSError, ValueError) as error:
+        raise TLSSetupError(f"cannot read the certificate {cert}: {error}") from None
+    if not der:
+        raise TLSSetupError(f"no PEM certificate in {cert}")
+    return ":".join(f"{byte:02X}" for byte in hashlib.sha256(der).digest())
+
+
+def generated_certificate(folder: Path, dns_names: list[str], addresses: list[str],
+                          now: float) -> tuple[Path, Path, str]:
+    """(certificate, key, origin) in ``folder``: kept while valid and covering every name, else made again
+    with the same key (a new key only when there is none, or it is unreadable)."""
+    try:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+    except ImportError:
+        raise TLSSetupError("--tls needs the cryptography package to make its certificate: pip install cryptography "
+                            "(or give your own with --cert and --key)") from None
+    cert_path, key_path = folder / TLS_CERT_NAME, folder / TLS_KEY_NAME
+    key = _read_quietly(key_path, lambda data: serialization.load_pem_private_key(data, None))
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        key = None
+    old = _read_quietly(cert_path, x509.load_pem_x509_certificate) if key is not None else None
+    if old is not None and _public_bytes(old.public_key()) != _public_bytes(key.public_key()):
+        old = None
+    wanted = _names_of(dns_names, addresses)
+    if old is not None:
+        have = set(old.extensions.get_extension_for_class(x509.SubjectAlternativeName).value)
+        left = old.not_valid_after_utc.timestamp() - now
+        if set(wanted) <= have and left > TLS_RENEW_DAYS * 86400:
+            return cert_path, key_path, "kept"
+        wanted += [name for name in old.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+                   if name not in wanted]  # an address seen before (DHCP, another network) stays covered
+    if key is None:
+        key = ec.generate_private_key(ec.SECP256R1())
+        _write_atomically(key_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                      serialization.NoEncryption()))
+    certificate = _self_signed(key, wanted, now)
+    _write_atomically(cert_path, certificate.public_bytes(serialization.Encoding.PEM))
+    return cert_path, key_path, "new" if old is None else "renewed"
+
+
+def _names_of(dns_names: list[str], addresses: list[str]) -> list:
+    import ipaddress
+
+    from cryptography import x509
+
+    return [*(x509.DNSName(name) for name in dns_names),
+            *(x509.IPAddress(ipaddress.ip_address(address)) for address in addresses)]
+
+
+def _self_signed(key, names: list, now: float):
+    """An ECDSA P-256 certificate for ``names`` as browsers and Apple's rules want it: a leaf (not a CA), for
+    serverAuth, valid under 825 days, every name in the subject alternative names."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    start = datetime.datetime.fromtimestamp(now - TLS_BACKDATE_S, datetime.timezone.utc)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"pyfiledrop on {socket.gethostname()}"[:64]),
+                         x509.NameAttribute(NameOID.ORGANIZATION_NAME, "pyfiledrop (self-signed)")])
+    usage = x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                          data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
+                          encipher_only=False, decipher_only=False)
+    return (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(start)
+            .not_valid_after(start + datetime.timedelta(days=TLS_VALID_DAYS))
+            .add_extension(x509.SubjectAlternativeName(names), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(usage, critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .sign(key, hashes.SHA256()))
+
+
+def _public_bytes(public_key) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def _read_quietly(path: Path, parse: Callable[[bytes], object]):
+    """``parse(bytes of path)``, or None when the file is missing or unreadable (it is then made again)."""
+    try:
+        return parse(path.read_bytes())
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Whole or not at all, readable by this user only (a key must stay private); a ``.tmp`` left by a crash
+    is removed at the next start with the chunks folder's other leftovers."""
+    temporary = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        descriptor = os.open(temporary, os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_BINARY", 0), 0o600)
+        with os.fdopen(descriptor, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except OSError as error:
+        _unlink_quietly(temporary)
+        raise TLSSetupError(f"cannot write {path}: {error.strerror or error}") from None
 
 
 ###############################################################################
@@ -3862,8 +4194,8 @@ def make_server(app: Callable, host: str, port: int, *, limits: ServerLimits = S
 ###############################################################################
 
 
-def _print_banner(config: Config, urls: list[str], console: Console) -> None:
-    text = banner(config, urls)
+def _print_banner(config: Config, urls: list[str], console: Console, tls: TLSIdentity | None = None) -> None:
+    text = banner(config, urls, tls)
     no_qr = None
     if config.qr:
         try:
@@ -3878,7 +4210,7 @@ def _print_banner(config: Config, urls: list[str], console: Console) -> None:
 
 
 def serve(config: Config, engine: Engine, server, *, stop: threading.Event | None = None,
-          console: Console | None = None) -> int:
+          console: Console | None = None, tls: TLSIdentity | None = None) -> int:
     """Serve until ``stop`` is set or Ctrl+C; expires stale partial uploads at start and periodically.
 
     Ctrl+C cuts requests in flight: bytes count as received only once the ledger has recorded them, so an
@@ -3897,10 +4229,10 @@ def serve(config: Config, engine: Engine, server, *, stop: threading.Event | Non
                 log.exception("removing stale partial uploads failed")
 
     threading.Thread(target=janitor, name="pyfiledrop-janitor", daemon=True).start()
-    urls = page_urls(config.host, server.server_address[1])
+    urls = page_urls(config.host, server.server_address[1], scheme="https" if tls else "http")
     try:  # from here on Ctrl+C ends with the last line, even while the banner is being printed
         if not config.quiet:
-            _print_banner(config, urls, console)
+            _print_banner(config, urls, console, tls)
         server.serve(stop)
     except KeyboardInterrupt:
         pass
@@ -4036,7 +4368,12 @@ def _main(argv: list[str] | None) -> int:
     except (sqlite3.Error, OSError, RuntimeError) as error:
         return _fail(f"cannot open the upload ledger in {config.chunks}: {error}")
     try:
-        server = make_server(create_app(config, engine), config.host, config.port)
+        tls = open_tls(config)
+    except TLSSetupError as error:
+        return _fail(str(error))
+    try:
+        server = make_server(create_app(config, engine), config.host, config.port,
+                             ssl_context=tls.context if tls else None)
     except OSError as error:
         if error.errno in (errno.EADDRINUSE, getattr(errno, "WSAEADDRINUSE", -1)):
             return _fail(f"port {config.port} is already in use (choose another with -p)")
@@ -4048,7 +4385,7 @@ def _main(argv: list[str] | None) -> int:
         import webbrowser
 
         threading.Timer(0.5, webbrowser.open, args=(f"http://127.0.0.1:{server.server_address[1]}/",)).start()
-    return serve(config, engine, server, console=console)
+    return serve(config, engine, server, console=console, tls=tls)
 
 
 ###############################################################################
