@@ -372,12 +372,13 @@ def content_disposition(name: str) -> str:
     return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(name, safe='')}"
 
 
-def binary_size(size: int) -> str:
-    """Sizes people set in powers of two, shown as they set them: 4194304 -> "4 MiB"."""
-    for unit, factor in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+def binary_size(size: float) -> str:
+    """A size for people, everywhere (console, banner, page): powers of 1024, at most 4 significant digits,
+    so sizes people set read as they set them: 4194304 -> "4 MiB", 1000000 -> "976.6 KiB"."""
+    for unit, factor in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if size >= factor:
             return f"{size / factor:.4g} {unit}"
-    return f"{size} B"
+    return f"{int(size)} B"
 
 
 def human_size(size: float) -> str:
@@ -2377,6 +2378,7 @@ def render_index(config: Config) -> tuple[str, str]:
             .replace("{{dropzone_css}}", bottle.html_escape(css))
             .replace("{{config_json}}", config_json)
             .replace("{{version}}", __version__))
+    html = with_shared_list(html, config)
     policy = (f"default-src 'self'; script-src 'self' {cdn} '{_script_hash(html)}'; style-src 'self' {cdn} "
               "'unsafe-inline'; img-src 'self' data: blob:; connect-src 'self'; object-src 'none'; base-uri 'none'; "
               "form-action 'self'; frame-ancestors 'none'")
@@ -2403,6 +2405,7 @@ def create_app(config: Config, engine: Engine) -> bottle.Bottle:
     app = bottle.Bottle(catchall=True)
     app.install(ErrorsAsResponses(engine.events))
     _page_routes(app, config)
+    _share_routes(app, config)
 
     def client() -> str:
         return bottle.request.environ.get("REMOTE_ADDR", "")
@@ -2514,6 +2517,161 @@ def _error_pages(app: bottle.Bottle) -> None:
 
 
 ###############################################################################
+# Sharing back: --share DIR ###################################################
+###############################################################################
+# The files of one folder, listed on the page and downloadable.  Nothing outside the folder is reachable: a
+# path is refused unless it is plain names joined by "/" (no "..", ".", empty, hidden, NUL, backslash or colon
+# parts), and what it names, with every symlink resolved, must be a regular file inside the folder's real path.
+
+SHARE_LIST_LIMIT = 10_000      # entries listed at most: a page stays quick, the JSON under a few MB
+SHARED_SCRIPT_TAG = '<script src="/assets/shared.js" defer></script>'
+
+
+def with_shared_list(html: str, config: Config) -> str:
+    """The page with the shared-files list (its own script, which adds its own section) when --share is on."""
+    if config.share is None or "</body>" not in html:
+        return html
+    return html.replace("</body>", SHARED_SCRIPT_TAG + "\n</body>", 1)
+
+
+def _inside(root: str, path: str) -> bool:
+    return os.path.commonpath([root, path]) == root
+
+
+def shared_files(root: Path, limit: int = SHARE_LIST_LIMIT) -> tuple[list[dict], bool]:
+    """([{"path", "size", "modified"}, ...] sorted by path, truncated): what ``resolve_shared`` would serve."""
+    real_root = os.path.realpath(root)
+    found: list[dict] = []
+    for folder, subfolders, names in os.walk(real_root, onerror=lambda error: None):
+        subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
+        relative = os.path.relpath(folder, real_root)
+        for name in sorted(names):
+            path = name if relative == "." else f"{relative.replace(os.sep, '/')}/{name}"
+            try:
+                real = resolve_shared(root, path, real_root)
+                path.encode("utf-8")
+                stat = os.stat(real)
+            except (UploadError, OSError, UnicodeEncodeError):
+                continue
+            if len(found) >= limit:
+                return found, True
+            found.append({"path": path, "size": stat.st_size, "modified": _iso_utc(stat.st_mtime)})
+    return found, False
+
+
+def _iso_utc(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
+
+
+def resolve_shared(root: Path, path: str, real_root: str | None = None) -> str:
+    """The real path of the shared file ``path`` ("folder/name") under ``root``; BadRequest for a path that
+    is no plain relative path, NotFound for anything else that is not a regular file inside the folder."""
+    parts = path.split("/")
+    if "\x00" in path or "\\" in path or any(part in ("", ".", "..") or ":" in part for part in parts):
+        raise BadRequest("Not a path to a shared file.")
+    if any(part.startswith(".") for part in parts):
+        raise NotFound("No such shared file.")
+    real_root = real_root or os.path.realpath(root)
+    real = os.path.realpath(os.path.join(real_root, *parts))
+    if not _inside(real_root, real) or not os.path.isfile(real):
+        raise NotFound("No such shared file.")
+    return real
+
+
+def shared_file_response(root: Path, path: str) -> bottle.HTTPResponse:
+    """A download with Range support and the same safe headers as stored files'."""
+    real = resolve_shared(root, path)
+    response = bottle.static_file(os.path.basename(real), root=os.path.dirname(real),
+                                  mimetype="application/octet-stream")
+    if response.status_code >= 400 and response.status_code != 416:
+        raise NotFound("No such shared file.")
+    response.set_header("Content-Disposition", content_disposition(path.rsplit("/", 1)[-1]))
+    response.set_header("X-Content-Type-Options", "nosniff")
+    response.set_header("Content-Security-Policy", "sandbox; default-src 'none'")
+    response.set_header("Cache-Control", "no-cache")
+    return response
+
+
+def _share_routes(app: bottle.Bottle, config: Config) -> None:
+    @app.get("/api/shared")
+    def shared_list():
+        if config.share is None:
+            raise NotFound("Nothing is shared (start the server with --share DIR).")
+        files, truncated = shared_files(config.share)
+        return _json({"files": files, "truncated": truncated})
+
+    @app.get("/shared/<path:path>")
+    def shared_download(path):
+        if config.share is None:
+            raise NotFound("Nothing is shared (start the server with --share DIR).")
+        return shared_file_response(config.share, path)
+
+    @app.get("/assets/shared.js")
+    def shared_script():
+        if config.share is None:
+            return plain_response(404, "Not found.")
+        response = bottle.HTTPResponse(SHARED_JS)
+        response.content_type = "application/javascript; charset=utf-8"
+        response.set_header("Cache-Control", "no-cache")
+        response.set_header("X-Content-Type-Options", "nosniff")
+        return response
+
+
+# The shared list's own script (no inline code, so the page's Content-Security-Policy needs no change): it adds
+# its section before the page's footer and fills it from /api/shared, names set as text, never as HTML.
+SHARED_JS = r"""(function () {
+  "use strict";
+  function size(bytes) {  // as binary_size() in the console: powers of 1024, at most 4 significant digits
+    var units = ["B", "KiB", "MiB", "GiB", "TiB"], i = 0;
+    while (bytes >= 1024 && i < units.length - 1) { bytes /= 1024; i++; }
+    return Number(bytes.toPrecision(4)) + " " + units[i];
+  }
+  function el(tag, text, style) {
+    var node = document.createElement(tag);
+    if (text) node.textContent = text;
+    if (style) node.setAttribute("style", style);
+    return node;
+  }
+  var section = el("section", "", "margin:24px 0 0");
+  section.id = "shared";
+  section.setAttribute("aria-labelledby", "shared-heading");
+  var heading = el("h2", "Shared from this computer");
+  heading.id = "shared-heading";
+  var note = el("p", "", "color:var(--muted,#5f6b76);margin:0 0 8px");
+  note.id = "shared-note";
+  var list = el("ul", "", "list-style:none;padding:0;margin:0");
+  list.id = "shared-list";
+  section.append(heading, note, list);
+  var main = document.querySelector("main") || document.body;
+  main.insertBefore(section, main.querySelector("footer"));
+  function show(reply) {
+    list.textContent = "";
+    reply.files.forEach(function (file) {
+      var item = el("li", "", "padding:8px 0;border-bottom:1px solid var(--line,#d6dde3);display:flex;gap:8px;"
+                              + "justify-content:space-between;flex-wrap:wrap");
+      var link = el("a", file.path, "color:var(--accent,#0e7c86);overflow-wrap:anywhere");
+      link.href = "/shared/" + file.path.split("/").map(encodeURIComponent).join("/");
+      link.setAttribute("download", file.path.split("/").pop());
+      item.append(link, el("span", size(file.size), "color:var(--muted,#5f6b76);font-variant-numeric:tabular-nums"));
+      list.append(item);
+    });
+    note.textContent = !reply.files.length ? "The shared folder is empty."
+      : reply.truncated ? "Only the first " + reply.files.length + " files are listed." : "";
+    note.hidden = !note.textContent;
+  }
+  function load() {
+    fetch("/api/shared", {cache: "no-store"}).then(function (response) {
+      if (!response.ok) throw new Error(response.status);
+      return response.json();
+    }).then(show, function () { note.textContent = "The shared files could not be listed."; note.hidden = false; });
+  }
+  load();
+  document.addEventListener("visibilitychange", function () { if (!document.hidden) load(); });
+})();
+"""
+
+
+###############################################################################
 # Console #####################################################################
 ###############################################################################
 
@@ -2613,11 +2771,20 @@ def banner(config: Config, urls: list[str], tls: TLSIdentity | None = None) -> s
         f"{config.parallel_chunks} at a time; {config.timeout_ms / 1000:g} s per chunk",
         f"  downloads      {'allowed' if config.allow_downloads else 'off'}",
         *tls_banner_lines(tls),
+        *share_banner_lines(config),
         "Open this address on a phone or PC on this network:" if len(urls) == 1 else
         "Open one of these addresses on a phone or PC on this network (the first is the most likely):",
         *(f"  {url}" for url in urls),
     ]
     return "\n".join(lines)
+
+
+def share_banner_lines(config: Config) -> list[str]:
+    if config.share is None:
+        return []
+    files, truncated = shared_files(config.share)
+    count = f"{len(files)}{'+' if truncated else ''} file{'' if len(files) == 1 else 's'}"
+    return [f"  sharing        {config.share} ({count}, listed on the page for download)"]
 
 
 def tls_banner_lines(tls: TLSIdentity | None) -> list[str]:
