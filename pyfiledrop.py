@@ -76,7 +76,7 @@ PARALLEL_FILES = 2
 # A chunk request that sends and receives nothing for this long is abandoned and retried (not a limit on the
 # whole request: the page re-arms it on every byte of progress).
 DEFAULT_TIMEOUT_MS = 120_000
-DEFAULT_MAX_SIZE_MB = 100_000
+DEFAULT_MAX_SIZE_MB = 100 * 1024    # 100 GiB
 DEFAULT_PARTIAL_TTL_HOURS = 24.0
 
 MIB = 1024 * 1024
@@ -190,6 +190,54 @@ def _byte_size(text: str) -> int:
     return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()])
 
 
+MIN_TIMEOUT_MS = 1000              # below it even a loopback reply may count as no progress
+USEFUL_TIMEOUT_MS = 10_000         # a phone on a weak link goes seconds without progress; below this, a warning
+USEFUL_CHUNK_SIZE = 256 * 1024     # each request costs ~1 ms of Python and a round trip; below this, a warning
+
+
+def _size_in_mib(text: str) -> int:
+    """--max-size: a plain number is MiB, as always; "500M", "2G" are sizes (whole MiB)."""
+    if re.fullmatch(r"\s*\+?[0-9]+\s*", text):
+        return _positive_int(text)
+    size = _byte_size(text)
+    if size < MIB or size % MIB:
+        raise argparse.ArgumentTypeError(f"expected whole MiB such as 500M or 2G, got {text!r}")
+    return size // MIB
+
+
+def _chunk_bytes(text: str) -> int:
+    """--chunk-size: a plain number is bytes, as always; "512K", "8M" are sizes."""
+    size = _positive_int(text) if re.fullmatch(r"\s*\+?[0-9]+\s*", text) else _byte_size(text)
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"expected a size of at least 1 byte, got {text!r}")
+    return size
+
+
+def _check_limits(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse values that cannot work, with the usable range."""
+    if args.timeout < MIN_TIMEOUT_MS:
+        parser.error(f"--timeout is in milliseconds and at least {MIN_TIMEOUT_MS} (usable: {USEFUL_TIMEOUT_MS} "
+                     f"and more; default {DEFAULT_TIMEOUT_MS}); got {args.timeout}")
+    largest = args.chunk_size * MAX_CHUNK_COUNT
+    if largest < args.max_size * MIB:
+        parser.error(f"--chunk-size {binary_size(args.chunk_size)} allows files of at most {binary_size(largest)} "
+                     f"({MAX_CHUNK_COUNT} chunks), under --max-size {binary_size(args.max_size * MIB)}: use at least "
+                     f"{binary_size(-(-args.max_size * MIB // MAX_CHUNK_COUNT))} (usable: "
+                     f"{binary_size(USEFUL_CHUNK_SIZE)} to {binary_size(MAX_CHUNK_SIZE)})")
+
+
+def option_warnings(config: Config) -> list[str]:
+    """Values that work, but not well: said after the banner."""
+    warnings = []
+    if config.timeout_ms < USEFUL_TIMEOUT_MS:
+        warnings.append(f"--timeout {config.timeout_ms} ms: the page will give up on chunks that are only slow "
+                        f"(usable: {USEFUL_TIMEOUT_MS} ms and more)")
+    if config.chunk_size < USEFUL_CHUNK_SIZE:
+        warnings.append(f"--chunk-size {binary_size(config.chunk_size)}: uploads will be slow, every chunk costs a "
+                        f"request (usable: {binary_size(USEFUL_CHUNK_SIZE)} to {binary_size(MAX_CHUNK_SIZE)})")
+    return warnings
+
+
 def build_parser() -> argparse.ArgumentParser:
     here = _program_dir()
     parser = _ArgumentParser(
@@ -202,13 +250,14 @@ def build_parser() -> argparse.ArgumentParser:
     add("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST}: every interface)")
     add("-s", "--storage", type=Path, default=here / "storage", help="folder for uploaded files")
     add("-c", "--chunks", type=Path, default=here / "chunk", help="folder for partial uploads")
-    add("--max-size", type=_positive_int, default=DEFAULT_MAX_SIZE_MB, metavar="MB",
-        help=f"largest file accepted, in MiB (default {DEFAULT_MAX_SIZE_MB})")
+    add("--max-size", type=_size_in_mib, default=DEFAULT_MAX_SIZE_MB, metavar="SIZE",
+        help=f"largest file accepted: MiB as a plain number, or 500M, 2G (default {DEFAULT_MAX_SIZE_MB // 1024}G)")
     add("--timeout", type=_positive_int, default=DEFAULT_TIMEOUT_MS, metavar="MS",
         help=f"the page gives up on a chunk request after this long without progress, and retries it "
-             f"(ms, default {DEFAULT_TIMEOUT_MS})")
-    add("--chunk-size", type=_positive_int, default=DEFAULT_CHUNK_SIZE, metavar="BYTES",
-        help=f"chunk size the page uploads with (default {DEFAULT_CHUNK_SIZE})")
+             f"(ms, at least {MIN_TIMEOUT_MS}; default {DEFAULT_TIMEOUT_MS})")
+    add("--chunk-size", type=_chunk_bytes, default=DEFAULT_CHUNK_SIZE, metavar="SIZE",
+        help=f"chunk size the page uploads with: bytes as a plain number, or 512K, 8M "
+             f"(default {DEFAULT_CHUNK_SIZE // MIB}M)")
     add("--parallel-chunks", type=_positive_int, default=DEFAULT_PARALLEL_CHUNKS, metavar="N",
         help=f"chunks of one file in flight at once (default {DEFAULT_PARALLEL_CHUNKS})")
     add("--disable-parallel-chunks", action="store_true", help="send one chunk at a time (--parallel-chunks 1)")
@@ -243,6 +292,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
     args = parser.parse_args(argv)
     if args.chunk_size > MAX_CHUNK_SIZE:
         parser.error(f"--chunk-size is at most {MAX_CHUNK_SIZE} bytes")
+    _check_limits(parser, args)
     _check_tls_and_share(parser, args)
     index = args.index
     if index is not None and not index.is_file():
@@ -382,11 +432,8 @@ def binary_size(size: float) -> str:
 
 
 def human_size(size: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if size < 1000 or unit == "TB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    return f"{size:.1f} TB"
+    """One convention for people everywhere: binary_size()."""
+    return binary_size(size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2469,11 +2516,12 @@ def _page_routes(app: bottle.Bottle, config: Config) -> None:
 
     @app.get("/")
     def index():
-        if config.index is not None:
+        if config.index is not None and config.index.is_file():  # deleted while running: the built-in page
             response = bottle.static_file(config.index.name, root=str(config.index.parent),
                                           mimetype="text/html")
             response.set_header("Cache-Control", "no-cache")
-            return response
+            if response.status_code < 400:
+                return response
         response = bottle.HTTPResponse(page)
         response.content_type = "text/html; charset=utf-8"
         response.set_header("Content-Security-Policy", page_policy)
@@ -2767,16 +2815,55 @@ def banner(config: Config, urls: list[str], tls: TLSIdentity | None = None) -> s
         f"pyfiledrop {__version__}",
         f"  saving to      {config.storage}",
         f"  partial files  {config.chunks} (unfinished uploads, removed after {ttl} untouched)",
-        f"  limits         files up to {config.max_size_mb} MiB; chunks of {binary_size(config.chunk_size)}, "
+        f"  limits         files up to {binary_size(config.max_size_bytes)}; "
+        f"chunks of {binary_size(config.chunk_size)}, "
         f"{config.parallel_chunks} at a time; {config.timeout_ms / 1000:g} s per chunk",
         f"  downloads      {'allowed' if config.allow_downloads else 'off'}",
         *tls_banner_lines(tls),
         *share_banner_lines(config),
+        *page_banner_lines(config),
+        *address_banner_lines(config.host, urls),
+    ]
+    return "\n".join(lines)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``--host`` lets only this machine connect (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def address_banner_lines(host: str, urls: list[str]) -> list[str]:
+    if is_loopback(host):
+        return [f"Reachable from this machine only (--host {host}); open:", f"  {urls[0]}"]
+    port = urlsplit(urls[0]).port
+    return [
         "Open this address on a phone or PC on this network:" if len(urls) == 1 else
         "Open one of these addresses on a phone or PC on this network (the first is the most likely):",
         *(f"  {url}" for url in urls),
+        CONNECTION_TROUBLE.format(port=port),
     ]
-    return "\n".join(lines)
+
+
+# One line for when no phone can connect: the two causes behind nearly every case.
+CONNECTION_TROUBLE = ("No connection? Allow TCP port {port} in this computer's firewall; guest Wi-Fi often keeps "
+                      "devices apart.")
+
+
+def page_banner_lines(config: Config) -> list[str]:
+    """Say so when another page than the built-in one is served (an index.html beside the program is easy to
+    forget)."""
+    if config.index is None:
+        return []
+    if config.index == _program_dir() / "index.html":
+        return [f"  page           {config.index} (found beside the program; it replaces the built-in page)"]
+    return [f"  page           {config.index} (--index; the built-in page if it goes away)"]
 
 
 def share_banner_lines(config: Config) -> list[str]:
@@ -2888,6 +2975,7 @@ class Console:
         self._status_shown = None  # when it was last drawn
         self._session_start = time.time()
         self._finished = False     # after the last line, requests still being cut off print nothing
+        self._ellipsis = "\u2026" if _can_encode(self.out, "\u2026") else "..."
 
     # -- output -------------------------------------------------------------------------------------------
     def _emit(self, text: str) -> None:
@@ -2943,8 +3031,9 @@ class Console:
             if self._uploads.pop(info.id, None) is not None and self.tty:
                 self._refresh(self.clock(), force=True)
         seconds = max((info.finished or 0) - info.created, 1e-6)
-        self.log_line(f'stored "{info.stored_name}" {human_size(info.size or 0)} in {seconds:.1f} s '
-                      f"({(info.size or 0) / seconds / 1e6:.1f} MB/s) sha256 {info.sha256} from {info.client or '-'}")
+        digest = (info.sha256 or "")[:12] + self._ellipsis  # enough to compare by eye; the ledger keeps it all
+        self.log_line(f'stored "{info.stored_name}" {binary_size(info.size or 0)} in {seconds:.1f} s '
+                      f"({(info.size or 0) / seconds / MIB:.1f} MiB/s) sha256 {digest} from {info.client or '-'}")
 
     # -- progress -----------------------------------------------------------------------------------------
     def progress(self, event: Progress) -> None:
@@ -2972,16 +3061,20 @@ class Console:
                 self._emit(f"{time.strftime('%H:%M:%S')} receiving {self._describe(upload, now)}\n")
 
     def _describe(self, upload: dict, now: float) -> str:
+        return f'"{upload["name"]}" {self._details(upload, now)[0]}'
+
+    def _details(self, upload: dict, now: float) -> tuple[str, str]:
+        """(all details, the shortest) of an upload's progress, without its name."""
         elapsed = max(now - upload["since"], 1e-6)
         rate = (upload["done"] - upload["base"]) / elapsed
         size = upload["size"]
         if size is None:  # a body of unknown length
-            return f'"{upload["name"]}" {human_size(upload["done"])} so far, {rate / 1e6:.1f} MB/s'
+            return f"{binary_size(upload['done'])} so far, {rate / MIB:.1f} MiB/s", binary_size(upload["done"])
         percent = 100 * upload["done"] // max(size, 1)
-        text = f'"{upload["name"]}" {percent}% of {human_size(size)}, {rate / 1e6:.1f} MB/s'
+        text = f"{percent}% of {binary_size(size)}, {rate / MIB:.1f} MiB/s"
         if rate > 0:
             text += f", {max(0, size - upload['done']) / rate:.0f} s left"
-        return text
+        return text, f"{percent}%"
 
     def _forget_stale(self, now: float) -> None:
         for upload_id in [key for key, upload in self._uploads.items()
@@ -2996,7 +3089,9 @@ class Console:
         self._clear_status()
         self._status_shown = now
         if shown:
-            self._draw("receiving " + " | ".join(self._describe(upload, now) for upload in shown))
+            width = shutil.get_terminal_size((80, 24)).columns - 1
+            items = [(upload["name"], *self._details(upload, now)) for upload in shown]
+            self._draw(fit_status(items, width, self._ellipsis))
 
     def finish(self, text: str) -> None:
         """The last line: clears the status line (and the terminal's "^C") first."""
@@ -3004,6 +3099,26 @@ class Console:
             self._clear_status()
             self._emit(("\r" if self.tty else "") + text + "\n")
             self._finished = True
+
+
+def fit_status(items: list[tuple[str, str, str]], width: int, ellipsis: str = "\u2026") -> str:
+    """One status line for uploads (name, all details, shortest details) that fits ``width`` uncut: names
+    shortened in the middle first, then only the shortest details, then a count."""
+    for detail in (1, 2):
+        for budget in (None, 40, 24, 12):
+            text = "receiving " + " | ".join(f'"{_shorten(item[0], budget, ellipsis)}" {item[detail]}'
+                                             for item in items)
+            if len(text) <= width:
+                return text
+    text = f"receiving {len(items)} files: " + ", ".join(item[2] for item in items)
+    return text if len(text) <= width else f"receiving {len(items)} files"[:width]
+
+
+def _shorten(name: str, budget: int | None, ellipsis: str) -> str:
+    if budget is None or len(name) <= budget:
+        return name
+    tail = min(8, budget // 3)  # the end of a name (its extension, a number) tells files apart
+    return name[:budget - tail - len(ellipsis)] + ellipsis + name[-tail:]
 
 
 class _ConsoleHandler(logging.Handler):
@@ -3094,6 +3209,7 @@ _REASONS = {400: "Bad Request", 408: "Request Timeout", 431: "Request Header Fie
             500: "Internal Server Error", 501: "Not Implemented", 503: "Service Unavailable",
             505: "HTTP Version Not Supported"}
 _SEND_BLOCK = 64 * 1024    # a response's first block this small goes out in one send with the headers
+SERVER_HEADER = "Server: pyfiledrop"   # no version: an attacker learns nothing to look up
 
 
 class _Connection:
@@ -3786,7 +3902,8 @@ class HTTPServer:
         if target and host:
             location = b"https://" + host.group(1) + target.group(1)
             body = b"This server speaks HTTPS: " + location + b"\n"
-            reply = (b"HTTP/1.1 307 Temporary Redirect\r\nLocation: " + location + b"\r\nCache-Control: no-store"
+            reply = (b"HTTP/1.1 307 Temporary Redirect\r\n" + SERVER_HEADER.encode() + b"\r\nLocation: " + location
+                     + b"\r\nCache-Control: no-store"
                      b"\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\nConnection: close"
                      b"\r\n\r\n" % len(body) + body)
         else:
@@ -3798,7 +3915,7 @@ class HTTPServer:
     def _error_bytes(self, status: int, message: str, head_only: bool = False) -> bytes:
         body = (message + "\n").encode()
         head = (f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\nDate: {self._http_date()}\r\n"
-                f"Content-Type: text/plain; charset=utf-8\r\nContent-Length: {len(body)}\r\n"
+                f"{SERVER_HEADER}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {len(body)}\r\n"
                 f"Connection: close\r\n\r\n").encode()
         return head if head_only else head + body
 
@@ -4059,10 +4176,15 @@ class _ResponseWriter:
             elif lower == "transfer-encoding":
                 continue  # framing is the server's business
             elif lower == "date":
+                if has_date:
+                    continue  # one Date, whoever else set one
                 has_date = True
+            elif lower == "server":
+                continue  # ours alone, and it names no version
             lines.append(f"{name}: {value}")
         if not has_date:
             lines.append(f"Date: {server._http_date()}")
+        lines.append(SERVER_HEADER)
         if self.length is None and isinstance(result, (list, tuple)) and self.body_allowed:
             self.length = sum(len(block) for block in result)  # a whole body in hand: its length is known
             if self.body_allowed:
@@ -4364,7 +4486,7 @@ def _write_atomically(path: Path, data: bytes) -> None:
 def _print_banner(config: Config, urls: list[str], console: Console, tls: TLSIdentity | None = None) -> None:
     text = banner(config, urls, tls)
     no_qr = None
-    if config.qr:
+    if config.qr and not is_loopback(config.host):  # a phone cannot open this machine's loopback address
         try:
             code = qr_code(urls[0], ansi=_enable_ansi(console.out),
                            blocks=_can_encode(console.out, "\u2588\u2580\u2584"))
@@ -4377,7 +4499,7 @@ def _print_banner(config: Config, urls: list[str], console: Console, tls: TLSIde
 
 
 def serve(config: Config, engine: Engine, server, *, stop: threading.Event | None = None,
-          console: Console | None = None, tls: TLSIdentity | None = None) -> int:
+          console: Console | None = None, tls: TLSIdentity | None = None, warnings: Iterable[str] = ()) -> int:
     """Serve until ``stop`` is set or Ctrl+C; expires stale partial uploads at start and periodically.
 
     Ctrl+C cuts requests in flight: bytes count as received only once the ledger has recorded them, so an
@@ -4400,6 +4522,8 @@ def serve(config: Config, engine: Engine, server, *, stop: threading.Event | Non
     try:  # from here on Ctrl+C ends with the last line, even while the banner is being printed
         if not config.quiet:
             _print_banner(config, urls, console, tls)
+        for warning in warnings:  # after the banner, so the first line says what is starting
+            log.warning("%s", warning)
         server.serve(stop)
     except KeyboardInterrupt:
         pass
@@ -4528,8 +4652,9 @@ def _main(argv: list[str] | None) -> int:
         problem = _prepare_folder(path, what)
         if problem:
             return _fail(problem)
+    warnings = option_warnings(config)
     if os.stat(config.storage).st_dev != os.stat(config.chunks).st_dev:
-        log.warning("the storage and chunks folders are on different disks: each finished file will be copied")
+        warnings.append("the storage and chunks folders are on different disks: each finished file will be copied")
     try:
         engine = open_engine(config, events=console.handle)
     except (sqlite3.Error, OSError, RuntimeError) as error:
@@ -4551,8 +4676,30 @@ def _main(argv: list[str] | None) -> int:
     if config.open_browser:
         import webbrowser
 
-        threading.Timer(0.5, webbrowser.open, args=(f"http://127.0.0.1:{server.server_address[1]}/",)).start()
-    return serve(config, engine, server, console=console, tls=tls)
+        url = local_url(config.host, server.server_address[1], "https" if tls else "http")
+        threading.Timer(0.5, webbrowser.open, args=(url,)).start()
+    _stop_on_sigterm()
+    return serve(config, engine, server, console=console, tls=tls, warnings=warnings)
+
+
+def local_url(host: str, port: int, scheme: str = "http") -> str:
+    """The page's address for a browser on this machine: the address listened on, loopback for "every
+    interface" (of the family listened on: ::1 for ::)."""
+    address = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"{scheme}://{f'[{address}]' if ':' in address else address}:{port}/"
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM (kill, systemd, docker stop) and Ctrl+Break end the server as Ctrl+C does: with its last line."""
+    import signal
+
+    def interrupt(number, frame):
+        raise KeyboardInterrupt
+
+    for name in ("SIGTERM", "SIGBREAK"):
+        if hasattr(signal, name):
+            with contextlib.suppress(ValueError, OSError):  # not the main thread (embedded): leave it be
+                signal.signal(getattr(signal, name), interrupt)
 
 
 ###############################################################################
