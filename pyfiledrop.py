@@ -2852,8 +2852,7 @@ def address_banner_lines(host: str, urls: list[str]) -> list[str]:
 
 
 # One line for when no phone can connect: the two causes behind nearly every case.
-CONNECTION_TROUBLE = ("No connection? Allow TCP port {port} in this computer's firewall; guest Wi-Fi often keeps "
-                      "devices apart.")
+CONNECTION_TROUBLE = "No connection? Allow TCP port {port} in this computer's firewall; guest Wi-Fi may isolate devices."
 
 
 def page_banner_lines(config: Config) -> list[str]:
@@ -2880,8 +2879,7 @@ def tls_banner_lines(tls: TLSIdentity | None) -> list[str]:
         return []
     what = {"new": "a self-signed certificate made now (kept in the chunks folder for later starts)",
             "kept": "the self-signed certificate made at an earlier start",
-            "renewed": "the self-signed certificate, made again (it was ending, or this machine has a new "
-                       "address): phones ask again",
+            "renewed": "the self-signed certificate made again (ending, or a new address): phones ask again",
             "own": f"the certificate {tls.certificate}"}[tls.origin]
     half = len(tls.fingerprint) // 2 + 1
     lines = [f"  HTTPS          {what}"]
