@@ -3681,7 +3681,8 @@ class HTTPServer:
     def _refuse_now(self, sock: socket.socket, address: str, why: str) -> None:
         self._warn(address, f"refused a connection from {address}: {why}")
         with contextlib.suppress(OSError):
-            sock.send(self._error_bytes(503, "The server is busy; try again shortly."))
+            if self.ssl_context is None:  # a TLS client could not read a plain answer
+                sock.send(self._error_bytes(503, "The server is busy; try again shortly."))
         sock.close()
 
     def _warn(self, address: str, message: str) -> None:

@@ -272,6 +272,7 @@ def header_lines(port: int, request: bytes) -> list[str]:
 def test_every_reply_has_one_date_and_a_server_header_that_tells_nothing(tmp_path):
     with running_server(tmp_path, allow_downloads=True) as server:
         status, _, reply = server.request("PUT", "/upload/a.txt", b"hello")
+        assert status == 200, reply
         upload_id = __import__("json").loads(reply)["id"]
         for request in (f"GET /download/{upload_id} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".encode(),
                         b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
@@ -310,14 +311,19 @@ def visible(line: str) -> str:
 
 
 def test_ctrl_c_on_a_terminal_leaves_no_caret_c(tmp_path):
+    import fcntl
     import pty
+    import termios
+
+    def own_terminal() -> None:  # in the child: the pty becomes its controlling terminal, so ^C is SIGINT
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
     controller, terminal = pty.openpty()
     port = free_port()
     process = subprocess.Popen([sys.executable, str(ROOT / "pyfiledrop.py"), "--host", "127.0.0.1", "-p", str(port),
                                 "--no-qr", *folders(tmp_path)], stdin=terminal, stdout=terminal, stderr=terminal,
                                start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                               preexec_fn=lambda: __import__("fcntl").ioctl(0, __import__("termios").TIOCSCTTY, 0))
+                               preexec_fn=own_terminal)  # noqa: PLW1509 (one system call, nothing imported)
     os.close(terminal)
     received = b""
 

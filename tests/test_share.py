@@ -183,7 +183,7 @@ def test_share_option_checks_the_folder_and_the_banner_says_what_is_shared(tmp_p
                             capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert result.returncode == 2 and result.stderr.startswith("pyfiledrop: error: --share: no such folder")
     args = ["--share", str(shared), "--no-qr", "-s", str(tmp_path / "storage"), "-c", str(tmp_path / "chunks")]
-    with cli_server(args) as (process, port):
+    with cli_server(args) as (process, _port):
         from conftest import Output
         output = Output(process)
         output.wait_for(lambda text: "Press Ctrl+C to stop." in text)

@@ -8,10 +8,8 @@ import contextlib
 import datetime
 import hashlib
 import http.client
-import ipaddress
 import json
 import os
-import re
 import signal
 import socket
 import ssl
@@ -23,14 +21,22 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, Output, chunk_fields, cli_server, encode_multipart, free_port, sha256
+from conftest import (
+    ROOT,
+    Output,
+    chunk_fields,
+    cli_server,
+    encode_multipart,
+    free_port,
+    sha256,
+)
 
 import pyfiledrop
 
 x509 = pytest.importorskip("cryptography.x509")
-from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
-from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
-from cryptography.x509.oid import ExtendedKeyUsageOID  # noqa: E402
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 HANG = 10.0  # seconds: anything slower than this is a hang, not a slow machine
 
@@ -347,7 +353,7 @@ def test_a_chunked_upload_a_put_and_a_ranged_download_over_https(tmp_path):
         assert status == 200 and json.loads(answer)["sha256"] == sha256(data)
         status, headers, whole = https(port, identity, "GET", f"/download/{upload_id}")
         assert status == 200 and whole == data
-        status, headers, part = https(port, identity, "GET", f"/download/{upload_id}",
+        status, _headers, part = https(port, identity, "GET", f"/download/{upload_id}",
                                       headers={"Range": "bytes=1000000-2100000"})
         assert status == 206 and part == data[1000000:2100001]
 
@@ -394,7 +400,7 @@ def test_a_specific_host_is_named_too(tmp_path):
 def test_the_certificate_is_kept_renewed_before_its_end_and_when_an_address_is_new(tmp_path):
     dns, addresses = ["localhost"], ["127.0.0.1"]
     long_ago = time.time() - 790 * 86400
-    cert_path, key_path, origin = pyfiledrop.generated_certificate(tmp_path, dns, addresses, long_ago)
+    cert_path, _key_path, origin = pyfiledrop.generated_certificate(tmp_path, dns, addresses, long_ago)
     assert origin == "new"
     first = load(cert_path)
     _, _, origin = pyfiledrop.generated_certificate(tmp_path, dns, addresses, long_ago + 86400)
@@ -471,7 +477,7 @@ def test_own_certificate_and_key_are_served(tmp_path):
 
 def test_cert_and_key_problems_are_one_line(tmp_path):
     cert, key = own_certificate(tmp_path / "mine")
-    other_cert, other_key = own_certificate(tmp_path / "other")
+    _other_cert, other_key = own_certificate(tmp_path / "other")
     port = str(free_port())
     base = ["--host", "127.0.0.1", "-p", port, *folders(tmp_path)]
     assert_one_line_error(run_cli([*base, "--cert", str(cert)], tmp_path), "--cert and --key go together")
@@ -502,7 +508,7 @@ def test_without_cryptography_tls_is_one_clear_line_and_cert_still_works(tmp_pat
                                 "--cert", str(cert), "--key", str(key), *folders(tmp_path)],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    output, text = banner_of(process)
+    output, _text = banner_of(process)
     try:
         assert served_fingerprint(port) == pyfiledrop.certificate_fingerprint(cert)
     finally:
@@ -516,7 +522,7 @@ def test_a_kill_while_the_certificate_is_written_leaves_no_half_file(tmp_path):
     chunks.mkdir()
     (chunks / f"{pyfiledrop.TLS_CERT_NAME}.{uuid.uuid4().hex}.tmp").write_text("-----BEGIN CERT")
     with cli_server(["--tls", "--no-qr", *folders(tmp_path)]) as (process, port):
-        output, text = banner_of(process)
+        output, _text = banner_of(process)
         assert served_fingerprint(port) == pyfiledrop.certificate_fingerprint(chunks / pyfiledrop.TLS_CERT_NAME)
         stop(process, output)
     assert sorted(name for name in os.listdir(chunks) if not name.startswith("ledger")) == [
