@@ -23,6 +23,7 @@ import dataclasses
 import enum
 import errno
 import hashlib
+import hmac
 import itertools
 import json
 import logging
@@ -44,19 +45,19 @@ import zlib
 from email.utils import formatdate
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping
-from urllib.parse import quote, unquote_to_bytes, urlsplit
+from urllib.parse import quote, unquote_to_bytes, urljoin, urlsplit
 
 import bottle
 from werkzeug.http import parse_options_header
 
 __version__ = "1.1.0"
 __all__ = [
-    "Config", "parse_args", "main", "serve", "create_app", "open_engine", "make_server", "ServerLimits",
-    "Engine", "EngineLimits", "Ledger", "LocalBackend", "BackendConstraints", "UploadInfo", "State",
-    "Progress", "Stored", "Refused", "Notice", "UploadError", "BadRequest", "Forbidden", "NotFound", "Conflict",
-    "Superseded", "TooLarge", "InsufficientStorage", "StorageFailure", "ClientDisconnected", "Console",
-    "sanitize_filename", "numbered_name", "chunk_count", "chunk_length", "add_range", "range_holes",
-    "prefix_end", "multipart_parts", "FormField", "FilePart",
+    "Config", "parse_args", "main", "serve", "create_app", "open_engine", "make_server", "ServerLimits", "Engine",
+    "EngineLimits", "Ledger", "LocalBackend", "BackendConstraints", "UploadInfo", "State", "Progress", "Stored",
+    "Refused", "Notice", "UploadError", "BadRequest", "Forbidden", "NotFound", "Conflict", "Superseded",
+    "ChecksumMismatch", "TooLarge", "InsufficientStorage", "StorageFailure", "ClientDisconnected", "Console",
+    "sanitize_filename", "sanitize_relative_path", "split_folder", "numbered_name", "chunk_count", "chunk_length",
+    "add_range", "range_holes", "prefix_end", "multipart_parts", "FormField", "FilePart",
 ]
 
 ###############################################################################
@@ -87,6 +88,8 @@ MAX_NAME_BYTES = 200               # leaves room for " (12345)" under every file
 MAX_FIELD_BYTES = 1024
 MAX_FORM_PARTS = 64
 MAX_NAME_ATTEMPTS = 10_000
+MAX_FOLDER_DEPTH = 32              # folders an upload may name above its file
+MAX_PATH_BYTES = 1024              # a stored name with its folders (Windows and macOS allow about this much)
 READ_BLOCK = 1 * MIB
 
 DZ_FIELDS = ("dzuuid", "dzchunkindex", "dztotalfilesize", "dzchunksize", "dztotalchunkcount",
@@ -243,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _ArgumentParser(
         prog="pyfiledrop",
         description="Serve a drop page on the LAN; files dropped on it are saved to the storage folder.",
+        epilog="To send files to a server from a terminal: pyfiledrop send FILE_OR_FOLDER... --to URL "
+               "(see pyfiledrop send --help).",
     )
     add = parser.add_argument
     add("--version", action="version", version=f"pyfiledrop {__version__}")
@@ -375,6 +380,27 @@ def sanitize_filename(raw: str) -> str:
     return _truncate_name(name, MAX_NAME_BYTES)
 
 
+def sanitize_relative_path(raw: str) -> str:
+    """``sanitize_filename`` for each folder and the file of a relative path ("a/b/c.txt"); nothing climbs.
+
+    "." and ".." and empty components are dropped, so no path leaves the folder it is stored under;
+    BadRequest when it names more than MAX_FOLDER_DEPTH folders or MAX_PATH_BYTES bytes.
+    """
+    parts = [part for part in raw.replace("\\", "/").split("/") if part.strip(" ") not in ("", ".", "..")]
+    if len(parts) > MAX_FOLDER_DEPTH + 1:
+        raise BadRequest(f"Folders nest at most {MAX_FOLDER_DEPTH} deep here.")
+    path = "/".join(sanitize_filename(part) for part in parts) if parts else "file"
+    if len(path.encode("utf-8")) > MAX_PATH_BYTES:
+        raise BadRequest(f"The file's path is too long: at most {MAX_PATH_BYTES} bytes with its folders.")
+    return path
+
+
+def split_folder(path: str) -> tuple[str, str]:
+    """("a/b", "c.txt") for "a/b/c.txt"; ("", "c.txt") for a file at the top."""
+    folder, _, name = path.rpartition("/")
+    return folder, name
+
+
 def _truncate_name(name: str, limit: int) -> str:
     if len(name.encode("utf-8")) <= limit:
         return name
@@ -496,6 +522,7 @@ class UploadError(Exception):
     """An upload refused or failed; ``status`` is the HTTP status the message goes out with."""
 
     status = 500
+    headers: Mapping[str, str] = {}     # sent with the error reply
 
     def __init__(self, message: str):
         super().__init__(message)
@@ -518,6 +545,10 @@ class Conflict(UploadError):
     status = 409
 
 
+class Gone(UploadError):
+    status = 410
+
+
 class Superseded(Conflict):
     """A newer request took over the bytes this request was writing (a retry of a stalled request)."""
 
@@ -532,6 +563,12 @@ class TooManyBytes(BadRequest):
 
 class TooLarge(UploadError):
     status = 413
+
+
+class ChecksumMismatch(UploadError):
+    """The bytes that arrived do not have the hash the client sent with them (tus answers 460 for this)."""
+
+    status = 460
 
 
 class InsufficientStorage(UploadError):
@@ -616,7 +653,7 @@ class UploadInfo:
     """What the ledger knows of one upload; a frozen value, replaced (``dataclasses.replace``) on change."""
 
     id: str
-    name: str                    # the sanitised name the client gave
+    name: str                    # the sanitised name the client gave, with its folders ("a/b/c.txt")
     size: int | None             # None until a body of unknown length ends
     part_size: int               # the client's chunk grid (the whole size for one-request uploads)
     client: str
@@ -628,6 +665,7 @@ class UploadInfo:
     stored_name: str | None = None
     finished: float | None = None
     reason: str = ""
+    mtime: float | None = None   # the original's modification time, given to the stored file
 
     @property
     def received_bytes(self) -> int:
@@ -688,9 +726,11 @@ class Ledger:
                received TEXT NOT NULL, sha256 TEXT, stored_name TEXT, finished REAL, reason TEXT NOT NULL);
            CREATE INDEX uploads_by_state ON uploads (state, updated);
            CREATE INDEX uploads_by_created ON uploads (created);""",
+        """ALTER TABLE uploads ADD COLUMN mtime REAL;
+           CREATE INDEX uploads_by_content ON uploads (sha256, size);""",
     )
     _COLUMNS = ("id", "name", "size", "part_size", "client", "created", "updated", "state", "received", "sha256",
-                "stored_name", "finished", "reason")
+                "stored_name", "finished", "reason", "mtime")
 
     def __init__(self, path: Path | str):
         self.path = str(path)
@@ -759,6 +799,14 @@ class Ledger:
             rows = self._db.execute(query, arguments).fetchall()
         return [self._info(row) for row in rows]
 
+    def stored_with(self, sha256: str, size: int, limit: int = 100) -> list[UploadInfo]:
+        """Stored uploads with this content (by the index on sha256 and size), newest first."""
+        with self._lock:
+            rows = self._db.execute(f"SELECT {', '.join(self._COLUMNS)} FROM uploads WHERE sha256 = ? AND size = ? "
+                                    "AND state = ? ORDER BY created DESC LIMIT ?",
+                                    (sha256, size, State.STORED.value, limit)).fetchall()
+        return [self._info(row) for row in rows]
+
     def newest(self, limit: int = 100, offset: int = 0) -> list[UploadInfo]:
         with self._lock:
             rows = self._db.execute(f"SELECT {', '.join(self._COLUMNS)} FROM uploads ORDER BY created DESC "
@@ -773,7 +821,7 @@ class Ledger:
     def _row(info: UploadInfo) -> tuple:
         return (info.id, info.name, info.size, info.part_size, info.client, info.created, info.updated,
                 info.state.value, json.dumps(info.received, separators=(",", ":")), info.sha256, info.stored_name,
-                info.finished, info.reason)
+                info.finished, info.reason, info.mtime)
 
     @staticmethod
     def _info(row: tuple) -> UploadInfo:
@@ -939,25 +987,44 @@ class LocalBackend:
         return min(shutil.disk_usage(folder).total for folder in {self.storage, self.chunks})
 
     # -- stored files ---------------------------------------------------------------------------------------
-    def store(self, upload_id: str, name: str) -> str:
+    def store(self, upload_id: str, name: str, mtime: float | None = None) -> str:
         """Give the complete partial file its final name in storage, never replacing a file; the name used.
 
-        The partial file stays (linked twice) until ``discard``: the engine records the name in between.
+        ``name`` may name folders ("a/b/c.txt"): they are made as needed, inside storage.  The partial file
+        stays (linked twice) until ``discard``: the engine records the name in between.
         """
+        folder, leaf = split_folder(name)
+        directory = self.folder_for(folder)
         source = self.part_path(upload_id)
+        _set_mtime(source, mtime)   # before the link: the stored file never shows another time
         for number in range(MAX_NAME_ATTEMPTS):
-            candidate = numbered_name(name, number)
+            candidate = numbered_name(leaf, number)
             try:
-                claimed = self._claim(source, self.storage / candidate)
+                claimed = self._claim(source, directory / candidate)
             except OSError as error:
                 if error.errno != errno.EXDEV:
                     raise
                 source = self._copy_into_storage(upload_id)  # the folders are on different filesystems
-                claimed = self._claim(source, self.storage / candidate)
+                _set_mtime(source, mtime)
+                claimed = self._claim(source, directory / candidate)
             if claimed:
                 self._checkpoint("linked")
-                return candidate
+                return f"{folder}/{candidate}" if folder else candidate
         raise Conflict("Too many files with this name already.")
+
+    def folder_for(self, folder: str) -> Path:
+        """The storage folder ``folder`` ("a/b", sanitised), made if missing; never a way out of storage."""
+        if not folder:
+            return self.storage
+        directory = self.storage / folder
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise Conflict(f'A file is in the way of the folder "{folder}".') from None
+        root = os.path.realpath(self.storage)
+        if not os.path.realpath(directory).startswith(root + os.sep):  # a symbolic link someone put there
+            raise Forbidden(f'The folder "{folder}" leads out of the storage folder.')
+        return directory
 
     def _claim(self, source: str, target: Path) -> bool:
         """Link ``source`` as ``target``; False when ``target`` is taken."""
@@ -967,9 +1034,11 @@ class LocalBackend:
         except FileExistsError:
             return False
         except FileNotFoundError:
-            if not os.path.exists(source):
+            if not os.path.exists(source) or target.parent.exists():
                 raise
-            self._recreate(self.storage, "storage")
+            if not self.storage.exists():
+                self._recreate(self.storage, "storage")
+            target.parent.mkdir(parents=True, exist_ok=True)
             return self._claim(source, target)
         except OSError as error:
             if error.errno in _LINK_FATAL_ERRNOS or error.errno == errno.EXDEV:
@@ -1026,22 +1095,26 @@ class LocalBackend:
         if source is None or source.st_nlink < 2:
             return None
         identity = (source.st_ino, source.st_dev)
+        folder, leaf = split_folder(name or "")
         misses = 0
         for number in range(MAX_NAME_ATTEMPTS if name else 0):  # names are claimed in this order
-            candidate = numbered_name(name, number)
+            candidate = f"{folder}/{numbered_name(leaf, number)}" if folder else numbered_name(leaf, number)
             try:
                 found = os.stat(self.storage / candidate)
-            except FileNotFoundError:
+            except (FileNotFoundError, NotADirectoryError):
                 misses += 1
                 if misses > 100:
                     break
                 continue
             if (found.st_ino, found.st_dev) == identity:
                 return candidate
-        with os.scandir(self.storage) as entries:  # renamed by hand, or no record of the name: look at all
-            for entry in entries:
-                if entry.is_file() and (entry.stat().st_ino, entry.stat().st_dev) == identity:
-                    return entry.name
+        for top, _, files in os.walk(self.storage):  # renamed by hand, or no record of the name: look at all
+            for filename in files:
+                path = os.path.join(top, filename)
+                with contextlib.suppress(OSError):
+                    found = os.stat(path, follow_symlinks=False)
+                    if (found.st_ino, found.st_dev) == identity:
+                        return os.path.relpath(path, self.storage).replace(os.sep, "/")
         return None
 
     def temporaries(self) -> list[tuple[str, str | None]]:
@@ -1063,6 +1136,12 @@ class LocalBackend:
     def stored_exists(self, stored_name: str) -> bool:
         return (self.storage / stored_name).is_file()
 
+    def stored_size(self, stored_name: str) -> int | None:
+        try:
+            return os.stat(self.storage / stored_name).st_size
+        except OSError:
+            return None
+
     def hash_stored(self, stored_name: str) -> str:
         digest = hashlib.sha256()
         with open(self.storage / stored_name, "rb", buffering=0) as handle:
@@ -1071,6 +1150,13 @@ class LocalBackend:
             while count := handle.readinto(buffer):
                 digest.update(view[:count])
         return digest.hexdigest()
+
+
+def _set_mtime(path: str, mtime: float | None) -> None:
+    if mtime is None:
+        return
+    with contextlib.suppress(OSError, OverflowError, ValueError):  # a time the filesystem cannot hold
+        os.utime(path, (time.time(), mtime))
 
 
 def _unlink_quietly(path: str | Path) -> None:
@@ -1137,7 +1223,8 @@ class _Writer:
     """One request putting bytes into an upload from ``start``; ``fenced`` once a newer request took over."""
 
     __slots__ = ("start", "end", "position", "committed_to", "lock", "fenced", "whole", "holes", "hasher",
-                 "hash_from", "next_space_check", "next_progress", "last_progress", "atomic", "superseded")
+                 "hash_from", "next_space_check", "next_progress", "last_progress", "atomic", "superseded",
+                 "keep_if_empty")
 
     def __init__(self, start: int, end: int | None, holes: list[tuple[int, int | None]]):
         self.start = self.position = self.committed_to = start
@@ -1153,6 +1240,7 @@ class _Writer:
         self.last_progress = time.monotonic()
         self.atomic = False
         self.superseded = False          # fenced by a newer request (not by its own failure)
+        self.keep_if_empty = False
 
     def fence(self, superseded: bool = True) -> None:
         with self.lock:
@@ -1218,11 +1306,12 @@ class Engine:
 
     # -- create -------------------------------------------------------------------------------------------
     def create(self, upload_id: str, name: str, *, size: int | None, part_size: int, client: str,
-               ephemeral: bool = False, fresh: bool = False) -> UploadInfo:
+               ephemeral: bool = False, fresh: bool = False, mtime: float | None = None) -> UploadInfo:
         """A new upload, or the one already under ``upload_id`` if it matches (name, size, part size).
 
-        ``ephemeral``: it arrives in one request, so it is recorded only once stored.  ``fresh``: the id was
-        just made by the server, so nothing can be under it yet (no look-up).
+        ``name`` may name folders ("a/b/c.txt", as ``sanitize_relative_path`` makes it).  ``ephemeral``: it
+        arrives in one request, so it is recorded only once stored.  ``fresh``: the id was just made by the
+        server, so nothing can be under it yet (no look-up).  ``mtime``: the stored file's modification time.
         """
         if size is not None and size > self.limits.max_size:
             raise TooLarge(f"File too large: {size} bytes; this server accepts up to {self.limits.max_size} "
@@ -1241,7 +1330,7 @@ class Engine:
             self.check_space(size or 0)
             now = self.clock()
             info = UploadInfo(id=upload_id, name=name, size=size, part_size=part_size, client=client,
-                              created=now, updated=now)
+                              created=now, updated=now, mtime=mtime)
             fd = self._new_part(upload_id)
             live = _Live(info, ephemeral, fd if ephemeral else None)
             if not ephemeral:
@@ -1319,40 +1408,73 @@ class Engine:
             raise NotFound(f"{_GONE[info.state]} Start it again.")
         return info
 
+    def offset(self, upload_id: str) -> int:
+        """How many bytes from the start are here without a gap, counting those that requests still running
+        have written and not yet recorded (a resumable client asks this to go on from there)."""
+        live = self._live.get(upload_id)
+        if live is None:
+            info = self.info(upload_id)
+            return info.size or 0 if info.state is State.STORED else prefix_end(info.received)
+        with live.changed:
+            ranges = live.info.received
+            for writer in live.writers:
+                if not writer.fenced and not writer.atomic:
+                    ranges = add_range(ranges, writer.start, writer.position)
+        return prefix_end(ranges) if live.info.state is not State.STORED else live.info.size or 0
+
     def list(self, limit: int = 100, offset: int = 0) -> list[UploadInfo]:
         """Uploads, newest first."""
         return self.ledger.newest(limit, offset)
 
     # -- put ------------------------------------------------------------------------------------------------
     def put(self, upload_id: str, offset: int, pieces: Iterable, *, length: int | None = None,
-            atomic: bool = False) -> UploadInfo:
+            atomic: bool = False, checksum: tuple[str, bytes] | None = None,
+            keep_if_empty: bool = False) -> UploadInfo:
         """Write the bytes of ``pieces`` at ``offset`` (at most ``length`` of them); the upload's info after.
 
         Bytes already received are read and dropped, never written again.  What arrived is recorded even
         when the request breaks off (the client vanished), so it can go on from there; ``atomic``: only if
-        all ``length`` bytes arrive (a chunk protocol that always sends a part again whole).  A stored
-        upload is answered as it is, without writing.
+        all ``length`` bytes arrive (a chunk protocol that always sends a part again whole).
+        ``checksum`` (algorithm, digest), "sha1" or "sha256": the bytes of this request must have that hash,
+        else none of them counts and ChecksumMismatch is raised; bytes received before are checked too, so a
+        part sent again with other content is refused.  A stored upload is answered as it is, unwritten.
+        ``keep_if_empty``: an upload the client created explicitly (tus) outlives a failed request that brought
+        none of its bytes; otherwise such an upload is forgotten, and a retry starts it again.
         """
+        check = _checksum_hasher(checksum)
+        if check is not None:
+            pieces, atomic_here = _hashed(pieces, check), True
+        else:
+            atomic_here = atomic
         live = self._get_live(upload_id)
         if live is None:
-            return self._settled_info(upload_id)
+            info = self._settled_info(upload_id)
+            if check is not None:
+                _drain(pieces)
+                _verify(check, checksum)
+            return info
         size = live.info.size
         end = offset + length if length is not None else size
         if offset < 0 or (size is not None and (offset > size or end > size)):
             raise BadRequest("Those bytes lie past the end of the file.")
         writer = self._claim(live, offset, end)
-        writer.atomic = atomic
+        writer.atomic = atomic_here
+        writer.keep_if_empty = keep_if_empty
         failed = True
         try:
             self._receive(live, writer, pieces)
             failed = atomic and writer.position != end
+            if check is not None and not failed:
+                failed = not _verify(check, checksum, raise_error=False)
         except TooManyBytes:
-            atomic = True  # a request that breaks its own announcement: none of it counts
+            atomic_here = True  # a request that breaks its own announcement: none of it counts
             raise
         finally:
-            if failed and atomic:
+            if failed and atomic_here:
                 writer.fence(superseded=False)  # none of it counts
             self._settle(live, writer, failed)
+        if check is not None:
+            _verify(check, checksum)
         return live.info
 
     def _claim(self, live: _Live, start: int, end: int | None) -> _Writer:
@@ -1377,6 +1499,8 @@ class Engine:
                     live.changed.wait(STALLED_AFTER_S / 4)
                     continue
             for rival in rivals:  # outside live.lock: a rival commits holding its own lock, then live.lock
+                if not rival.atomic:
+                    self._commit(live, rival)  # what it wrote counts: a resumable client goes on from there
                 rival.fence()
 
     def _receive(self, live: _Live, writer: _Writer, pieces: Iterable) -> None:
@@ -1502,7 +1626,7 @@ class Engine:
             with live.changed:
                 live.writers.remove(writer)
                 live.changed.notify_all()
-        if failed and not writer.superseded:
+        if failed and not writer.superseded and not writer.keep_if_empty:
             self._forget_if_empty(live)
         elif not failed:
             self._hold_back(live)
@@ -1641,7 +1765,7 @@ class Engine:
         if stat is None or stat.st_size != live.info.size:
             raise StorageFailure("The partial file does not have the declared size.")
         try:
-            stored_name = live.linked_as or self.backend.store(upload_id, live.info.name)
+            stored_name = live.linked_as or self.backend.store(upload_id, live.info.name, live.info.mtime)
         except OSError as error:
             raise storage_error(error)
         live.linked_as = stored_name
@@ -1697,6 +1821,27 @@ class Engine:
         if live is not None and live.info.state is not State.STORED:
             self.backend.discard(upload_id)
 
+    def abort(self, upload_id: str, reason: str = "cancelled") -> UploadInfo:
+        """End an unfinished upload for good (the client cancelled it): requests still writing it are fenced,
+        its partial file goes, its record stays as deleted.  A stored upload is answered as it is."""
+        with self._opening[hash(upload_id) % 64]:
+            live = self._live.get(upload_id) or self._resume(self.ledger.get(upload_id))
+        if live is None:
+            return self.info(upload_id)
+        with live.finish_lock:
+            with live.lock:
+                if live.info.state is State.STORED:
+                    return live.info
+                info = live.info = dataclasses.replace(live.info, state=State.DELETED, updated=self.clock(),
+                                                       reason=reason)
+            for writer in list(live.writers):
+                writer.fence()
+            self._forget(upload_id)
+            self.backend.discard(upload_id)
+            if not live.ephemeral:
+                self._record(info)
+        return info
+
     def _forget(self, upload_id: str) -> _Live | None:
         with self._lock:
             live = self._live.pop(upload_id, None)
@@ -1724,6 +1869,35 @@ class Engine:
             self._notice(f"removed {removed} unfinished upload(s) untouched for "
                          f"{self.limits.partial_ttl / 3600:g} hours")
         return removed
+
+
+CHECKSUM_ALGORITHMS = {"sha1": hashlib.sha1, "sha256": hashlib.sha256}
+
+
+def _checksum_hasher(checksum: tuple[str, bytes] | None):
+    if checksum is None:
+        return None
+    algorithm, digest = checksum
+    if algorithm not in CHECKSUM_ALGORITHMS:
+        raise BadRequest(f"Unknown checksum algorithm {algorithm[:20]!r}; use sha1 or sha256.")
+    hasher = CHECKSUM_ALGORITHMS[algorithm]()
+    if len(digest) != hasher.digest_size:
+        raise BadRequest(f"A {algorithm} checksum is {hasher.digest_size} bytes long.")
+    return hasher
+
+
+def _hashed(pieces: Iterable, hasher) -> Iterator:
+    for piece in pieces:
+        hasher.update(piece)
+        yield piece
+
+
+def _verify(hasher, checksum: tuple[str, bytes], raise_error: bool = True) -> bool:
+    if hmac.compare_digest(hasher.digest(), checksum[1]):
+        return True
+    if raise_error:
+        raise ChecksumMismatch("Checksum mismatch: these bytes were damaged on the way; send them again.")
+    return False
 
 
 def _check_same(info: UploadInfo, name: str, size: int | None, part_size: int) -> None:
@@ -2227,10 +2401,13 @@ def receive_chunk(engine: Engine, chunk: ChunkInfo, filename: str, data: Iterabl
 
 
 def receive_put(engine: Engine, environ: dict, client: str) -> dict:
-    """``PUT /upload/NAME``: the body is the file; of unknown length when chunked."""
+    """``PUT /upload/NAME`` or ``/upload/FOLDER/.../NAME``: the body is the file; of unknown length when chunked.
+
+    Folders in the path are kept under storage, each sanitised like a file name (an encoded slash is one too).
+    """
     # Bottle re-decodes PATH_INFO as UTF-8, dropping what is not; the raw path keeps every byte.
     raw = environ.get("bottle.raw_path", environ.get("PATH_INFO", "")).encode("latin-1").split(b"/", 2)[-1]
-    name = sanitize_filename(raw.decode("utf-8", errors="replace"))
+    name = sanitize_relative_path(raw.decode("utf-8", errors="replace"))
     with _Subject(name):
         length = content_length(environ)
         info = engine.receive_whole(name, request_body(environ, length), client=client, size=length)
@@ -2328,6 +2505,218 @@ def _has_bytes(part: FilePart) -> bool:
 
 
 ###############################################################################
+# Protocol adapters: tus 1.0 ##################################################
+###############################################################################
+# tus (tus.io) is the open protocol for resumable uploads: a POST creates an upload at the server's address,
+# PATCH requests append at its current offset, HEAD tells the offset after any failure.  Each request becomes
+# engine calls: create, put at the offset (non-atomic, so an interrupted PATCH keeps what arrived), finish.
+
+TUS_VERSION = "1.0.0"
+TUS_EXTENSIONS = "creation,creation-with-upload,expiration,checksum,termination"
+TUS_CONTENT_TYPE = "application/offset+octet-stream"
+TUS_HEADERS = {"Tus-Resumable": TUS_VERSION}
+MAX_TUS_METADATA_BYTES = 4096
+
+
+class TusVersionMismatch(UploadError):
+    status = 412
+    headers = {"Tus-Version": TUS_VERSION}
+
+
+class UnsupportedMediaType(UploadError):
+    status = 415
+
+
+@dataclasses.dataclass(frozen=True)
+class TusCreation:
+    """What a tus POST asks for: the file's size, its name (with folders), its original time, and its sha256 if
+    the client knows it (then a file already stored under that name with that content is not sent again)."""
+
+    size: int
+    name: str
+    mtime: float | None
+    sha256: str | None = None
+
+
+def tus_check_version(environ: dict) -> None:
+    if environ.get("HTTP_TUS_RESUMABLE", "").strip() != TUS_VERSION:
+        raise TusVersionMismatch(f"This server speaks tus {TUS_VERSION}: send Tus-Resumable: {TUS_VERSION}.")
+
+
+def tus_options(config: Config) -> dict[str, str]:
+    return {"Tus-Version": TUS_VERSION, "Tus-Extension": TUS_EXTENSIONS, "Tus-Max-Size": str(config.max_size_bytes),
+            "Tus-Checksum-Algorithm": ",".join(CHECKSUM_ALGORITHMS)}
+
+
+def _header_uint(environ: dict, header: str, what: str) -> int | None:
+    text = environ.get("HTTP_" + header.upper().replace("-", "_"))
+    if text is None:
+        return None
+    if not _UINT_RE.match(text.strip()):
+        raise BadRequest(f"{what} must be a whole number of bytes.")
+    return int(text.strip())
+
+
+def tus_metadata(header: str) -> dict[str, str]:
+    """``Upload-Metadata``: comma-separated ``key base64value`` pairs (a key alone has an empty value)."""
+    if len(header) > MAX_TUS_METADATA_BYTES:
+        raise BadRequest(f"Upload-Metadata is too long (at most {MAX_TUS_METADATA_BYTES} bytes).")
+    metadata: dict[str, str] = {}
+    for pair in filter(None, (item.strip() for item in header.split(","))):
+        key, _, value = pair.partition(" ")
+        if not key.isascii() or not key.isprintable() or key in metadata:
+            raise BadRequest("Upload-Metadata has a malformed or repeated key.")
+        try:
+            decoded = base64.b64decode(value.strip(), validate=True)
+        except ValueError:
+            raise BadRequest(f"Upload-Metadata: the value of {key[:40]!r} is not base64.") from None
+        metadata[key] = decoded.decode("utf-8", errors="replace")
+    return metadata
+
+
+def tus_creation(environ: dict, max_size: int) -> TusCreation:
+    size = _header_uint(environ, "Upload-Length", "Upload-Length")
+    if size is None:
+        if environ.get("HTTP_UPLOAD_DEFER_LENGTH") is not None:
+            raise BadRequest("This server needs the size at creation: send Upload-Length.")
+        raise BadRequest("Send the file's size as Upload-Length.")
+    if size > max_size:
+        raise TooLarge(f"File too large: {size} bytes; this server accepts up to {max_size} bytes per file.")
+    metadata = tus_metadata(environ.get("HTTP_UPLOAD_METADATA", ""))
+    filename = metadata.get("filename") or metadata.get("name") or "file"
+    folder = metadata.get("folder") or split_folder(metadata.get("relativePath", "").replace("\\", "/"))[0]
+    digest = metadata.get("sha256", "").lower()
+    return TusCreation(size, sanitize_relative_path(f"{folder}/{sanitize_filename(filename)}"),
+                       _metadata_time(metadata.get("mtime")), digest if re.fullmatch("[0-9a-f]{64}", digest) else None)
+
+
+def _metadata_time(text: str | None) -> float | None:
+    """The original's modification time, seconds since 1970; a value that is no plausible time is ignored."""
+    try:
+        value = float(text) if text else None
+    except ValueError:
+        return None
+    return value if value is not None and 0 <= value < 1 << 34 else None
+
+
+def tus_checksum(environ: dict) -> tuple[str, bytes] | None:
+    """``Upload-Checksum: sha1 BASE64``, as the engine checks it."""
+    header = environ.get("HTTP_UPLOAD_CHECKSUM")
+    if header is None:
+        return None
+    algorithm, _, value = header.strip().partition(" ")
+    if algorithm not in CHECKSUM_ALGORITHMS:
+        raise BadRequest(f"Unsupported checksum algorithm; use one of {', '.join(CHECKSUM_ALGORITHMS)}.")
+    try:
+        return algorithm, base64.b64decode(value.strip(), validate=True)
+    except ValueError:
+        raise BadRequest("Upload-Checksum: the checksum is not base64.") from None
+
+
+def tus_create(engine: Engine, environ: dict, client: str) -> tuple[UploadInfo, bool]:
+    """``POST``: a new upload (and its first bytes, with creation-with-upload); (info, bytes were sent)."""
+    creation = tus_creation(environ, engine.limits.max_size)
+    with_upload = _tus_body_follows(environ)
+    already = already_stored(engine, creation)
+    if already is not None:
+        if with_upload:
+            _drain(request_body(environ, content_length(environ)))
+        return already, with_upload
+    upload_id = str(uuid.uuid4())
+    with _Subject(creation.name):
+        checksum = tus_checksum(environ) if with_upload else None
+        info = engine.create(upload_id, creation.name, size=creation.size, part_size=max(1, creation.size),
+                             client=client, fresh=True, mtime=creation.mtime)
+        if with_upload:
+            try:
+                info = _tus_append(engine, environ, info, 0, checksum)
+            except BaseException:
+                engine.abort(upload_id, reason="its first request failed")  # the client never learns its address
+                raise
+        elif creation.size == 0:
+            info = engine.finish(upload_id)
+    return info, with_upload
+
+
+def already_stored(engine: Engine, creation: TusCreation) -> UploadInfo | None:
+    """The stored upload that is this file already: the same name, size and sha256, and still there with that
+    size (a sender re-run over the same folder skips what arrived).  Its bytes are not hashed again here."""
+    if creation.sha256 is None:
+        return None
+    for info in engine.ledger.stored_with(creation.sha256, creation.size):
+        if info.stored_name == creation.name and engine.backend.stored_size(info.stored_name) == creation.size:
+            return info
+    return None
+
+
+def _tus_body_follows(environ: dict) -> bool:
+    if environ.get("CONTENT_TYPE", "").split(";")[0].strip().lower() == TUS_CONTENT_TYPE:
+        return True
+    if content_length(environ):
+        raise UnsupportedMediaType(f"Send the bytes of an upload with Content-Type: {TUS_CONTENT_TYPE}.")
+    return False
+
+
+def tus_patch(engine: Engine, environ: dict, upload_id: str) -> UploadInfo:
+    """``PATCH``: bytes at the upload's current offset, which the client names in ``Upload-Offset``."""
+    if environ.get("CONTENT_TYPE", "").split(";")[0].strip().lower() != TUS_CONTENT_TYPE:
+        raise UnsupportedMediaType(f"A PATCH carries Content-Type: {TUS_CONTENT_TYPE}.")
+    offset = _header_uint(environ, "Upload-Offset", "Upload-Offset")
+    if offset is None:
+        raise BadRequest("Send the offset the bytes belong at as Upload-Offset.")
+    checksum = tus_checksum(environ)
+    info = tus_info(engine, upload_id)
+    with _Subject(info.name):
+        current = engine.offset(upload_id)
+        if offset != current:
+            raise Conflict(f"Upload-Offset is {offset}, but the upload is at {current}: ask with HEAD.")
+        return _tus_append(engine, environ, info, offset, checksum)
+
+
+def _tus_append(engine: Engine, environ: dict, info: UploadInfo, offset: int,
+                checksum: tuple[str, bytes] | None) -> UploadInfo:
+    length = content_length(environ)
+    if length is not None and offset + length > (info.size or 0):
+        raise TooLarge("These bytes would go past the Upload-Length of the upload.")
+    info = engine.put(info.id, offset, request_body(environ, length), length=length, checksum=checksum,
+                      keep_if_empty=True)
+    if info.state is State.RECEIVING and info.fully_received:
+        info = engine.finish(info.id)
+    return info
+
+
+def tus_info(engine: Engine, upload_id: str) -> UploadInfo:
+    """The upload behind a tus address; 404 for none, 410 for one that ended without being stored."""
+    info = engine.info(upload_id) if is_valid_id(upload_id) else None
+    if info is None:
+        raise NotFound("No such upload.")
+    if info.state not in (State.RECEIVING, State.STORED):
+        raise Gone(_GONE[info.state])
+    return info
+
+
+def tus_upload_headers(engine: Engine, info: UploadInfo) -> dict[str, str]:
+    """The headers of a reply about an upload: its offset, length, metadata and, unfinished, its expiry."""
+    headers = {"Upload-Offset": str(engine.offset(info.id)), "Upload-Length": str(info.size or 0)}
+    folder, name = split_folder(info.stored_name or info.name)
+    pairs = [("filename", name)] + ([("folder", folder)] if folder else [])
+    headers["Upload-Metadata"] = ",".join(f"{key} {base64.b64encode(value.encode()).decode()}" for key, value in pairs)
+    if info.state is State.RECEIVING:
+        headers["Upload-Expires"] = formatdate(info.updated + engine.limits.partial_ttl, usegmt=True)
+    return headers
+
+
+def tus_terminate(engine: Engine, upload_id: str) -> None:
+    """``DELETE``: an unfinished upload ends and its bytes go.  A stored file is not the uploader's to remove:
+    it is on someone's disk now (the admin removes stored files)."""
+    info = tus_info(engine, upload_id)
+    if info.state is State.STORED:
+        raise Forbidden("This upload is complete and stored; it can no longer be removed this way.")
+    if engine.abort(upload_id, reason="terminated by the client").state is State.STORED:
+        raise Forbidden("This upload is complete and stored; it can no longer be removed this way.")
+
+
+###############################################################################
 # Plugins #####################################################################
 ###############################################################################
 
@@ -2351,7 +2740,10 @@ class ErrorsAsResponses:
             except UploadError as error:
                 if report:
                     self._report(error.status, error.message, getattr(error, "subject", ""))
-                return plain_response(error.status, error.message, close=isinstance(error, ClientDisconnected))
+                response = plain_response(error.status, error.message, close=isinstance(error, ClientDisconnected))
+                for header, value in (*route.config.get("error_headers", ()), *error.headers.items()):
+                    response.set_header(header, value)
+                return response
             except Exception as error:  # a bug: say so in one line, keep serving
                 log.debug("request failed", exc_info=True)
                 self._report(500, f"internal error ({type(error).__name__})", "")
@@ -2365,8 +2757,11 @@ class ErrorsAsResponses:
         self.events(Refused(what, request.environ.get("REMOTE_ADDR", ""), status, message))
 
 
+_STATUS_LINES = {460: "460 Checksum Mismatch"}   # tus's own status, unknown to Bottle
+
+
 def plain_response(status: int, message: str, *, close: bool = False) -> bottle.HTTPResponse:
-    response = bottle.HTTPResponse(message.rstrip("\n") + "\n", status=status)
+    response = bottle.HTTPResponse(message.rstrip("\n") + "\n", status=_STATUS_LINES.get(status, status))
     response.content_type = "text/plain; charset=utf-8"
     response.set_header("X-Content-Type-Options", "nosniff")
     response.set_header("Cache-Control", "no-store")
@@ -2470,6 +2865,8 @@ def create_app(config: Config, engine: Engine) -> bottle.Bottle:
     def put_without_name():
         raise BadRequest("Put the file name in the address: PUT /upload/NAME")
 
+    _tus_routes(app, config, engine, client)
+
     @app.get("/api/uploads/<upload_id>")
     def upload_status(upload_id):
         return _json(status_reply(engine, upload_id))
@@ -2489,6 +2886,49 @@ def create_app(config: Config, engine: Engine) -> bottle.Bottle:
                      bottle.response.status_code)
 
     return app
+
+
+def _tus_routes(app: bottle.Bottle, config: Config, engine: Engine, client: Callable[[], str]) -> None:
+    """tus 1.0 at /tus/ (see the tus adapter section); every reply, errors too, carries Tus-Resumable."""
+    tus = {"report": True, "error_headers": tuple(TUS_HEADERS.items())}  # pairs: Bottle flattens a dict here
+
+    def reply(status: int, headers: Mapping[str, str] = {}) -> bottle.HTTPResponse:
+        response = bottle.HTTPResponse(status=status)
+        for header, value in {**TUS_HEADERS, **headers}.items():
+            response.set_header(header, value)
+        return response
+
+    @app.route("/tus/", method="OPTIONS", **tus)
+    @app.route("/tus/<upload_id>", method="OPTIONS", **tus)
+    def tus_discover(upload_id=None):
+        return reply(204, tus_options(config))
+
+    @app.post("/tus/", **tus)
+    def tus_post():
+        tus_check_version(bottle.request.environ)
+        info, with_upload = tus_create(engine, bottle.request.environ, client())
+        headers = tus_upload_headers(engine, info)
+        location = f"{bottle.request.urlparts.scheme}://{bottle.request.urlparts.netloc}/tus/{info.id}"
+        return reply(201, {"Location": location, "Upload-Offset": headers["Upload-Offset"],
+                           **({"Upload-Expires": headers["Upload-Expires"]} if "Upload-Expires" in headers else {})})
+
+    @app.route("/tus/<upload_id>", method="HEAD", **tus)
+    def tus_head(upload_id):
+        tus_check_version(bottle.request.environ)
+        return reply(200, {**tus_upload_headers(engine, tus_info(engine, upload_id)), "Cache-Control": "no-store"})
+
+    @app.route("/tus/<upload_id>", method="PATCH", **tus)
+    def tus_append(upload_id):
+        tus_check_version(bottle.request.environ)
+        info = tus_patch(engine, bottle.request.environ, upload_id)
+        headers = tus_upload_headers(engine, info)
+        return reply(204, {key: headers[key] for key in ("Upload-Offset", "Upload-Expires") if key in headers})
+
+    @app.delete("/tus/<upload_id>", **tus)
+    def tus_delete(upload_id):
+        tus_check_version(bottle.request.environ)
+        tus_terminate(engine, upload_id)
+        return reply(204)
 
 
 def stored_file_response(engine: Engine, upload_id: str) -> bottle.HTTPResponse:
@@ -4535,6 +4975,396 @@ def serve(config: Config, engine: Engine, server, *, stop: threading.Event | Non
 
 
 ###############################################################################
+# pyfiledrop send: the tus client ############################################
+###############################################################################
+# ``pyfiledrop send FILE_OR_FOLDER... --to URL`` pushes files to a pyfiledrop (or any tus server) and survives
+# anything: each file's upload address is kept in a small state file, so running the command again goes on
+# where it stopped (after Ctrl+C, a network drop, a reboot of either side).  Standard library only.
+
+SEND_PARALLEL = 4                 # files in flight at once
+SEND_BLOCK = 1 * MIB              # read and sent this much at a time
+SEND_GIVE_UP_S = 600.0            # a file is given up after this long without any progress
+SEND_BACKOFF_S = (0.5, 1, 2, 4, 8, 15, 30)
+
+
+@dataclasses.dataclass(frozen=True)
+class SendConfig:
+    sources: tuple[Path, ...]
+    endpoint: str                 # the tus endpoint, e.g. http://host:8000/tus/
+    password: str | None
+    parallel: int
+    state: Path
+    quiet: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class SendItem:
+    path: Path
+    name: str                     # with its folders, as it is to be stored ("holiday/day 1/clip.mp4")
+    size: int
+    mtime: float
+
+    @property
+    def key(self) -> str:
+        return f"{self.path.resolve()}|{self.size}|{self.mtime}"
+
+
+class SendFailed(Exception):
+    """A file that cannot be sent: the server refused it for good, or no progress for SEND_GIVE_UP_S."""
+
+
+def _default_send_state() -> Path:
+    if os.name == "nt":
+        base = Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local")
+    else:
+        base = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
+    return base / "pyfiledrop" / "send.json"
+
+
+def parse_send_args(argv: list[str]) -> SendConfig:
+    parser = _ArgumentParser(prog="pyfiledrop send", description="Send files and folders to a pyfiledrop (or "
+                             "any tus server); run it again to go on after any interruption.")
+    parser.add_argument("sources", nargs="+", type=Path, metavar="FILE_OR_FOLDER")
+    parser.add_argument("--to", required=True, metavar="URL",
+                        help="the server's address (http://HOST:PORT) or its tus endpoint")
+    parser.add_argument("-u", "--password", metavar="PASSWORD",
+                        help="the upload password (default: $PYFILEDROP_PASSWORD)")
+    parser.add_argument("--parallel", type=_positive_int, default=SEND_PARALLEL, metavar="N",
+                        help=f"files sent at once (default {SEND_PARALLEL})")
+    parser.add_argument("--state", type=Path, default=_default_send_state(), metavar="FILE",
+                        help="where upload addresses are remembered (default: %(default)s)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress line")
+    args = parser.parse_args(argv)
+    parts = urlsplit(args.to if "://" in args.to else f"http://{args.to}")
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        parser.error(f"--to: expected an http:// or https:// address, got {args.to!r}")
+    path = parts.path if parts.path not in ("", "/") else "/tus/"
+    endpoint = f"{parts.scheme}://{parts.netloc}{path.rstrip('/')}/"
+    password = args.password if args.password is not None else os.environ.get("PYFILEDROP_PASSWORD")
+    return SendConfig(tuple(args.sources), endpoint, password, args.parallel, args.state, args.quiet)
+
+
+def collect_send_items(sources: Iterable[Path]) -> tuple[list[SendItem], list[str]]:
+    """Every file to send, a folder's with their folders; and the sources that are neither file nor folder."""
+    items: list[SendItem] = []
+    problems: list[str] = []
+    for source in sources:
+        if source.is_file():
+            items.append(_send_item(source, source.name))
+        elif source.is_dir():
+            top = source.resolve().name or "folder"
+            for folder, folders, files in os.walk(source):
+                folders.sort()
+                relative = Path(folder).relative_to(source).as_posix()
+                for filename in sorted(files):
+                    name = "/".join(part for part in (top, relative, filename) if part and part != ".")
+                    items.append(_send_item(Path(folder) / filename, name))
+        else:
+            problems.append(f"{source}: no such file or folder")
+    return items, problems
+
+
+def _send_item(path: Path, name: str) -> SendItem:
+    stat = path.stat()
+    return SendItem(path, name, stat.st_size, stat.st_mtime)
+
+
+class SendState:
+    """Upload addresses and hashes of files being sent, kept across runs in one small JSON file."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._lock = threading.Lock()
+        try:
+            self._records: dict[str, dict] = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            self._records = {}
+
+    def get(self, key: str) -> dict:
+        with self._lock:
+            return dict(self._records.get(key, {}))
+
+    def update(self, key: str, **values) -> None:
+        with self._lock:
+            record = self._records.setdefault(key, {})
+            record.update({name: value for name, value in values.items() if value is not None})
+            for name in [name for name, value in values.items() if value is None]:
+                record.pop(name, None)
+            self._save()
+
+    def _save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+        temporary.write_text(json.dumps(self._records, indent=0), encoding="utf-8")
+        os.replace(temporary, self.path)  # a crash leaves the old file or the new one, never half of one
+
+
+class _Retry(Exception):
+    """A failure worth trying again: the network, a restarting server, a damaged part."""
+
+
+class TusSession:
+    """One connection to the tus server, made again after any failure; requests as (status, headers, body)."""
+
+    def __init__(self, endpoint: str, password: str | None, timeout: float = 60.0):
+        parts = urlsplit(endpoint)
+        self.endpoint, self.scheme, self.netloc, self.timeout = endpoint, parts.scheme, parts.netloc, timeout
+        self.headers = {"Tus-Resumable": TUS_VERSION, "User-Agent": f"pyfiledrop-send/{__version__}"}
+        if password is not None:
+            token = base64.b64encode(f"pyfiledrop:{password}".encode()).decode()
+            self.headers["Authorization"] = f"Basic {token}"
+        self._connection = None
+
+    def _connect(self):
+        import http.client
+
+        if self._connection is None:
+            kind = http.client.HTTPSConnection if self.scheme == "https" else http.client.HTTPConnection
+            self._connection = kind(self.netloc, timeout=self.timeout)
+        return self._connection
+
+    def close(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+
+    def request(self, method: str, url: str, headers: Mapping[str, str] = {}, body=None,
+                sent: Callable[[int], None] = lambda count: None) -> tuple[int, dict, str]:
+        """``body``: bytes, or (file, offset, length) streamed from the file, ``sent`` told of each block."""
+        import http.client
+
+        path = urlsplit(url).path or "/"
+        try:
+            connection = self._connect()
+            connection.putrequest(method, path, skip_accept_encoding=True)
+            length = len(body) if isinstance(body, bytes) else body[2] if body else 0
+            for name, value in {**self.headers, **headers, "Content-Length": str(length)}.items():
+                connection.putheader(name, value)
+            connection.endheaders(body if isinstance(body, bytes) else None)
+            if body and not isinstance(body, bytes):
+                _stream_file(connection, *body, sent)
+            response = connection.getresponse()
+            text = response.read().decode("utf-8", errors="replace")
+            return response.status, {k.lower(): v for k, v in response.getheaders()}, text.strip()
+        except (OSError, http.client.HTTPException) as error:
+            self.close()
+            raise _Retry(f"connection: {error}") from None
+
+
+def _stream_file(connection, handle, offset: int, length: int, sent: Callable[[int], None]) -> None:
+    handle.seek(offset)
+    while length > 0:
+        block = handle.read(min(SEND_BLOCK, length))
+        if not block:
+            raise _Retry("the file got shorter while it was sent")
+        connection.send(block)
+        length -= len(block)
+        sent(len(block))
+
+
+class SendProgress:
+    """Bytes the server has of each file, summed into one line: files, bytes, speed, time left."""
+
+    def __init__(self, items: list[SendItem], stream, quiet: bool):
+        self.total = sum(item.size for item in items)
+        self.count = len(items)
+        self.stream, self.quiet = stream, quiet or not getattr(stream, "isatty", lambda: False)()
+        self._lock = threading.Lock()
+        self._offsets: dict[str, int] = {}
+        self._sent_now = 0                # bytes sent in this run (the speed counts only those)
+        self.finished = 0
+        self.started = time.monotonic()
+
+    def at(self, item: SendItem, offset: int) -> None:
+        with self._lock:
+            self._offsets[item.key] = offset
+
+    def sent(self, item: SendItem, count: int) -> None:
+        with self._lock:
+            self._offsets[item.key] = self._offsets.get(item.key, 0) + count
+            self._sent_now += count
+
+    def done(self) -> None:
+        with self._lock:
+            self.finished += 1
+
+    def line(self) -> str:
+        with self._lock:
+            have, sent, finished = sum(self._offsets.values()), self._sent_now, self.finished
+        elapsed = max(1e-3, time.monotonic() - self.started)
+        speed = sent / elapsed
+        left = f" · {_duration((self.total - have) / speed)} left" if speed > 0 and have < self.total else ""
+        return (f"{finished} of {self.count} files · {human_size(have)} of {human_size(self.total)} · "
+                f"{human_size(speed)}/s{left}")
+
+    def show(self, stop: threading.Event) -> None:
+        while not self.quiet and not stop.wait(0.5):
+            self.stream.write("\r\x1b[K" + self.line())
+            self.stream.flush()
+        if not self.quiet:
+            self.stream.write("\r\x1b[K")
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600} h {seconds % 3600 // 60} min"
+    return f"{seconds // 60} min {seconds % 60} s" if seconds >= 60 else f"{seconds} s"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb", buffering=0) as handle:
+        while block := handle.read(SEND_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def send_file(item: SendItem, session: TusSession, state: SendState, progress: SendProgress) -> bool:
+    """Send one file until the server has it all; True if it was there already.  SendFailed if it cannot be."""
+    key = f"{session.endpoint}|{item.key}"
+    record = state.get(key)
+    digest = record.get("sha256") or file_sha256(item.path)
+    state.update(key, sha256=digest)
+    url, sent_any = record.get("url"), False
+    finished_before = record.get("done", False)   # then the server is asked whether it still has it all
+    last_progress, attempt = time.monotonic(), 0
+    while True:
+        try:
+            if url is None:
+                url, offset = _send_create(session, item, digest)
+                state.update(key, url=url)
+                sent_any = sent_any or item.size == 0  # an empty file is complete once created
+                finished_before = False
+            else:
+                offset = _send_offset(session, url)
+            progress.at(item, offset)
+            if offset < item.size:
+                sent_any = True
+                offset = _send_patch(session, url, item, offset, progress)
+            if offset >= item.size:
+                state.update(key, done=True)
+                return finished_before or not sent_any
+            last_progress, attempt = time.monotonic(), 0
+        except _Gone:
+            url = None
+        except _Retry as error:
+            if time.monotonic() - last_progress > SEND_GIVE_UP_S:
+                raise SendFailed(f"no progress for {SEND_GIVE_UP_S / 60:g} minutes ({error})") from None
+            threading.Event().wait(SEND_BACKOFF_S[min(attempt, len(SEND_BACKOFF_S) - 1)])
+            attempt += 1
+
+
+class _Gone(Exception):
+    """The server no longer knows the upload (it expired, or the server was replaced): start it again."""
+
+
+def _send_answer(status: int, body: str, what: str) -> None:
+    if status in (404, 410):
+        raise _Gone()
+    if status in (409, 423, 460) or status >= 500 and status != 507:
+        raise _Retry(f"{what}: {status} {body[:200]}")
+    if status >= 400:
+        raise SendFailed(f"{status} {body[:200]}" if body else f"the server answered {status}")
+
+
+def _send_create(session: TusSession, item: SendItem, digest: str) -> tuple[str, int]:
+    folder, name = split_folder(item.name)
+    pairs = {"filename": name, "folder": folder, "mtime": repr(item.mtime), "sha256": digest}
+    metadata = ",".join(f"{k} {base64.b64encode(v.encode()).decode()}" for k, v in pairs.items() if v)
+    status, headers, body = session.request("POST", session.endpoint, {"Upload-Length": str(item.size),
+                                                                       "Upload-Metadata": metadata})
+    if status in (404, 410):
+        raise SendFailed(f"no tus endpoint at {session.endpoint} ({status})")
+    _send_answer(status, body, "creating the upload")
+    if status != 201 or "location" not in headers:
+        raise SendFailed(f"the server did not create the upload (it answered {status})")
+    url = urljoin(session.endpoint, headers["location"])
+    return url, int(headers.get("upload-offset") or 0)
+
+
+def _send_offset(session: TusSession, url: str) -> int:
+    status, headers, body = session.request("HEAD", url)
+    _send_answer(status, body, "asking for the offset")
+    return int(headers.get("upload-offset", 0))
+
+
+def _send_patch(session: TusSession, url: str, item: SendItem, offset: int, progress: SendProgress) -> int:
+    with open(item.path, "rb") as handle:
+        status, headers, body = session.request(
+            "PATCH", url, {"Upload-Offset": str(offset), "Content-Type": TUS_CONTENT_TYPE},
+            (handle, offset, item.size - offset), sent=lambda count: progress.sent(item, count))
+    _send_answer(status, body, "sending")
+    return int(headers.get("upload-offset", offset))
+
+
+def send_main(argv: list[str], stdout=None, stderr=None) -> int:
+    """``pyfiledrop send``: 0 when the server has every file; 1 naming each that did not make it; 2 on usage."""
+    stdout, stderr = stdout or sys.stdout, stderr or sys.stderr
+    try:
+        config = parse_send_args(argv)
+    except SystemExit as exit_:
+        return exit_.code if isinstance(exit_.code, int) else 2
+    items, problems = collect_send_items(config.sources)
+    state = SendState(config.state)
+    progress = SendProgress(items, stderr, config.quiet)
+    stop = threading.Event()
+    shower = threading.Thread(target=progress.show, args=(stop,), daemon=True)
+    shower.start()
+    outcomes: dict[SendItem, str | bool] = {}
+    work = queue.SimpleQueue()
+    for item in items:
+        work.put(item)
+    workers = [threading.Thread(target=_send_worker, args=(config, work, state, progress, outcomes), daemon=True)
+               for _ in range(min(config.parallel, max(1, len(items))))]
+    try:
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            while worker.is_alive():
+                worker.join(0.5)
+    except KeyboardInterrupt:
+        stop.set()
+        shower.join(2)
+        stderr.write("stopped; run the same command again to go on where it stopped\n")
+        return 130
+    stop.set()
+    shower.join(2)
+    return _send_summary(items, outcomes, problems, progress, stdout, stderr)
+
+
+def _send_worker(config: SendConfig, work: queue.SimpleQueue, state: SendState, progress: SendProgress,
+                 outcomes: dict) -> None:
+    session = TusSession(config.endpoint, config.password)
+    try:
+        while True:
+            try:
+                item = work.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                outcomes[item] = send_file(item, session, state, progress)
+            except (SendFailed, OSError) as error:
+                outcomes[item] = str(error) or type(error).__name__
+            progress.done()
+    finally:
+        session.close()
+
+
+def _send_summary(items: list[SendItem], outcomes: dict, problems: list[str], progress: SendProgress,
+                  stdout, stderr) -> int:
+    failed = [(item, outcome) for item, outcome in outcomes.items() if isinstance(outcome, str)]
+    skipped = sum(1 for outcome in outcomes.values() if outcome is True)
+    sent = len(items) - len(failed) - skipped
+    stdout.write(f"sent {sent} file(s), {human_size(progress._sent_now)}; {skipped} already on the server\n")
+    for item, reason in failed:
+        stderr.write(f"not sent: {item.path}: {reason}\n")
+    for problem in problems:
+        stderr.write(f"not sent: {problem}\n")
+    return 1 if failed or problems else 0
+
+
+###############################################################################
 # main() ######################################################################
 ###############################################################################
 
@@ -4631,6 +5461,9 @@ def _disable_quick_edit() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    arguments = sys.argv[1:] if argv is None else argv
+    if arguments[:1] == ["send"]:
+        return send_main(arguments[1:])
     try:
         return _main(argv)
     except KeyboardInterrupt:  # Ctrl+C while starting up

@@ -384,3 +384,23 @@ def test_unwritable_storage_answers_clearly_and_recovers(server):
     status, _, body = server.post_chunk(upload_id, 1, data[600:], 1000, 600)   # the browser's retry
     assert status == 200 and json.loads(body)["sha256"] == sha256(data)
     assert (server.storage / "file.bin").read_bytes() == data
+
+
+def test_put_keeps_folders_of_the_path_inside_storage(server, tmp_path):
+    status, _, body = server.request("PUT", "/upload/trip/day%201/photo.jpg", b"jpeg")
+    assert status == 200 and json.loads(body)["name"] == "trip/day 1/photo.jpg"
+    assert (server.storage / "trip" / "day 1" / "photo.jpg").read_bytes() == b"jpeg"
+    status, _, body = server.request("PUT", "/upload/trip/day%201/photo.jpg", b"jpeg 2")
+    assert json.loads(body)["name"] == "trip/day 1/photo (1).jpg"
+    status, _, body = server.request("PUT", "/upload/trip/../../../up.txt", b"x")
+    assert status == 200 and json.loads(body)["name"] == "trip/up.txt"
+    outside = [p for p in tmp_path.rglob("*") if p.is_file() and server.storage not in p.parents
+               and server.chunks not in p.parents]
+    assert outside == []
+
+
+def test_put_into_a_folder_where_a_file_stands_is_refused_and_the_file_kept(server):
+    assert server.request("PUT", "/upload/notes", b"my notes")[0] == 200
+    status, headers, body = server.request("PUT", "/upload/notes/x.txt", b"x")
+    assert_plain_error(status, headers, body, 409, server)
+    assert (server.storage / "notes").read_bytes() == b"my notes"
