@@ -527,3 +527,38 @@ def test_a_kill_while_the_certificate_is_written_leaves_no_half_file(tmp_path):
         stop(process, output)
     assert sorted(name for name in os.listdir(chunks) if not name.startswith("ledger")) == [
         pyfiledrop.TLS_CERT_NAME, pyfiledrop.TLS_KEY_NAME]
+
+
+# -- the page in a real browser, over HTTPS ---------------------------------------------------------------------
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is not installed")
+def test_chromium_loads_the_page_over_https_as_a_secure_context_and_uploads(tmp_path):
+    """Chromium (told to accept the self-signed certificate, as a person does after comparing it) gets the
+    page over TLS, in a secure context, with its scripts allowed, and uploads from it."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    data = os.urandom(300_000)
+    with tls_server(tmp_path) as (port, identity), sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                             args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_context(ignore_https_errors=True).new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
+            page.goto(f"https://127.0.0.1:{port}/")
+            assert page.evaluate("window.isSecureContext && location.protocol") == "https:"
+            page.wait_for_function("document.readyState === 'complete'", timeout=60_000)
+            reply = page.evaluate("""async (bytes) => {
+                const response = await fetch("/upload/from%20chromium.bin",
+                                             {method: "PUT", body: new Uint8Array(bytes)});
+                return [response.status, await response.json()];
+            }""", list(data))
+            assert reply[0] == 200 and reply[1]["sha256"] == sha256(data)
+            assert (tmp_path / "storage" / "from chromium.bin").read_bytes() == data
+            assert errors == [], errors
+        finally:
+            browser.close()
