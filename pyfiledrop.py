@@ -4775,12 +4775,27 @@ def open_tls(config: Config, *, now: float | None = None) -> TLSIdentity | None:
 
 def certificate_names(host: str) -> tuple[list[str], list[str]]:
     """(DNS names, IP addresses) a made certificate covers: localhost, this machine's name, every LAN address."""
+    import ipaddress
+
     hostname = socket.gethostname().strip(".") or "localhost"
     dns_names = ["localhost", hostname] + ([f"{hostname}.local"] if "." not in hostname else [])
     addresses = ["127.0.0.1", "::1", *lan_addresses()]
-    if host not in ("0.0.0.0", "", "::") and host not in addresses:
-        addresses.append(host)
-    return list(dict.fromkeys(dns_names)), addresses
+    if host not in ("0.0.0.0", "", "::"):
+        try:
+            addresses.append(str(ipaddress.ip_address(host.strip("[]"))))
+        except ValueError:  # --host by name
+            dns_names.append(host)
+    return list(dict.fromkeys(filter(None, map(_dns_label, dns_names)))), list(dict.fromkeys(addresses))
+
+
+def _dns_label(name: str) -> str | None:
+    """``name`` as a certificate takes it (ASCII, IDNA for others); None for a name no certificate can hold."""
+    try:
+        ascii_name = name.encode("idna").decode("ascii").lower()
+    except UnicodeError:
+        return None
+    return ascii_name if re.fullmatch(r"[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*",
+                                      ascii_name) else None
 
 
 def tls_context(cert: Path, key: Path) -> ssl.SSLContext:
@@ -4847,7 +4862,10 @@ def generated_certificate(folder: Path, dns_names: list[str], addresses: list[st
         key = ec.generate_private_key(ec.SECP256R1())
         _write_atomically(key_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                                       serialization.NoEncryption()))
-    certificate = _self_signed(key, wanted, now)
+    try:
+        certificate = _self_signed(key, wanted, now)
+    except ValueError as error:  # a name cryptography will not take: say which, do not crash
+        raise TLSSetupError(f"cannot make the certificate: {error}") from None
     _write_atomically(cert_path, certificate.public_bytes(serialization.Encoding.PEM))
     return cert_path, key_path, "new" if old is None else "renewed"
 

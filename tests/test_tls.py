@@ -371,7 +371,7 @@ def test_the_made_certificate_names_every_address_and_meets_apples_rules(tmp_pat
     names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     dns = names.get_values_for_type(x509.DNSName)
     ips = {str(address) for address in names.get_values_for_type(x509.IPAddress)}
-    assert "localhost" in dns and socket.gethostname() in dns
+    assert "localhost" in dns and socket.gethostname().lower() in dns
     assert {"127.0.0.1", "::1", *pyfiledrop.lan_addresses()} <= ips
     usage = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     assert list(usage) == [ExtendedKeyUsageOID.SERVER_AUTH]
@@ -392,9 +392,20 @@ def test_the_made_certificate_names_every_address_and_meets_apples_rules(tmp_pat
     assert key.public_key().public_numbers() == cert.public_key().public_numbers()
 
 
-def test_a_specific_host_is_named_too(tmp_path):
+def test_a_specific_host_is_named_too(tmp_path, monkeypatch):
     dns, addresses = pyfiledrop.certificate_names("10.11.12.13")
     assert "10.11.12.13" in addresses and "localhost" in dns
+    dns, addresses = pyfiledrop.certificate_names("drop.example.lan")  # --host by name
+    assert "drop.example.lan" in dns and "drop.example.lan" not in addresses
+    monkeypatch.setattr(socket, "gethostname", lambda: "Büro PC")  # a name no certificate can hold as it is
+    dns, _ = pyfiledrop.certificate_names("::")
+    assert all(name.isascii() and " " not in name for name in dns) and "localhost" in dns
+    monkeypatch.setattr(socket, "gethostname", lambda: "Büro")
+    dns, addresses = pyfiledrop.certificate_names("::")
+    assert "xn--bro-hoa" in dns and "xn--bro-hoa.local" in dns
+    cert, _, _ = pyfiledrop.generated_certificate(tmp_path, dns, addresses, time.time())
+    assert "xn--bro-hoa" in load(cert).extensions.get_extension_for_class(
+        x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
 
 
 def test_the_certificate_is_kept_renewed_before_its_end_and_when_an_address_is_new(tmp_path):
