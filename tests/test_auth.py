@@ -579,12 +579,16 @@ def test_a_wrong_password_is_one_console_line(protected):
 def test_the_banner_says_who_may_do_what():
     upload, admin = hashes()
     summary = lambda **options: pyfiledrop.access_summary(pyfiledrop.Config(**options))  # noqa: E731
-    assert summary() == "anyone on the network may upload; no /files (no --admin-password)"
-    assert summary(password=upload, admin_password=admin, expire_after_s=7 * 86400) == (
-        "uploading needs the password; the admin password opens /files; stored files removed after 7d")
-    assert summary(admin_password=admin, expire_after_s=90) == (
-        "anyone on the network may upload; the admin password opens /files; stored files removed after 90s")
-    assert "  access         anyone on the network may upload" in pyfiledrop.banner(pyfiledrop.Config(), ["http://x/"])
+    assert summary() == "uploads open to anyone who reaches the port; /files off (no --admin-password)"
+    assert summary(password=upload, admin_password=admin) == (
+        "uploads need the password; /files needs the admin password")
+    assert summary(admin_password=admin) == "uploads open to anyone who reaches the port; /files needs the admin password"
+    text = pyfiledrop.banner(pyfiledrop.Config(expire_after_s=7 * 86400), ["http://x/"])
+    assert "  access         uploads open to anyone who reaches the port;" in text
+    assert "  expiry         stored files are removed 7d after they are stored" in text
+    assert "expiry" not in pyfiledrop.banner(pyfiledrop.Config(), ["http://x/"])
+    assert pyfiledrop.expiry_banner_lines(pyfiledrop.Config(expire_after_s=90)) == [
+        "  expiry         stored files are removed 90s after they are stored"]
 
 
 def test_many_guesses_sent_at_once_get_no_more_than_the_free_tries(protected):
