@@ -661,3 +661,15 @@ def test_curl_with_basic_as_the_readme_shows(protected, tmp_path):
                            text=True, timeout=120)
     assert right.stdout.split()[0] == "200", right.stdout + right.stderr
     assert (protected.storage / "photo.jpg").read_bytes() == data
+
+
+def test_shared_files_need_the_upload_password(make_server, tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "menu.pdf").write_bytes(b"%PDF")
+    upload, _ = hashes()
+    server = make_server(password=upload, share=shared)
+    assert req(server, "GET", "/api/shared")[0] == 401
+    assert req(server, "GET", "/shared/menu.pdf")[0] == 401
+    status, _, body = req(server, "GET", "/shared/menu.pdf", None, basic(UPLOAD_PASSWORD))
+    assert (status, body) == (200, b"%PDF")
