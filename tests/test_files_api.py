@@ -4,7 +4,6 @@ with an injected clock."""
 from __future__ import annotations
 
 import base64
-import dataclasses
 import json
 import os
 import urllib.parse

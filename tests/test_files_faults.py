@@ -2,12 +2,17 @@
 ends in the same state as an uninterrupted removal, and nothing else is touched."""
 from __future__ import annotations
 
+import base64
+import json
 import os
+import socket
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, chunk_fields, encode_multipart
 
 import pyfiledrop
 
@@ -59,13 +64,6 @@ def test_a_kill_while_removing_a_stored_file_is_finished_by_removing_it_again(tm
 def test_deleting_an_upload_while_a_request_still_sends_it(make_server):
     """The sender is cut off (its bytes no longer count), the partial file goes, nothing is stored, the record
     says deleted."""
-    import base64
-    import json
-    import socket
-    import time
-
-    from conftest import chunk_fields, encode_multipart
-
     admin = pyfiledrop.PasswordHash.of("admin")
     server = make_server(admin_password=admin)
     auth = {"Authorization": "Basic " + base64.b64encode(b":admin").decode()}
@@ -79,7 +77,7 @@ def test_deleting_an_upload_while_a_request_still_sends_it(make_server):
         while not [u for u in json.loads(server.request("GET", "/api/uploads", None, auth)[2])["uploads"]
                    if u["id"] == "in-flight"]:
             assert time.monotonic() < deadline, "the upload never showed up"
-            threading_wait(0.02)
+            threading.Event().wait(0.02)
         status, _, reply = server.request("DELETE", "/api/uploads/in-flight", None, auth)
         assert status == 200 and json.loads(reply)["state"] == "deleted"
         try:
@@ -94,8 +92,3 @@ def test_deleting_an_upload_while_a_request_still_sends_it(make_server):
     assert os.listdir(server.storage) == []
     assert server.engine.info("in-flight").state is pyfiledrop.State.DELETED
 
-
-def threading_wait(seconds: float) -> None:
-    import threading
-
-    threading.Event().wait(seconds)
