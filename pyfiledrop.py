@@ -7098,7 +7098,7 @@ FILES_HTML = """<!doctype html>
 (function () {
   "use strict";
   var config = {{config_json}};
-  var view = { folder: null, next: null, pages: 0, timer: null };
+  var view = { folder: null, next: null, pages: 0, timer: null, loads: 0 };
   var $ = function (id) { return document.getElementById(id); };
   var tbody = $("uploads").tBodies[0];
 
@@ -7214,7 +7214,9 @@ FILES_HTML = """<!doctype html>
   }
 
   function load(cursor) {
+    var ticket = ++view.loads;   // a reply to a load that a newer one replaced (typing, another folder) is dropped
     return api("GET", query(cursor)).then(function (data) {
+      if (ticket !== view.loads) return;
       if (!cursor) { tbody.textContent = ""; view.pages = 0; }
       data.uploads.forEach(addRow);
       view.pages += 1;
