@@ -5903,6 +5903,7 @@ class SendConfig:
     parallel: int
     state: Path
     quiet: bool
+    fingerprint: str | None = None   # SHA-256 of the server's certificate, hex: trusts that one (--tls)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -5941,15 +5942,21 @@ def parse_send_args(argv: list[str]) -> SendConfig:
                         help=f"files sent at once (default {SEND_PARALLEL})")
     parser.add_argument("--state", type=Path, default=_default_send_state(), metavar="FILE",
                         help="where upload addresses are remembered (default: %(default)s)")
+    parser.add_argument("--fingerprint", metavar="SHA256",
+                        help="trust the server's certificate with this SHA-256 fingerprint (the one the banner of "
+                             "pyfiledrop --tls prints), instead of asking a certificate authority")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress line")
     args = parser.parse_args(argv)
+    fingerprint = re.sub(r"[\s:]", "", args.fingerprint or "").upper() or None
+    if fingerprint is not None and not re.fullmatch("[0-9A-F]{64}", fingerprint):
+        parser.error("--fingerprint: expected 64 hex digits (colons allowed), as the server's banner shows")
     parts = urlsplit(args.to if "://" in args.to else f"http://{args.to}")
     if parts.scheme not in ("http", "https") or not parts.netloc:
         parser.error(f"--to: expected an http:// or https:// address, got {args.to!r}")
     path = parts.path if parts.path not in ("", "/") else "/tus/"
     endpoint = f"{parts.scheme}://{parts.netloc}{path.rstrip('/')}/"
     password = args.password if args.password is not None else os.environ.get("PYFILEDROP_PASSWORD")
-    return SendConfig(tuple(args.sources), endpoint, password, args.parallel, args.state, args.quiet)
+    return SendConfig(tuple(args.sources), endpoint, password, args.parallel, args.state, args.quiet, fingerprint)
 
 
 def collect_send_items(sources: Iterable[Path]) -> tuple[list[SendItem], list[str]]:
@@ -6014,9 +6021,10 @@ class _Retry(Exception):
 class TusSession:
     """One connection to the tus server, made again after any failure; requests as (status, headers, body)."""
 
-    def __init__(self, endpoint: str, password: str | None, timeout: float = 60.0):
+    def __init__(self, endpoint: str, password: str | None, timeout: float = 60.0, fingerprint: str | None = None):
         parts = urlsplit(endpoint)
         self.endpoint, self.scheme, self.netloc, self.timeout = endpoint, parts.scheme, parts.netloc, timeout
+        self.fingerprint = fingerprint
         self.headers = {"Tus-Resumable": TUS_VERSION, "User-Agent": f"pyfiledrop-send/{__version__}"}
         if password is not None:
             token = base64.b64encode(f"pyfiledrop:{password}".encode()).decode()
@@ -6027,9 +6035,34 @@ class TusSession:
         import http.client
 
         if self._connection is None:
-            kind = http.client.HTTPSConnection if self.scheme == "https" else http.client.HTTPConnection
-            self._connection = kind(self.netloc, timeout=self.timeout)
+            if self.scheme != "https":
+                self._connection = http.client.HTTPConnection(self.netloc, timeout=self.timeout)
+            else:
+                self._connection = self._https_connection()
         return self._connection
+
+    def _https_connection(self):
+        """Verified by a certificate authority, or, with a fingerprint, pinned to exactly that certificate
+        (a self-signed one is trusted only when it is the one the person compared)."""
+        import http.client
+        import ssl
+
+        context = ssl.create_default_context()
+        if self.fingerprint is not None:
+            context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        connection = http.client.HTTPSConnection(self.netloc, timeout=self.timeout, context=context)
+        try:
+            connection.connect()
+        except ssl.SSLCertVerificationError as error:
+            raise SendFailed(f"the server's certificate is not trusted ({error.verify_message}); for "
+                             "pyfiledrop --tls, give --fingerprint as its banner shows it") from None
+        if self.fingerprint is not None:
+            seen = hashlib.sha256(connection.sock.getpeercert(binary_form=True)).hexdigest().upper()
+            if seen != self.fingerprint:
+                connection.close()
+                raise SendFailed(f"the server's certificate has another fingerprint ({seen[:16]}...): "
+                                 "not the server you meant, or a new certificate")
+        return connection
 
     def close(self) -> None:
         if self._connection is not None:
@@ -6243,7 +6276,7 @@ def send_main(argv: list[str], stdout=None, stderr=None) -> int:
 
 def _send_worker(config: SendConfig, work: queue.SimpleQueue, state: SendState, progress: SendProgress,
                  outcomes: dict) -> None:
-    session = TusSession(config.endpoint, config.password)
+    session = TusSession(config.endpoint, config.password, fingerprint=config.fingerprint)
     try:
         while True:
             try:
