@@ -436,6 +436,42 @@ def parse_chunk_fields(fields: Mapping[str, str], max_size: int) -> ChunkInfo | 
     return ChunkInfo(upload_id, index, size, size_of_chunk, count)
 
 
+@dataclasses.dataclass(frozen=True)
+class ChunkExtras:
+    """The chunk protocol's optional fields (pyfiledrop's page sends them; plain Dropzone clients do not)."""
+
+    path: str | None = None            # dzrelpath: the file's path in a dropped folder, sanitised ("a/b/c.txt")
+    mtime: float | None = None         # dzmtime: the original's modification time, ms since 1970 on the wire
+    part_sha256: bytes | None = None   # dzchunksha256: this part's sha256 (hex on the wire)
+
+
+MAX_MTIME_S = 4102444800.0   # 2100-01-01: later (or negative) times are a client's bug, not a file's date
+_SHA256_HEX_RE = re.compile(r"[0-9a-fA-F]{64}\Z")
+
+
+def parse_mtime_ms(text: str) -> float:
+    """A File.lastModified (ms since 1970) as seconds; BadRequest unless a whole number in a sane range."""
+    text = text.strip()
+    if not re.fullmatch(r"[0-9]{1,16}(\.[0-9]{1,6})?", text) or float(text) / 1000 > MAX_MTIME_S:
+        raise BadRequest("dzmtime must be milliseconds since 1970, before the year 2100.")
+    return float(text) / 1000
+
+
+def parse_sha256_hex(text: str, field: str) -> bytes:
+    if not _SHA256_HEX_RE.match(text.strip()):
+        raise BadRequest(f"{field} must be a sha256 in hex (64 digits).")
+    return bytes.fromhex(text.strip())
+
+
+def parse_chunk_extras(fields: Mapping[str, str]) -> ChunkExtras:
+    path = fields.get("dzrelpath")
+    mtime = fields.get("dzmtime")
+    digest = fields.get("dzchunksha256")
+    return ChunkExtras(path=sanitize_relative_path(path) if path and path.strip() else None,
+                       mtime=parse_mtime_ms(mtime) if mtime else None,
+                       part_sha256=parse_sha256_hex(digest, "dzchunksha256") if digest else None)
+
+
 ###############################################################################
 # Errors as values ############################################################
 ###############################################################################
@@ -721,6 +757,14 @@ class Ledger:
         with self._lock:
             rows = self._db.execute(f"SELECT {', '.join(self._COLUMNS)} FROM uploads ORDER BY created DESC "
                                     "LIMIT ? OFFSET ?", (limit, offset)).fetchall()
+        return [self._info(row) for row in rows]
+
+    def stored_with_content(self, sha256: str, size: int, limit: int = 3) -> list[UploadInfo]:
+        """Stored uploads recorded with these bytes (by the uploads_by_content index), newest first."""
+        with self._lock:
+            rows = self._db.execute(f"SELECT {', '.join(self._COLUMNS)} FROM uploads WHERE sha256 = ? AND size = ? "
+                                    "AND state = ? ORDER BY finished DESC LIMIT ?",
+                                    (sha256, size, State.STORED.value, limit)).fetchall()
         return [self._info(row) for row in rows]
 
     def close(self) -> None:
@@ -1046,6 +1090,29 @@ class LocalBackend:
     def stored_exists(self, stored_name: str) -> bool:
         return (self.storage / stored_name).is_file()
 
+    def link_stored(self, existing: str, name: str) -> str | None:
+        """A second name for the stored file ``existing`` (a hard link: no new space); the name used, numbered
+        as ``store`` numbers.  A name that already is this very file is the answer (so a retry after a crash
+        links nothing twice).  None where this filesystem cannot link (FAT, exFAT): the caller stores a copy."""
+        folder, leaf = split_folder(name)
+        directory = self.folder_for(folder)
+        source = self.storage / existing
+        for number in range(MAX_NAME_ATTEMPTS):
+            candidate = numbered_name(leaf, number)
+            target = directory / candidate
+            try:
+                os.link(source, target)
+            except FileExistsError:
+                if not _same_file(source, target):
+                    continue
+            except OSError as error:
+                if error.errno in _LINK_FATAL_ERRNOS:
+                    raise
+                return None
+            self._checkpoint("linked")
+            return f"{folder}/{candidate}" if folder else candidate
+        raise Conflict("Too many files with this name already.")
+
     def hash_stored(self, stored_name: str) -> str:
         digest = hashlib.sha256()
         with open(self.storage / stored_name, "rb", buffering=0) as handle:
@@ -1054,6 +1121,13 @@ class LocalBackend:
             while count := handle.readinto(buffer):
                 digest.update(view[:count])
         return digest.hexdigest()
+
+
+def _same_file(first: Path, second: Path) -> bool:
+    try:
+        return os.path.samefile(first, second)
+    except OSError:
+        return False
 
 
 def _set_mtime(path: str, mtime: float | None) -> None:
@@ -1652,15 +1726,19 @@ class Engine:
         stat = self.backend.part_stat(upload_id)
         if stat is None or stat.st_size != live.info.size:
             raise StorageFailure("The partial file does not have the declared size.")
+        reason = ""
         try:
-            stored_name = live.linked_as or self.backend.store(upload_id, live.info.name, live.info.mtime)
+            stored_name = live.linked_as
+            if stored_name is None:
+                stored_name, reason = self._link_same_content(live.info, digest)
+            stored_name = stored_name or self.backend.store(upload_id, live.info.name, live.info.mtime)
         except OSError as error:
             raise storage_error(error)
         live.linked_as = stored_name
         now = self.clock()
         with live.lock:  # from now on a late commit of another request sees the upload stored
             receiving = live.info
-            info = live.info = dataclasses.replace(receiving, state=State.STORED, sha256=digest,
+            info = live.info = dataclasses.replace(receiving, state=State.STORED, sha256=digest, reason=reason,
                                                    stored_name=stored_name, finished=now, updated=now)
             try:
                 self._record(info)  # on failure the part stays linked: a retry of finish records the same name
@@ -1670,6 +1748,86 @@ class Engine:
         self.checkpoint("recorded")
         self.backend.discard(upload_id)
         self.checkpoint("discarded")
+        return info
+
+    def received_part_matches(self, upload_id: str, start: int, end: int, sha256: bytes) -> bool:
+        """Whether bytes [start, end), all received already, have this sha256 in the partial file (False only
+        on a real difference: a part sent again with other content than the first time)."""
+        live = self._live.get(upload_id)
+        if live is None or not range_holes(live.info.received, start, end) == []:
+            return True
+        try:
+            fd = self.backend.open_part(upload_id)
+        except OSError:
+            return True  # stored or gone meanwhile: put answers for that
+        try:
+            hasher = hashlib.sha256()
+            self._hash_from_file(hasher, fd, start, end)
+        finally:
+            os.close(fd)
+        return hmac.compare_digest(hasher.digest(), sha256)
+
+    # -- content: the same bytes are stored once ---------------------------------------------------------------
+    def find_content(self, sha256: str, size: int) -> UploadInfo | None:
+        """A stored upload whose file has exactly these bytes, checked now by hashing that file again (a record
+        alone is not trusted: the file may have been edited or replaced by hand since)."""
+        if size <= 0 or not re.fullmatch(r"[0-9a-f]{64}", sha256):
+            return None
+        for info in self.ledger.stored_with_content(sha256, size):
+            try:
+                if (os.stat(self.backend.stored_path(info.stored_name)).st_size == size
+                        and self.backend.hash_stored(info.stored_name) == sha256):
+                    return info
+            except OSError:
+                continue
+        return None
+
+    def _link_same_content(self, info: UploadInfo, digest: str) -> tuple[str | None, str]:
+        """(the name, the ledger's reason) when a stored file with these bytes now also carries this upload's
+        name; (None, "") when there is none, or this filesystem cannot link."""
+        original = self.find_content(digest, info.size or 0)
+        if original is None:
+            return None, ""
+        linked = self.backend.link_stored(original.stored_name, info.name)
+        return (linked, f"same content as {original.stored_name}") if linked else (None, "")
+
+    def complete_by_content(self, upload_id: str, sha256: str) -> UploadInfo | None:
+        """The client knows its file's sha256: if a stored file has these bytes, the upload is stored at once
+        under its own name as a link to that file (its partial file goes, writers still sending are fenced).
+        None when no stored file has them; the upload then goes on as before."""
+        live = self._get_live(upload_id)
+        if live is None:
+            return self._settled_info(upload_id)
+        with live.finish_lock:
+            if live.info.state is State.STORED:
+                return live.info
+            stored_name, reason = self._link_same_content(live.info, sha256)
+            if stored_name is None:
+                return None
+            with self._opening[hash(upload_id) % 64]:  # a request arriving meanwhile finds the stored record
+                info = self._stored_by_link(live, sha256, stored_name, reason)
+                self._forget(upload_id)
+            self.backend.discard(upload_id)
+        with self._lock:
+            self.stored_count += 1
+        self.events(Stored(info))
+        return info
+
+    def _stored_by_link(self, live: _Live, sha256: str, stored_name: str, reason: str) -> UploadInfo:
+        now = self.clock()
+        with live.lock:
+            receiving = live.info
+            size = receiving.size or 0
+            info = live.info = dataclasses.replace(receiving, state=State.STORED, sha256=sha256, reason=reason,
+                                                   received=((0, size),), stored_name=stored_name, finished=now,
+                                                   updated=now)
+            try:
+                self._record(info)
+            except UploadError:
+                live.info = receiving
+                raise
+        for writer in list(live.writers):  # outside live.lock: a writer commits holding its lock, then live.lock
+            writer.fence()
         return info
 
     def receive_whole(self, name: str, pieces: Iterable, *, client: str, size: int | None = None,
@@ -2246,6 +2404,81 @@ def status_reply(engine: Engine, upload_id: str) -> dict:
             "missing_chunks": info.missing_parts(1000)}
 
 
+MAX_STATUS_IDS = 1000
+MAX_JSON_BYTES = 128 * 1024
+
+
+def read_json(environ: dict, limit: int = MAX_JSON_BYTES) -> dict:
+    """A small JSON object request body; BadRequest for anything else (too long, not JSON, not an object)."""
+    length = content_length(environ)
+    if length is None or length > limit:
+        raise BadRequest(f"Send a JSON body of at most {limit} bytes, with a Content-Length.")
+    body = bytearray()
+    for piece in request_body(environ, length):
+        body += piece
+    try:
+        value = json.loads(bytes(body).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise BadRequest("The body is not JSON.") from None
+    if not isinstance(value, dict):
+        raise BadRequest("The body must be a JSON object.")
+    return value
+
+
+def status_many(engine: Engine, request: dict) -> dict:
+    """``POST /api/uploads/status`` {"ids": [...]}: ``status_reply`` of each, in one request (a page that
+    remembers 500 files asks once); an id the server does not know, or no longer has, answers {"gone": why}."""
+    ids = request.get("ids")
+    if not isinstance(ids, list) or len(ids) > MAX_STATUS_IDS or not all(isinstance(i, str) for i in ids):
+        raise BadRequest(f"Send {{\"ids\": [...]}} with at most {MAX_STATUS_IDS} upload ids.")
+    replies: dict[str, dict] = {}
+    for upload_id in dict.fromkeys(ids):
+        try:
+            replies[upload_id] = status_reply(engine, upload_id)
+        except NotFound as error:
+            replies[upload_id] = {"id": upload_id, "gone": error.message}
+    return {"uploads": replies}
+
+
+def cancel_reply(engine: Engine, upload_id: str, client: str) -> dict:
+    """``POST /api/uploads/ID/cancel``: an unfinished upload stops for good and its partial file goes.
+
+    Only from the address that started it: a page's upload ids come from its files (see the README), so
+    someone else holding the same file could name it.  A stored upload is not touched (that is the admin's
+    DELETE)."""
+    info = engine.info(upload_id) if is_valid_id(upload_id) else None
+    if info is None:
+        raise NotFound("No such upload.")
+    if info.state is State.RECEIVING:
+        if info.client and info.client != client:
+            raise Forbidden("Only the device that started this upload can cancel it.")
+        info = engine.abort(upload_id, "cancelled by the client")
+    return {"id": info.id, "state": info.state.value, "cancelled": info.state is State.DELETED}
+
+
+def content_reply(engine: Engine, upload_id: str, request: dict, client: str, allowed: bool) -> dict:
+    """``POST /api/uploads/ID/content`` {"sha256", "name", "path", "size", "chunk_size", "mtime"}: the page
+    knows its file's whole hash; when a stored file has those bytes the upload is stored at once as a link to
+    it (nothing more is sent).  {"complete": false} otherwise, and the page goes on sending."""
+    if not is_valid_id(upload_id):
+        raise BadRequest(f"An upload id is 1 to {MAX_ID_LENGTH} letters, digits or '-'.")
+    sha256 = parse_sha256_hex(str(request.get("sha256", "")), "sha256").hex()
+    size, part_size = request.get("size"), request.get("chunk_size")
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in (size, part_size)) \
+            or not 1 <= part_size <= MAX_CHUNK_SIZE or chunk_count(size, part_size) > MAX_CHUNK_COUNT:
+        raise BadRequest("size and chunk_size must be whole numbers, as in the chunk fields.")
+    if not allowed or size == 0:
+        return {"id": upload_id, "complete": False}
+    mtime = parse_mtime_ms(str(request["mtime"])) if request.get("mtime") is not None else None
+    name = sanitize_relative_path(str(request.get("path") or request.get("name") or ""))
+    with _Subject(name):
+        engine.create(upload_id, name, size=size, part_size=part_size, client=client, mtime=mtime)
+        info = engine.complete_by_content(upload_id, sha256)
+    if info is None or info.state is not State.STORED:
+        return {"id": upload_id, "complete": False}
+    return {**completed_reply(info), "same_as": info.reason.removeprefix("same content as ") or None}
+
+
 class _Subject:
     """Names the file an error is about, for the console's line."""
 
@@ -2260,16 +2493,24 @@ class _Subject:
             error.subject = self.name
 
 
-def receive_chunk(engine: Engine, chunk: ChunkInfo, filename: str, data: Iterable, client: str) -> dict:
+def receive_chunk(engine: Engine, chunk: ChunkInfo, filename: str, data: Iterable, client: str,
+                  extras: ChunkExtras = ChunkExtras()) -> dict:
     """One Dropzone chunk: the bytes of part ``chunk.index`` of upload ``chunk.upload_id``."""
-    name = sanitize_filename(filename)
+    name = extras.path or sanitize_filename(filename)
+    checksum = ("sha256", extras.part_sha256) if extras.part_sha256 is not None else None
     with _Subject(name):
         info = engine.create(chunk.upload_id, name, size=chunk.total_size, part_size=chunk.chunk_size,
-                             client=client, ephemeral=chunk.total_chunks == 1)
+                             client=client, ephemeral=chunk.total_chunks == 1, mtime=extras.mtime)
+        if info.state is State.RECEIVING and checksum is not None and info.part_received(chunk.index) and \
+                not engine.received_part_matches(chunk.upload_id, chunk.offset, chunk.offset + chunk.length,
+                                                 checksum[1]):
+            raise ChecksumMismatch(f"Part {chunk.index} was received before with other bytes: this is not the "
+                                   "same file (start it under another id).")
         if info.state is State.RECEIVING:
             counted = _Counted(data)
             try:
-                info = engine.put(chunk.upload_id, chunk.offset, counted, length=chunk.length, atomic=True)
+                info = engine.put(chunk.upload_id, chunk.offset, counted, length=chunk.length, atomic=True,
+                                  checksum=checksum)
             except TooManyBytes as error:
                 seen = chunk.length + error.extra + _Counted(data).drain(engine.limits.max_size)
                 if chunk.offset + seen > engine.limits.max_size:
@@ -2321,7 +2562,8 @@ def receive_form(engine: Engine, environ: dict, client: str) -> dict:
                     raise BadRequest("A chunk request carries exactly one file.")
                 if chunk is not None:
                     part.expect(chunk.length)
-                    chunk_reply = receive_chunk(engine, chunk, part.filename, part.data, client)
+                    chunk_reply = receive_chunk(engine, chunk, part.filename, part.data, client,
+                                                parse_chunk_extras(fields))
                 elif part.filename or _has_bytes(part):
                     if not spooled:
                         engine.check_space(length or 0)
@@ -2332,7 +2574,8 @@ def receive_form(engine: Engine, environ: dict, client: str) -> dict:
         if chunk is not None:  # the chunk fields came after the file part: the spooled file is the chunk
             if len(spooled) != 1:
                 raise BadRequest("A chunk request carries exactly one file.")
-            return receive_chunk(engine, chunk, spooled[0][1], engine.read(spooled[0][0]), client)
+            return receive_chunk(engine, chunk, spooled[0][1], engine.read(spooled[0][0]), client,
+                                 parse_chunk_extras(fields))
         if not spooled:
             raise BadRequest("No file in the request: send it as a multipart part named 'file'.")
         replies = [completed_reply(_store_spooled(engine, upload_id)) for upload_id, _ in spooled]
@@ -2536,6 +2779,19 @@ def create_app(config: Config, engine: Engine) -> bottle.Bottle:
     @app.get("/api/uploads/<upload_id>")
     def upload_status(upload_id):
         return _json(status_reply(engine, upload_id))
+
+    @app.post("/api/uploads/status")
+    def uploads_status():
+        return _json(status_many(engine, read_json(bottle.request.environ)))
+
+    @app.post("/api/uploads/<upload_id>/cancel", report=True)
+    def cancel_upload(upload_id):
+        return _json(cancel_reply(engine, upload_id, client()))
+
+    @app.post("/api/uploads/<upload_id>/content", report=True)
+    def upload_by_content(upload_id):
+        request = read_json(bottle.request.environ)
+        return _json(content_reply(engine, upload_id, request, client(), not config.allow_downloads))
 
     @app.get("/download/<upload_id>")
     def download(upload_id):
