@@ -4887,7 +4887,28 @@ INDEX_HTML = r"""<!doctype html>
   };
 
   // ---- talking to the server ----
+  // A browser opens six connections to a host and the parts may hold them all: a question to the server
+  // (status, "do you have this content?", cancel) takes one back from the part with the least progress
+  // (sent again later), and parts use five while it waits.
+  var asking = 0;
   function postJson(path, body) {
+    asking += 1;
+    if (busy >= SLOTS) preemptOne();
+    return rawPostJson(path, body).then(function (value) { asked(); return value; },
+                                        function (error) { asked(); throw error; });
+  }
+  function asked() { asking -= 1; schedule(); }
+  function preemptOne() {
+    var least = null;
+    uploads.forEach(function (u) {
+      Object.keys(u.inFlight).forEach(function (k) {
+        var flight = u.inFlight[k];
+        if (!least || flight.loaded < least.loaded) least = flight;
+      });
+    });
+    if (least) { least.preempted = true; least.xhr.abort(); }
+  }
+  function rawPostJson(path, body) {
     return fetch(path, { method: "POST", cache: "no-store", headers: { "Content-Type": "application/json" },
                          body: JSON.stringify(body) }).then(function (response) {
       if (response.ok) return response.json();
@@ -4977,7 +4998,7 @@ INDEX_HTML = r"""<!doctype html>
     for (var i = 0; i < uploads.length && busy < SLOTS; i++) {
       var upload = uploads[i];
       if (upload.state !== "sending" || !upload.todo) continue;
-      while (busy < SLOTS && upload.todo.length && upload.hashes[upload.todo[0]] !== undefined) {
+      while (busy < SLOTS - (asking ? 1 : 0) && upload.todo.length && upload.hashes[upload.todo[0]] !== undefined) {
         sendPart(upload, upload.todo.shift());
       }
       if (!upload.todo.length && !Object.keys(upload.inFlight).length && !upload.result) askResult(upload);
@@ -5033,6 +5054,10 @@ INDEX_HTML = r"""<!doctype html>
     if (upload.inFlight[index] !== flight) return schedule();   // cancelled, or stored meanwhile
     delete upload.inFlight[index];
     if (status === 200) return partStored(upload, index, text);
+    if (flight.preempted) {
+      upload.todo.unshift(index);
+      return schedule();
+    }
     if (status === 0) {
       upload.todo.unshift(index);
       link.down();
