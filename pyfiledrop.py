@@ -4607,13 +4607,34 @@ function fail(job, error) {
   postMessage({ job: job.job, kind: "error", value: String((error && error.message) || error) });
 }
 
-// Ids first: a file waits for its id before anything of it is sent, and the id is quick to make.
+// Ids first: a file waits for its id before anything of it is sent, and the id is quick to make.  A file of
+// one part is read once, for its id, its part and its whole hash (2,000 small files: 2,000 reads, not 8,000).
 function drainIds() {
   if (!idQueue.length) return Promise.resolve();
   var job = idQueue.shift();
-  return hashers.then(function (trio) { return fingerprint(job, trio[2]); })
-    .then(function (id) { postMessage({ job: job.job, kind: "id", value: id }); }, function (e) { fail(job, e); })
+  var small = job.file.size <= job.partSize && job.file.size <= SAMPLE;
+  return hashers.then(function (trio) { return small ? smallFile(job, trio[2]) : fingerprint(job, trio[2]); })
+    .then(function (id) { if (id) postMessage({ job: job.job, kind: "id", value: id }); },
+          function (e) { fail(job, e); })
     .then(drainIds);
+}
+
+function smallFile(job, hasher) {
+  return read(job.file, 0, job.file.size).then(function (bytes) {
+    hasher.init();
+    hasher.update(bytes);
+    var whole = hasher.digest("hex");
+    job.done = true;
+    hasher.init();
+    hasher.update("pyfiledrop-1|" + job.file.size + "|" + job.path + "|" + job.file.lastModified + "|" +
+                  job.partSize + "|");
+    hasher.update(bytes);
+    var id = hasher.digest("hex");
+    postMessage({ job: job.job, kind: "id", value: id });
+    postMessage({ job: job.job, kind: "part", index: 0, value: whole });
+    postMessage({ job: job.job, kind: "whole", value: whole });
+    return null;
+  });
 }
 
 function pump() {
@@ -4621,6 +4642,7 @@ function pump() {
   running = true;
   drainIds().then(function () {
     var job = partQueue.shift();
+    while (job && job.done) job = partQueue.shift();
     if (!job) return null;
     return hashers.then(function (trio) { return hashParts(job, trio[0], trio[1]); }).then(function (whole) {
       if (whole !== null) postMessage({ job: job.job, kind: "whole", value: whole });
