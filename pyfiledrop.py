@@ -5203,7 +5203,14 @@ INDEX_HTML = r"""<!doctype html>
     totals[upload.state === "done" ? "done" : upload.state === "failed" ? "failed" : "cancelled"] += 1;
     if (upload.state === "done") remember(upload);
     changed = true;
+    renderSoon();
     announceSoon();
+  }
+  var renderPending = false;
+  function renderSoon() {   // an outcome shows at the next frame, not at the next tick of the clock
+    if (renderPending) return;
+    renderPending = true;
+    requestAnimationFrame(function () { renderPending = false; changed = false; render(); });
   }
   function addList(files) {
     for (var i = 0; i < files.length; i++) add(files[i], files[i].webkitRelativePath || files[i].name);
@@ -5348,12 +5355,16 @@ INDEX_HTML = r"""<!doctype html>
     catch (e) { return []; }
   }
   var entries = loadEntries(), saveTimer = null;
-  function saveEntries() {
+  function writeEntries() {
     clearTimeout(saveTimer);
-    saveTimer = setTimeout(function () {
-      try { localStorage.setItem(STORE_KEY, JSON.stringify(entries.slice(-HISTORY))); } catch (e) { /* private mode */ }
-    }, 300);
+    saveTimer = null;
+    try { localStorage.setItem(STORE_KEY, JSON.stringify(entries.slice(-HISTORY))); } catch (e) { /* private mode */ }
   }
+  function saveEntries() {   // at once when nothing else is going on; among 2,000 small files, now and then
+    if (!uploads.some(function (u) { return u.active(); })) return writeEntries();
+    if (!saveTimer) saveTimer = setTimeout(writeEntries, 1000);
+  }
+  window.addEventListener("pagehide", function () { if (saveTimer) writeEntries(); });
   function renderEntry(entry) {
     var li = document.createElement("li"), name;
     li.dataset.id = entry.id;
