@@ -44,7 +44,7 @@ import zlib
 from email.utils import formatdate
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping
-from urllib.parse import quote, unquote_to_bytes, urlsplit
+from urllib.parse import quote, unquote_to_bytes
 
 import bottle
 from werkzeug.http import parse_options_header
@@ -1752,7 +1752,7 @@ class Engine:
         """Whether bytes [start, end), all received already, have this sha256 in the partial file (False only
         on a real difference: a part sent again with other content than the first time)."""
         live = self._live.get(upload_id)
-        if live is None or not range_holes(live.info.received, start, end) == []:
+        if live is None or range_holes(live.info.received, start, end):
             return True
         try:
             fd = self.backend.open_part(upload_id)

@@ -13,8 +13,8 @@ import threading
 import time
 
 import pytest
-from conftest import ROOT, free_port, running_server, sha256
-from test_browser import CHROMIUM, WAIT_MS, browser, new_page, page  # noqa: F401 (fixtures)
+from conftest import ROOT, free_port, running_server
+from test_browser import CHROMIUM, LAUNCH_ARGS, WAIT_MS, sync_api
 from wireproxy import WireProxy
 
 import pyfiledrop
@@ -25,6 +25,27 @@ pytestmark = [
 ]
 
 MIB = 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=LAUNCH_ARGS)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+@pytest.fixture
+def page(browser):
+    """A page in a fresh context, whose dialogs (the warning before leaving mid-upload) are dismissed."""
+    context = browser.new_context()
+    context.set_default_timeout(WAIT_MS)
+    page = context.new_page()
+    page.on("dialog", lambda dialog: dialog.dismiss())
+    yield page
+    context.close()
 SETTLED = "() => window.pyfiledrop.uploads.length > 0 && window.pyfiledrop.uploads.every(u => !u.active())"
 
 

@@ -7,9 +7,9 @@ import json
 import os
 
 import pytest
+from conftest import chunk_fields, running_server, sha256, upload_files
 
 import pyfiledrop
-from conftest import chunk_fields, running_server, sha256, upload_files
 
 CHUNK = 64 * 1024
 
@@ -144,7 +144,7 @@ def test_cancel_leaves_a_stored_upload_alone(server):
 
 def test_only_the_starting_address_may_cancel(server):
     server.engine.create("theirs", "a.bin", size=3 * CHUNK, part_size=CHUNK, client="192.0.2.7")
-    status, body = post_json(server, "/api/uploads/theirs/cancel", {})
+    status, _ = post_json(server, "/api/uploads/theirs/cancel", {})
     assert status == 403
     assert server.engine.info("theirs").state is pyfiledrop.State.RECEIVING
 
@@ -199,7 +199,7 @@ def test_a_claim_midway_removes_the_partial_file(server):
     data = data_of(5 * CHUNK)
     send_all(server, "original", data, filename="photo.jpg")
     send(server, "midway", 0, data, filename="b.jpg")
-    status, reply = claim(server, "midway", data, name="b.jpg")
+    _, reply = claim(server, "midway", data, name="b.jpg")
     assert reply["complete"] is True
     assert upload_files(server.chunks) == []
     assert (server.storage / "b.jpg").read_bytes() == data

@@ -92,10 +92,7 @@ class WireProxy:
                 await writer.drain()
         except (ConnectionError, asyncio.CancelledError, OSError):
             pass
-        finally:
-            if not count:
-                return
-            # the client finished sending (or vanished): let the server see the end as a dead connection would
+        if count:   # the client finished sending (or vanished): the server sees the end as a dead client's
             writer.close()
 
     async def _throttle(self, size: int) -> None:
