@@ -5264,7 +5264,8 @@ INDEX_HTML = r"""<!doctype html>
       var stored = u.result && u.result.name && u.result.name !== u.path ? " as " + u.result.name : "";
       var how = u.early ? "Already on the server" + (u.result.same_as ? " (same content as " + u.result.same_as + ")" : "")
         + ": nothing more sent" : "Uploaded";
-      return how + stored + (u.checked ? " · sha256 checked" : u.whole ? "" : " · checking…");
+      var check = u.checked ? " · sha256 checked: " + u.whole.slice(0, 16) + "… here and on the server" : " · checking…";
+      return how + stored + check;
     }
     if (u.state !== "sending") return u.state === "checking" ? "Checking the server…" : "Waiting…";
     if (link.isDown) return "Connection lost, retrying…";

@@ -341,6 +341,24 @@ def test_uploaded_list_survives_reload_and_marks_gone_files(make_server, page):
     assert page.locator("#uploaded-empty").is_visible()
 
 
+def test_opening_the_page_asks_once_for_every_remembered_file(make_server, page):
+    server = make_server()
+    open_page(page, server)
+    add_files(page, [memory_file("real.txt", b"real")])
+    wait_finished(page, 1)
+    remembered = page.evaluate("JSON.parse(localStorage.getItem('pyfiledrop.uploaded.v1'))")
+    made_up = [{"id": f"pf-{i:040}", "name": f"old {i}.txt", "size": i, "sha256": "", "at": 0} for i in range(499)]
+    page.evaluate("entries => localStorage.setItem('pyfiledrop.uploaded.v1', JSON.stringify(entries))",
+                  made_up + remembered)
+    asked = []
+    page.on("request", lambda r: asked.append(r.url) if "/api/uploads" in r.url else None)
+    reload(page)
+    page.locator("#uploaded li.pf-gone").nth(498).wait_for()
+    assert asked == [server.url + "/api/uploads/status"]
+    assert page.locator("#uploaded li").count() == 500
+    assert page.locator("#uploaded li:not(.pf-gone) .pf-name").all_text_contents() == ["real.txt"]
+
+
 def failed_once(page, message_part: str):
     """One failed preview, its error visible without hovering, nothing added to the list."""
     errors = page.locator("#queue li.pf-failed")
@@ -432,7 +450,8 @@ def test_progress_moves_with_bytes_sent(make_server, page):
     assert len(between) >= 3, between
     assert any("/s" in s["status"] and s["status"].endswith("left") for s in samples), samples[-5:]
     assert not [s for s in samples if "NaN" in s["status"] + s["overall"]], samples[-5:]
-    page.wait_for_function("() => document.querySelector('#queue .pf-status').textContent.endsWith('sha256 checked')")
+    page.wait_for_function("() => document.querySelector('#queue .pf-status').textContent.includes('sha256 checked')")
+    assert sha256(data)[:16] in page.locator("#queue .pf-status").text_content()
     assert page.locator("#queue progress").evaluate("e => e.value") == 100
 
 
