@@ -1805,7 +1805,9 @@ class Engine:
             with self._opening[hash(upload_id) % 64]:  # a request arriving meanwhile finds the stored record
                 info = self._stored_by_link(live, sha256, stored_name, reason)
                 self._forget(upload_id)
+            self.checkpoint("recorded")
             self.backend.discard(upload_id)
+            self.checkpoint("discarded")
         with self._lock:
             self.stored_count += 1
         self.events(Stored(info))

@@ -5,9 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
+import sys
 
 import pytest
-from conftest import chunk_fields, running_server, sha256, upload_files
+from conftest import ROOT, chunk_fields, running_server, sha256, upload_files
 
 import pyfiledrop
 
@@ -237,3 +239,58 @@ def test_a_bad_claim_is_a_clear_400(server, request_body):
     status, reply = post_json(server, "/api/uploads/x/content", request_body)
     assert status == 400, reply
     assert upload_files(server.chunks) == []
+
+
+# -- a kill at every step of storing a duplicate ----------------------------------------------------------------
+
+DEDUP_CRASH_SCRIPT = r"""
+import hashlib, os, signal, sys
+sys.path.insert(0, sys.argv[1])
+import pyfiledrop
+storage, chunks, step, how = sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5]
+armed = False
+
+def checkpoint(name):
+    if armed and name == step:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+backend = pyfiledrop.LocalBackend(pyfiledrop.Path(storage), pyfiledrop.Path(chunks), checkpoint=checkpoint)
+ledger = pyfiledrop.Ledger(pyfiledrop.Path(chunks) / pyfiledrop.Ledger.FILENAME)
+engine = pyfiledrop.Engine(ledger, backend, pyfiledrop.EngineLimits(10 ** 9), checkpoint=checkpoint)
+data = bytes(range(256)) * 40
+engine.receive_whole("x.bin", [data], client="", size=len(data), upload_id="original")
+armed = True
+engine.create("copy", "y.bin", size=len(data), part_size=4096, client="")
+engine.put("copy", 0, [data[:4096]], length=4096)
+if how == "claim":
+    engine.complete_by_content("copy", hashlib.sha256(data).hexdigest())
+else:
+    for offset in range(4096, len(data), 4096):
+        engine.put("copy", offset, [data[offset:offset + 4096]], length=len(data[offset:offset + 4096]))
+    engine.finish("copy")
+print("finished without a crash")
+"""
+
+
+# (a claim hashes the stored file, not the upload: it has no "hashed" step)
+@pytest.mark.parametrize("how, step", [("finish", "hashed"), ("finish", "linked"), ("finish", "recorded"),
+                                       ("finish", "discarded"), ("claim", "linked"), ("claim", "recorded"),
+                                       ("claim", "discarded")])
+def test_a_kill_while_storing_a_duplicate_ends_with_one_link_and_nothing_left(tmp_path, how, step):
+    storage, chunks = tmp_path / "storage", tmp_path / "chunks"
+    storage.mkdir()
+    chunks.mkdir()
+    result = subprocess.run([sys.executable, "-c", DEDUP_CRASH_SCRIPT, str(ROOT), str(storage), str(chunks), step,
+                             how], capture_output=True, text=True, timeout=60)
+    assert result.returncode == -9, result.stdout + result.stderr
+    data = bytes(range(256)) * 40
+    ledger = pyfiledrop.Ledger(chunks / pyfiledrop.Ledger.FILENAME)
+    engine = pyfiledrop.Engine(ledger, pyfiledrop.LocalBackend(storage, chunks), pyfiledrop.EngineLimits(10 ** 9))
+    info = engine.info("copy")
+    if info.state is pyfiledrop.State.RECEIVING:   # the client's retry (its last part, or its claim again)
+        info = engine.complete_by_content("copy", sha256(data)) if how == "claim" else engine.finish("copy")
+    assert info.state is pyfiledrop.State.STORED and info.stored_name == "y.bin"
+    assert sorted(os.listdir(storage)) == ["x.bin", "y.bin"]
+    assert os.path.samefile(storage / "x.bin", storage / "y.bin")
+    assert upload_files(chunks) == []
+    ledger.close()
