@@ -2409,7 +2409,12 @@ MAX_JSON_BYTES = 128 * 1024
 
 
 def read_json(environ: dict, limit: int = MAX_JSON_BYTES) -> dict:
-    """A small JSON object request body; BadRequest for anything else (too long, not JSON, not an object)."""
+    """A small JSON object request body; BadRequest for anything else (too long, not JSON, not an object).
+
+    Content-Type must say JSON: another site's page can make a browser send a form (text/plain) here without
+    asking, but not a JSON body (that needs a CORS preflight, which this server never grants)."""
+    if parse_options_header(environ.get("CONTENT_TYPE", ""))[0] != "application/json":
+        raise BadRequest("Send the request as JSON (Content-Type: application/json).")
     length = content_length(environ)
     if length is None or length > limit:
         raise BadRequest(f"Send a JSON body of at most {limit} bytes, with a Content-Length.")
@@ -2782,6 +2787,7 @@ def create_app(config: Config, engine: Engine) -> bottle.Bottle:
 
     @app.post("/api/uploads/<upload_id>/cancel", report=True)
     def cancel_upload(upload_id):
+        read_json(bottle.request.environ)   # a JSON body ({}), so no other site's form can send this
         return _json(cancel_reply(engine, upload_id, client()))
 
     @app.post("/api/uploads/<upload_id>/content", report=True)
@@ -5176,7 +5182,7 @@ INDEX_HTML = r"""<!doctype html>
     });
   }
   Upload.prototype.retry = function () {
-    if (this.state !== "failed" && this.state !== "cancelled") return;
+    if (this.final || (this.state !== "failed" && this.state !== "cancelled")) return;
     totals[this.state === "failed" ? "failed" : "cancelled"] -= 1;
     this.reset();
     this.state = "queued";
@@ -5195,6 +5201,7 @@ INDEX_HTML = r"""<!doctype html>
     if (file.size > cfg.maxFileSizeBytes) {
       var size = human(file.size), limit = human(cfg.maxFileSizeBytes);
       if (size === limit) { size = file.size + " bytes"; limit = cfg.maxFileSizeBytes + " bytes"; }
+      upload.final = true;   // a retry would get the same answer: no Retry button
       upload.fail("Too large: " + size + ". This server accepts up to " + limit + " per file.");
     } else {
       startHashing(upload);
@@ -5301,7 +5308,7 @@ INDEX_HTML = r"""<!doctype html>
     row.bar.value = Math.floor(100 * u.bytesDone() / Math.max(1, u.size));
     row.status.textContent = statusText(u);
     row.error.textContent = u.state === "failed" ? u.message : "";
-    var label = u.active() ? "Cancel" : u.state === "done" ? "" : "Retry";
+    var label = u.active() ? "Cancel" : u.state === "done" || u.final ? "" : "Retry";
     row.button.hidden = !label;
     row.button.textContent = label;
     row.button.setAttribute("aria-label", label + " " + u.path);
@@ -5333,7 +5340,7 @@ INDEX_HTML = r"""<!doctype html>
     overallEl.textContent = text;
     linkEl.textContent = link.isDown ? "Connection lost, retrying… (the upload goes on by itself when the server is back)" : "";
     $("cancel-all").hidden = !active.length;
-    $("retry-failed").hidden = !uploads.some(function (u) { return u.state === "failed"; });
+    $("retry-failed").hidden = !uploads.some(function (u) { return u.state === "failed" && !u.final; });
   }
   setInterval(function () {
     uploads.forEach(function (u) { if (u.state === "sending") u.meter.add(u.bytesDone()); });

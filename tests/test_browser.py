@@ -378,6 +378,7 @@ def test_file_over_the_limit_fails_in_the_page(make_server, page):
     add_files(page, [memory_file("huge.bin", payload(1024 * 1024 + 1, seed=8))])
     assert wait_finished(page, 1) == [["huge.bin", "failed"]]
     failed_once(page, "Too large")
+    assert page.locator("#queue .pf-action:visible, #retry-failed:visible").count() == 0   # no Retry: same answer
     assert list(server.storage.iterdir()) == []
 
 

@@ -151,6 +151,14 @@ def test_only_the_starting_address_may_cancel(server):
     assert server.engine.info("theirs").state is pyfiledrop.State.RECEIVING
 
 
+def test_a_form_from_another_site_cannot_cancel(server):
+    data = data_of(3 * CHUNK)
+    send(server, "csrf", 0, data)
+    status, _, body = server.request("POST", "/api/uploads/csrf/cancel", b"{}", {"Content-Type": "text/plain"})
+    assert status == 400 and b"application/json" in body
+    assert server.engine.info("csrf").state is pyfiledrop.State.RECEIVING
+
+
 def test_there_is_no_delete_route_for_uploads_here(server):
     # DELETE /api/uploads/ID is the admin's (another route); a page never deletes.
     assert server.request("DELETE", "/api/uploads/x")[0] == 405
