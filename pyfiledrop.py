@@ -4566,16 +4566,24 @@ FAVICON_PNG = (
 # <<< vendored assets
 
 # The hashing worker (pyfiledrop's own code; hash-wasm, vendored above, does the hashing).
-HASHER_WORKER_JS = r"""// pyfiledrop's hashing worker: an upload's id from a few sampled blocks, then each part's sha256 and the whole
-// file's, in one pass over the file, in order.  hash-wasm (MIT) does the hashing: the page may be on plain
-// HTTP, where browsers offer no crypto.subtle.
+HASHER_WORKER_JS = r"""// pyfiledrop's hashing worker.  A "parts" job: the upload's id from a few sampled blocks, then each part's
+// sha256, in order; a "whole" job: the whole file's sha256 (the page runs the two in two workers, so the part
+// hashes that sending waits for get a core of their own).  hash-wasm (MIT) does the hashing: the page may be
+// on plain HTTP, where browsers offer no crypto.subtle.
 "use strict";
 importScripts("{{hash_wasm}}");
-var SAMPLE = 64 * 1024;
-var idQueue = [], partQueue = [], running = false, cancelled = {};
+var SAMPLE = 64 * 1024, BLOCK = 8 * 1024 * 1024;
+var idQueue = [], hashQueue = [], running = false, cancelled = {};
+var hashers = Promise.all([hashwasm.createSHA256(), hashwasm.createSHA256()]);
 
 function read(file, start, end) {
   return file.slice(start, end).arrayBuffer().then(function (buffer) { return new Uint8Array(buffer); });
+}
+function post(job, kind, value, index) {
+  postMessage({ job: job.job, kind: kind, value: value, index: index });
+}
+function label(job) {
+  return "pyfiledrop-1|" + job.file.size + "|" + job.path + "|" + job.file.lastModified + "|" + job.partSize + "|";
 }
 
 // Who the file is, without reading it all: its size, name, time and part size, and three sampled blocks.
@@ -4583,89 +4591,90 @@ function fingerprint(job, hasher) {
   var file = job.file, size = file.size, middle = Math.max(0, Math.floor(size / 2) - SAMPLE / 2);
   var blocks = [[0, SAMPLE], [middle, middle + SAMPLE], [Math.max(0, size - SAMPLE), size]];
   hasher.init();
-  hasher.update("pyfiledrop-1|" + size + "|" + job.path + "|" + file.lastModified + "|" + job.partSize + "|");
+  hasher.update(label(job));
   return blocks.reduce(function (done, block) {
     return done.then(function () { return read(file, block[0], Math.min(size, block[1])); })
       .then(function (bytes) { hasher.update(bytes); });
   }, Promise.resolve()).then(function () { return hasher.digest("hex"); });
 }
 
-function hashParts(job, partHasher, wholeHasher) {
-  var file = job.file, count = Math.max(1, Math.ceil(file.size / job.partSize)), index = 0;
-  wholeHasher.init();
-  function next() {
-    if (cancelled[job.job]) return null;
-    if (index >= count) return wholeHasher.digest("hex");
-    var start = index * job.partSize;
-    return drainIds().then(function () { return read(file, start, Math.min(file.size, start + job.partSize)).then(function (bytes) {
-      partHasher.init();
-      partHasher.update(bytes);
-      wholeHasher.update(bytes);
-      postMessage({ job: job.job, kind: "part", index: index, value: partHasher.digest("hex") });
-      index += 1;
-      return next();
-    }); });
-  }
-  return next();
-}
-
-var hashers = Promise.all([hashwasm.createSHA256(), hashwasm.createSHA256(), hashwasm.createSHA256()]);
-
-function fail(job, error) {
-  postMessage({ job: job.job, kind: "error", value: String((error && error.message) || error) });
-}
-
-// Ids first: a file waits for its id before anything of it is sent, and the id is quick to make.  A file of
-// one part is read once, for its id, its part and its whole hash (2,000 small files: 2,000 reads, not 8,000).
-function drainIds() {
-  if (!idQueue.length) return Promise.resolve();
-  var job = idQueue.shift();
-  var small = job.file.size <= job.partSize && job.file.size <= SAMPLE;
-  return hashers.then(function (trio) { return small ? smallFile(job, trio[2]) : fingerprint(job, trio[2]); })
-    .then(function (id) { if (id) postMessage({ job: job.job, kind: "id", value: id }); },
-          function (e) { fail(job, e); })
-    .then(drainIds);
-}
-
+// A file of one part under 64 KiB is read once, for its id, its part and its whole hash.
 function smallFile(job, hasher) {
   return read(job.file, 0, job.file.size).then(function (bytes) {
     hasher.init();
     hasher.update(bytes);
     var whole = hasher.digest("hex");
-    job.done = true;
     hasher.init();
-    hasher.update("pyfiledrop-1|" + job.file.size + "|" + job.path + "|" + job.file.lastModified + "|" +
-                  job.partSize + "|");
+    hasher.update(label(job));
     hasher.update(bytes);
-    var id = hasher.digest("hex");
-    postMessage({ job: job.job, kind: "id", value: id });
-    postMessage({ job: job.job, kind: "part", index: 0, value: whole });
-    postMessage({ job: job.job, kind: "whole", value: whole });
-    return null;
+    post(job, "id", hasher.digest("hex"));
+    post(job, "part", whole, 0);
+    post(job, "whole", whole);
+    post(job, "done");
   });
+}
+
+// Ids first: a file waits for its id before anything of it is sent, and the id is quick to make.
+function drainIds() {
+  if (!idQueue.length) return Promise.resolve();
+  var job = idQueue.shift();
+  return hashers.then(function (pair) {
+    if (job.small) return smallFile(job, pair[1]);
+    return fingerprint(job, pair[1]).then(function (id) { post(job, "id", id); });
+  }).catch(function (e) { fail(job, e); }).then(drainIds);
+}
+
+function eachBlock(job, size, hasher, each) {
+  var file = job.file, count = Math.max(1, Math.ceil(file.size / size)), index = 0;
+  function next() {
+    if (cancelled[job.job] || index >= count) return null;
+    var start = index * size;
+    return drainIds().then(function () { return read(file, start, Math.min(file.size, start + size)); })
+      .then(function (bytes) { each(bytes, index); index += 1; return next(); });
+  }
+  return next();
+}
+
+function hashParts(job, hasher) {
+  return eachBlock(job, job.partSize, hasher, function (bytes, index) {
+    hasher.init();
+    hasher.update(bytes);
+    post(job, "part", hasher.digest("hex"), index);
+  });
+}
+
+function hashWhole(job, hasher) {
+  hasher.init();
+  return eachBlock(job, BLOCK, hasher, function (bytes) { hasher.update(bytes); }).then(function () {
+    if (!cancelled[job.job]) post(job, "whole", hasher.digest("hex"));
+  });
+}
+
+function fail(job, error) {
+  post(job, "error", String((error && error.message) || error));
 }
 
 function pump() {
   if (running) return;
   running = true;
   drainIds().then(function () {
-    var job = partQueue.shift();
-    while (job && job.done) job = partQueue.shift();
+    var job = hashQueue.shift();
     if (!job) return null;
-    return hashers.then(function (trio) { return hashParts(job, trio[0], trio[1]); }).then(function (whole) {
-      if (whole !== null) postMessage({ job: job.job, kind: "whole", value: whole });
-    }, function (e) { fail(job, e); }).then(function () { delete cancelled[job.job]; });
+    return hashers.then(function (pair) { return (job.mode === "whole" ? hashWhole : hashParts)(job, pair[0]); })
+      .then(function () { if (!cancelled[job.job]) post(job, "done"); }, function (e) { fail(job, e); })
+      .then(function () { delete cancelled[job.job]; });
   }).then(function () {
     running = false;
-    if (idQueue.length || partQueue.length) pump();
+    if (idQueue.length || hashQueue.length) pump();
   });
 }
 
 onmessage = function (event) {
-  var message = event.data;
-  if (message.cancel) { cancelled[message.cancel] = true; return; }
-  idQueue.push(message);
-  partQueue.push(message);
+  var job = event.data;
+  if (job.cancel) { cancelled[job.cancel] = true; return; }
+  job.small = job.mode === "parts" && job.file.size <= job.partSize && job.file.size <= SAMPLE;
+  if (job.mode === "parts") idQueue.push(job);
+  if (!job.small) hashQueue.push(job);
   pump();
 };
 """
@@ -4815,34 +4824,41 @@ INDEX_HTML = r"""<!doctype html>
     return Math.min(part, Math.max(1, size));
   }
 
-  // ---- hashing, in workers ----
-  var workers = [], jobs = {}, nextJob = 1;
-  function hasherFor() {
-    if (workers.length < 2) {
+  // ---- hashing, in workers: a file's part hashes in one, its whole hash in the other ----
+  var workers = [], jobs = {}, nextJob = 1, SMALL = 64 * 1024;
+  function hashWorkers() {
+    while (workers.length < 2) {
       var worker = new Worker(cfg.workerUrl);
       worker.load = 0;
       worker.onmessage = function (event) {
-        var upload = jobs[event.data.job];
-        if (upload) upload.hashed(event.data);
+        var job = jobs[event.data.job];
+        if (job) job.upload.hashed(event.data, job);
       };
       workers.push(worker);
-      return worker;
     }
-    return workers[0].load <= workers[1].load ? workers[0] : workers[1];
+    return workers[0].load <= workers[1].load ? [workers[0], workers[1]] : [workers[1], workers[0]];
+  }
+  function startJob(upload, worker, mode) {
+    var job = { id: nextJob++, upload: upload, worker: worker, mode: mode };
+    jobs[job.id] = job;
+    upload.jobs.push(job);
+    worker.load += upload.size + 1;
+    worker.postMessage({ job: job.id, mode: mode, file: upload.file, path: upload.path, partSize: upload.partSize });
   }
   function startHashing(upload) {
-    var worker = hasherFor();
-    upload.job = nextJob++;
-    upload.worker = worker;
-    worker.load += upload.size + 1;
-    jobs[upload.job] = upload;
-    worker.postMessage({ job: upload.job, file: upload.file, path: upload.path, partSize: upload.partSize });
+    var pair = hashWorkers();
+    upload.jobs = [];
+    startJob(upload, pair[0], "parts");
+    if (upload.size > upload.partSize || upload.size > SMALL) startJob(upload, pair[1], "whole");
+  }
+  function endJob(job, cancel) {
+    if (!jobs[job.id]) return;
+    delete jobs[job.id];
+    job.worker.load -= job.upload.size + 1;
+    if (cancel) job.worker.postMessage({ cancel: job.id });
   }
   function stopHashing(upload) {
-    if (!upload.worker || !jobs[upload.job]) return;
-    delete jobs[upload.job];
-    upload.worker.load -= upload.size + 1;
-    upload.worker.postMessage({ cancel: upload.job });
+    (upload.jobs || []).forEach(function (job) { endJob(job, true); });
   }
 
   // ---- one file ----
@@ -4882,7 +4898,8 @@ INDEX_HTML = r"""<!doctype html>
     Object.keys(flights).forEach(function (k) { loaded += flights[k].loaded; });
     return Math.min(this.size, this.acked + loaded);
   };
-  Upload.prototype.hashed = function (message) {
+  Upload.prototype.hashed = function (message, job) {
+    if (message.kind === "done") return endJob(job, false);
     if (message.kind === "id") {
       this.id = (this.idPrefix || "pf-") + message.value.slice(0, 40);
       statusQueue.push(this);
@@ -4892,7 +4909,6 @@ INDEX_HTML = r"""<!doctype html>
       schedule();
     } else if (message.kind === "whole") {
       this.whole = message.value;
-      stopHashing(this);
       this.wholeKnown();
     } else {
       this.fail("The browser could not read this file (" + message.value + ").");
@@ -5154,7 +5170,7 @@ INDEX_HTML = r"""<!doctype html>
     this.result = info;
     this.early = early;
     this.state = "done";
-    if (this.whole) stopHashing(this);
+    this.jobs.forEach(function (job) { if (job.mode === "parts") endJob(job, true); });
     finished(this);
     this.checkResult();
   };
