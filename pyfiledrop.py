@@ -35,6 +35,7 @@ import selectors
 import shutil
 import socket
 import sqlite3
+import ssl
 import sys
 import threading
 import time
@@ -44,7 +45,7 @@ import zlib
 from email.utils import formatdate
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping
-from urllib.parse import quote, unquote_to_bytes
+from urllib.parse import quote, unquote_to_bytes, urljoin, urlsplit
 
 import bottle
 from werkzeug.http import parse_options_header
@@ -75,7 +76,7 @@ DEFAULT_PARALLEL_CHUNKS = 6
 # A chunk request that sends and receives nothing for this long is abandoned and retried (not a limit on the
 # whole request: the page re-arms it on every byte of progress).
 DEFAULT_TIMEOUT_MS = 120_000
-DEFAULT_MAX_SIZE_MB = 100_000
+DEFAULT_MAX_SIZE_MB = 100 * 1024    # 100 GiB
 DEFAULT_PARTIAL_TTL_HOURS = 24.0
 
 MIB = 1024 * 1024
@@ -127,6 +128,10 @@ class Config:
     parallel_chunks: int = DEFAULT_PARALLEL_CHUNKS
     force_chunking: bool = True
     allow_downloads: bool = False
+    tls: bool = False                  # HTTPS with a certificate made and kept in the chunks folder
+    cert: Path | None = None           # HTTPS with this certificate (PEM, chain allowed) and key instead
+    key: Path | None = None
+    share: Path | None = None          # a folder whose files the page lists for download
     dz_cdn: str | None = None
     dz_version: str | None = None
     index: Path | None = None
@@ -186,11 +191,61 @@ def _byte_size(text: str) -> int:
     return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()])
 
 
+MIN_TIMEOUT_MS = 1000              # below it even a loopback reply may count as no progress
+USEFUL_TIMEOUT_MS = 10_000         # a phone on a weak link goes seconds without progress; below this, a warning
+USEFUL_CHUNK_SIZE = 256 * 1024     # each request costs ~1 ms of Python and a round trip; below this, a warning
+
+
+def _size_in_mib(text: str) -> int:
+    """--max-size: a plain number is MiB, as always; "500M", "2G" are sizes (whole MiB)."""
+    if re.fullmatch(r"\s*\+?[0-9]+\s*", text):
+        return _positive_int(text)
+    size = _byte_size(text)
+    if size < MIB or size % MIB:
+        raise argparse.ArgumentTypeError(f"expected whole MiB such as 500M or 2G, got {text!r}")
+    return size // MIB
+
+
+def _chunk_bytes(text: str) -> int:
+    """--chunk-size: a plain number is bytes, as always; "512K", "8M" are sizes."""
+    size = _positive_int(text) if re.fullmatch(r"\s*\+?[0-9]+\s*", text) else _byte_size(text)
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"expected a size of at least 1 byte, got {text!r}")
+    return size
+
+
+def _check_limits(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse values that cannot work, with the usable range."""
+    if args.timeout < MIN_TIMEOUT_MS:
+        parser.error(f"--timeout is in milliseconds and at least {MIN_TIMEOUT_MS} (usable: {USEFUL_TIMEOUT_MS} "
+                     f"and more; default {DEFAULT_TIMEOUT_MS}); got {args.timeout}")
+    largest = args.chunk_size * MAX_CHUNK_COUNT
+    if largest < args.max_size * MIB:
+        parser.error(f"--chunk-size {binary_size(args.chunk_size)} allows files of at most {binary_size(largest)} "
+                     f"({MAX_CHUNK_COUNT} chunks), under --max-size {binary_size(args.max_size * MIB)}: use at least "
+                     f"{binary_size(-(-args.max_size * MIB // MAX_CHUNK_COUNT))} (usable: "
+                     f"{binary_size(USEFUL_CHUNK_SIZE)} to {binary_size(MAX_CHUNK_SIZE)})")
+
+
+def option_warnings(config: Config) -> list[str]:
+    """Values that work, but not well: said after the banner."""
+    warnings = []
+    if config.timeout_ms < USEFUL_TIMEOUT_MS:
+        warnings.append(f"--timeout {config.timeout_ms} ms: the page will give up on chunks that are only slow "
+                        f"(usable: {USEFUL_TIMEOUT_MS} ms and more)")
+    if config.chunk_size < USEFUL_CHUNK_SIZE:
+        warnings.append(f"--chunk-size {binary_size(config.chunk_size)}: uploads will be slow, every chunk costs a "
+                        f"request (usable: {binary_size(USEFUL_CHUNK_SIZE)} to {binary_size(MAX_CHUNK_SIZE)})")
+    return warnings
+
+
 def build_parser() -> argparse.ArgumentParser:
     here = _program_dir()
     parser = _ArgumentParser(
         prog="pyfiledrop",
         description="Serve a drop page on the LAN; files dropped on it are saved to the storage folder.",
+        epilog="To send files to a server from a terminal: pyfiledrop send FILE_OR_FOLDER... --to URL "
+               "(see pyfiledrop send --help).",
     )
     add = parser.add_argument
     add("--version", action="version", version=f"pyfiledrop {__version__}")
@@ -198,19 +253,27 @@ def build_parser() -> argparse.ArgumentParser:
     add("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST}: every interface)")
     add("-s", "--storage", type=Path, default=here / "storage", help="folder for uploaded files")
     add("-c", "--chunks", type=Path, default=here / "chunk", help="folder for partial uploads")
-    add("--max-size", type=_positive_int, default=DEFAULT_MAX_SIZE_MB, metavar="MB",
-        help=f"largest file accepted, in MiB (default {DEFAULT_MAX_SIZE_MB})")
+    add("--max-size", type=_size_in_mib, default=DEFAULT_MAX_SIZE_MB, metavar="SIZE",
+        help=f"largest file accepted: MiB as a plain number, or 500M, 2G (default {DEFAULT_MAX_SIZE_MB // 1024}G)")
     add("--timeout", type=_positive_int, default=DEFAULT_TIMEOUT_MS, metavar="MS",
         help=f"the page gives up on a chunk request after this long without progress, and retries it "
-             f"(ms, default {DEFAULT_TIMEOUT_MS})")
-    add("--chunk-size", type=_positive_int, default=DEFAULT_CHUNK_SIZE, metavar="BYTES",
-        help=f"chunk size the page uploads with (default {DEFAULT_CHUNK_SIZE})")
+             f"(ms, at least {MIN_TIMEOUT_MS}; default {DEFAULT_TIMEOUT_MS})")
+    add("--chunk-size", type=_chunk_bytes, default=DEFAULT_CHUNK_SIZE, metavar="SIZE",
+        help=f"chunk size the page uploads with: bytes as a plain number, or 512K, 8M "
+             f"(default {DEFAULT_CHUNK_SIZE // MIB}M)")
     add("--parallel-chunks", type=_positive_int, default=DEFAULT_PARALLEL_CHUNKS, metavar="N",
         help=f"part requests the page keeps in flight, over all its files (default {DEFAULT_PARALLEL_CHUNKS})")
     add("--disable-parallel-chunks", action="store_true", help="send one chunk at a time (--parallel-chunks 1)")
     add("--disable-force-chunking", action="store_true",
         help="send files smaller than one chunk as a plain upload")
     add("-a", "--allow-downloads", action="store_true", help="let the page download uploaded files back")
+    add("--tls", action="store_true",
+        help="serve HTTPS with a self-signed certificate made on first use and kept in the chunks folder "
+             "(needs the cryptography package)")
+    add("--cert", type=Path, metavar="FILE", help="serve HTTPS with this certificate (PEM) and --key")
+    add("--key", type=Path, metavar="FILE", help="the private key (PEM, no passphrase) of --cert")
+    add("--share", type=Path, metavar="DIR", help="list the files of DIR (and its subfolders) on the page for "
+                                                  "download")
     add("--dz-cdn", metavar="URL", help="retired in 1.1 (the page has its own uploader): ignored, with a warning")
     add("--dz-version", metavar="V", help="retired in 1.1, as --dz-cdn")
     add("--index", type=Path, metavar="FILE",
@@ -232,6 +295,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
     args = parser.parse_args(argv)
     if args.chunk_size > MAX_CHUNK_SIZE:
         parser.error(f"--chunk-size is at most {MAX_CHUNK_SIZE} bytes")
+    _check_limits(parser, args)
+    _check_tls_and_share(parser, args)
     index = args.index
     if index is not None and not index.is_file():
         parser.error(f"--index: no such file: {index}")
@@ -248,6 +313,10 @@ def parse_args(argv: list[str] | None = None) -> Config:
         parallel_chunks=1 if args.disable_parallel_chunks else args.parallel_chunks,
         force_chunking=not args.disable_force_chunking,
         allow_downloads=args.allow_downloads,
+        tls=args.tls or args.cert is not None,
+        cert=args.cert.expanduser().resolve() if args.cert else None,
+        key=args.key.expanduser().resolve() if args.key else None,
+        share=args.share.expanduser().resolve() if args.share else None,
         dz_cdn=args.dz_cdn,
         dz_version=args.dz_version,
         index=index,
@@ -258,6 +327,16 @@ def parse_args(argv: list[str] | None = None) -> Config:
         qr=not args.no_qr,
         open_browser=args.open,
     )
+
+
+def _check_tls_and_share(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if (args.cert is None) != (args.key is None):
+        parser.error("--cert and --key go together: the certificate and its private key")
+    for option, path in (("--cert", args.cert), ("--key", args.key)):
+        if path is not None and not path.expanduser().is_file():
+            parser.error(f"{option}: no such file: {path}")
+    if args.share is not None and not args.share.expanduser().is_dir():
+        parser.error(f"--share: no such folder: {args.share}")
 
 
 ###############################################################################
@@ -367,20 +446,18 @@ def content_disposition(name: str) -> str:
     return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(name, safe='')}"
 
 
-def binary_size(size: int) -> str:
-    """Sizes people set in powers of two, shown as they set them: 4194304 -> "4 MiB"."""
-    for unit, factor in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+def binary_size(size: float) -> str:
+    """A size for people, everywhere (console, banner, page): powers of 1024, at most 4 significant digits,
+    so sizes people set read as they set them: 4194304 -> "4 MiB", 1000000 -> "976.6 KiB"."""
+    for unit, factor in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if size >= factor:
             return f"{size / factor:.4g} {unit}"
-    return f"{size} B"
+    return f"{int(size)} B"
 
 
 def human_size(size: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if size < 1000 or unit == "TB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    return f"{size:.1f} TB"
+    """One convention for people everywhere: binary_size()."""
+    return binary_size(size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -479,6 +556,7 @@ class UploadError(Exception):
     """An upload refused or failed; ``status`` is the HTTP status the message goes out with."""
 
     status = 500
+    headers: Mapping[str, str] = {}     # sent with the error reply
 
     def __init__(self, message: str):
         super().__init__(message)
@@ -499,6 +577,10 @@ class NotFound(UploadError):
 
 class Conflict(UploadError):
     status = 409
+
+
+class Gone(UploadError):
+    status = 410
 
 
 class Superseded(Conflict):
@@ -749,6 +831,14 @@ class Ledger:
             query, arguments = query + " AND updated < ?", (state.value, updated_before)
         with self._lock:
             rows = self._db.execute(query, arguments).fetchall()
+        return [self._info(row) for row in rows]
+
+    def stored_with(self, sha256: str, size: int, limit: int = 100) -> list[UploadInfo]:
+        """Stored uploads with this content (by the index on sha256 and size), newest first."""
+        with self._lock:
+            rows = self._db.execute(f"SELECT {', '.join(self._COLUMNS)} FROM uploads WHERE sha256 = ? AND size = ? "
+                                    "AND state = ? ORDER BY created DESC LIMIT ?",
+                                    (sha256, size, State.STORED.value, limit)).fetchall()
         return [self._info(row) for row in rows]
 
     def newest(self, limit: int = 100, offset: int = 0) -> list[UploadInfo]:
@@ -1111,6 +1201,12 @@ class LocalBackend:
             return f"{folder}/{candidate}" if folder else candidate
         raise Conflict("Too many files with this name already.")
 
+    def stored_size(self, stored_name: str) -> int | None:
+        try:
+            return os.stat(self.storage / stored_name).st_size
+        except OSError:
+            return None
+
     def hash_stored(self, stored_name: str) -> str:
         digest = hashlib.sha256()
         with open(self.storage / stored_name, "rb", buffering=0) as handle:
@@ -1384,6 +1480,20 @@ class Engine:
             raise NotFound(f"{_GONE[info.state]} Start it again.")
         return info
 
+    def offset(self, upload_id: str) -> int:
+        """How many bytes from the start are here without a gap, counting those that requests still running
+        have written and not yet recorded (a resumable client asks this to go on from there)."""
+        live = self._live.get(upload_id)
+        if live is None:
+            info = self.info(upload_id)
+            return info.size or 0 if info.state is State.STORED else prefix_end(info.received)
+        with live.changed:
+            ranges = live.info.received
+            for writer in live.writers:
+                if not writer.fenced and not writer.atomic:
+                    ranges = add_range(ranges, writer.start, writer.position)
+        return prefix_end(ranges) if live.info.state is not State.STORED else live.info.size or 0
+
     def list(self, limit: int = 100, offset: int = 0) -> list[UploadInfo]:
         """Uploads, newest first."""
         return self.ledger.newest(limit, offset)
@@ -1461,6 +1571,8 @@ class Engine:
                     live.changed.wait(STALLED_AFTER_S / 4)
                     continue
             for rival in rivals:  # outside live.lock: a rival commits holding its own lock, then live.lock
+                if not rival.atomic:
+                    self._commit(live, rival)  # what it wrote counts: a resumable client goes on from there
                 rival.fence()
 
     def _receive(self, live: _Live, writer: _Writer, pieces: Iterable) -> None:
@@ -2641,6 +2753,218 @@ def _has_bytes(part: FilePart) -> bool:
 
 
 ###############################################################################
+# Protocol adapters: tus 1.0 ##################################################
+###############################################################################
+# tus (tus.io) is the open protocol for resumable uploads: a POST creates an upload at the server's address,
+# PATCH requests append at its current offset, HEAD tells the offset after any failure.  Each request becomes
+# engine calls: create, put at the offset (non-atomic, so an interrupted PATCH keeps what arrived), finish.
+
+TUS_VERSION = "1.0.0"
+TUS_EXTENSIONS = "creation,creation-with-upload,expiration,checksum,termination"
+TUS_CONTENT_TYPE = "application/offset+octet-stream"
+TUS_HEADERS = {"Tus-Resumable": TUS_VERSION}
+MAX_TUS_METADATA_BYTES = 4096
+
+
+class TusVersionMismatch(UploadError):
+    status = 412
+    headers = {"Tus-Version": TUS_VERSION}
+
+
+class UnsupportedMediaType(UploadError):
+    status = 415
+
+
+@dataclasses.dataclass(frozen=True)
+class TusCreation:
+    """What a tus POST asks for: the file's size, its name (with folders), its original time, and its sha256 if
+    the client knows it (then a file already stored under that name with that content is not sent again)."""
+
+    size: int
+    name: str
+    mtime: float | None
+    sha256: str | None = None
+
+
+def tus_check_version(environ: dict) -> None:
+    if environ.get("HTTP_TUS_RESUMABLE", "").strip() != TUS_VERSION:
+        raise TusVersionMismatch(f"This server speaks tus {TUS_VERSION}: send Tus-Resumable: {TUS_VERSION}.")
+
+
+def tus_options(config: Config) -> dict[str, str]:
+    return {"Tus-Version": TUS_VERSION, "Tus-Extension": TUS_EXTENSIONS, "Tus-Max-Size": str(config.max_size_bytes),
+            "Tus-Checksum-Algorithm": ",".join(CHECKSUM_ALGORITHMS)}
+
+
+def _header_uint(environ: dict, header: str, what: str) -> int | None:
+    text = environ.get("HTTP_" + header.upper().replace("-", "_"))
+    if text is None:
+        return None
+    if not _UINT_RE.match(text.strip()):
+        raise BadRequest(f"{what} must be a whole number of bytes.")
+    return int(text.strip())
+
+
+def tus_metadata(header: str) -> dict[str, str]:
+    """``Upload-Metadata``: comma-separated ``key base64value`` pairs (a key alone has an empty value)."""
+    if len(header) > MAX_TUS_METADATA_BYTES:
+        raise BadRequest(f"Upload-Metadata is too long (at most {MAX_TUS_METADATA_BYTES} bytes).")
+    metadata: dict[str, str] = {}
+    for pair in filter(None, (item.strip() for item in header.split(","))):
+        key, _, value = pair.partition(" ")
+        if not key.isascii() or not key.isprintable() or key in metadata:
+            raise BadRequest("Upload-Metadata has a malformed or repeated key.")
+        try:
+            decoded = base64.b64decode(value.strip(), validate=True)
+        except ValueError:
+            raise BadRequest(f"Upload-Metadata: the value of {key[:40]!r} is not base64.") from None
+        metadata[key] = decoded.decode("utf-8", errors="replace")
+    return metadata
+
+
+def tus_creation(environ: dict, max_size: int) -> TusCreation:
+    size = _header_uint(environ, "Upload-Length", "Upload-Length")
+    if size is None:
+        if environ.get("HTTP_UPLOAD_DEFER_LENGTH") is not None:
+            raise BadRequest("This server needs the size at creation: send Upload-Length.")
+        raise BadRequest("Send the file's size as Upload-Length.")
+    if size > max_size:
+        raise TooLarge(f"File too large: {size} bytes; this server accepts up to {max_size} bytes per file.")
+    metadata = tus_metadata(environ.get("HTTP_UPLOAD_METADATA", ""))
+    filename = metadata.get("filename") or metadata.get("name") or "file"
+    folder = metadata.get("folder") or split_folder(metadata.get("relativePath", "").replace("\\", "/"))[0]
+    digest = metadata.get("sha256", "").lower()
+    return TusCreation(size, sanitize_relative_path(f"{folder}/{sanitize_filename(filename)}"),
+                       _metadata_time(metadata.get("mtime")), digest if re.fullmatch("[0-9a-f]{64}", digest) else None)
+
+
+def _metadata_time(text: str | None) -> float | None:
+    """The original's modification time, seconds since 1970; a value that is no plausible time is ignored."""
+    try:
+        value = float(text) if text else None
+    except ValueError:
+        return None
+    return value if value is not None and 0 <= value < 1 << 34 else None
+
+
+def tus_checksum(environ: dict) -> tuple[str, bytes] | None:
+    """``Upload-Checksum: sha1 BASE64``, as the engine checks it."""
+    header = environ.get("HTTP_UPLOAD_CHECKSUM")
+    if header is None:
+        return None
+    algorithm, _, value = header.strip().partition(" ")
+    if algorithm not in CHECKSUM_ALGORITHMS:
+        raise BadRequest(f"Unsupported checksum algorithm; use one of {', '.join(CHECKSUM_ALGORITHMS)}.")
+    try:
+        return algorithm, base64.b64decode(value.strip(), validate=True)
+    except ValueError:
+        raise BadRequest("Upload-Checksum: the checksum is not base64.") from None
+
+
+def tus_create(engine: Engine, environ: dict, client: str) -> tuple[UploadInfo, bool]:
+    """``POST``: a new upload (and its first bytes, with creation-with-upload); (info, bytes were sent)."""
+    creation = tus_creation(environ, engine.limits.max_size)
+    with_upload = _tus_body_follows(environ)
+    already = already_stored(engine, creation)
+    if already is not None:
+        if with_upload:
+            _drain(request_body(environ, content_length(environ)))
+        return already, with_upload
+    upload_id = str(uuid.uuid4())
+    with _Subject(creation.name):
+        checksum = tus_checksum(environ) if with_upload else None
+        info = engine.create(upload_id, creation.name, size=creation.size, part_size=max(1, creation.size),
+                             client=client, fresh=True, mtime=creation.mtime)
+        if with_upload:
+            try:
+                info = _tus_append(engine, environ, info, 0, checksum)
+            except BaseException:
+                engine.abort(upload_id, reason="its first request failed")  # the client never learns its address
+                raise
+        elif creation.size == 0:
+            info = engine.finish(upload_id)
+    return info, with_upload
+
+
+def already_stored(engine: Engine, creation: TusCreation) -> UploadInfo | None:
+    """The stored upload that is this file already: the same name, size and sha256, and still there with that
+    size (a sender re-run over the same folder skips what arrived).  Its bytes are not hashed again here."""
+    if creation.sha256 is None:
+        return None
+    for info in engine.ledger.stored_with(creation.sha256, creation.size):
+        if info.stored_name == creation.name and engine.backend.stored_size(info.stored_name) == creation.size:
+            return info
+    return None
+
+
+def _tus_body_follows(environ: dict) -> bool:
+    if environ.get("CONTENT_TYPE", "").split(";")[0].strip().lower() == TUS_CONTENT_TYPE:
+        return True
+    if content_length(environ):
+        raise UnsupportedMediaType(f"Send the bytes of an upload with Content-Type: {TUS_CONTENT_TYPE}.")
+    return False
+
+
+def tus_patch(engine: Engine, environ: dict, upload_id: str) -> UploadInfo:
+    """``PATCH``: bytes at the upload's current offset, which the client names in ``Upload-Offset``."""
+    if environ.get("CONTENT_TYPE", "").split(";")[0].strip().lower() != TUS_CONTENT_TYPE:
+        raise UnsupportedMediaType(f"A PATCH carries Content-Type: {TUS_CONTENT_TYPE}.")
+    offset = _header_uint(environ, "Upload-Offset", "Upload-Offset")
+    if offset is None:
+        raise BadRequest("Send the offset the bytes belong at as Upload-Offset.")
+    checksum = tus_checksum(environ)
+    info = tus_info(engine, upload_id)
+    with _Subject(info.name):
+        current = engine.offset(upload_id)
+        if offset != current:
+            raise Conflict(f"Upload-Offset is {offset}, but the upload is at {current}: ask with HEAD.")
+        return _tus_append(engine, environ, info, offset, checksum)
+
+
+def _tus_append(engine: Engine, environ: dict, info: UploadInfo, offset: int,
+                checksum: tuple[str, bytes] | None) -> UploadInfo:
+    length = content_length(environ)
+    if length is not None and offset + length > (info.size or 0):
+        raise TooLarge("These bytes would go past the Upload-Length of the upload.")
+    info = engine.put(info.id, offset, request_body(environ, length), length=length, checksum=checksum,
+                      keep_if_empty=True)
+    if info.state is State.RECEIVING and info.fully_received:
+        info = engine.finish(info.id)
+    return info
+
+
+def tus_info(engine: Engine, upload_id: str) -> UploadInfo:
+    """The upload behind a tus address; 404 for none, 410 for one that ended without being stored."""
+    info = engine.info(upload_id) if is_valid_id(upload_id) else None
+    if info is None:
+        raise NotFound("No such upload.")
+    if info.state not in (State.RECEIVING, State.STORED):
+        raise Gone(_GONE[info.state])
+    return info
+
+
+def tus_upload_headers(engine: Engine, info: UploadInfo) -> dict[str, str]:
+    """The headers of a reply about an upload: its offset, length, metadata and, unfinished, its expiry."""
+    headers = {"Upload-Offset": str(engine.offset(info.id)), "Upload-Length": str(info.size or 0)}
+    folder, name = split_folder(info.stored_name or info.name)
+    pairs = [("filename", name)] + ([("folder", folder)] if folder else [])
+    headers["Upload-Metadata"] = ",".join(f"{key} {base64.b64encode(value.encode()).decode()}" for key, value in pairs)
+    if info.state is State.RECEIVING:
+        headers["Upload-Expires"] = formatdate(info.updated + engine.limits.partial_ttl, usegmt=True)
+    return headers
+
+
+def tus_terminate(engine: Engine, upload_id: str) -> None:
+    """``DELETE``: an unfinished upload ends and its bytes go.  A stored file is not the uploader's to remove:
+    it is on someone's disk now (the admin removes stored files)."""
+    info = tus_info(engine, upload_id)
+    if info.state is State.STORED:
+        raise Forbidden("This upload is complete and stored; it can no longer be removed this way.")
+    if engine.abort(upload_id, reason="terminated by the client").state is State.STORED:
+        raise Forbidden("This upload is complete and stored; it can no longer be removed this way.")
+
+
+###############################################################################
 # Plugins #####################################################################
 ###############################################################################
 
@@ -2664,7 +2988,10 @@ class ErrorsAsResponses:
             except UploadError as error:
                 if report:
                     self._report(error.status, error.message, getattr(error, "subject", ""))
-                return plain_response(error.status, error.message, close=isinstance(error, ClientDisconnected))
+                response = plain_response(error.status, error.message, close=isinstance(error, ClientDisconnected))
+                for header, value in (*route.config.get("error_headers", ()), *error.headers.items()):
+                    response.set_header(header, value)
+                return response
             except Exception as error:  # a bug: say so in one line, keep serving
                 log.debug("request failed", exc_info=True)
                 self._report(500, f"internal error ({type(error).__name__})", "")
@@ -2678,8 +3005,11 @@ class ErrorsAsResponses:
         self.events(Refused(what, request.environ.get("REMOTE_ADDR", ""), status, message))
 
 
+_STATUS_LINES = {460: "460 Checksum Mismatch"}   # tus's own status, unknown to Bottle
+
+
 def plain_response(status: int, message: str, *, close: bool = False) -> bottle.HTTPResponse:
-    response = bottle.HTTPResponse(message.rstrip("\n") + "\n", status=status)
+    response = bottle.HTTPResponse(message.rstrip("\n") + "\n", status=_STATUS_LINES.get(status, status))
     response.content_type = "text/plain; charset=utf-8"
     response.set_header("X-Content-Type-Options", "nosniff")
     response.set_header("Cache-Control", "no-store")
@@ -2724,6 +3054,7 @@ def render_index(config: Config) -> tuple[str, str]:
     }
     config_json = json.dumps(page_config).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
     html = INDEX_HTML.replace("{{config_json}}", config_json).replace("{{version}}", __version__)
+    html = with_shared_list(html, config)
     policy = (f"default-src 'self'; script-src 'self' '{_script_hash(html)}'; worker-src 'self'; style-src 'self' "
               "'unsafe-inline'; img-src 'self' data: blob:; connect-src 'self'; object-src 'none'; base-uri 'none'; "
               "form-action 'self'; frame-ancestors 'none'")
@@ -2760,6 +3091,7 @@ def create_app(config: Config, engine: Engine) -> bottle.Bottle:
     app = bottle.Bottle(catchall=True)
     app.install(ErrorsAsResponses(engine.events))
     _page_routes(app, config)
+    _share_routes(app, config)
 
     def client() -> str:
         return bottle.request.environ.get("REMOTE_ADDR", "")
@@ -2776,6 +3108,8 @@ def create_app(config: Config, engine: Engine) -> bottle.Bottle:
     @app.put("/upload/")
     def put_without_name():
         raise BadRequest("Put the file name in the address: PUT /upload/NAME")
+
+    _tus_routes(app, config, engine, client)
 
     @app.get("/api/uploads/<upload_id>")
     def upload_status(upload_id):
@@ -2812,6 +3146,60 @@ def create_app(config: Config, engine: Engine) -> bottle.Bottle:
     return app
 
 
+def _tus_routes(app: bottle.Bottle, config: Config, engine: Engine, client: Callable[[], str]) -> None:
+    """tus 1.0 at /tus/ (see the tus adapter section); every reply, errors too, carries Tus-Resumable."""
+    tus = {"report": True, "error_headers": tuple(TUS_HEADERS.items())}  # pairs: Bottle flattens a dict here
+
+    def reply(status: int, headers: Mapping[str, str] = {}) -> bottle.HTTPResponse:
+        response = bottle.HTTPResponse(status=status)
+        for header, value in {**TUS_HEADERS, **headers}.items():
+            response.set_header(header, value)
+        return response
+
+    @app.route("/tus/", method="OPTIONS", **tus)
+    @app.route("/tus/<upload_id>", method="OPTIONS", **tus)
+    def tus_discover(upload_id=None):
+        return reply(204, tus_options(config))
+
+    @app.post("/tus/", **tus)
+    def tus_post():
+        tus_check_version(bottle.request.environ)
+        info, with_upload = tus_create(engine, bottle.request.environ, client())
+        headers = tus_upload_headers(engine, info)
+        location = f"{bottle.request.urlparts.scheme}://{bottle.request.urlparts.netloc}/tus/{info.id}"
+        return reply(201, {"Location": location, "Upload-Offset": headers["Upload-Offset"],
+                           **({"Upload-Expires": headers["Upload-Expires"]} if "Upload-Expires" in headers else {})})
+
+    @app.route("/tus/<upload_id>", method="HEAD", **tus)
+    def tus_head(upload_id):
+        tus_check_version(bottle.request.environ)
+        return reply(200, {**tus_upload_headers(engine, tus_info(engine, upload_id)), "Cache-Control": "no-store"})
+
+    @app.route("/tus/<upload_id>", method="PATCH", **tus)
+    def tus_append(upload_id):
+        tus_check_version(bottle.request.environ)
+        info = tus_patch(engine, bottle.request.environ, upload_id)
+        headers = tus_upload_headers(engine, info)
+        return reply(204, {key: headers[key] for key in ("Upload-Offset", "Upload-Expires") if key in headers})
+
+    @app.delete("/tus/<upload_id>", **tus)
+    def tus_delete(upload_id):
+        tus_check_version(bottle.request.environ)
+        tus_terminate(engine, upload_id)
+        return reply(204)
+
+    overridden = {"PATCH": tus_append, "DELETE": tus_delete, "HEAD": tus_head}
+
+    @app.post("/tus/<upload_id>", **tus)
+    def tus_method_override(upload_id):
+        """tus: "X-HTTP-Method-Override MUST be interpreted as the request's method" (for clients whose
+        network lets only GET and POST through)."""
+        method = bottle.request.environ.get("HTTP_X_HTTP_METHOD_OVERRIDE", "").strip().upper()
+        if method not in overridden:
+            raise BadRequest("POST to an upload's address needs X-HTTP-Method-Override: PATCH, DELETE or HEAD.")
+        return overridden[method](upload_id)
+
+
 def stored_file_response(engine: Engine, upload_id: str) -> bottle.HTTPResponse:
     info = engine.info(upload_id) if is_valid_id(upload_id) else None
     if info is None or info.state is not State.STORED:
@@ -2834,11 +3222,12 @@ def _page_routes(app: bottle.Bottle, config: Config) -> None:
 
     @app.get("/")
     def index():
-        if config.index is not None:
+        if config.index is not None and config.index.is_file():  # deleted while running: the built-in page
             response = bottle.static_file(config.index.name, root=str(config.index.parent),
                                           mimetype="text/html")
             response.set_header("Cache-Control", "no-cache")
-            return response
+            if response.status_code < 400:
+                return response
         response = bottle.HTTPResponse(page)
         response.content_type = "text/html; charset=utf-8"
         response.set_header("Content-Security-Policy", page_policy)
@@ -2879,6 +3268,161 @@ def _error_pages(app: bottle.Bottle) -> None:
 
     for code in messages:
         app.error(code)(error_page)
+
+
+###############################################################################
+# Sharing back: --share DIR ###################################################
+###############################################################################
+# The files of one folder, listed on the page and downloadable.  Nothing outside the folder is reachable: a
+# path is refused unless it is plain names joined by "/" (no "..", ".", empty, hidden, NUL, backslash or colon
+# parts), and what it names, with every symlink resolved, must be a regular file inside the folder's real path.
+
+SHARE_LIST_LIMIT = 10_000      # entries listed at most: a page stays quick, the JSON under a few MB
+SHARED_SCRIPT_TAG = '<script src="/assets/shared.js" defer></script>'
+
+
+def with_shared_list(html: str, config: Config) -> str:
+    """The page with the shared-files list (its own script, which adds its own section) when --share is on."""
+    if config.share is None or "</body>" not in html:
+        return html
+    return html.replace("</body>", SHARED_SCRIPT_TAG + "\n</body>", 1)
+
+
+def _inside(root: str, path: str) -> bool:
+    return os.path.commonpath([root, path]) == root
+
+
+def shared_files(root: Path, limit: int = SHARE_LIST_LIMIT) -> tuple[list[dict], bool]:
+    """([{"path", "size", "modified"}, ...] sorted by path, truncated): what ``resolve_shared`` would serve."""
+    real_root = os.path.realpath(root)
+    found: list[dict] = []
+    for folder, subfolders, names in os.walk(real_root, onerror=lambda error: None):
+        subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
+        relative = os.path.relpath(folder, real_root)
+        for name in sorted(names):
+            path = name if relative == "." else f"{relative.replace(os.sep, '/')}/{name}"
+            try:
+                real = resolve_shared(root, path, real_root)
+                path.encode("utf-8")
+                stat = os.stat(real)
+            except (UploadError, OSError, UnicodeEncodeError):
+                continue
+            if len(found) >= limit:
+                return found, True
+            found.append({"path": path, "size": stat.st_size, "modified": _iso_utc(stat.st_mtime)})
+    return found, False
+
+
+def _iso_utc(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
+
+
+def resolve_shared(root: Path, path: str, real_root: str | None = None) -> str:
+    """The real path of the shared file ``path`` ("folder/name") under ``root``; BadRequest for a path that
+    is no plain relative path, NotFound for anything else that is not a regular file inside the folder."""
+    parts = path.split("/")
+    if "\x00" in path or "\\" in path or any(part in ("", ".", "..") or ":" in part for part in parts):
+        raise BadRequest("Not a path to a shared file.")
+    if any(part.startswith(".") for part in parts):
+        raise NotFound("No such shared file.")
+    real_root = real_root or os.path.realpath(root)
+    real = os.path.realpath(os.path.join(real_root, *parts))
+    if not _inside(real_root, real) or not os.path.isfile(real):
+        raise NotFound("No such shared file.")
+    return real
+
+
+def shared_file_response(root: Path, path: str) -> bottle.HTTPResponse:
+    """A download with Range support and the same safe headers as stored files'."""
+    real = resolve_shared(root, path)
+    response = bottle.static_file(os.path.basename(real), root=os.path.dirname(real),
+                                  mimetype="application/octet-stream")
+    if response.status_code >= 400 and response.status_code != 416:
+        raise NotFound("No such shared file.")
+    response.set_header("Content-Disposition", content_disposition(path.rsplit("/", 1)[-1]))
+    response.set_header("X-Content-Type-Options", "nosniff")
+    response.set_header("Content-Security-Policy", "sandbox; default-src 'none'")
+    response.set_header("Cache-Control", "no-cache")
+    return response
+
+
+def _share_routes(app: bottle.Bottle, config: Config) -> None:
+    @app.get("/api/shared")
+    def shared_list():
+        if config.share is None:
+            raise NotFound("Nothing is shared (start the server with --share DIR).")
+        files, truncated = shared_files(config.share)
+        return _json({"files": files, "truncated": truncated})
+
+    @app.get("/shared/<path:path>")
+    def shared_download(path):
+        if config.share is None:
+            raise NotFound("Nothing is shared (start the server with --share DIR).")
+        return shared_file_response(config.share, path)
+
+    @app.get("/assets/shared.js")
+    def shared_script():
+        if config.share is None:
+            return plain_response(404, "Not found.")
+        response = bottle.HTTPResponse(SHARED_JS)
+        response.content_type = "application/javascript; charset=utf-8"
+        response.set_header("Cache-Control", "no-cache")
+        response.set_header("X-Content-Type-Options", "nosniff")
+        return response
+
+
+# The shared list's own script (no inline code, so the page's Content-Security-Policy needs no change): it adds
+# its section before the page's footer and fills it from /api/shared, names set as text, never as HTML.
+SHARED_JS = r"""(function () {
+  "use strict";
+  function size(bytes) {  // as binary_size() in the console: powers of 1024, at most 4 significant digits
+    var units = ["B", "KiB", "MiB", "GiB", "TiB"], i = 0;
+    while (bytes >= 1024 && i < units.length - 1) { bytes /= 1024; i++; }
+    return Number(bytes.toPrecision(4)) + " " + units[i];
+  }
+  function el(tag, text, style) {
+    var node = document.createElement(tag);
+    if (text) node.textContent = text;
+    if (style) node.setAttribute("style", style);
+    return node;
+  }
+  var section = el("section", "", "margin:24px 0 0");
+  section.id = "shared";
+  section.setAttribute("aria-labelledby", "shared-heading");
+  var heading = el("h2", "Shared from this computer");
+  heading.id = "shared-heading";
+  var note = el("p", "", "color:var(--muted,#5f6b76);margin:0 0 8px");
+  note.id = "shared-note";
+  var list = el("ul", "", "list-style:none;padding:0;margin:0");
+  list.id = "shared-list";
+  section.append(heading, note, list);
+  var main = document.querySelector("main") || document.body;
+  main.insertBefore(section, main.querySelector("footer"));
+  function show(reply) {
+    list.textContent = "";
+    reply.files.forEach(function (file) {
+      var item = el("li", "", "padding:8px 0;border-bottom:1px solid var(--line,#d6dde3);display:flex;gap:8px;"
+                              + "justify-content:space-between;flex-wrap:wrap");
+      var link = el("a", file.path, "color:var(--accent,#0e7c86);overflow-wrap:anywhere");
+      link.href = "/shared/" + file.path.split("/").map(encodeURIComponent).join("/");
+      link.setAttribute("download", file.path.split("/").pop());
+      item.append(link, el("span", size(file.size), "color:var(--muted,#5f6b76);font-variant-numeric:tabular-nums"));
+      list.append(item);
+    });
+    note.textContent = !reply.files.length ? "The shared folder is empty."
+      : reply.truncated ? "Only the first " + reply.files.length + " files are listed." : "";
+    note.hidden = !note.textContent;
+  }
+  function load() {
+    fetch("/api/shared", {cache: "no-store"}).then(function (response) {
+      if (!response.ok) throw new Error(response.status);
+      return response.json();
+    }).then(show, function () { note.textContent = "The shared files could not be listed."; note.hidden = false; });
+  }
+  load();
+  document.addEventListener("visibilitychange", function () { if (!document.hidden) load(); });
+})();
+"""
 
 
 ###############################################################################
@@ -2963,28 +3507,91 @@ def lan_addresses() -> list[str]:
     return sorted(candidates, key=candidates.__getitem__)
 
 
-def page_urls(host: str, port: int) -> list[str]:
+def page_urls(host: str, port: int, *, scheme: str = "http") -> list[str]:
     if host in ("0.0.0.0", "", "::"):
         hosts = lan_addresses() or ["127.0.0.1"]
     else:
         hosts = [f"[{host}]" if ":" in host else host]
-    return [f"http://{h}:{port}/" for h in hosts]
+    return [f"{scheme}://{h}:{port}/" for h in hosts]
 
 
-def banner(config: Config, urls: list[str]) -> str:
+def banner(config: Config, urls: list[str], tls: TLSIdentity | None = None) -> str:
     ttl = f"{config.partial_ttl_hours:g} h"
     lines = [
         f"pyfiledrop {__version__}",
         f"  saving to      {config.storage}",
         f"  partial files  {config.chunks} (unfinished uploads, removed after {ttl} untouched)",
-        f"  limits         files up to {config.max_size_mb} MiB; chunks of {binary_size(config.chunk_size)}, "
+        f"  limits         files up to {binary_size(config.max_size_bytes)}; "
+        f"chunks of {binary_size(config.chunk_size)}, "
         f"{config.parallel_chunks} at a time; {config.timeout_ms / 1000:g} s per chunk",
         f"  downloads      {'allowed' if config.allow_downloads else 'off'}",
+        *tls_banner_lines(tls),
+        *share_banner_lines(config),
+        *page_banner_lines(config),
+        *address_banner_lines(config.host, urls),
+    ]
+    return "\n".join(lines)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``--host`` lets only this machine connect (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def address_banner_lines(host: str, urls: list[str]) -> list[str]:
+    if is_loopback(host):
+        return [f"Reachable from this machine only (--host {host}); open:", f"  {urls[0]}"]
+    port = urlsplit(urls[0]).port
+    return [
         "Open this address on a phone or PC on this network:" if len(urls) == 1 else
         "Open one of these addresses on a phone or PC on this network (the first is the most likely):",
         *(f"  {url}" for url in urls),
+        CONNECTION_TROUBLE.format(port=port),
     ]
-    return "\n".join(lines)
+
+
+# One line for when no phone can connect: the two causes behind nearly every case.
+CONNECTION_TROUBLE = "No connection? Allow TCP port {port} in this computer's firewall; guest Wi-Fi may isolate devices."
+
+
+def page_banner_lines(config: Config) -> list[str]:
+    """Say so when another page than the built-in one is served (an index.html beside the program is easy to
+    forget)."""
+    if config.index is None:
+        return []
+    if config.index == _program_dir() / "index.html":
+        return [f"  page           {config.index} (found beside the program; it replaces the built-in page)"]
+    return [f"  page           {config.index} (--index; the built-in page if it goes away)"]
+
+
+def share_banner_lines(config: Config) -> list[str]:
+    if config.share is None:
+        return []
+    files, truncated = shared_files(config.share)
+    count = f"{len(files)}{'+' if truncated else ''} file{'' if len(files) == 1 else 's'}"
+    return [f"  sharing        {config.share} ({count}, listed on the page for download)"]
+
+
+def tls_banner_lines(tls: TLSIdentity | None) -> list[str]:
+    """What HTTPS serves with, and the fingerprint a person compares with what the phone shows."""
+    if tls is None:
+        return []
+    what = {"new": "a self-signed certificate made now (kept in the chunks folder for later starts)",
+            "kept": "the self-signed certificate made at an earlier start",
+            "renewed": "the self-signed certificate made again (ending, or a new address): phones ask again",
+            "own": f"the certificate {tls.certificate}"}[tls.origin]
+    half = len(tls.fingerprint) // 2 + 1
+    lines = [f"  HTTPS          {what}"]
+    if tls.origin != "own":
+        lines.append("                 a phone warns it is not trusted: accept it only if its SHA-256 matches")
+    return lines + [f"  SHA-256        {tls.fingerprint[:half - 1]}", f"                 {tls.fingerprint[half:]}"]
 
 
 def qr_code(text: str, *, ansi: bool = False, blocks: bool = True) -> list[str]:
@@ -3072,6 +3679,7 @@ class Console:
         self._status_shown = None  # when it was last drawn
         self._session_start = time.time()
         self._finished = False     # after the last line, requests still being cut off print nothing
+        self._ellipsis = "\u2026" if _can_encode(self.out, "\u2026") else "..."
 
     # -- output -------------------------------------------------------------------------------------------
     def _emit(self, text: str) -> None:
@@ -3127,8 +3735,9 @@ class Console:
             if self._uploads.pop(info.id, None) is not None and self.tty:
                 self._refresh(self.clock(), force=True)
         seconds = max((info.finished or 0) - info.created, 1e-6)
-        self.log_line(f'stored "{info.stored_name}" {human_size(info.size or 0)} in {seconds:.1f} s '
-                      f"({(info.size or 0) / seconds / 1e6:.1f} MB/s) sha256 {info.sha256} from {info.client or '-'}")
+        digest = (info.sha256 or "")[:12] + self._ellipsis  # enough to compare by eye; the ledger keeps it all
+        self.log_line(f'stored "{info.stored_name}" {binary_size(info.size or 0)} in {seconds:.1f} s '
+                      f"({(info.size or 0) / seconds / MIB:.1f} MiB/s) sha256 {digest} from {info.client or '-'}")
 
     # -- progress -----------------------------------------------------------------------------------------
     def progress(self, event: Progress) -> None:
@@ -3156,16 +3765,20 @@ class Console:
                 self._emit(f"{time.strftime('%H:%M:%S')} receiving {self._describe(upload, now)}\n")
 
     def _describe(self, upload: dict, now: float) -> str:
+        return f'"{upload["name"]}" {self._details(upload, now)[0]}'
+
+    def _details(self, upload: dict, now: float) -> tuple[str, str]:
+        """(all details, the shortest) of an upload's progress, without its name."""
         elapsed = max(now - upload["since"], 1e-6)
         rate = (upload["done"] - upload["base"]) / elapsed
         size = upload["size"]
         if size is None:  # a body of unknown length
-            return f'"{upload["name"]}" {human_size(upload["done"])} so far, {rate / 1e6:.1f} MB/s'
+            return f"{binary_size(upload['done'])} so far, {rate / MIB:.1f} MiB/s", binary_size(upload["done"])
         percent = 100 * upload["done"] // max(size, 1)
-        text = f'"{upload["name"]}" {percent}% of {human_size(size)}, {rate / 1e6:.1f} MB/s'
+        text = f"{percent}% of {binary_size(size)}, {rate / MIB:.1f} MiB/s"
         if rate > 0:
             text += f", {max(0, size - upload['done']) / rate:.0f} s left"
-        return text
+        return text, f"{percent}%"
 
     def _forget_stale(self, now: float) -> None:
         for upload_id in [key for key, upload in self._uploads.items()
@@ -3180,7 +3793,9 @@ class Console:
         self._clear_status()
         self._status_shown = now
         if shown:
-            self._draw("receiving " + " | ".join(self._describe(upload, now) for upload in shown))
+            width = shutil.get_terminal_size((80, 24)).columns - 1
+            items = [(upload["name"], *self._details(upload, now)) for upload in shown]
+            self._draw(fit_status(items, width, self._ellipsis))
 
     def finish(self, text: str) -> None:
         """The last line: clears the status line (and the terminal's "^C") first."""
@@ -3188,6 +3803,26 @@ class Console:
             self._clear_status()
             self._emit(("\r" if self.tty else "") + text + "\n")
             self._finished = True
+
+
+def fit_status(items: list[tuple[str, str, str]], width: int, ellipsis: str = "\u2026") -> str:
+    """One status line for uploads (name, all details, shortest details) that fits ``width`` uncut: names
+    shortened in the middle first, then only the shortest details, then a count."""
+    for detail in (1, 2):
+        for budget in (None, 40, 24, 12):
+            text = "receiving " + " | ".join(f'"{_shorten(item[0], budget, ellipsis)}" {item[detail]}'
+                                             for item in items)
+            if len(text) <= width:
+                return text
+    text = f"receiving {len(items)} files: " + ", ".join(item[2] for item in items)
+    return text if len(text) <= width else f"receiving {len(items)} files"[:width]
+
+
+def _shorten(name: str, budget: int | None, ellipsis: str) -> str:
+    if budget is None or len(name) <= budget:
+        return name
+    tail = min(8, budget // 3)  # the end of a name (its extension, a number) tells files apart
+    return name[:budget - tail - len(ellipsis)] + ellipsis + name[-tail:]
 
 
 class _ConsoleHandler(logging.Handler):
@@ -3278,10 +3913,11 @@ _REASONS = {400: "Bad Request", 408: "Request Timeout", 431: "Request Header Fie
             500: "Internal Server Error", 501: "Not Implemented", 503: "Service Unavailable",
             505: "HTTP Version Not Supported"}
 _SEND_BLOCK = 64 * 1024    # a response's first block this small goes out in one send with the headers
+SERVER_HEADER = "Server: pyfiledrop"   # no version: an attacker learns nothing to look up
 
 
 class _Connection:
-    __slots__ = ("sock", "address", "port", "buffer", "since", "head_started", "busy", "closed")
+    __slots__ = ("sock", "address", "port", "buffer", "since", "head_started", "busy", "closed", "tls_started")
 
     def __init__(self, sock: socket.socket, address: str, port: int, now: float):
         self.sock, self.address, self.port = sock, address, port
@@ -3290,6 +3926,7 @@ class _Connection:
         self.head_started = None     # when the first byte of the head now arriving came
         self.busy = False            # running a request in a worker (else parked in the selector)
         self.closed = False
+        self.tls_started = None      # HTTPS: when the connection came, until its TLS handshake is done
 
 
 class _Wire:
@@ -3648,8 +4285,10 @@ def _raise_open_file_limit() -> int | None:
 class HTTPServer:
     """The server ``make_server`` returns: ``serve(stop)`` until the event is set, then ``close()``."""
 
-    def __init__(self, app: Callable, host: str, port: int, limits: ServerLimits):
+    def __init__(self, app: Callable, host: str, port: int, limits: ServerLimits,
+                 ssl_context: ssl.SSLContext | None = None):
         self.app, self.limits = app, limits
+        self.ssl_context = ssl_context
         self.max_connections = _connection_cap(limits)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.socket = socket.socket(family, socket.SOCK_STREAM)
@@ -3731,6 +4370,8 @@ class HTTPServer:
                     self._refuse_now(sock, address, "every connection is busy")
                     continue
             connection = _Connection(sock, address, peer[1], time.monotonic())
+            if self.ssl_context is not None:
+                connection.tls_started = connection.since
             self._connections[connection] = None
             self._by_address.setdefault(address, {})[connection] = None
             self._selector.register(sock, selectors.EVENT_READ, connection)
@@ -3746,7 +4387,8 @@ class HTTPServer:
     def _refuse_now(self, sock: socket.socket, address: str, why: str) -> None:
         self._warn(address, f"refused a connection from {address}: {why}")
         with contextlib.suppress(OSError):
-            sock.send(self._error_bytes(503, "The server is busy; try again shortly."))
+            if self.ssl_context is None:  # a TLS client could not read a plain answer
+                sock.send(self._error_bytes(503, "The server is busy; try again shortly."))
         sock.close()
 
     def _warn(self, address: str, message: str) -> None:
@@ -3758,9 +4400,12 @@ class HTTPServer:
             log.debug("%s", message)
 
     def _read_head(self, connection: _Connection) -> None:
+        if connection.tls_started is not None:
+            self._start_handshake_step(connection)
+            return
         try:
-            data = connection.sock.recv(HEAD_READ)
-        except (BlockingIOError, InterruptedError):
+            data = _recv_head_bytes(connection.sock, self.limits.max_head_bytes)
+        except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
             return
         except OSError:
             data = b""
@@ -3850,13 +4495,20 @@ class HTTPServer:
             mine[connection] = None
             if connection.buffer:  # a pipelined request came with the last one
                 self._check_head(connection)
+            elif _tls_pending(connection.sock):  # decrypted bytes the selector cannot see
+                self._read_head(connection)
 
     def _sweep(self, now: float) -> None:
         limits = self.limits
         for connection in list(self._connections):
             if connection.busy:
                 continue
-            if connection.head_started is not None:
+            if connection.tls_started is not None:
+                if now - connection.tls_started > limits.head_timeout:
+                    log.debug("closing %s:%s: no TLS handshake within %g s", connection.address, connection.port,
+                              limits.head_timeout)
+                    self._close(connection)
+            elif connection.head_started is not None:
                 if now - connection.head_started > limits.head_timeout:
                     log.debug("closing %s:%s: no complete request head within %g s", connection.address,
                               connection.port, limits.head_timeout)
@@ -3883,8 +4535,8 @@ class HTTPServer:
             self._stopped = True
             for connection in list(self._connections):
                 if connection.busy:  # its worker sees the connection break and ends the request
-                    with contextlib.suppress(OSError):
-                        connection.sock.shutdown(socket.SHUT_RDWR)
+                    with contextlib.suppress(OSError):  # (under TLS too: the socket's own shutdown, not SSL's)
+                        socket.socket.shutdown(connection.sock, socket.SHUT_RDWR)
         for connection in list(self._connections):
             if not connection.busy:
                 self._close(connection)
@@ -3897,11 +4549,78 @@ class HTTPServer:
             self._selector.close()
         self._pool.close()
 
+    # -- HTTPS connections ------------------------------------------------------------------------------------
+    # A TLS handshake never blocks a thread while it waits: the selector waits for the client's bytes, then a
+    # worker runs one non-blocking step of the handshake (its signature costs CPU that must not delay
+    # accepting), and hands the connection back.  A client that stalls or sends garbage holds only a parked
+    # socket, closed after head_timeout like a slow request head.
+    def _start_handshake_step(self, connection: _Connection) -> None:
+        if self._busy.get(connection.address, 0) >= self.limits.max_busy_per_address:
+            self._close(connection)
+            return
+        self._selector.unregister(connection.sock)
+        connection.busy = True
+        self._busy[connection.address] = self._busy.get(connection.address, 0) + 1
+        self._pool.submit(lambda: self._handshake_step(connection))
+
+    def _handshake_step(self, connection: _Connection) -> None:
+        keep = False
+        try:
+            keep = self._advance_handshake(connection)
+        except (OSError, ValueError) as error:  # ssl.SSLError is an OSError: garbage, an old version, a reset
+            log.debug("TLS handshake with %s:%s failed: %s", connection.address, connection.port, error)
+        finally:
+            self._hand_back(connection, keep)
+
+    def _advance_handshake(self, connection: _Connection) -> bool:
+        """As far as the client's bytes allow; True while the connection goes on (handshake done or waiting)."""
+        sock = connection.sock
+        if not isinstance(sock, ssl.SSLSocket):
+            try:
+                first = sock.recv(HEAD_READ, socket.MSG_PEEK)
+            except (BlockingIOError, InterruptedError):
+                return True
+            if first[:1] != b"\x16":  # no TLS handshake record: plain HTTP (or garbage) on the HTTPS port
+                if first[:1].isalpha():
+                    self._redirect_to_https(sock, first)
+                return False
+            sock = connection.sock = self.ssl_context.wrap_socket(sock, server_side=True,
+                                                                  do_handshake_on_connect=False)
+        while True:
+            try:
+                sock.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                return True
+            except ssl.SSLWantWriteError:  # only if the client reads nothing of the handshake it started
+                if not _wait_writable(sock, 1.0):
+                    return False
+        connection.tls_started = None
+        return True
+
+    def _redirect_to_https(self, sock: socket.socket, head: bytes) -> None:
+        """An address typed without https:// reaches the HTTPS port: send the browser to https (307, so no
+        browser remembers it for a later plain-HTTP server on the same port)."""
+        sock.recv(len(head))  # taken off, so closing does not reset the connection before the reply is read
+        target = re.match(rb"[A-Z]{3,10} (/[\x21-\x7e]{0,2000}) HTTP/1\.[01]\r\n", head)
+        host = re.search(rb"\r\nHost:[ \t]*([A-Za-z0-9.:\[\]-]{1,300})[ \t]*\r\n", head, re.IGNORECASE)
+        if target and host:
+            location = b"https://" + host.group(1) + target.group(1)
+            body = b"This server speaks HTTPS: " + location + b"\n"
+            reply = (b"HTTP/1.1 307 Temporary Redirect\r\n" + SERVER_HEADER.encode() + b"\r\nLocation: " + location
+                     + b"\r\nCache-Control: no-store"
+                     b"\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\nConnection: close"
+                     b"\r\n\r\n" % len(body) + body)
+        else:
+            reply = self._error_bytes(400, "This server speaks HTTPS: open its address with https://")
+        sock.send(reply)
+        sock.shutdown(socket.SHUT_WR)
+
     # -- the worker side ---------------------------------------------------------------------------------------
     def _error_bytes(self, status: int, message: str, head_only: bool = False) -> bytes:
         body = (message + "\n").encode()
         head = (f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\nDate: {self._http_date()}\r\n"
-                f"Content-Type: text/plain; charset=utf-8\r\nContent-Length: {len(body)}\r\n"
+                f"{SERVER_HEADER}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {len(body)}\r\n"
                 f"Connection: close\r\n\r\n").encode()
         return head if head_only else head + body
 
@@ -4002,6 +4721,8 @@ class HTTPServer:
             wire.send(self._error_bytes(400, "Malformed request target."))
             return False
         environ = self._base_environ(connection, method, path, query, target, version)
+        if isinstance(connection.sock, ssl.SSLSocket):
+            environ.update({"wsgi.url_scheme": "https", "HTTPS": "on"})
         tokens, framing = self._read_headers(environ, headers)
         http11 = version == "HTTP/1.1"
         keep = "close" not in tokens if http11 else "keep-alive" in tokens
@@ -4160,10 +4881,15 @@ class _ResponseWriter:
             elif lower == "transfer-encoding":
                 continue  # framing is the server's business
             elif lower == "date":
+                if has_date:
+                    continue  # one Date, whoever else set one
                 has_date = True
+            elif lower == "server":
+                continue  # ours alone, and it names no version
             lines.append(f"{name}: {value}")
         if not has_date:
             lines.append(f"Date: {server._http_date()}")
+        lines.append(SERVER_HEADER)
         if self.length is None and isinstance(result, (list, tuple)) and self.body_allowed:
             self.length = sum(len(block) for block in result)  # a whole body in hand: its length is known
             if self.body_allowed:
@@ -4224,7 +4950,7 @@ class _ResponseWriter:
         except (AttributeError, OSError, ValueError):
             fileno = None
         if (fileno is None or not hasattr(os, "sendfile") or self.length is None or not self.body_allowed
-                or self.chunked):
+                or self.chunked or isinstance(self.wire.sock, ssl.SSLSocket)):  # sendfile would skip TLS
             for block in wrapper:
                 self.send(block)
             return
@@ -4242,14 +4968,237 @@ class _ResponseWriter:
         return self.keep
 
 
+def _tls_pending(sock: socket.socket) -> bool:
+    """Whether TLS has decrypted bytes buffered: they are no longer in the socket, so no selector sees them."""
+    try:
+        return isinstance(sock, ssl.SSLSocket) and sock.pending() > 0
+    except (OSError, ValueError):
+        return False
+
+
+def _recv_head_bytes(sock: socket.socket, limit: int) -> bytes:
+    """What has arrived of a request head (over TLS with what is decrypted already, up to about ``limit``)."""
+    data = sock.recv(HEAD_READ)
+    while data and len(data) <= limit and _tls_pending(sock):
+        data += sock.recv(HEAD_READ)
+    return data
+
+
+def _wait_writable(sock: socket.socket, timeout: float) -> bool:
+    with selectors.DefaultSelector() as ready:
+        ready.register(sock, selectors.EVENT_WRITE)
+        return bool(ready.select(timeout))
+
+
 def make_server(app: Callable, host: str, port: int, *, limits: ServerLimits = ServerLimits(),
                 ssl_context=None) -> HTTPServer:
-    """pyfiledrop's HTTP server for ``app``, bound but not yet serving; port 0 picks a free one."""
-    if ssl_context is not None:
-        # The hook for HTTPS: the handshake belongs in the selector thread, non-blocking (wrap_socket with
-        # do_handshake_on_connect=False, then do_handshake() on readiness), so it can never block accepting.
-        raise NotImplementedError("HTTPS is not implemented yet")
-    return HTTPServer(app, host, port, limits)
+    """pyfiledrop's HTTP server for ``app``, bound but not yet serving; port 0 picks a free one.
+
+    With ``ssl_context`` it serves HTTPS only (see "HTTPS connections" in HTTPServer)."""
+    return HTTPServer(app, host, port, limits, ssl_context)
+
+
+###############################################################################
+# HTTPS: the certificate and the TLS context ##################################
+###############################################################################
+# --tls makes a self-signed certificate once and keeps it beside the ledger, so a phone that accepted it (after
+# comparing the fingerprint the banner prints) sees the same one on every start.  It is made with the optional
+# ``cryptography`` package, imported only here; --cert/--key need nothing but the standard library's ssl.
+
+TLS_CERT_NAME = "tls-certificate.pem"
+TLS_KEY_NAME = "tls-key.pem"
+# Apple's rule for TLS server certificates (iOS 13, macOS 10.15): valid for 825 days at most.
+TLS_VALID_DAYS = 800
+TLS_BACKDATE_S = 86400         # a phone whose clock is a little behind still accepts a certificate made now
+TLS_RENEW_DAYS = 30            # a kept certificate this close to its end is renewed (with the same key)
+
+
+class TLSSetupError(Exception):
+    """HTTPS cannot start: the message is one line for the console."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TLSIdentity:
+    """What HTTPS serves with: the context for the server, and what the banner says about the certificate."""
+    context: ssl.SSLContext
+    fingerprint: str        # SHA-256 of the certificate (DER), "AB:CD:...", as browsers show it
+    certificate: Path
+    origin: str             # "new", "kept", "renewed" (made by --tls) or "own" (--cert)
+
+
+def open_tls(config: Config, *, now: float | None = None) -> TLSIdentity | None:
+    """The TLS identity ``config`` asks for (None for plain HTTP); TLSSetupError with a one-line reason."""
+    if config.cert is not None:
+        cert, key, origin = config.cert, config.key, "own"
+    elif config.tls:
+        dns_names, addresses = certificate_names(config.host)
+        cert, key, origin = generated_certificate(config.chunks, dns_names, addresses,
+                                                  time.time() if now is None else now)
+    else:
+        return None
+    return TLSIdentity(tls_context(cert, key), certificate_fingerprint(cert), cert, origin)
+
+
+def certificate_names(host: str) -> tuple[list[str], list[str]]:
+    """(DNS names, IP addresses) a made certificate covers: localhost, this machine's name, every LAN address."""
+    import ipaddress
+
+    hostname = socket.gethostname().strip(".") or "localhost"
+    dns_names = ["localhost", hostname] + ([f"{hostname}.local"] if "." not in hostname else [])
+    addresses = ["127.0.0.1", "::1", *lan_addresses()]
+    if host not in ("0.0.0.0", "", "::"):
+        try:
+            addresses.append(str(ipaddress.ip_address(host.strip("[]"))))
+        except ValueError:  # --host by name
+            dns_names.append(host)
+    return list(dict.fromkeys(filter(None, map(_dns_label, dns_names)))), list(dict.fromkeys(addresses))
+
+
+def _dns_label(name: str) -> str | None:
+    """``name`` as a certificate takes it (ASCII, IDNA for others); None for a name no certificate can hold."""
+    try:
+        ascii_name = name.encode("idna").decode("ascii").lower()
+    except UnicodeError:
+        return None
+    return ascii_name if re.fullmatch(r"[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*",
+                                      ascii_name) else None
+
+
+def tls_context(cert: Path, key: Path) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.options |= getattr(ssl, "OP_NO_RENEGOTIATION", 0)  # a client could make the server sign again and again
+    context.set_alpn_protocols(["http/1.1"])
+
+    def no_password() -> bytes:  # never prompt on the terminal: the server runs unattended
+        raise TLSSetupError(f"the key {key} is protected by a passphrase; give a key without one")
+
+    try:
+        context.load_cert_chain(cert, key, password=no_password)
+    except OSError as error:
+        if isinstance(error, ssl.SSLError):
+            raise TLSSetupError(f"the certificate {cert} and the key {key} cannot be used together "
+                                f"({error.reason or error})") from None
+        raise TLSSetupError(f"cannot read {error.filename or cert}: {error.strerror or error}") from None
+    return context
+
+
+_PEM_CERT_RE = re.compile(r"-----BEGIN CERTIFICATE-----[A-Za-z0-9+/=\s]+-----END CERTIFICATE-----")
+
+
+def certificate_fingerprint(cert: Path) -> str:
+    """The SHA-256 fingerprint of the first certificate in a PEM file, as "AB:CD:..."."""
+    try:
+        match = _PEM_CERT_RE.search(cert.read_text(encoding="ascii", errors="replace"))
+        der = ssl.PEM_cert_to_DER_cert(match.group(0)) if match else b""
+    except (OSError, ValueError) as error:
+        raise TLSSetupError(f"cannot read the certificate {cert}: {error}") from None
+    if not der:
+        raise TLSSetupError(f"no PEM certificate in {cert}")
+    return ":".join(f"{byte:02X}" for byte in hashlib.sha256(der).digest())
+
+
+def generated_certificate(folder: Path, dns_names: list[str], addresses: list[str],
+                          now: float) -> tuple[Path, Path, str]:
+    """(certificate, key, origin) in ``folder``: kept while valid and covering every name, else made again
+    with the same key (a new key only when there is none, or it is unreadable)."""
+    try:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+    except ImportError:
+        raise TLSSetupError("--tls needs the cryptography package to make its certificate: pip install cryptography "
+                            "(or give your own with --cert and --key)") from None
+    cert_path, key_path = folder / TLS_CERT_NAME, folder / TLS_KEY_NAME
+    key = _read_quietly(key_path, lambda data: serialization.load_pem_private_key(data, None))
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        key = None
+    old = _read_quietly(cert_path, x509.load_pem_x509_certificate) if key is not None else None
+    if old is not None and _public_bytes(old.public_key()) != _public_bytes(key.public_key()):
+        old = None
+    wanted = _names_of(dns_names, addresses)
+    if old is not None:
+        have = set(old.extensions.get_extension_for_class(x509.SubjectAlternativeName).value)
+        left = old.not_valid_after_utc.timestamp() - now
+        if set(wanted) <= have and left > TLS_RENEW_DAYS * 86400:
+            return cert_path, key_path, "kept"
+        wanted += [name for name in old.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+                   if name not in wanted]  # an address seen before (DHCP, another network) stays covered
+    if key is None:
+        key = ec.generate_private_key(ec.SECP256R1())
+        _write_atomically(key_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                      serialization.NoEncryption()))
+    try:
+        certificate = _self_signed(key, wanted, now)
+    except ValueError as error:  # a name cryptography will not take: say which, do not crash
+        raise TLSSetupError(f"cannot make the certificate: {error}") from None
+    _write_atomically(cert_path, certificate.public_bytes(serialization.Encoding.PEM))
+    return cert_path, key_path, "new" if old is None else "renewed"
+
+
+def _names_of(dns_names: list[str], addresses: list[str]) -> list:
+    import ipaddress
+
+    from cryptography import x509
+
+    return [*(x509.DNSName(name) for name in dns_names),
+            *(x509.IPAddress(ipaddress.ip_address(address)) for address in addresses)]
+
+
+def _self_signed(key, names: list, now: float):
+    """An ECDSA P-256 certificate for ``names`` as browsers and Apple's rules want it: a leaf (not a CA), for
+    serverAuth, valid under 825 days, every name in the subject alternative names."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    start = datetime.datetime.fromtimestamp(now - TLS_BACKDATE_S, datetime.timezone.utc)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"pyfiledrop on {socket.gethostname()}"[:64]),
+                         x509.NameAttribute(NameOID.ORGANIZATION_NAME, "pyfiledrop (self-signed)")])
+    usage = x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                          data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
+                          encipher_only=False, decipher_only=False)
+    return (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(start)
+            .not_valid_after(start + datetime.timedelta(days=TLS_VALID_DAYS))
+            .add_extension(x509.SubjectAlternativeName(names), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(usage, critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .sign(key, hashes.SHA256()))
+
+
+def _public_bytes(public_key) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def _read_quietly(path: Path, parse: Callable[[bytes], object]):
+    """``parse(bytes of path)``, or None when the file is missing or unreadable (it is then made again)."""
+    try:
+        return parse(path.read_bytes())
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Whole or not at all, readable by this user only (a key must stay private); a ``.tmp`` left by a crash
+    is removed at the next start with the chunks folder's other leftovers."""
+    temporary = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        descriptor = os.open(temporary, os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_BINARY", 0), 0o600)
+        with os.fdopen(descriptor, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except OSError as error:
+        _unlink_quietly(temporary)
+        raise TLSSetupError(f"cannot write {path}: {error.strerror or error}") from None
 
 
 ###############################################################################
@@ -4257,10 +5206,10 @@ def make_server(app: Callable, host: str, port: int, *, limits: ServerLimits = S
 ###############################################################################
 
 
-def _print_banner(config: Config, urls: list[str], console: Console) -> None:
-    text = banner(config, urls)
+def _print_banner(config: Config, urls: list[str], console: Console, tls: TLSIdentity | None = None) -> None:
+    text = banner(config, urls, tls)
     no_qr = None
-    if config.qr:
+    if config.qr and not is_loopback(config.host):  # a phone cannot open this machine's loopback address
         try:
             code = qr_code(urls[0], ansi=_enable_ansi(console.out),
                            blocks=_can_encode(console.out, "\u2588\u2580\u2584"))
@@ -4273,7 +5222,7 @@ def _print_banner(config: Config, urls: list[str], console: Console) -> None:
 
 
 def serve(config: Config, engine: Engine, server, *, stop: threading.Event | None = None,
-          console: Console | None = None) -> int:
+          console: Console | None = None, tls: TLSIdentity | None = None, warnings: Iterable[str] = ()) -> int:
     """Serve until ``stop`` is set or Ctrl+C; expires stale partial uploads at start and periodically.
 
     Ctrl+C cuts requests in flight: bytes count as received only once the ledger has recorded them, so an
@@ -4292,10 +5241,12 @@ def serve(config: Config, engine: Engine, server, *, stop: threading.Event | Non
                 log.exception("removing stale partial uploads failed")
 
     threading.Thread(target=janitor, name="pyfiledrop-janitor", daemon=True).start()
-    urls = page_urls(config.host, server.server_address[1])
+    urls = page_urls(config.host, server.server_address[1], scheme="https" if tls else "http")
     try:  # from here on Ctrl+C ends with the last line, even while the banner is being printed
         if not config.quiet:
-            _print_banner(config, urls, console)
+            _print_banner(config, urls, console, tls)
+        for warning in warnings:  # after the banner, so the first line says what is starting
+            log.warning("%s", warning)
         server.serve(stop)
     except KeyboardInterrupt:
         pass
@@ -4305,6 +5256,429 @@ def serve(config: Config, engine: Engine, server, *, stop: threading.Event | Non
     if not config.quiet:
         console.finish(f"Stopped. {engine.stored_count} file(s) stored this session.")
     return 0
+
+
+###############################################################################
+# pyfiledrop send: the tus client ############################################
+###############################################################################
+# ``pyfiledrop send FILE_OR_FOLDER... --to URL`` pushes files to a pyfiledrop (or any tus server) and survives
+# anything: each file's upload address is kept in a small state file, so running the command again goes on
+# where it stopped (after Ctrl+C, a network drop, a reboot of either side).  Standard library only.
+
+SEND_PARALLEL = 4                 # files in flight at once
+SEND_BLOCK = 1 * MIB              # read and sent this much at a time
+SEND_GIVE_UP_S = 600.0            # a file is given up after this long without any progress
+SEND_BACKOFF_S = (0.5, 1, 2, 4, 8, 15, 30)
+
+
+@dataclasses.dataclass(frozen=True)
+class SendConfig:
+    sources: tuple[Path, ...]
+    endpoint: str                 # the tus endpoint, e.g. http://host:8000/tus/
+    password: str | None
+    parallel: int
+    state: Path
+    quiet: bool
+    fingerprint: str | None = None   # SHA-256 of the server's certificate, hex: trusts that one (--tls)
+
+
+@dataclasses.dataclass(frozen=True)
+class SendItem:
+    path: Path
+    name: str                     # with its folders, as it is to be stored ("holiday/day 1/clip.mp4")
+    size: int
+    mtime: float
+
+    @property
+    def key(self) -> str:
+        return f"{self.path.resolve()}|{self.size}|{self.mtime}"
+
+
+class SendFailed(Exception):
+    """A file that cannot be sent: the server refused it for good, or no progress for SEND_GIVE_UP_S."""
+
+
+def _default_send_state() -> Path:
+    if os.name == "nt":
+        base = Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local")
+    else:
+        base = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
+    return base / "pyfiledrop" / "send.json"
+
+
+def parse_send_args(argv: list[str]) -> SendConfig:
+    parser = _ArgumentParser(prog="pyfiledrop send", description="Send files and folders to a pyfiledrop (or "
+                             "any tus server); run it again to go on after any interruption.")
+    parser.add_argument("sources", nargs="+", type=Path, metavar="FILE_OR_FOLDER")
+    parser.add_argument("--to", required=True, metavar="URL",
+                        help="the server's address (http://HOST:PORT) or its tus endpoint")
+    parser.add_argument("-u", "--password", metavar="PASSWORD",
+                        help="the upload password (default: $PYFILEDROP_PASSWORD)")
+    parser.add_argument("--parallel", type=_positive_int, default=SEND_PARALLEL, metavar="N",
+                        help=f"files sent at once (default {SEND_PARALLEL})")
+    parser.add_argument("--state", type=Path, default=_default_send_state(), metavar="FILE",
+                        help="where upload addresses are remembered (default: %(default)s)")
+    parser.add_argument("--fingerprint", metavar="SHA256",
+                        help="trust the server's certificate with this SHA-256 fingerprint (the one the banner of "
+                             "pyfiledrop --tls prints), instead of asking a certificate authority")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress line")
+    args = parser.parse_args(argv)
+    fingerprint = re.sub(r"[\s:]", "", args.fingerprint or "").upper() or None
+    if fingerprint is not None and not re.fullmatch("[0-9A-F]{64}", fingerprint):
+        parser.error("--fingerprint: expected 64 hex digits (colons allowed), as the server's banner shows")
+    parts = urlsplit(args.to if "://" in args.to else f"http://{args.to}")
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        parser.error(f"--to: expected an http:// or https:// address, got {args.to!r}")
+    path = parts.path if parts.path not in ("", "/") else "/tus/"
+    endpoint = f"{parts.scheme}://{parts.netloc}{path.rstrip('/')}/"
+    password = args.password if args.password is not None else os.environ.get("PYFILEDROP_PASSWORD")
+    return SendConfig(tuple(args.sources), endpoint, password, args.parallel, args.state, args.quiet, fingerprint)
+
+
+def collect_send_items(sources: Iterable[Path]) -> tuple[list[SendItem], list[str]]:
+    """Every file to send, a folder's with their folders; and the sources that are neither file nor folder."""
+    items: list[SendItem] = []
+    problems: list[str] = []
+    for source in sources:
+        if source.is_file():
+            items.append(_send_item(source, source.name))
+        elif source.is_dir():
+            top = source.resolve().name or "folder"
+            for folder, folders, files in os.walk(source):
+                folders.sort()
+                relative = Path(folder).relative_to(source).as_posix()
+                for filename in sorted(files):
+                    name = "/".join(part for part in (top, relative, filename) if part and part != ".")
+                    items.append(_send_item(Path(folder) / filename, name))
+        else:
+            problems.append(f"{source}: no such file or folder")
+    return items, problems
+
+
+def _send_item(path: Path, name: str) -> SendItem:
+    stat = path.stat()
+    return SendItem(path, name, stat.st_size, stat.st_mtime)
+
+
+class SendState:
+    """Upload addresses and hashes of files being sent, kept across runs in one small JSON file."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._lock = threading.Lock()
+        try:
+            self._records: dict[str, dict] = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            self._records = {}
+
+    def get(self, key: str) -> dict:
+        with self._lock:
+            return dict(self._records.get(key, {}))
+
+    def update(self, key: str, **values) -> None:
+        with self._lock:
+            record = self._records.setdefault(key, {})
+            record.update({name: value for name, value in values.items() if value is not None})
+            for name in [name for name, value in values.items() if value is None]:
+                record.pop(name, None)
+            self._save()
+
+    def _save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+        temporary.write_text(json.dumps(self._records, indent=0), encoding="utf-8")
+        os.replace(temporary, self.path)  # a crash leaves the old file or the new one, never half of one
+
+
+class _Retry(Exception):
+    """A failure worth trying again: the network, a restarting server, a damaged part."""
+
+
+class TusSession:
+    """One connection to the tus server, made again after any failure; requests as (status, headers, body)."""
+
+    def __init__(self, endpoint: str, password: str | None, timeout: float = 60.0, fingerprint: str | None = None):
+        parts = urlsplit(endpoint)
+        self.endpoint, self.scheme, self.netloc, self.timeout = endpoint, parts.scheme, parts.netloc, timeout
+        self.fingerprint = fingerprint
+        self.headers = {"Tus-Resumable": TUS_VERSION, "User-Agent": f"pyfiledrop-send/{__version__}"}
+        if password is not None:
+            token = base64.b64encode(f"pyfiledrop:{password}".encode()).decode()
+            self.headers["Authorization"] = f"Basic {token}"
+        self._connection = None
+
+    def _connect(self):
+        import http.client
+
+        if self._connection is None:
+            if self.scheme != "https":
+                self._connection = http.client.HTTPConnection(self.netloc, timeout=self.timeout)
+            else:
+                self._connection = self._https_connection()
+        return self._connection
+
+    def _https_connection(self):
+        """Verified by a certificate authority, or, with a fingerprint, pinned to exactly that certificate
+        (a self-signed one is trusted only when it is the one the person compared)."""
+        import http.client
+        import ssl
+
+        context = ssl.create_default_context()
+        if self.fingerprint is not None:
+            context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        connection = http.client.HTTPSConnection(self.netloc, timeout=self.timeout, context=context)
+        try:
+            connection.connect()
+        except ssl.SSLCertVerificationError as error:
+            raise SendFailed(f"the server's certificate is not trusted ({error.verify_message}); for "
+                             "pyfiledrop --tls, give --fingerprint as its banner shows it") from None
+        if self.fingerprint is not None:
+            seen = hashlib.sha256(connection.sock.getpeercert(binary_form=True)).hexdigest().upper()
+            if seen != self.fingerprint:
+                connection.close()
+                raise SendFailed(f"the server's certificate has another fingerprint ({seen[:16]}...): "
+                                 "not the server you meant, or a new certificate")
+        return connection
+
+    def close(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+
+    def request(self, method: str, url: str, headers: Mapping[str, str] = {}, body=None,
+                sent: Callable[[int], None] = lambda count: None) -> tuple[int, dict, str]:
+        """``body``: bytes, or (file, offset, length) streamed from the file, ``sent`` told of each block."""
+        import http.client
+
+        path = urlsplit(url).path or "/"
+        try:
+            connection = self._connect()
+            connection.putrequest(method, path, skip_accept_encoding=True)
+            length = len(body) if isinstance(body, bytes) else body[2] if body else 0
+            for name, value in {**self.headers, **headers, "Content-Length": str(length)}.items():
+                connection.putheader(name, value)
+            connection.endheaders(body if isinstance(body, bytes) else None)
+            if body and not isinstance(body, bytes):
+                _stream_file(connection, *body, sent)
+            response = connection.getresponse()
+            text = response.read().decode("utf-8", errors="replace")
+            return response.status, {k.lower(): v for k, v in response.getheaders()}, text.strip()
+        except (OSError, http.client.HTTPException) as error:
+            self.close()
+            raise _Retry(f"connection: {error}") from None
+
+
+def _stream_file(connection, handle, offset: int, length: int, sent: Callable[[int], None]) -> None:
+    handle.seek(offset)
+    while length > 0:
+        block = handle.read(min(SEND_BLOCK, length))
+        if not block:
+            raise _Retry("the file got shorter while it was sent")
+        connection.send(block)
+        length -= len(block)
+        sent(len(block))
+
+
+class SendProgress:
+    """Bytes the server has of each file, summed into one line: files, bytes, speed, time left."""
+
+    def __init__(self, items: list[SendItem], stream, quiet: bool):
+        self.total = sum(item.size for item in items)
+        self.count = len(items)
+        self.stream, self.quiet = stream, quiet or not getattr(stream, "isatty", lambda: False)()
+        self._lock = threading.Lock()
+        self._offsets: dict[str, int] = {}
+        self._sent_now = 0                # bytes sent in this run (the speed counts only those)
+        self.finished = 0
+        self.started = time.monotonic()
+
+    def at(self, item: SendItem, offset: int) -> None:
+        with self._lock:
+            self._offsets[item.key] = offset
+
+    def sent(self, item: SendItem, count: int) -> None:
+        with self._lock:
+            self._offsets[item.key] = self._offsets.get(item.key, 0) + count
+            self._sent_now += count
+
+    def done(self) -> None:
+        with self._lock:
+            self.finished += 1
+
+    def line(self) -> str:
+        with self._lock:
+            have, sent, finished = sum(self._offsets.values()), self._sent_now, self.finished
+        elapsed = max(1e-3, time.monotonic() - self.started)
+        speed = sent / elapsed
+        left = f" · {_duration((self.total - have) / speed)} left" if speed > 0 and have < self.total else ""
+        return (f"{finished} of {self.count} files · {human_size(have)} of {human_size(self.total)} · "
+                f"{human_size(speed)}/s{left}")
+
+    def show(self, stop: threading.Event) -> None:
+        while not self.quiet and not stop.wait(0.5):
+            self.stream.write("\r\x1b[K" + self.line())
+            self.stream.flush()
+        if not self.quiet:
+            self.stream.write("\r\x1b[K")
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600} h {seconds % 3600 // 60} min"
+    return f"{seconds // 60} min {seconds % 60} s" if seconds >= 60 else f"{seconds} s"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb", buffering=0) as handle:
+        while block := handle.read(SEND_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def send_file(item: SendItem, session: TusSession, state: SendState, progress: SendProgress) -> bool:
+    """Send one file until the server has it all; True if it was there already.  SendFailed if it cannot be."""
+    key = f"{session.endpoint}|{item.key}"
+    record = state.get(key)
+    digest = record.get("sha256") or file_sha256(item.path)
+    state.update(key, sha256=digest)
+    url, sent_any = record.get("url"), False
+    finished_before = record.get("done", False)   # then the server is asked whether it still has it all
+    last_progress, attempt = time.monotonic(), 0
+    while True:
+        try:
+            if url is None:
+                url, offset = _send_create(session, item, digest)
+                state.update(key, url=url)
+                sent_any = sent_any or item.size == 0  # an empty file is complete once created
+                finished_before = False
+            else:
+                offset = _send_offset(session, url)
+            progress.at(item, offset)
+            if offset < item.size:
+                sent_any = True
+                offset = _send_patch(session, url, item, offset, progress)
+            if offset >= item.size:
+                state.update(key, done=True)
+                return finished_before or not sent_any
+            last_progress, attempt = time.monotonic(), 0
+        except _Gone:
+            url = None
+        except _Retry as error:
+            if time.monotonic() - last_progress > SEND_GIVE_UP_S:
+                raise SendFailed(f"no progress for {SEND_GIVE_UP_S / 60:g} minutes ({error})") from None
+            threading.Event().wait(SEND_BACKOFF_S[min(attempt, len(SEND_BACKOFF_S) - 1)])
+            attempt += 1
+
+
+class _Gone(Exception):
+    """The server no longer knows the upload (it expired, or the server was replaced): start it again."""
+
+
+def _send_answer(status: int, body: str, what: str) -> None:
+    if status in (404, 410):
+        raise _Gone()
+    if status in (409, 423, 460) or status >= 500 and status != 507:
+        raise _Retry(f"{what}: {status} {body[:200]}")
+    if status >= 400:
+        raise SendFailed(f"{status} {body[:200]}" if body else f"the server answered {status}")
+
+
+def _send_create(session: TusSession, item: SendItem, digest: str) -> tuple[str, int]:
+    folder, name = split_folder(item.name)
+    pairs = {"filename": name, "folder": folder, "mtime": repr(item.mtime), "sha256": digest}
+    metadata = ",".join(f"{k} {base64.b64encode(v.encode()).decode()}" for k, v in pairs.items() if v)
+    status, headers, body = session.request("POST", session.endpoint, {"Upload-Length": str(item.size),
+                                                                       "Upload-Metadata": metadata})
+    if status in (404, 410):
+        raise SendFailed(f"no tus endpoint at {session.endpoint} ({status})")
+    _send_answer(status, body, "creating the upload")
+    if status != 201 or "location" not in headers:
+        raise SendFailed(f"the server did not create the upload (it answered {status})")
+    url = urljoin(session.endpoint, headers["location"])
+    return url, int(headers.get("upload-offset") or 0)
+
+
+def _send_offset(session: TusSession, url: str) -> int:
+    status, headers, body = session.request("HEAD", url)
+    _send_answer(status, body, "asking for the offset")
+    return int(headers.get("upload-offset", 0))
+
+
+def _send_patch(session: TusSession, url: str, item: SendItem, offset: int, progress: SendProgress) -> int:
+    with open(item.path, "rb") as handle:
+        status, headers, body = session.request(
+            "PATCH", url, {"Upload-Offset": str(offset), "Content-Type": TUS_CONTENT_TYPE},
+            (handle, offset, item.size - offset), sent=lambda count: progress.sent(item, count))
+    _send_answer(status, body, "sending")
+    return int(headers.get("upload-offset", offset))
+
+
+def send_main(argv: list[str], stdout=None, stderr=None) -> int:
+    """``pyfiledrop send``: 0 when the server has every file; 1 naming each that did not make it; 2 on usage."""
+    stdout, stderr = stdout or sys.stdout, stderr or sys.stderr
+    try:
+        config = parse_send_args(argv)
+    except SystemExit as exit_:
+        return exit_.code if isinstance(exit_.code, int) else 2
+    items, problems = collect_send_items(config.sources)
+    state = SendState(config.state)
+    progress = SendProgress(items, stderr, config.quiet)
+    stop = threading.Event()
+    shower = threading.Thread(target=progress.show, args=(stop,), daemon=True)
+    shower.start()
+    outcomes: dict[SendItem, str | bool] = {}
+    work = queue.SimpleQueue()
+    for item in items:
+        work.put(item)
+    workers = [threading.Thread(target=_send_worker, args=(config, work, state, progress, outcomes), daemon=True)
+               for _ in range(min(config.parallel, max(1, len(items))))]
+    try:
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            while worker.is_alive():
+                worker.join(0.5)
+    except KeyboardInterrupt:
+        stop.set()
+        shower.join(2)
+        stderr.write("stopped; run the same command again to go on where it stopped\n")
+        return 130
+    stop.set()
+    shower.join(2)
+    return _send_summary(items, outcomes, problems, progress, stdout, stderr)
+
+
+def _send_worker(config: SendConfig, work: queue.SimpleQueue, state: SendState, progress: SendProgress,
+                 outcomes: dict) -> None:
+    session = TusSession(config.endpoint, config.password, fingerprint=config.fingerprint)
+    try:
+        while True:
+            try:
+                item = work.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                outcomes[item] = send_file(item, session, state, progress)
+            except (SendFailed, OSError) as error:
+                outcomes[item] = str(error) or type(error).__name__
+            progress.done()
+    finally:
+        session.close()
+
+
+def _send_summary(items: list[SendItem], outcomes: dict, problems: list[str], progress: SendProgress,
+                  stdout, stderr) -> int:
+    failed = [(item, outcome) for item, outcome in outcomes.items() if isinstance(outcome, str)]
+    skipped = sum(1 for outcome in outcomes.values() if outcome is True)
+    sent = len(items) - len(failed) - skipped
+    stdout.write(f"sent {sent} file(s), {human_size(progress._sent_now)}; {skipped} already on the server\n")
+    for item, reason in failed:
+        stderr.write(f"not sent: {item.path}: {reason}\n")
+    for problem in problems:
+        stderr.write(f"not sent: {problem}\n")
+    return 1 if failed or problems else 0
 
 
 ###############################################################################
@@ -4404,6 +5778,9 @@ def _disable_quick_edit() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    arguments = sys.argv[1:] if argv is None else argv
+    if arguments[:1] == ["send"]:
+        return send_main(arguments[1:])
     try:
         return _main(argv)
     except KeyboardInterrupt:  # Ctrl+C while starting up
@@ -4427,14 +5804,20 @@ def _main(argv: list[str] | None) -> int:
         problem = _prepare_folder(path, what)
         if problem:
             return _fail(problem)
+    warnings = option_warnings(config)
     if os.stat(config.storage).st_dev != os.stat(config.chunks).st_dev:
-        log.warning("the storage and chunks folders are on different disks: each finished file will be copied")
+        warnings.append("the storage and chunks folders are on different disks: each finished file will be copied")
     try:
         engine = open_engine(config, events=console.handle)
     except (sqlite3.Error, OSError, RuntimeError) as error:
         return _fail(f"cannot open the upload ledger in {config.chunks}: {error}")
     try:
-        server = make_server(create_app(config, engine), config.host, config.port)
+        tls = open_tls(config)
+    except TLSSetupError as error:
+        return _fail(str(error))
+    try:
+        server = make_server(create_app(config, engine), config.host, config.port,
+                             ssl_context=tls.context if tls else None)
     except OSError as error:
         if error.errno in (errno.EADDRINUSE, getattr(errno, "WSAEADDRINUSE", -1)):
             return _fail(f"port {config.port} is already in use (choose another with -p)")
@@ -4445,8 +5828,30 @@ def _main(argv: list[str] | None) -> int:
     if config.open_browser:
         import webbrowser
 
-        threading.Timer(0.5, webbrowser.open, args=(f"http://127.0.0.1:{server.server_address[1]}/",)).start()
-    return serve(config, engine, server, console=console)
+        url = local_url(config.host, server.server_address[1], "https" if tls else "http")
+        threading.Timer(0.5, webbrowser.open, args=(url,)).start()
+    _stop_on_sigterm()
+    return serve(config, engine, server, console=console, tls=tls, warnings=warnings)
+
+
+def local_url(host: str, port: int, scheme: str = "http") -> str:
+    """The page's address for a browser on this machine: the address listened on, loopback for "every
+    interface" (of the family listened on: ::1 for ::)."""
+    address = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"{scheme}://{f'[{address}]' if ':' in address else address}:{port}/"
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM (kill, systemd, docker stop) and Ctrl+Break end the server as Ctrl+C does: with its last line."""
+    import signal
+
+    def interrupt(number, frame):
+        raise KeyboardInterrupt
+
+    for name in ("SIGTERM", "SIGBREAK"):
+        if hasattr(signal, name):
+            with contextlib.suppress(ValueError, OSError):  # not the main thread (embedded): leave it be
+                signal.signal(getattr(signal, name), interrupt)
 
 
 ###############################################################################
@@ -4787,11 +6192,12 @@ INDEX_HTML = r"""<!doctype html>
   var $ = function (id) { return document.getElementById(id); };
 
   // ---- numbers as people read them ----
+  // Powers of 1024 with at most 4 significant digits, as the console prints them ("5 MiB", "976.6 KiB").
   function human(bytes) {
-    var units = ["B", "KB", "MB", "GB", "TB"], i = 0;
+    var units = ["B", "KiB", "MiB", "GiB", "TiB"], i = 0;
     bytes = Math.max(0, bytes || 0);
-    while (bytes >= 1000 && i < units.length - 1) { bytes /= 1000; i++; }
-    return (i === 0 ? Math.round(bytes) : bytes.toFixed(bytes < 10 ? 1 : 0)) + " " + units[i];
+    while (bytes >= 1024 && i < units.length - 1) { bytes /= 1024; i++; }
+    return (i === 0 ? String(Math.round(bytes)) : String(Number(bytes.toPrecision(4)))) + " " + units[i];
   }
   function duration(seconds) {
     if (!isFinite(seconds) || seconds < 0) return "";

@@ -215,9 +215,11 @@ def make_server(tmp_path):
 
 
 @contextlib.contextmanager
-def cli_server(args: list[str], *, env: dict | None = None, cwd: Path | None = None):
-    """``python pyfiledrop.py ARGS`` as a subprocess; waits until it answers HTTP (polling, not sleeping)."""
-    port = free_port()
+def cli_server(args: list[str], *, env: dict | None = None, cwd: Path | None = None, port: int | None = None):
+    """``python pyfiledrop.py ARGS`` as a subprocess; waits until it answers HTTP (polling, not sleeping).
+
+    ``port``: the one an earlier server had (a restart), else a free one."""
+    port = port or free_port()
     command = [sys.executable, str(ROOT / "pyfiledrop.py"), "--host", "127.0.0.1", "-p", str(port), *args]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, cwd=cwd)
