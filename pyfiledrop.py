@@ -1287,6 +1287,9 @@ SPACE_CHECK_EVERY = 4 * MIB      # how often a long request looks at the free sp
 PROGRESS_EVERY_S = 0.25
 STALLED_AFTER_S = 1.0            # a request that moved no byte for this long may be taken over by a retry
 RIVAL_WAIT_S = 10.0              # a retry waits this long at most for an earlier copy of itself still moving
+# A part the client sent just before it cancelled may reach the server just after: for this long a cancelled
+# id is not started again (409), so that part leaves nothing behind; the same file given later starts anew.
+CANCEL_QUIET_S = 5.0
 HASH_WINDOW = 8 * MIB            # the in-order hash reads back at most this much per turn of its lock
 HASH_BACKLOG = 32 * MIB          # a reply waits while more than this waits to be hashed: completion stays quick
 
@@ -1399,6 +1402,9 @@ class Engine:
             if recorded is not None and recorded.state is State.STORED:
                 _check_same(recorded, name, size, part_size)
                 return recorded
+            if recorded is not None and recorded.state is State.DELETED and \
+                    self.clock() - recorded.updated < CANCEL_QUIET_S:
+                raise Conflict("This upload was cancelled a moment ago.")
             self.check_space(size or 0)
             now = self.clock()
             info = UploadInfo(id=upload_id, name=name, size=size, part_size=part_size, client=client,

@@ -131,7 +131,13 @@ def test_cancel_removes_the_partial_file_and_ends_the_upload(server):
     assert upload_files(server.chunks) == []
     assert server.engine.ledger.get("cancel-me").state is pyfiledrop.State.DELETED
     assert list(server.storage.iterdir()) == []
+    # A part that was on its way when the client cancelled arrives late: it starts nothing, leaves nothing.
+    status, _, body = send(server, "cancel-me", 1, data)
+    assert status == 409, body
+    assert upload_files(server.chunks) == []
     # The page's ids come from the file: the same file given again later starts again, from nothing.
+    now = server.engine.clock
+    server.engine.clock = lambda: now() + pyfiledrop.CANCEL_QUIET_S + 1
     status, _, body = send(server, "cancel-me", 1, data)
     assert status == 200 and json.loads(body)["received_chunks"] == 1, body
 
