@@ -1869,7 +1869,7 @@ class Engine:
     def received_part_matches(self, upload_id: str, start: int, end: int, sha256: bytes) -> bool:
         """Whether bytes [start, end), all received already, have this sha256 in the partial file (False only
         on a real difference: a part sent again with other content than the first time)."""
-        live = self._live.get(upload_id)
+        live = self._get_live(upload_id)
         if live is None or range_holes(live.info.received, start, end):
             return True
         try:
@@ -2602,6 +2602,32 @@ def content_reply(engine: Engine, upload_id: str, request: dict, client: str, al
     return {**completed_reply(info), "same_as": info.reason.removeprefix("same content as ") or None}
 
 
+MAX_VERIFY_PARTS = 64
+
+
+def verify_reply(engine: Engine, upload_id: str, request: dict) -> dict:
+    """``POST /api/uploads/ID/verify`` {"parts": {"INDEX": "SHA256", ...}}: which of these parts, received
+    before, hold other bytes than the client's (its file is not the one that upload came from).  The page
+    asks this of every part it skips because the server has it, so a resumed upload is checked part by part
+    without sending them again; parts not received yet are not judged."""
+    info = engine.info(upload_id) if is_valid_id(upload_id) else None
+    parts = request.get("parts")
+    if info is None:
+        raise NotFound("No such upload.")
+    if not isinstance(parts, dict) or len(parts) > MAX_VERIFY_PARTS:
+        raise BadRequest(f'Send {{"parts": {{"INDEX": "SHA256", ...}}}} with at most {MAX_VERIFY_PARTS} parts.')
+    mismatched = []
+    for key, digest in parts.items():
+        if not _UINT_RE.match(str(key)) or int(key) >= info.total_parts:
+            raise BadRequest("A part index must be a whole number within the upload.")
+        index, expected = int(key), parse_sha256_hex(str(digest), "sha256")
+        start = index * info.part_size
+        end = start + chunk_length(index, info.size or 0, info.part_size)
+        if info.state is State.RECEIVING and not engine.received_part_matches(upload_id, start, end, expected):
+            mismatched.append(index)
+    return {"id": upload_id, "mismatched": sorted(mismatched)}
+
+
 class _Subject:
     """Names the file an error is about, for the console's line."""
 
@@ -3129,6 +3155,10 @@ def create_app(config: Config, engine: Engine) -> bottle.Bottle:
     def cancel_upload(upload_id):
         read_json(bottle.request.environ)   # a JSON body ({}), so no other site's form can send this
         return _json(cancel_reply(engine, upload_id, client()))
+
+    @app.post("/api/uploads/<upload_id>/verify")
+    def verify_parts(upload_id):
+        return _json(verify_reply(engine, upload_id, read_json(bottle.request.environ)))
 
     @app.post("/api/uploads/<upload_id>/content", report=True)
     def upload_by_content(upload_id):
@@ -6299,6 +6329,9 @@ INDEX_HTML = r"""<!doctype html>
     this.result = null;
     this.claimed = false;
     this.sent = 0;             // bytes put on the wire, retries included
+    this.skipped = null;       // parts the server had, not yet checked against this file's part hashes
+    this.toVerify = {};
+    this.verifying = false;
   };
   Upload.prototype.active = function () { return this.state === "queued" || this.state === "checking" || this.state === "sending"; };
   Upload.prototype.partLength = function (index) {
@@ -6318,6 +6351,7 @@ INDEX_HTML = r"""<!doctype html>
       askStatusSoon();
     } else if (message.kind === "part") {
       this.hashes[message.index] = message.value;
+      verifySkipped(this, message.index);
       schedule();
     } else if (message.kind === "whole") {
       this.whole = message.value;
@@ -6406,13 +6440,46 @@ INDEX_HTML = r"""<!doctype html>
       var last = missing.length ? missing[missing.length - 1] + 1 : upload.parts;
       if (missing.length >= 1000) for (var i = last; i < upload.parts; i++) missing.push(i);
     }
-    var todo = missing || range(upload.parts);
-    var inFlight = upload.inFlight;
+    var todo = missing || range(upload.parts), inFlight = upload.inFlight, wanted = {};
+    todo.forEach(function (index) { wanted[index] = true; });
     upload.todo = todo.filter(function (index) { return !inFlight[index]; });
     upload.acked = 0;
-    for (var p = 0; p < upload.parts; p++) if (todo.indexOf(p) < 0 && !inFlight[p]) upload.acked += upload.partLength(p);
+    upload.skipped = {};
+    for (var p = 0; p < upload.parts; p++) {
+      if (wanted[p] || inFlight[p]) continue;
+      upload.acked += upload.partLength(p);
+      upload.skipped[p] = true;
+      verifySkipped(upload, p);
+    }
     upload.state = "sending";
     changed = true;
+  }
+
+  // Parts the server already has are not sent again, but each is checked against this file's own part hash
+  // as soon as that is known (up to 64 a request): a partial upload of another file under the same id (same
+  // name, size, time and sampled blocks) is found, and this file starts again under an id of its own.
+  function verifySkipped(upload, index) {
+    if (!upload.skipped || !upload.skipped[index] || upload.hashes[index] === undefined) return;
+    delete upload.skipped[index];
+    upload.toVerify[index] = upload.hashes[index];
+    if (!upload.verifying) sendVerify(upload);
+  }
+  function sendVerify(upload) {
+    var keys = Object.keys(upload.toVerify).slice(0, 64), parts = {}, id = upload.id;
+    if (!keys.length || !upload.active() || !id) return;
+    keys.forEach(function (k) { parts[k] = upload.toVerify[k]; delete upload.toVerify[k]; });
+    upload.verifying = true;
+    postJson("/api/uploads/" + encodeURIComponent(id) + "/verify", { parts: parts }).then(function (reply) {
+      upload.verifying = false;
+      if (upload.id !== id) return;
+      if (reply.mismatched.length) return restartUnderNewId(upload);
+      sendVerify(upload);
+    }, function (error) {
+      upload.verifying = false;
+      if (error.status && error.status < 500) return;   // stored or gone meanwhile: the status says which
+      keys.forEach(function (k) { upload.toVerify[k] = parts[k]; });
+      setTimeout(function () { sendVerify(upload); }, 2000);
+    });
   }
   function range(n) { var out = []; for (var i = 0; i < n; i++) out.push(i); return out; }
 
@@ -6593,6 +6660,7 @@ INDEX_HTML = r"""<!doctype html>
     if (this.result.sha256 === this.whole) return;
     this.state = "failed";
     this.message = "The server's copy differs from this file (sha256 " + this.result.sha256 + ").";
+    this.idPrefix = "pf-" + Math.random().toString(36).slice(2, 10) + "-";   // a Retry goes under a new id
     totals.done -= 1;
     totals.failed += 1;
   };
@@ -6757,7 +6825,8 @@ INDEX_HTML = r"""<!doctype html>
     var sent = 0, total = 0;
     uploads.forEach(function (u) { if (u.state !== "cancelled") { total += u.size; sent += u.bytesDone(); } });
     overallMeter.add(uploads.reduce(function (n, u) { return n + u.sent; }, 0));
-    var text = totals.given ? totals.done + " of " + count(totals.given, "file", "files") + " uploaded" : "";
+    var text = totals.given ? totals.done.toLocaleString("en") + " of " + count(totals.given, "file", "files") +
+      " uploaded" : "";
     if (totals.failed) text += ", " + totals.failed + " failed";
     if (totals.cancelled) text += ", " + totals.cancelled + " cancelled";
     var speed = overallMeter.speed();
@@ -6780,7 +6849,8 @@ INDEX_HTML = r"""<!doctype html>
     clearTimeout(announceTimer);
     announceTimer = setTimeout(function () {
       var active = uploads.some(function (u) { return u.active(); });
-      $("announce").textContent = active ? "" : totals.done + " of " + count(totals.given, "file", "files") +
+      $("announce").textContent = active ? "" : totals.done.toLocaleString("en") + " of " +
+        count(totals.given, "file", "files") +
         " uploaded" + (totals.failed ? ", " + totals.failed + " failed" : "") + ".";
       wakeLock.update();
     }, 1000);

@@ -467,6 +467,9 @@ def test_overall_line_for_a_batch(make_server, page):
     overall = [s["overall"] for s in page.evaluate("window.pfSamples")]
     assert any("of 3 files uploaded" in text and "/s" in text and "left" in text for text in overall), overall[-5:]
     page.wait_for_function("() => document.getElementById('overall').textContent.startsWith('3 of 3 files uploaded')")
+    # a screen reader hears the outcome once, in a polite live region, not every tick of the progress
+    page.wait_for_function("() => document.getElementById('announce').textContent === '3 of 3 files uploaded.'")
+    assert page.locator("#announce").get_attribute("aria-live") == "polite"
     for name, data in files.items():
         assert_stored(server, name, data)
 

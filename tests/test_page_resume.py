@@ -241,8 +241,49 @@ def test_two_thousand_small_files_all_arrive_and_the_page_stays_usable(page, tmp
         assert page.evaluate("document.querySelectorAll('#queue li').length") <= 61
         assert time.monotonic() - started < 5, "the page answers while it uploads"
         states = settle(page)
-        assert page.locator("#overall").text_content().startswith("2000 of 2,000 files uploaded")
+        assert page.locator("#overall").text_content().startswith("2,000 of 2,000 files uploaded")
     assert [state for _, state, _ in states] == ["done"] * 2000
     stored = sorted(os.listdir(server.storage))
     assert len(stored) == 2000 and stored[0] == "note 0000.txt"
     assert (server.storage / "note 1999.txt").read_bytes() == b"note 1999\n" * 20
+
+
+# -- another file that looks the same -------------------------------------------------------------------------
+
+def test_a_different_file_with_the_same_id_is_found_out_and_sent_whole(browser, tmp_path):
+    """Same name, size, time and sampled blocks (so the same id), other bytes in between: the server's part of
+    the first file is checked against the second's part hash, refused, and the second starts under its own id."""
+    first = bytearray(random.Random(6).randbytes(24 * MIB))
+    second = bytearray(first)
+    second[200_000:300_000] = random.Random(7).randbytes(100_000)   # in part 0, away from the sampled blocks
+    paths = []
+    for folder, content in (("a", first), ("b", second)):
+        (tmp_path / folder).mkdir()
+        paths.append(tmp_path / folder / "same.bin")
+        paths[-1].write_bytes(bytes(content))
+        os.utime(paths[-1], (1262304000, 1262304000))
+    with running_server(tmp_path) as server, WireProxy(server.port, bytes_per_second=6 * MIB) as proxy:
+        context = browser.new_context()
+        page = context.new_page()
+        open_through(page, proxy)
+        give(page, [str(paths[0])])
+        first_id = upload_id(page)
+        def part_zero_stored():
+            try:
+                return server.engine.info(first_id).part_received(0)
+            except pyfiledrop.NotFound:
+                return False          # not created yet
+
+        wait_until(part_zero_stored, what="part 0 of the first file stored")
+        context.close()                                   # the first device goes away mid-upload
+        context = browser.new_context()
+        page = context.new_page()
+        open_through(page, proxy)
+        proxy.bytes_per_second = None
+        give(page, [str(paths[1])])
+        assert settle(page) == [["same.bin", "done", ""]]
+        second_id = upload_id(page)
+        assert second_id != first_id
+        page.wait_for_function("() => document.querySelector('#queue .pf-status').textContent.includes('checked')")
+        context.close()
+    assert (tmp_path / "storage" / "same.bin").read_bytes() == bytes(second)

@@ -308,3 +308,23 @@ def test_a_kill_while_storing_a_duplicate_ends_with_one_link_and_nothing_left(tm
     assert os.path.samefile(storage / "x.bin", storage / "y.bin")
     assert upload_files(chunks) == []
     ledger.close()
+
+
+# -- a resumed upload is checked part by part ---------------------------------------------------------------------
+
+def test_verify_names_the_received_parts_that_hold_other_bytes(server):
+    data = data_of(4 * CHUNK)
+    other = data_of(4 * CHUNK, seed=9)
+    for index in (0, 2):
+        assert send(server, "mixed", index, data)[0] == 200
+    request = {"parts": {"0": sha256(part(data, 0)), "2": sha256(part(other, 2)), "3": sha256(part(other, 3))}}
+    status, reply = post_json(server, "/api/uploads/mixed/verify", request)
+    assert status == 200 and reply["mismatched"] == [2]   # part 3 is not there yet: not judged
+
+
+@pytest.mark.parametrize("parts", [{"9": "00" * 32}, {"x": "00" * 32}, {"0": "zz"}, [1],
+                                   {str(i): "00" * 32 for i in range(65)}])
+def test_a_bad_verify_request_is_a_clear_400(server, parts):
+    send(server, "verify-bad", 0, data_of(4 * CHUNK))
+    status, reply = post_json(server, "/api/uploads/verify-bad/verify", {"parts": parts})
+    assert status == 400, reply
