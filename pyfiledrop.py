@@ -6383,9 +6383,9 @@ INDEX_HTML = r"""<!doctype html>
   // (status, "do you have this content?", cancel) takes one back from the part with the least progress
   // (sent again later), and parts use five while it waits.
   var asking = 0;
-  function postJson(path, body) {
+  function postJson(path, body, patient) {   // patient: waits for the next free connection, takes none back
     asking += 1;
-    if (busy >= SLOTS) preemptOne();
+    if (busy >= SLOTS && !patient) preemptOne();
     return rawPostJson(path, body).then(function (value) { asked(); return value; },
                                         function (error) { asked(); throw error; });
   }
@@ -6469,7 +6469,7 @@ INDEX_HTML = r"""<!doctype html>
     if (!keys.length || !upload.active() || !id) return;
     keys.forEach(function (k) { parts[k] = upload.toVerify[k]; delete upload.toVerify[k]; });
     upload.verifying = true;
-    postJson("/api/uploads/" + encodeURIComponent(id) + "/verify", { parts: parts }).then(function (reply) {
+    postJson("/api/uploads/" + encodeURIComponent(id) + "/verify", { parts: parts }, true).then(function (reply) {
       upload.verifying = false;
       if (upload.id !== id) return;
       if (reply.mismatched.length) return restartUnderNewId(upload);
