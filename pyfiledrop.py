@@ -3147,6 +3147,28 @@ def create_app(config: Config, engine: Engine) -> bottle.Bottle:
     def upload_status(upload_id):
         return _json(status_reply(engine, upload_id))
 
+    _resume_routes(app, config, engine, client)
+
+    @app.get("/download/<upload_id>")
+    def download(upload_id):
+        if not config.allow_downloads:
+            raise Forbidden("Downloads are turned off on this server (start it with --allow-downloads).")
+        return stored_file_response(engine, upload_id)
+
+    _error_pages(app)
+    if config.verbose:
+        @app.hook("after_request")
+        def access_log():
+            request = bottle.request
+            log.info("%s %s %s %s", request.environ.get("REMOTE_ADDR", "-"), request.method, request.path,
+                     bottle.response.status_code)
+
+    return app
+
+
+def _resume_routes(app: bottle.Bottle, config: Config, engine: Engine, client: Callable[[], str]) -> None:
+    """What the page resumes with: the status of many uploads, cancel, part checks, "do you have this?"."""
+
     @app.post("/api/uploads/status")
     def uploads_status():
         return _json(status_many(engine, read_json(bottle.request.environ)))
@@ -3164,22 +3186,6 @@ def create_app(config: Config, engine: Engine) -> bottle.Bottle:
     def upload_by_content(upload_id):
         request = read_json(bottle.request.environ)
         return _json(content_reply(engine, upload_id, request, client(), not config.allow_downloads))
-
-    @app.get("/download/<upload_id>")
-    def download(upload_id):
-        if not config.allow_downloads:
-            raise Forbidden("Downloads are turned off on this server (start it with --allow-downloads).")
-        return stored_file_response(engine, upload_id)
-
-    _error_pages(app)
-    if config.verbose:
-        @app.hook("after_request")
-        def access_log():
-            request = bottle.request
-            log.info("%s %s %s %s", request.environ.get("REMOTE_ADDR", "-"), request.method, request.path,
-                     bottle.response.status_code)
-
-    return app
 
 
 def _tus_routes(app: bottle.Bottle, config: Config, engine: Engine, client: Callable[[], str]) -> None:

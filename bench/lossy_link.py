@@ -97,7 +97,7 @@ def open_tun(name: str) -> int:
 def lossy_link(rate_mbit: float, delay_ms: float, loss: float):
     """Two namespaces joined by the emulated link; yields the two directions (for their counters)."""
     for namespace in (CLIENT_NS, SERVER_NS):
-        subprocess.run(["ip", "netns", "del", namespace], capture_output=True)
+        subprocess.run(["ip", "netns", "del", namespace], capture_output=True, check=False)
         sh("ip", "netns", "add", namespace)
     try:
         ends = {CLIENT_NS: ("pfdcli", CLIENT_IP), SERVER_NS: ("pfdsrv", SERVER_IP)}
@@ -120,7 +120,7 @@ def lossy_link(rate_mbit: float, delay_ms: float, loss: float):
             direction.join(5)
     finally:
         for namespace in (CLIENT_NS, SERVER_NS):
-            subprocess.run(["ip", "netns", "del", namespace], capture_output=True)
+            subprocess.run(["ip", "netns", "del", namespace], capture_output=True, check=False)
 
 
 @contextlib.contextmanager
@@ -132,7 +132,7 @@ def pyfiledrop_server(folder: Path):
     try:
         deadline = time.monotonic() + 30
         while subprocess.run(["ip", "netns", "exec", CLIENT_NS, "curl", "-s", "-o", "/dev/null", "-m", "2",
-                              f"http://{SERVER_IP}:{PORT}/favicon.ico"]).returncode:
+                              f"http://{SERVER_IP}:{PORT}/favicon.ico"], check=False).returncode:
             if time.monotonic() > deadline or process.poll() is not None:
                 raise SystemExit("lossy_link: pyfiledrop did not start in its namespace")
         yield process
