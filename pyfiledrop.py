@@ -74,10 +74,9 @@ DEFAULT_PORT = 16273
 # where 4 MiB reach 60-80% of it (bench/README.md); a chunk lost on a flaky phone link costs a few seconds of
 # Wi-Fi to resend, and a slow link is no problem because the page's timeout counts time without progress.
 DEFAULT_CHUNK_SIZE = 8 * 1024 * 1024
-# Browsers open at most 6 connections to one host over HTTP/1.1.  2 files x 3 chunks = 6, so no chunk request
-# waits in the browser's queue, where its timeout would already be running.
-DEFAULT_PARALLEL_CHUNKS = 3
-PARALLEL_FILES = 2
+# Browsers open at most 6 connections to one host over HTTP/1.1: the page keeps that many part requests in
+# flight in all (a file alone gets all six; on a lossy link one TCP connection is limited by loss, not the link).
+DEFAULT_PARALLEL_CHUNKS = 6
 # A chunk request that sends and receives nothing for this long is abandoned and retried (not a limit on the
 # whole request: the page re-arms it on every byte of progress).
 DEFAULT_TIMEOUT_MS = 120_000
@@ -98,7 +97,6 @@ READ_BLOCK = 1 * MIB
 
 DZ_FIELDS = ("dzuuid", "dzchunkindex", "dztotalfilesize", "dzchunksize", "dztotalchunkcount",
              "dzchunkbyteoffset")
-DEFAULT_DZ_CDN = "https://cdnjs.cloudflare.com/ajax/libs/dropzone"
 
 log = logging.getLogger("pyfiledrop")
 
@@ -299,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"chunk size the page uploads with: bytes as a plain number, or 512K, 8M "
              f"(default {DEFAULT_CHUNK_SIZE // MIB}M)")
     add("--parallel-chunks", type=_positive_int, default=DEFAULT_PARALLEL_CHUNKS, metavar="N",
-        help=f"chunks of one file in flight at once (default {DEFAULT_PARALLEL_CHUNKS})")
+        help=f"part requests the page keeps in flight, over all its files (default {DEFAULT_PARALLEL_CHUNKS})")
     add("--disable-parallel-chunks", action="store_true", help="send one chunk at a time (--parallel-chunks 1)")
     add("--disable-force-chunking", action="store_true",
         help="send files smaller than one chunk as a plain upload")
@@ -311,8 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--key", type=Path, metavar="FILE", help="the private key (PEM, no passphrase) of --cert")
     add("--share", type=Path, metavar="DIR", help="list the files of DIR (and its subfolders) on the page for "
                                                   "download")
-    add("--dz-cdn", metavar="URL", help="load Dropzone from this CDN instead of the embedded copy")
-    add("--dz-version", metavar="V", help="Dropzone version to load from the CDN")
+    add("--dz-cdn", metavar="URL", help="retired in 1.1 (the page has its own uploader): ignored, with a warning")
+    add("--dz-version", metavar="V", help="retired in 1.1, as --dz-cdn")
     add("--index", type=Path, metavar="FILE",
         help="serve this page instead of the built-in one (default: index.html beside the program, if any)")
     add("--partial-ttl", type=_positive_float, default=DEFAULT_PARTIAL_TTL_HOURS, metavar="HOURS",
@@ -560,6 +558,42 @@ def parse_chunk_fields(fields: Mapping[str, str], max_size: int) -> ChunkInfo | 
     if numbers["dzchunkbyteoffset"] != index * size_of_chunk:
         raise BadRequest("dzchunkbyteoffset does not match dzchunkindex * dzchunksize.")
     return ChunkInfo(upload_id, index, size, size_of_chunk, count)
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkExtras:
+    """The chunk protocol's optional fields (pyfiledrop's page sends them; plain Dropzone clients do not)."""
+
+    path: str | None = None            # dzrelpath: the file's path in a dropped folder, sanitised ("a/b/c.txt")
+    mtime: float | None = None         # dzmtime: the original's modification time, ms since 1970 on the wire
+    part_sha256: bytes | None = None   # dzchunksha256: this part's sha256 (hex on the wire)
+
+
+MAX_MTIME_S = 4102444800.0   # 2100-01-01: later (or negative) times are a client's bug, not a file's date
+_SHA256_HEX_RE = re.compile(r"[0-9a-fA-F]{64}\Z")
+
+
+def parse_mtime_ms(text: str) -> float:
+    """A File.lastModified (ms since 1970) as seconds; BadRequest unless a whole number in a sane range."""
+    text = text.strip()
+    if not re.fullmatch(r"[0-9]{1,16}(\.[0-9]{1,6})?", text) or float(text) / 1000 > MAX_MTIME_S:
+        raise BadRequest("dzmtime must be milliseconds since 1970, before the year 2100.")
+    return float(text) / 1000
+
+
+def parse_sha256_hex(text: str, field: str) -> bytes:
+    if not _SHA256_HEX_RE.match(text.strip()):
+        raise BadRequest(f"{field} must be a sha256 in hex (64 digits).")
+    return bytes.fromhex(text.strip())
+
+
+def parse_chunk_extras(fields: Mapping[str, str]) -> ChunkExtras:
+    path = fields.get("dzrelpath")
+    mtime = fields.get("dzmtime")
+    digest = fields.get("dzchunksha256")
+    return ChunkExtras(path=sanitize_relative_path(path) if path and path.strip() else None,
+                       mtime=parse_mtime_ms(mtime) if mtime else None,
+                       part_sha256=parse_sha256_hex(digest, "dzchunksha256") if digest else None)
 
 
 ###############################################################################
@@ -855,10 +889,10 @@ class Ledger:
         return [self._info(row) for row in rows]
 
     def stored_with(self, sha256: str, size: int, limit: int = 100) -> list[UploadInfo]:
-        """Stored uploads with this content (by the index on sha256 and size), newest first."""
+        """Stored uploads with this content (by the index on sha256 and size), the newest stored first."""
         with self._lock:
             rows = self._db.execute(f"SELECT {', '.join(self._COLUMNS)} FROM uploads WHERE sha256 = ? AND size = ? "
-                                    "AND state = ? ORDER BY created DESC LIMIT ?",
+                                    "AND state = ? ORDER BY finished DESC LIMIT ?",
                                     (sha256, size, State.STORED.value, limit)).fetchall()
         return [self._info(row) for row in rows]
 
@@ -1224,6 +1258,29 @@ class LocalBackend:
     def stored_exists(self, stored_name: str) -> bool:
         return (self.storage / stored_name).is_file()
 
+    def link_stored(self, existing: str, name: str) -> str | None:
+        """A second name for the stored file ``existing`` (a hard link: no new space); the name used, numbered
+        as ``store`` numbers.  A name that already is this very file is the answer (so a retry after a crash
+        links nothing twice).  None where this filesystem cannot link (FAT, exFAT): the caller stores a copy."""
+        folder, leaf = split_folder(name)
+        directory = self.folder_for(folder)
+        source = self.storage / existing
+        for number in range(MAX_NAME_ATTEMPTS):
+            candidate = numbered_name(leaf, number)
+            target = directory / candidate
+            try:
+                os.link(source, target)
+            except FileExistsError:
+                if not _same_file(source, target):
+                    continue
+            except OSError as error:
+                if error.errno in _LINK_FATAL_ERRNOS:
+                    raise
+                return None
+            self._checkpoint("linked")
+            return f"{folder}/{candidate}" if folder else candidate
+        raise Conflict("Too many files with this name already.")
+
     def stored_size(self, stored_name: str) -> int | None:
         try:
             return os.stat(self.storage / stored_name).st_size
@@ -1238,6 +1295,13 @@ class LocalBackend:
             while count := handle.readinto(buffer):
                 digest.update(view[:count])
         return digest.hexdigest()
+
+
+def _same_file(first: Path, second: Path) -> bool:
+    try:
+        return os.path.samefile(first, second)
+    except OSError:
+        return False
 
 
 def _set_mtime(path: str, mtime: float | None) -> None:
@@ -1304,6 +1368,9 @@ SPACE_CHECK_EVERY = 4 * MIB      # how often a long request looks at the free sp
 PROGRESS_EVERY_S = 0.25
 STALLED_AFTER_S = 1.0            # a request that moved no byte for this long may be taken over by a retry
 RIVAL_WAIT_S = 10.0              # a retry waits this long at most for an earlier copy of itself still moving
+# A part the client sent just before it cancelled may reach the server just after: for this long a cancelled
+# id is not started again (409), so that part leaves nothing behind; the same file given later starts anew.
+CANCEL_QUIET_S = 5.0
 HASH_WINDOW = 8 * MIB            # the in-order hash reads back at most this much per turn of its lock
 HASH_BACKLOG = 32 * MIB          # a reply waits while more than this waits to be hashed: completion stays quick
 
@@ -1416,6 +1483,9 @@ class Engine:
             if recorded is not None and recorded.state is State.STORED:
                 _check_same(recorded, name, size, part_size)
                 return recorded
+            if recorded is not None and recorded.state is State.DELETED and \
+                    self.clock() - recorded.updated < CANCEL_QUIET_S:
+                raise Conflict("This upload was cancelled a moment ago.")
             self.check_space(size or 0)
             now = self.clock()
             info = UploadInfo(id=upload_id, name=name, size=size, part_size=part_size, client=client,
@@ -1853,15 +1923,19 @@ class Engine:
         stat = self.backend.part_stat(upload_id)
         if stat is None or stat.st_size != live.info.size:
             raise StorageFailure("The partial file does not have the declared size.")
+        reason = ""
         try:
-            stored_name = live.linked_as or self.backend.store(upload_id, live.info.name, live.info.mtime)
+            stored_name = live.linked_as
+            if stored_name is None:
+                stored_name, reason = self._link_same_content(live.info, digest)
+            stored_name = stored_name or self.backend.store(upload_id, live.info.name, live.info.mtime)
         except OSError as error:
             raise storage_error(error)
         live.linked_as = stored_name
         now = self.clock()
         with live.lock:  # from now on a late commit of another request sees the upload stored
             receiving = live.info
-            info = live.info = dataclasses.replace(receiving, state=State.STORED, sha256=digest,
+            info = live.info = dataclasses.replace(receiving, state=State.STORED, sha256=digest, reason=reason,
                                                    stored_name=stored_name, finished=now, updated=now)
             try:
                 self._record(info)  # on failure the part stays linked: a retry of finish records the same name
@@ -1871,6 +1945,88 @@ class Engine:
         self.checkpoint("recorded")
         self.backend.discard(upload_id)
         self.checkpoint("discarded")
+        return info
+
+    def received_part_matches(self, upload_id: str, start: int, end: int, sha256: bytes) -> bool:
+        """Whether bytes [start, end), all received already, have this sha256 in the partial file (False only
+        on a real difference: a part sent again with other content than the first time)."""
+        live = self._get_live(upload_id)
+        if live is None or range_holes(live.info.received, start, end):
+            return True
+        try:
+            fd = self.backend.open_part(upload_id)
+        except OSError:
+            return True  # stored or gone meanwhile: put answers for that
+        try:
+            hasher = hashlib.sha256()
+            self._hash_from_file(hasher, fd, start, end)
+        finally:
+            os.close(fd)
+        return hmac.compare_digest(hasher.digest(), sha256)
+
+    # -- content: the same bytes are stored once ---------------------------------------------------------------
+    def find_content(self, sha256: str, size: int) -> UploadInfo | None:
+        """A stored upload whose file has exactly these bytes, checked now by hashing that file again (a record
+        alone is not trusted: the file may have been edited or replaced by hand since)."""
+        if size <= 0 or not re.fullmatch(r"[0-9a-f]{64}", sha256):
+            return None
+        for info in self.ledger.stored_with(sha256, size, limit=3):
+            try:
+                if (os.stat(self.backend.stored_path(info.stored_name)).st_size == size
+                        and self.backend.hash_stored(info.stored_name) == sha256):
+                    return info
+            except OSError:
+                continue
+        return None
+
+    def _link_same_content(self, info: UploadInfo, digest: str) -> tuple[str | None, str]:
+        """(the name, the ledger's reason) when a stored file with these bytes now also carries this upload's
+        name; (None, "") when there is none, or this filesystem cannot link."""
+        original = self.find_content(digest, info.size or 0)
+        if original is None:
+            return None, ""
+        linked = self.backend.link_stored(original.stored_name, info.name)
+        return (linked, f"same content as {original.stored_name}") if linked else (None, "")
+
+    def complete_by_content(self, upload_id: str, sha256: str) -> UploadInfo | None:
+        """The client knows its file's sha256: if a stored file has these bytes, the upload is stored at once
+        under its own name as a link to that file (its partial file goes, writers still sending are fenced).
+        None when no stored file has them; the upload then goes on as before."""
+        live = self._get_live(upload_id)
+        if live is None:
+            return self._settled_info(upload_id)
+        with live.finish_lock:
+            if live.info.state is State.STORED:
+                return live.info
+            stored_name, reason = self._link_same_content(live.info, sha256)
+            if stored_name is None:
+                return None
+            with self._opening[hash(upload_id) % 64]:  # a request arriving meanwhile finds the stored record
+                info = self._stored_by_link(live, sha256, stored_name, reason)
+                self._forget(upload_id)
+            self.checkpoint("recorded")
+            self.backend.discard(upload_id)
+            self.checkpoint("discarded")
+        with self._lock:
+            self.stored_count += 1
+        self.events(Stored(info))
+        return info
+
+    def _stored_by_link(self, live: _Live, sha256: str, stored_name: str, reason: str) -> UploadInfo:
+        now = self.clock()
+        with live.lock:
+            receiving = live.info
+            size = receiving.size or 0
+            info = live.info = dataclasses.replace(receiving, state=State.STORED, sha256=sha256, reason=reason,
+                                                   received=((0, size),), stored_name=stored_name, finished=now,
+                                                   updated=now)
+            try:
+                self._record(info)
+            except UploadError:
+                live.info = receiving
+                raise
+        for writer in list(live.writers):  # outside live.lock: a writer commits holding its lock, then live.lock
+            writer.fence()
         return info
 
     def receive_whole(self, name: str, pieces: Iterable, *, client: str, size: int | None = None,
@@ -2527,6 +2683,112 @@ def status_reply(engine: Engine, upload_id: str) -> dict:
             "missing_chunks": info.missing_parts(1000)}
 
 
+MAX_STATUS_IDS = 1000
+MAX_JSON_BYTES = 128 * 1024
+
+
+def read_json(environ: dict, limit: int = MAX_JSON_BYTES) -> dict:
+    """A small JSON object request body; BadRequest for anything else (too long, not JSON, not an object).
+
+    Content-Type must say JSON: another site's page can make a browser send a form (text/plain) here without
+    asking, but not a JSON body (that needs a CORS preflight, which this server never grants)."""
+    if parse_options_header(environ.get("CONTENT_TYPE", ""))[0] != "application/json":
+        raise BadRequest("Send the request as JSON (Content-Type: application/json).")
+    length = content_length(environ)
+    if length is None or length > limit:
+        raise BadRequest(f"Send a JSON body of at most {limit} bytes, with a Content-Length.")
+    body = bytearray()
+    for piece in request_body(environ, length):
+        body += piece
+    try:
+        value = json.loads(bytes(body).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise BadRequest("The body is not JSON.") from None
+    if not isinstance(value, dict):
+        raise BadRequest("The body must be a JSON object.")
+    return value
+
+
+def status_many(engine: Engine, request: dict) -> dict:
+    """``POST /api/uploads/status`` {"ids": [...]}: ``status_reply`` of each, in one request (a page that
+    remembers 500 files asks once); an id the server does not know, or no longer has, answers {"gone": why}."""
+    ids = request.get("ids")
+    if not isinstance(ids, list) or len(ids) > MAX_STATUS_IDS or not all(isinstance(i, str) for i in ids):
+        raise BadRequest(f"Send {{\"ids\": [...]}} with at most {MAX_STATUS_IDS} upload ids.")
+    replies: dict[str, dict] = {}
+    for upload_id in dict.fromkeys(ids):
+        try:
+            replies[upload_id] = status_reply(engine, upload_id)
+        except NotFound as error:
+            replies[upload_id] = {"id": upload_id, "gone": error.message}
+    return {"uploads": replies}
+
+
+def cancel_reply(engine: Engine, upload_id: str, client: str) -> dict:
+    """``POST /api/uploads/ID/cancel``: an unfinished upload stops for good and its partial file goes.
+
+    Only from the address that started it: a page's upload ids come from its files (see the README), so
+    someone else holding the same file could name it.  A stored upload is not touched (that is the admin's
+    DELETE)."""
+    info = engine.info(upload_id) if is_valid_id(upload_id) else None
+    if info is None:
+        raise NotFound("No such upload.")
+    if info.state is State.RECEIVING:
+        if info.client and info.client != client:
+            raise Forbidden("Only the device that started this upload can cancel it.")
+        info = engine.abort(upload_id, "cancelled by the client")
+    return {"id": info.id, "state": info.state.value, "cancelled": info.state is State.DELETED}
+
+
+def content_reply(engine: Engine, upload_id: str, request: dict, client: str, allowed: bool) -> dict:
+    """``POST /api/uploads/ID/content`` {"sha256", "name", "path", "size", "chunk_size", "mtime"}: the page
+    knows its file's whole hash; when a stored file has those bytes the upload is stored at once as a link to
+    it (nothing more is sent).  {"complete": false} otherwise, and the page goes on sending."""
+    if not is_valid_id(upload_id):
+        raise BadRequest(f"An upload id is 1 to {MAX_ID_LENGTH} letters, digits or '-'.")
+    sha256 = parse_sha256_hex(str(request.get("sha256", "")), "sha256").hex()
+    size, part_size = request.get("size"), request.get("chunk_size")
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in (size, part_size)) \
+            or not 1 <= part_size <= MAX_CHUNK_SIZE or chunk_count(size, part_size) > MAX_CHUNK_COUNT:
+        raise BadRequest("size and chunk_size must be whole numbers, as in the chunk fields.")
+    if not allowed or size == 0:
+        return {"id": upload_id, "complete": False}
+    mtime = parse_mtime_ms(str(request["mtime"])) if request.get("mtime") is not None else None
+    name = sanitize_relative_path(str(request.get("path") or request.get("name") or ""))
+    with _Subject(name):
+        engine.create(upload_id, name, size=size, part_size=part_size, client=client, mtime=mtime)
+        info = engine.complete_by_content(upload_id, sha256)
+    if info is None or info.state is not State.STORED:
+        return {"id": upload_id, "complete": False}
+    return {**completed_reply(info), "same_as": info.reason.removeprefix("same content as ") or None}
+
+
+MAX_VERIFY_PARTS = 64
+
+
+def verify_reply(engine: Engine, upload_id: str, request: dict) -> dict:
+    """``POST /api/uploads/ID/verify`` {"parts": {"INDEX": "SHA256", ...}}: which of these parts, received
+    before, hold other bytes than the client's (its file is not the one that upload came from).  The page
+    asks this of every part it skips because the server has it, so a resumed upload is checked part by part
+    without sending them again; parts not received yet are not judged."""
+    info = engine.info(upload_id) if is_valid_id(upload_id) else None
+    parts = request.get("parts")
+    if info is None:
+        raise NotFound("No such upload.")
+    if not isinstance(parts, dict) or len(parts) > MAX_VERIFY_PARTS:
+        raise BadRequest(f'Send {{"parts": {{"INDEX": "SHA256", ...}}}} with at most {MAX_VERIFY_PARTS} parts.')
+    mismatched = []
+    for key, digest in parts.items():
+        if not _UINT_RE.match(str(key)) or int(key) >= info.total_parts:
+            raise BadRequest("A part index must be a whole number within the upload.")
+        index, expected = int(key), parse_sha256_hex(str(digest), "sha256")
+        start = index * info.part_size
+        end = start + chunk_length(index, info.size or 0, info.part_size)
+        if info.state is State.RECEIVING and not engine.received_part_matches(upload_id, start, end, expected):
+            mismatched.append(index)
+    return {"id": upload_id, "mismatched": sorted(mismatched)}
+
+
 class _Subject:
     """Names the file an error is about, for the console's line."""
 
@@ -2541,16 +2803,24 @@ class _Subject:
             error.subject = self.name
 
 
-def receive_chunk(engine: Engine, chunk: ChunkInfo, filename: str, data: Iterable, client: str) -> dict:
+def receive_chunk(engine: Engine, chunk: ChunkInfo, filename: str, data: Iterable, client: str,
+                  extras: ChunkExtras = ChunkExtras()) -> dict:
     """One Dropzone chunk: the bytes of part ``chunk.index`` of upload ``chunk.upload_id``."""
-    name = sanitize_filename(filename)
+    name = extras.path or sanitize_filename(filename)
+    checksum = ("sha256", extras.part_sha256) if extras.part_sha256 is not None else None
     with _Subject(name):
         info = engine.create(chunk.upload_id, name, size=chunk.total_size, part_size=chunk.chunk_size,
-                             client=client, ephemeral=chunk.total_chunks == 1)
+                             client=client, ephemeral=chunk.total_chunks == 1, mtime=extras.mtime)
+        if info.state is State.RECEIVING and checksum is not None and info.part_received(chunk.index) and \
+                not engine.received_part_matches(chunk.upload_id, chunk.offset, chunk.offset + chunk.length,
+                                                 checksum[1]):
+            raise ChecksumMismatch(f"Part {chunk.index} was received before with other bytes: this is not the "
+                                   "same file (start it under another id).")
         if info.state is State.RECEIVING:
             counted = _Counted(data)
             try:
-                info = engine.put(chunk.upload_id, chunk.offset, counted, length=chunk.length, atomic=True)
+                info = engine.put(chunk.upload_id, chunk.offset, counted, length=chunk.length, atomic=True,
+                                  checksum=checksum)
             except TooManyBytes as error:
                 seen = chunk.length + error.extra + _Counted(data).drain(engine.limits.max_size)
                 if chunk.offset + seen > engine.limits.max_size:
@@ -2602,7 +2872,8 @@ def receive_form(engine: Engine, environ: dict, client: str) -> dict:
                     raise BadRequest("A chunk request carries exactly one file.")
                 if chunk is not None:
                     part.expect(chunk.length)
-                    chunk_reply = receive_chunk(engine, chunk, part.filename, part.data, client)
+                    chunk_reply = receive_chunk(engine, chunk, part.filename, part.data, client,
+                                                parse_chunk_extras(fields))
                 elif part.filename or _has_bytes(part):
                     if not spooled:
                         engine.check_space(length or 0)
@@ -2613,7 +2884,8 @@ def receive_form(engine: Engine, environ: dict, client: str) -> dict:
         if chunk is not None:  # the chunk fields came after the file part: the spooled file is the chunk
             if len(spooled) != 1:
                 raise BadRequest("A chunk request carries exactly one file.")
-            return receive_chunk(engine, chunk, spooled[0][1], engine.read(spooled[0][0]), client)
+            return receive_chunk(engine, chunk, spooled[0][1], engine.read(spooled[0][0]), client,
+                                 parse_chunk_extras(fields))
         if not spooled:
             raise BadRequest("No file in the request: send it as a multipart part named 'file'.")
         replies = [completed_reply(_store_spooled(engine, upload_id)) for upload_id, _ in spooled]
@@ -3368,43 +3640,39 @@ def _script_hash(html: str) -> str:
     return "sha256-" + base64.b64encode(hashlib.sha256(script.encode("utf-8")).digest()).decode("ascii")
 
 
-def dropzone_urls(config: Config) -> tuple[str, str, str]:
-    """(js, css, extra CSP source): the embedded copy unless --dz-cdn / another --dz-version asks for a CDN."""
-    version = config.dz_version or DROPZONE_VERSION
-    if config.dz_cdn is None and version == DROPZONE_VERSION:
-        return f"/assets/dropzone-{DROPZONE_VERSION}.min.js", f"/assets/dropzone-{DROPZONE_VERSION}.min.css", ""
-    base = f"{(config.dz_cdn or DEFAULT_DZ_CDN).rstrip('/')}/{version}"
-    if version.startswith(("4.", "5.")):
-        js, css = f"{base}/min/dropzone.min.js", f"{base}/min/dropzone.min.css"
-    else:
-        js, css = f"{base}/dropzone-min.js", f"{base}/dropzone.min.css"
-    parts = urlsplit(base)
-    return js, css, f"{parts.scheme}://{parts.netloc}" if parts.scheme and parts.netloc else ""
+WORKER_ASSET = "hasher-{version}.js"
+HASH_WASM_ASSET = "hash-wasm-sha256-{version}.min.js"
 
 
 def render_index(config: Config) -> tuple[str, str]:
     """The built-in page and its Content-Security-Policy."""
-    js, css, cdn = dropzone_urls(config)
     page_config = {
         "chunkSize": config.chunk_size,
-        "parallelChunks": config.parallel_chunks,
-        "parallelFiles": PARALLEL_FILES,
+        "parallel": config.parallel_chunks,
         "timeoutMs": config.timeout_ms,
         "maxFileSizeBytes": config.max_size_bytes,
-        "forceChunking": config.force_chunking,
         "allowDownloads": config.allow_downloads,
+        "claims": not config.allow_downloads,   # see content_reply: no "I have this hash" where files go out
+        "workerUrl": "/assets/" + WORKER_ASSET.format(version=__version__),
         "version": __version__,
     }
     config_json = json.dumps(page_config).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
-    html = (INDEX_HTML.replace("{{dropzone_js}}", bottle.html_escape(js))
-            .replace("{{dropzone_css}}", bottle.html_escape(css))
-            .replace("{{config_json}}", config_json)
-            .replace("{{version}}", __version__))
+    html = INDEX_HTML.replace("{{config_json}}", config_json).replace("{{version}}", __version__)
     html = with_shared_list(html, config)
-    policy = (f"default-src 'self'; script-src 'self' {cdn} '{_script_hash(html)}'; style-src 'self' {cdn} "
+    policy = (f"default-src 'self'; script-src 'self' '{_script_hash(html)}'; worker-src 'self'; style-src 'self' "
               "'unsafe-inline'; img-src 'self' data: blob:; connect-src 'self'; object-src 'none'; base-uri 'none'; "
               "form-action 'self'; frame-ancestors 'none'")
-    return html, re.sub(" +", " ", policy)
+    return html, policy
+
+
+def page_assets() -> dict[str, tuple[bytes, str]]:
+    """The page's scripts by name: the hashing worker, and hash-wasm, which it loads."""
+    hash_wasm = HASH_WASM_ASSET.format(version=HASH_WASM_VERSION)
+    worker = HASHER_WORKER_JS.replace("{{hash_wasm}}", "/assets/" + hash_wasm)
+    return {
+        hash_wasm: (unpack_asset(HASH_WASM_SHA256_JS), "application/javascript"),
+        WORKER_ASSET.format(version=__version__): (worker.encode("utf-8"), "application/javascript"),
+    }
 
 
 def open_engine(config: Config, *, events: Callable[[EngineEvent], None] = lambda event: None,
@@ -3457,6 +3725,8 @@ def create_app(config: Config, engine: Engine) -> bottle.Bottle:
     def upload_status(upload_id):
         return _json(status_reply(engine, upload_id))
 
+    _resume_routes(app, config, engine, client)
+
     @app.get("/download/<upload_id>")
     def download(upload_id):
         if not config.allow_downloads:
@@ -3472,6 +3742,28 @@ def create_app(config: Config, engine: Engine) -> bottle.Bottle:
                      bottle.response.status_code)
 
     return app
+
+
+def _resume_routes(app: bottle.Bottle, config: Config, engine: Engine, client: Callable[[], str]) -> None:
+    """What the page resumes with: the status of many uploads, cancel, part checks, "do you have this?"."""
+
+    @app.post("/api/uploads/status")
+    def uploads_status():
+        return _json(status_many(engine, read_json(bottle.request.environ)))
+
+    @app.post("/api/uploads/<upload_id>/cancel", report=True)
+    def cancel_upload(upload_id):
+        read_json(bottle.request.environ)   # a JSON body ({}), so no other site's form can send this
+        return _json(cancel_reply(engine, upload_id, client()))
+
+    @app.post("/api/uploads/<upload_id>/verify")
+    def verify_parts(upload_id):
+        return _json(verify_reply(engine, upload_id, read_json(bottle.request.environ)))
+
+    @app.post("/api/uploads/<upload_id>/content", report=True)
+    def upload_by_content(upload_id):
+        request = read_json(bottle.request.environ)
+        return _json(content_reply(engine, upload_id, request, client(), not config.allow_downloads))
 
 
 def _tus_routes(app: bottle.Bottle, config: Config, engine: Engine, client: Callable[[], str]) -> None:
@@ -3545,10 +3837,7 @@ def stored_file_response(engine: Engine, upload_id: str) -> bottle.HTTPResponse:
 def _page_routes(app: bottle.Bottle, config: Config) -> None:
     """The page, its assets and the icon."""
     page, page_policy = render_index(config)
-    assets = {
-        f"dropzone-{DROPZONE_VERSION}.min.js": (unpack_asset(DROPZONE_JS), "application/javascript"),
-        f"dropzone-{DROPZONE_VERSION}.min.css": (unpack_asset(DROPZONE_CSS), "text/css"),
-    }
+    assets = page_assets()
     favicon = unpack_asset(FAVICON_PNG)
 
     @app.get("/")
@@ -6421,6 +6710,9 @@ def _main(argv: list[str] | None) -> int:
         return code
     console = Console(sys.stdout, quiet=config.quiet)
     _configure_logging(config, console)
+    if config.dz_cdn or config.dz_version:
+        log.warning("--dz-cdn and --dz-version are retired: the page has its own uploader and loads nothing from "
+                    "a CDN; they are ignored")
     for path, what in ((config.storage, "storage"), (config.chunks, "chunks")):
         problem = _prepare_folder(path, what)
         if problem:
@@ -6485,183 +6777,104 @@ def unpack_asset(packed: str) -> bytes:
 
 
 # >>> vendored assets: generated by `python build.py --vendor`; do not edit by hand
-DROPZONE_VERSION = "6.3.5"
-DROPZONE_SOURCE = "npm dropzone@6.3.5 (github.com/enyo/dropzone), tarball sha256 555b83845cfe63b6d1192a8c07eb30a50d55af26d6afbb78abad91d3f5336830"
-DROPZONE_LICENCE = "MIT; Copyright (c) 2026 Matias Simon <m@tias.me>"
-DROPZONE_JS = (
-    "c-qZ<YkS)^(&+d76|_%}L&h{E*^Zk^q5UL|+vZ*8(%9K;*Xy^WB-mynlUkDUrLx}Ner5&(5Fjbp-OD*APaccJWiS8+gPFl#="
-    "w8gyQJG|^>&<WC+!0~47wiNtqJheAN;e1sA+wWktv4v|ry{#>#98+|45ML|O+=hV8yjvCilDekE=t$)23R}}vCts7aC0~Iyz"
-    "(l~Zk?k%&vG{sccn<jLO9p6qI8DBiBl&V{w79c<P9#M1Omtq;v^Xfx99mqm<1D&UY1w>DC`bKuZqEFb5kNV3A3}&xvn>JlGK"
-    "@a(C|kB8BFu6%n<S5DlR_Wrl0a`D)RC^7{!x`JMm|pgfk8&XEVY$+1N<kF(+Syuk$><50Zj@A^qU&ygy$IVkjM!?poJ>QbRE"
-    "`w6U=UqXG521N_^+@W<XlObQqQ1U6nQa#7Cm)QJ~*4pJ8;fRk-Zg!k|;Uj$`#Qszl|DVq@<Ow5@aO-CYj9#zot3fh`@cu@1X"
-    "7DhY)8yiNNsunFI1&k(fQOtp2gkNf;%B!RZe#ORz@#t$2*4`0Ezm|3;&L1A!W@31D?zNN+rnBP8EoIh1Tqh+U0F((hJfZQyM"
-    "3hb%Ho@XlrykM`mJkkfI%SgcJQ2jx>Exb}gw77k&Wee+7HJ7XWxNIBq?pF#=<4VO-el*l<F7)#Mq?m`-?LQoqfOz@<NUJdmk"
-    "W=(RF$KFl?cy=v*B<eiat=-C{9OW62mLLjYSzJ6R3|p;OV+e(s6bh9Kwpqt_fCX%%8{Tr{dNzia>LzT&{UI&PFrp$0!$Zsn9"
-    "kGM|u$QAW4(51}9*2;i<wFUL>-fpD(hD3)w%wdaW^0FeKD|!3#YM!>+f4#F(O1&g@!h*2a{U7J9187-q2)P7{=DND~P#AMq+"
-    ">00RL$2#E+uHw>X?KtEF=AmR7C!4O9B>%zcdvGC(?KFcTlbT*mz*P^`2#{FoT6=me#Cgs&(F2;ai5>H^-dw!W*i)>cP($hEx"
-    "yu{?obdts6qQC9W=;{4zQYKTRjGjNbnx$WX7vMACJQ9aS0%e{gzl;8M_q%U<FSa#EDy85;NkBQjr^Nc}aRRHazvExWci$&4+"
-    "XU^!9znYP5MKj*UqE`~ODcMI9bbymtJ(E11tK6)hMGD-gXnc(oH_BY$+*1g_qL6sA4PI`RoZFqdGJQCup&Sa;mE2qS~7tv8Y"
-    "%B#NKawOm}x)F;z?58_k)+Jkb<41K)k5}f11ZBtnpl=qkBM|XYqnN@g^>yBcd7`nSCYVvB>#lEG}Z0t{*uKS2mE#SGBN{%QV"
-    "ZykI5K_K!Sk8cr+5zQj86lDoJ%lCC|zXHl2|uil1g;Mj$b*dKr&Di|g!0949=r(_Gvn;<h-HJrz0QnG}fAC(gx^SA^BObUG`"
-    "m!XN^S?_sjzDbTnc(-i0cvBlqd8jl&$=J&kJ5c)V7m2c(Xya)7wYWmSzm|2HL*SQioEY8f46dzG>Rb7|=C7b2W5af(Pz;2#F"
-    "wKOZ8Vm6&-dFhPv`0`o$Y^;DXtRk?Xoq}-Ek3NB11H1C9K$ak!3(j-^?`sfPCLqgbY@B;+SK>KIz6z8-uu?XG@p8uTy>0@Eo"
-    "MzdZ<gy>(vy&76C3A+!rQ^=$ijEeG_sJVCaNfsvj!Nr0^SQC)s0c%Sm)-#N5_J$=<1jeDfuEHMKZzRb5y*lZ5>RASy$(q(1E"
-    "k<ljIn1_4?B_I0uG#090Wx9I=)ANZItEt3@MNyeHO(uOAEn(PDFkKbC6T&7(gO#gDw<hT+V>j#?S+RF;<8i(uN@!P(PAy)?C"
-    "XhnIWKve0N5i&;kZ%^diZxW8D7w(Q6<dm?j_wez=X(5<4m($dQo^9;hDSIw6XU<g+6go1JMj!%JsWzUQerx*G{#=wm%8NRT`"
-    "$aeD7u!)lk)V~_}P=r6Fp7X5iS>_?|>BL5P8e}La>_<aw*U*Y%9@C!e~XyM~-3_|=ua^V6uS=iU-B;Lr~XFmRYHcQ6+G{DvZ"
-    "i9&!${`hy^G{)i%^63{6L6VIpn*6vPKC23pPWxpx#oiZz-d|L8N*HCcw5&BuxwN4iVy*%?ye~nNxhO=b5P9C-0Pds20&PLm^"
-    "%ioID<loTz-t|c3Q~z-lE(S{8(>_tOY+iorPw6~mP|(iFK%mL^v%3IXW@*0-(s$_1@pVb3`dM3EjE;D_37%DqCAq1#hd%n_!"
-    "1$3keJ*=9!eA)_rD(;4**|F=H`9_ubrS21xS`v+n}O|u=FiFt4a|IARy<vA{;5fPB!aCub?%DDu(M-rS<(+u*IeOuR8n#rS>"
-    "D1$`$q?8iN9Nc$G}Xpig)thn1kOwf71EMILH{YN9}4ETJ=Zw3Cpiic9C9gh_{81zGSKrBFGY7Fxv6vITg38|tIwm-mV?pgXF"
-    "@_rUl;D_F23AeWe*OQK1_d6AEP?st9o`9=OnQA7l{_=^cFihy!R4=4$8ZbzjJcpyOi<PmYpFbNbiKb0>M5_DD#TbMqN`>Cqy"
-    "f<)Yjp>N^)xV#FklhiH!3W^6{bVll%5NRGWsGX7)tgGyo4-ZDUeaTyL5P7Ba<;DBifoqfqRga8zP28VnUf+PP2Es(f=yxac2"
-    "BakGMp-PQcB!|08UtC%GBtcjzoyx3>X>q!^X!{>zIYaSN;IdYehytmW6Kz<&bCDA7tED?+A@cX^2_{E_M?<9+yfX~&{I%mM6"
-    "m%`yUDIxi#iSY6}0kZ4mY>4Ap+XKuTj%<J92w|-ti8ojx0+;H#W7T0e>m{wj4QTKGGYk^@WlcPsR0g0_>z;=OdhtToGBmdSB"
-    "oFljGEi686AwlIu&5lgfAt(zJX}0^21@q2W3(=|ZeK9cD*ONK(lxsF6k{_JY}(ZU)nA9@kd$f`!<6ZA@#_UWVH=&n{soHF5;"
-    "0%9dN=x`r*^RVCHR3itvky~e&ZG|J?>CdRdKnvGC(*t(AMuNv8#ONSOkxc*{y-H|ImKI5#u$?n4SuG4j1>^hhR12zfQZ?BRP"
-    "rt9u{k^<zbvYhrio!i^n;C3g-^2^S4x7+OiWNrkSnF2%NXU7?b>+gHrV7vQm&)NPi`1ZT)?~Z%B!8ZIl+b@D|A^i~E_g?Po;"
-    "`>f-Z_nxRukrpZ)tA4=+dWx-NB$ndJJsLe-|cN#&v>W$T>g0HrL50z58<84sdjh1v+;m;s?X(*cXy~CPEYpdaCbN8Q9E7vYr"
-    "Mb2`l>wQP53iDyW5OE;|uQ+U&h;bCw#g5u^P`E3GeVbZ05yFXNTJ}-U*M|`2TI4XQ#t-fz$T{qWu4WlD7Ala=JVc-^rf!cH~"
-    "I(Udj>ZZS(I-9s%|KEzg`Rf6Tus{cveL1y_~-j%TvV`0Vjac6rA3_*cDu%M`83e=8|T!Q0uj+uwO%w-4`D`#XD#Klf+1%k>%"
-    "W-5%Fxy!AVe7neU)<GHgVSAxPD-X*?_xA87lk}QABc<c5R-l{!?w|?KV+vi`Eez>%rf~(5Qc8?hkh1cOyysLi6^0ME$eIA#?"
-    "rQ`O}ZlA~fSoKHIpPr{>^SEo%pBhi5i$jA>+Udxq|HoD`|A0CQlAUq%&{TeolcEF}0X1P4wGP~`x31tV2g%CEH&FL;6dLC86"
-    "@=@55g-&5`QtF+@puUUeEwJJPecsJ{qvoe#ziUQh`{bHP-}lOBpOZ7Dgg{2D8?5gP?9KaRz^cKzBVj-wd0CrcXb2)G5~8ejm"
-    "k0-f-b7+uoBqNIj!n7K@tS#1XV0w)N{f*+$H$gYH6)bb+Aavcs)D#$4un+ConjpGRt32CT?_QN_*#^m)pvv2r!+X{$YqHeM*"
-    "R=-2Qm_{#Z_$GPt<X*5VDU5wp#=py`R=*IXyGX!x<QBg=xY@#f+pT>mY;iHlL5Ow0Z(9g7PXzww|FLS^B7wt1K;bY=Qlyz0b"
-    "g8EACeo(2O$wiJNI7Vf(xRfF<u_H}{mf}+f(cx)P9#`0tupi846ko73|^6B{F>$mSd{BQt$m6kWRf#EVMpznI&KC4Np4`{vU"
-    "ujr#$e^s09HCDH1r`fimKSE3rjwC0b5IT^<buECh+=$K>B0u#O$a1ixW*p3U>TN00O9KZw`6xeRWATI{+`T1>kq>!iQ|N?H*"
-    "3!=+9$ks?A(AW_>a;4TPYoMz8Z4)sb()H3R1J0dM~7Ntgrl7X@kFr!KSi5BSSkw_u=Z1VcIP4utiVz+U($su9Q__n7)jCpT<"
-    ";ZJ0)Z@D9uvdtMg_SG;7NZ#xoBkz`T1WM98=Yl<73(4RCliVxKbLd<!Ke5!#i2ML1J=`cCrFP{K#TCn#zsTI@?{wK1>8Hylo"
-    "}jFt|77=${@=y9qg<DJ(3q@`hpb>GQ`QJ|CT&L<ebb6HjI$M5}pG-cQ(!MJDUT|BhfGp}D<=GWMbXHjP7XJX^hFgTRuh@s{w"
-    "9HpxN)LeYgEt#;HgPD8LlPmf4auwS!hHBW`S3Xlyw12ICBLU+R;g!&%3iZCi3-`w;5z*s1Ba4^)fh3|EIM`D2B!y_v(mpqcv"
-    "{(;B3x_6kO<w7~XAU~D&7kCbt<NLzT{30Yzlt7E;0ZZnAmahXPC<j{N4K(2DNo`;<S#w6oMgnW82h}PHnhPqhDKluH)_|!qs"
-    "8MOa)D+aHD$oamb&3eocm?&b4@e*n>Z2djMn14cJurqiBHs@n*Z`Q&Ncu`S!jaByg_G3%ri$4V#+VaruO_R6nX>>11lacs*@"
-    "a8z4^+lgCmFc+7vUL{EzWt5)iXn00O6TRuO>nt1EYr@ooD#jpsrP<vYK{RQ0F`v;DkkvDusrP-gxh^w3KQavK!KVNEUCj%7B"
-    "uvX1=q<TxmAQCGjX+9*EekhkRP@D0eJJRRXb~*5yEzu_3%wHRB18#Q5Hc%TiJXfDphyU|9jp73{PI0Bgrg3T&udm`0(C-j2*"
-    "{zRz+?U(%iC<DU7VUri6!k$#BC0sN7lR|Rv=U!`+}D;2U_!0$-7oxi8gJC}YG)qq(}91jm`(D~wxJP18eXP~ZU`Eco~Tub^a"
-    "(je8l6wLC8KGJGr)DKf%mq1O!8Sud<W|ucbBt|uRCO>4(m(RxzEQFh6Ea$I|gXMd}3UobBJK@;SD>n>oz!_%cmGjI3`OJyaa"
-    "h0Y)Jqy|r(P3mPV46m8*^aO65mrN3Ifu34Nv<+Li-=_3vEdMss&-qm)scFwNgK`+8m=HwqjvpOGo(kUPA%4WhpX%QrW@e$d9"
-    "ELmnf^{vHDYIia7Dqvk~~z7MYS$KDJBI2c)!U;RXyoK*yN_Q{FXG>XTN}=o*%{q`n&pW5~@S*qdVZ`0PTD28{utiB!+Tlzge"
-    "nY(#~-zE6rL6+l)f9ksGeAd|>(*xU0+hQ6nj0)mvC<s9qmxZ&TPcH@o)oAdatf56(=`=Y7i?!fmhUNBS{hU*JGG^DL03nUq_"
-    "z6iNvU{*plyDMpd02NKJak_gCWfo|PT1G2Uh3f2B=QeK^qF{Uo4TY!Lm%gSgYYLG|@X~m|knc$}{M_-QKQcWrCBUwJRvNjjV"
-    ";Y7*x$#q}9ear2>hW$j!{VT_>*6pfskWS2W?vXJn?7meOKT7F8gSy`LA3wj3YWCa0+Vn&^LiP~(k(6gavhSeR!4|5Mb@!c0D"
-    "Pd2FqVi9VJZ0t;Z8|DQw}yj}SHsD+{H^vkVpmwlay^31l$m)tE)&+tYcX8sw>G<^?L4}8)sbbj1CzHzeq~o~$*{{1tu+$(mG"
-    ";6VpI7c_Ep-_eY%9wc)KVLM_iDHj%#GSB)h3^3p8OMmk=x9kjccKlrE1P4DtEu<E$N`$l2Vp5ol%Re6>XO^nY$%B<uBi$*Ob"
-    "Wj1Y~5zRnY1TUb-p&kv6zW)C%ZnlM@fgl@W$)tM|0|jPoSkn#4mffl9Kd>9V{O2-$vak|G%<=+7Q<-Dp+uX;viIsW6I%MK*!"
-    "<R~9d`X&7}^7MX~P^06{}`u|8NHe+=o^P)$^#Ige2AtPjSAQ+|_8)=Y?pERpf#mC}k%2_5+w0XR%`LI(XujxGaq}AVMu)m5^"
-    "V6Aj^fJ{mHh4;lGYy*Juus}mRvoZS=!J{hB2AwjLe4HfBYLy`;@{y83=I|B+{Gmdi8HIeO2p?Ic<dj=6{F;=I-mi)btcz5JI"
-    "YJ^K?HtDNo{4jHyp_6<ZSRSylM{JFaEdk|DFA%Z7EHCep}Jv;`ondVi3o;)>&XGqhB_D?vv`#Z6QnlnntWm0VPb-85nx&iS@"
-    "KcKRjAs@f`PAPm;xTrg$ZTP+{z1@O`s?h&~26rk&{DV;m!5=XxJT;uiDC}Yfq)T_S9D7tUM=yh3JZLUhA@><yvpyr*&k|L7+"
-    "09wjBW4=Y$8Mad6nj%@+auh3w$ajCEbluuRRFdsu3KFX^;D*GAF4O$j=kR*E*1VksB9;n&Jit|S{}OU1HM#2A$M{T$DYticl"
-    "(7a(7~o=mb^F<y+wyA$06^uSo9QCK^o8X=zdM@ak;Z0-0wNz$+H@%=z1<1MD?J#f1gM9D3|7p8MVOV=r#yPi#Jy=FHNH7w(n"
-    "`jASEEY6q7U_g3DG4#0Px_ZW>5v`gvJyiswp8_gwxfX`DH82I)Ifu0r)-!~9e3ur<Sh%X7|73yJTP7zFLO`x-u<X>m&H$A9A"
-    "zJlq=>g?^!|=5j!#0*@_b%UNWw#1dOR_eg49OD!e(O%Mwo0ZkHFx(vB*&83!!n@M4W9a%KxHE($>`$+TL9Ifg?ZcR;Vo;kC|"
-    "|5B@nm!bW0!^(AD9@hn(n~l&!!%y#s225RWIt5o1wnBf>%_E6J#2xkxEAv0}=MR-RET|l~=myb<jM|YB}G))2$RuJikKYpVU"
-    "=KQ_F5K{pc%~=0)Fw_96hPAJw!bow=xG*haU5=<J)hSeyeRi5Ah~*UD1$2!4i1Ybk;ju)aJ?Uo@^=NXF^Yt%P!wl}cell$M8"
-    "el~Y-r*Y~5r(z_ve(*#yYz6sT*ZJMT85cJF``oK_WQf^pNMM-4c!S00X48xvVU=!=kBLlBgtZ-dDtw;TvEEzl91v<l<4HmN@"
-    "P}jO6kAm0bvRGSJ`ma3K3F}IE-g>dUVR|@l|6QhsnmS3A$eMB`6Fsl*reV{FKsPX@iC>SbVc~~CWqj12S?H`gY!IzimB|YnF"
-    "D#66np!e_;^D;^DFr9}bkRzHZ1puIoSHzc?{?{XXUlGOsd-sg9vNqJN6eQR%(;wEQOb28Ts-%C{FYhjog2^>Fe9_6rGwPXT-"
-    "9#OHY-=@CcvuC&JFw$lvG&ipUX9<-p|tWK`FO$QQ3>?+E41|{#wt|H*?B`=h7Q)N&k<KY-xNMo_g!HP+KnVkm0t~W2tEuZXW"
-    "~R6dA_hTGu#wRU;vhFx*;DURx;HWZn`1LBaF?82;MDp@DoWku553M`eD)O*<M!q}A?s)%2W2<q&B868~J|pRf357*(^H;8y="
-    "CR|-mkv0*Sh4)e3*T!OQW_vWqr=g-~Ut;Fl}phZ|moyQ6Sk}=<{T<|TsJe#Fsw+Gulf?=|VUZG%@Ug9nSI|aWuZF`D&?-!^L"
-    "H`-Osar3rARb|YxM8W1c0uNGcJXGZacXc%-Q`hS$OE8HzHJ^#dAj+ktXhl3wm;CjLEmhmIPi@*4OiQ(ea$(14Ahrg@{BK}sD"
-    "i}vXD3#e{89-cVT_Kh$jOi@}dMjbt!nQ)lRFFZVznx)ho+qWaE?_6ARidagXv>mi;pwb<&K8#+U{;Ew6f{V6%qS%bw(u0+=h"
-    "^i;1Pe?ab^?*&3Y{-C`YhD$FHJsIaXOx`)LXI{s96niv==*|dhN2G#eoz|`p6KH=`f4)@muJYPdtM9$_@-IV^09p;Pb$gI4~"
-    "9{8bvjPR%DoF{{c(0JI#%_W*J+wz|dUj>>O6SK@hnF!MlClm>eDu{L^pdx^#%GEHOzz9%UL9E<8$d**d0hM1`BTCXN|}mER^"
-    "gsj2r!G1}wA9uZx}6}}X)J%)f6YO5CYo$EZnZ~*GSK)r>0!0<<LReL1pXxB+00#tkr@}xtkQOu#nY7=3it^*?}q3|<BQE{~h"
-    "i@}Y!5m%X8a-2Na9sHP%c1#>{#sSaU-LrE8jS|#+KMN7Ym5Ux%86MS6vP+<TL>QjP<PoEnazTL80G)wweiI}&X&F>jS=`AIR"
-    "2P|D*gm0N%0zIG%Q36<LxxTOVYsq3YD+>rUJOzJPH+I~fb<A(yPz=R<OPv8$A0QH4{%|AKgG&ZwDZkeR$ef_R<oIUK2%K4p|"
-    "j-7j6mQY#%M6<FMpi=Qor7kr)Lj^86-G;Dci7%vLmSBYX{VT!!K+2nKvlNe$7!K$Q!qHn}R(S`7mAoT~^?Eue-fVe-2W&b*q"
-    "+9T(pB!WCm}Ed>M|-HRJ->U<W~V@Mh&M3JG1$Ga*>vT{MtoIO6!@`u~fH{o<CZ&cP1;6M{m^;M4=3v~}>Y-g%y7r>r|<;?&p"
-    "fY{<TvJ~J@?{TB3Uv2uW3^ae05S^W;@6e&eebd;N2pfP2o>35|kbze@WuWdn)p>B#x#7rYe=`Bo|T!*q#J^}1%;J0nJMCKBr"
-    "NXfpheKl1$yg-vYG93Zpo1Xd*BZ$e$=yCO_^0hxJ&(S*Fw+eS_1f&8-sWm7O;66R+1_vq`y3*23*aobbIWBBFi`bv(N<jmM%"
-    "UO2<9dYb(%Hg8fIWtn$s?(LJQO>1fm1dZUQ;Z)(N3_!AZzvqXd<;*c7{f><rE?V*+G%tsMCvePD3#^TE#&6xtOLAy(VTJPuA"
-    "e@LZi}+EG)M$yAmzSltmsBWwu%SZl9ugFtoC@nZQPWH@u^isj^MI9-N82ZWcFRC<Ip%G8?10}?hXvcygDQfU}~Af<OrXdSCP"
-    "!Iv!m86$!iO)QHx{e<MP8>acoGfJo*ky)3K^V*CCWz^vEp<JIa^0(*4_CIdj?)vur_XpC{%SmeD~mEa?_5IkkMzTuyeyI?T0"
-    "dEej2)>H!%>3P*ing1o(QB!*7b?l>9XRq#(Y<zB7TJ-O8Jk1-CZ&9lrHEEFTiPyD!M5USCXDh4z_PW@8S%Pn=uiIF*y;#d!4"
-    "xUiNp>5pbCAmRmHTWFVhJVV=emE?Q6zI6wKyFDiN_RC2&j3<ZLHTjK*k5iGy(tQL^v67Ttw)k8TM|E<7t{mYLTIcegfdhij+"
-    "Vyh|3Y4?Ah_{fIo;)ZsR0qF&K6cZ#ZgDtAH7z(AVMI)@^V?KhMh_2G$|bt7xk)(1>L8}Vw2?v%@co3Oe8KPU%IppFA8o-4*x"
-    "XuJLp9$rloE>aNF-8K8Dv40l8oVcN<-k5!VFuVO<)_R`Kk~sZZ0?Pt|uV9$4Xv{T~*pv;A;q>?ENLT@d8;Ha3E$u`i%ioP$q"
-    "6quM0K4f^3=~!rg0QH-|Bj5NW$@mt5@AX49F%PY#TZGhbYe`+tVr_K@Aqo9x!oIBNXXN4pH_d^yQZkCkgsNXvwP>O!PaEcXM"
-    "vzN{keW<aSpR#{Pe%#+I`4Ko<dkQVCobOxdWEjL#K!}y$DK$HX(AcYnvhIR&A<fT*Sa^e>jWlG{j%Z=NswnI5qM?b&&{#7)C"
-    "TKJ@W=@P(<s$eQ|4kRJB@Qonj%9p`aMNVU>0{D@E8>obMexAXK1bLQyzzXIC+H<T>A=5ZyS(6JG>VOK?=8u++GVD}0aS?g`B"
-    "pfyQUU8eCBsF4eG9B^DA1Q>gD)5(|?C-*8Sfx3~F3$1T5^p}jXrtTxNkHMk@b-<W4$_i82@2?paJPCos_=kn?6lTUjbOzb6c"
-    ")%LUG&pCtMaZ@xocIE?e+XEyS*2E4KaA}TmfBPes5WMv)wJm+p78P<24n&6@cXf^|AuDwG7^t1_%P`g*)*JV22bKPMY(&efc"
-    "U=f3Z`4k*Sg>vMNBFPZMo|z*m|2i=Fz5Z_t%NG}0nH1G=pCJ>DCpc;T5sTd&n*g_%D>{ma+<-7QSMACvv6piAqT6)$W}hh&X"
-    "<&}m@{8-8^hzr?%E2ML4>xBH>eviNkq)#Hsm7+{*sR$g$jgh0k#0?JvI>-u7=<md`$#2?7hfZR4C59$E0K7Y-?Pd7Igi-nn4"
-    "yZvA_jBbq!E2XT|UMX*Ssc{Py_3pG%R<*2YZl1>Vc0aY%la&|0>a{EHZ6#I9YTD%gt9cdT=d1kjdmeXJdHs?{P3T{)Bq)0>K"
-    "{?Pq5*7lK=k?FZb2~sr>KPjT;p-2FN5@BR<pBZv<j{RJf&Rc&N@3r~uV>Q93p9y8?TU??HXHV-P7n{XoIZdd4Fs45`=dM;K|"
-    "G8ywzq8RnW9qVk6MfWvSO0!_nax>2cpqpF=@Y$La|nxJ!?g*esk&%AqI2lwcO)dVv%Vv!JvwjO>RK>;K;t#rD^r~3d`xJ_B9"
-    "7!V-@AsiQHThw3_Wj!bfgaT+aekIJVEDD?xtWxDKQS)U%o32M`TK?zV?HZjO?^!pS-so(&F4JRr2GK5VU3zZ__NAppH2$t;d"
-    "00s~?#Rx`(rjqhN$r^k^%)khk*K`ve(%1wk+pj^!IV~KZSuRT0rlhT})LGk33ICrh+S$eJ)*1!V>O-k>6m@Gls9CJ|0p67m1"
-    "#lX!rb3c~hmOwz98&=$!!<LWxWIyHuy%XGD4y-pf^9v6O6#AvI3v1L=ii}kKPKMoHwDd5fLxq0gb7*dA9`w)A*Z#<tl+`yk4"
-    "8u%~A8bejJT0`D7GaY}UixPvAZi)mSL2i>1sZOv??8mg5+U6v*17|O@11-(JUlu%!LNHLoJh>@@fb`-f)6E2RIlhPXXNq+5V"
-    "#N?J)q)m<>BEDZ7&G8V*ccuzHFY!GktFMj7O8a(j~np#*(41(I{rxeYlsfYGSk+E#kKO)H>9-oA}k`v0v4Q!f@wwNJY|E!~e"
-    "4W@r~Ad!)*oSmDAQ@N>qCkhTmMwxE_SRbQyWI522Lw1r!)bX%bft+zIo<9E#_!)ZzUghg#w+KVQDua$apIlrj!i;H|!n7K0W"
-    "N7i6G8kc7QFJ+Aw6ETN%P-ELUQa?p-m&tyr+hy+tFu`p4@5AW~+HQI=Net-O9Sx!HTf6PQt4(i7w1Uw&zCSSz>HuY3!43jGU"
-    "B9Y5Ib^=wQqK!SY#TOD?l09J6kCmR~6Dm5$AxWez8a1?&`igq|Z5x;>@;Knv@afe&vJhI|%n8@*kPo$NKUY?cvawLL`T|pvq"
-    "mv62R#+J;Te_9V;zt~xEB7OwItOcvp^6h<fRJ4G^<sFPp4eG9g&1Y&n4%)(S~+{HC2zsISgy`1r4pI<RRUQV)n*W?D;0cFN7"
-    "72oXI^%AAk9$r@qzWZnuEDKAnr#fOeG^S*K~d>K)~|X5Ao!03(Y2ZHd*gSX|^@OB*^-Ciw8%Hw@|K!T$|pb1%6L$X+#OPIEy"
-    "%p*cMv6qjUPUT$^2+Kehvm+AUghOu;)zokF?z&{v~MbYdv*&OD(dyDh`>ERT4x<WQ4@Uk+CU0y9k9lV$l@kR!Ays$(1J<<0o"
-    "Ha%Z8{SMl9a8l6Eh)jm@Vum3`;Ud=4^jla|spy?zbwM=Tc-@=Y6EspsvihH2H(GFM}`-%bb7rX4Q+kq@;Gwj^*wqxgPBwln)"
-    "Q7TuJ3Ohi}&!%l+Qc3&&%G6Y6^yp0h<IYA!xfOY<z8z)`fW|$S0Y7q*t^8bXbnKB=CxKGV|Dvvu7!FfsFb6D2SI)A+be6T5l"
-    "nKb3^RonH_x*Va4`J+YZj$b=9TiJAMJcCk7{ue@4ZP(aOKC>Qqni)DgC^QI7qJh#6mxw?-uhQgYG_-qg9G6};(d)q23=v0<|"
-    "o{b=#=R=yRG7*r0R5xlsp6b6Hx08Pbr+@Ra~@Pmaix|mo^6;X%D&0giicXq~Q4nl9U1cBvHF-`NIR+5hCEGqp!p44w|C(9QL"
-    "aWul)s-14@<!rDQ0J#bPD%*P#oSX>B>NTb~7oYH`!bN%6xUdbhy~P(a}%5O-23TH!Y_@Hed9wdYKz3e)#MOfXg{hJZUhBdCj"
-    "Zt2Eh)kx&8X)>dJ@O!&i9nb)K#agO^!Jx!xvh=pzgzs+z(%^K>hW#y1HyVP1(=b|)LAE`!4XW1y2MxXjcwY)h8E!eR_(2!%z"
-    "_6*CMuGf|ZLbX-z;lWK0Dm&k5+Ow;MjpSBJY=zxc$A<2$8n@DKKy87D{;y4m)cn-YK-pIeMOE3B&}d2SMHs~fdDE`^2w0_s1"
-    "Cv9}5#tU!oLyXqJd%~{{NW@U%CGvSbq$_E3Ym(!OP}LG*-Wy~jg9|#LMeUovnfk@o`+YYlkmSzK7K%<1bATLRd=F+9RV-Wk^"
-    "HcfqmXp)SQ9n_{QO)HEgqA6k@fl8-R`SU88<4s@2j0IDA;Wxj*-@4IB{!Sk}O^+p7Qk@rhx=yqh-QA&U%6ydwW(cccLYvP-Q"
-    "mE;r3Cf{<5cKdT5|eF6#l?l{PnDErUYe2URvw+v+4LV^QUV%-+?(ZJehrC{YN1EI-Fb7}Ez5Gf<_{!1*D$fz{y5rsy8m?$`)"
-    "&b}hn9<LiW`ORD)jLhY2Q2mtqd7=Byc(%=2!@lcCxE$n%7yEBI>wq42{%2`EJE`j)cMOzUv0Aj2^tp4%S(TAhAfp!5{sfp0H"
-    "XqW8bWqoF`BpxvcimJ*^FEl;$q%RpzZhnv>V7AG0&+XjOU|WhfwX`YEyppE%(3Gn=KrpO`R4Y4m&ynQuc!zEirg7-C6t;OV="
-    "K25hxkL*&J~9+XpFe;6>^I%`{*A+6MdJOxFbLSUWaKFCX+Bzs?)cvp{n^Do_v%&si>i>LXLtAKolD=mNh^t1des9*%&uMUd2"
-    "jDQU9opb7{7}S%6_@A^YGHsA4Ye3d#IN%Vl7ctS*EuYf&?#~X=9!WS~F`ecdnpcRA5=>sg9$n5RGD4lv}iFH7``@K(s9pZP!"
-    "0!jt)tCfwv712j?=m5vdMt>yUpk{D-+3#>2_I=0W$_>=}MqH@`>LT4qj6iw515hvEW1PpW}m@h4%?hJ__Dj70)l@b4mUzA!t"
-    "BFfrmW#zJ)QlfHEdS|J6RiYHDslsk0cKq2~iu4*J$*T>scx7FB=lVU_4aA8`&Wzas3uW^vVrFj_BLx;N~C2L-)(<c#HcZb{V"
-    "eeuUR8G?C%J2x(HAE^6S@+YSYGxW&k5ZY@L?+y>-?QM<nitmG-({-H33(L4z=jx8~sy>xoTlC=^?+vZ>4s5hlFVM<_c6z%XY"
-    "OdNM0rLu8qo^DlI0~h*jSb^PdP-VJc-2!UpaW)=%T}(9jrO^g&K~#?48Ac6^yw^f0gFlU#2DB_5h54@EBZ?J%E#OpOV`5!8L"
-    "HhXGi<HW_@Y9s7JWcol201nB$qMZ9l+AeUtf|!Fej8ydQQ?A$SHjL02B4)bG1M$FICMl0pbu(Xk~PAKl09c=Xi(NN<uMGzV)"
-    "eqdK*xlFOMn6GWUk`hUz9J2;-RdB}vPd%5-O{+vowLoPqKXW$i(JAmFDj_T}^DW?yV=c?qbnAsRE{97VF%$U@D#ebg&F4<fh"
-    "Cep>N#dnR?qm(4USBRzUX%zuHO(#3EO7zn3;eyaxTutEBR9L9mq8lP0t*NSv7oq^XZrek3-Y$N<!WwRT!ZXE~d@{I$dr*Po&"
-    "waWWj=%^L#anS!x7xMnDS+)*_?eHhiRq*QAIXpRGGaKwL@IQ87uZH!6BWH$D*X*FtKhr4b(?w@A1j_(F&`}~D)bD^jp$3TK$"
-    ");QLZlN(=7&FJx49Npu-)(IUAVb%Xmv0dmfrA;HmUSEB3&1dnUFEF*@KCvy{X56oZyjwp3&?Jy$uuj3F#)+=9sJdz%GAf~Q)"
-    "g81K%@s=YP%DrCSR{^9I9ooW)L@M87((h3`Wy02kI6tmPE#41e)&z&%fzlr1?QzX1;I}Gy~E%!u*7o1TcuMzS>Iq7+rm}?6%"
-    "s@kl5*b5t`>}D^ZiShM}jbxOIw>k^sNqfQMIZ)On8PW&Rd%(uRDqK3+ITT3EnhkcA^Z3s4xsTNDDGk3cFfMII*Ts?Xv5=jfW"
-    "RV_~5|KWpqhXPpdhV+7CL_wfjraaLSC{FNrUa6Vn3_!vCrcK+V!ZFdp`LJnb}^xKc%T{?q>GMFHxyar|M(<!8>Oi0sCCn4Lp"
-    "=qx1*K7Ia(njK~sg&;$jB|^iAER)(#sC1r8DTbj|2L~A5W)c#mVHg1;-Zch&GrSJ{8M&()3dGj0=kDKcJy0TKloClWJ+Bt`T"
-    "pf4)_7idd>DVrxwQIX8--C;^`gVh<m{>QFFf2;b=N-4N5uc)<F5*$o#$i*xLAr!0vAV^OKI*bQNZHZ6=cmfOTt&c2o4)MyS("
-    "jV&jp(l5l|dIsvriWC)(_>9-KGa6dUV+uHu5Yi{UVg^34>xkhTZMVEnvMo-`(6n51Z~m78d<DETCAn8Sn4+`1=+`M}Hb?MCE"
-    "$@(Zatl`fpx|@C$$B^F5?lI5uvD3Iq8@h0YAWuqZ#gGFSWx^br*^g(m3FN5A}fatc)U`px0nqwjzC@!fy@`S|^ZkDq?}d~*8"
-    "bFMs{{m%qis(O6tuUM0VMom{8c^dEUq&Tek+?tkz0ws&@4?0x(4yUk7*Y2hFp!N#z+TTNmV@%0#ZVD#{DqTJbFp`T4QH&LwO"
-    "heSQZVY<J+4MXjw8#~^sSGy1S{{AjT8OS$!FCbz2A=%&G1AxiK-j1Juvhe`~u7e^Rg?qbw`JSLp1-|1~;LA<3<7y$qUTbpJo"
-    "?Nsik5IY*PDT9;VeUiO&+2f|YY3_8l9k>))IHTmlAyk)H5kGQ-P`q}T3k0iwH^yK>Xk)r83ba=KD(Tgci#4ixRfFZnr1mn<X"
-    "v*{K2DSAY$Ah?(y2Y$FP4C2{|-$8iMOceq7KhEk~M<ZT}Yw1)CdBf7dhp)!tnQQ2-&89rNIatEl(4hF&lFkDeNpgCm&B(irX"
-    "(<Y;2Su@Z<CLi)yIR?Onc{X))Ns%!tSFqzO>n(-TJ{pX(hOF!6Vg(Nw<s35MZNukccYu?`mz7Aj&#i5dDWgExh5ZK|y>Q!EA"
-    "!1~Q166i20_AdLw;Z^}{Wz4YW&lI11#Fi7OKR2*?lmz&$?&$nOfZQ|q3xpKVP%s028gMxchqAicr=@^%4Le|}V9nD$Bn5qlZ"
-    "73J%>hOvzz#S8Iq1bv*SK6cLj`}Nk};;rAiTgbT1JC{J~V&tOhm2I;=y%M=_Zt+jT604j-2UmPND$!_@q-5*i=!3Ac1b_O=l"
-    "A@ppInXqSuUo(S4m9sO&o-aIpUyL%zI+ot`_s|g6l7e7qyPd={gYps@kMCv>Gf`qq{ypRu_i@MddnYeZhG30?U7R1lS&m&Dh"
-    "1Pt+&V_~orZ2K+4t^4hWtGb-HiDA-b3L}bX158gpR%4jg5&?J^aE>LDOxBJQt@slsp%wyM^O|A~cu=#s)Z0yRCC=eTb}PZ$t"
-    "%pp^ILb9s)XG2rE{!7%DHJN?#zKDb_NSZ7&>=q3chb&i`_XY?hD2`*=EqdB$6yO0e3xPSW5v3SIYq0D=VFtp"
-)
-DROPZONE_CSS = (
-    "c-o~`-EONm5WYW8fld`EsX_`#NV=ev&I9b;th5(<>A*m&0!FrJ)1tiljtv1rAwN2bBH1v^?>C>vzuw?8<|G4Q6+{S{C$>CtR"
-    "wl>FnN_SHA(fxL6G%>S5i_3odX*9h|IN2faax==&TP3igxzsrXK|M7mPWf)dH&V8B~luJP4h?mxx*LJL{X*!l>Sawgd~NzyE"
-    "waJk5~9&JuZJ<MVu91EQe*gvYx90JK2JMVSfDs;}LKhpLDXT=*tdM8orT33RPHg!MI;AnoHmlQmC|%iy$UtDyQVs4x<z#F<h"
-    "Dy>C}ERU)7%bZgH{%!?IXBIgq)tRKL~hB4{GxB%-D8z2X#PG`EjHlcV%q533UtB#KlL*0||AEF|F)BGZ>DqM}I2r=O!tUpnF"
-    ">v5)K>c;gj*|CxfX{hAW(>ApZ@<#pmc0SPB*lawa8AA-t6kP)8H+}}WEIpZJc^`VrK<yFX1%p%Q?z^M#kmdke2&v3v>nbI8E"
-    "*9Q{5CD?>{<U5wrq*W)O&EL>|!Qq|4M}<*JidbwMm#pa3z)>}5!f<!EzGRr@$^-k5vhXb^n4prf+~<J(Lf>KBm|y4r3!5{7l"
-    "Ttq6m0HF$h09*QqnS#w5vp>4a63`(!F<o30ATqPMbQvgeeB#c6oDi(6&)u`f2)0Jb7}bY6vy$MpY?2Nf~a%Zn73AIVb!6IE7"
-    "WTa8Rm8bf&=83&`=0d90R_)H7cu1dec->OKmWMka41&#@K-?Z?7TXku3LQFUVOtfx+zGW7dsia?KwLjp`2?$)m#E3^9E&w=K"
-    "<JtGbYxx!GWDG}b#_nstaL2V{^^LV%rv&ZH2_sa`Wf(QBo@s+$Yh9XTNL2ex-p!2PC6p*Y9Gsrool3AVuW0G9cKlj1=QO^r}"
-    "PZXnt=lDhW1<>lYe_>kt;j<dY{QR-1Iawg}sD~raLp%vXL1>soq-%wsdSS{m}efW^3v=CGT?UN&oBFG=Kpj}?x4}-hYy&aO<"
-    "#yBJ$Yqf>!X6tGCv1pc5=q@%4wtUIwuQ&?@-zOKxyH>iIlsiTrVcwu=Grhj_klyqd=ldb@Knc2t?qD&U^D+$a1h$N|jh*;bk"
-    "sNhtH#Wiw%L5JV1AI~7^VNQ@sKniSOLs9Gey1$~=d4b<Ue#8*ar0h#m#Owj63jTRK+kZaITdVp#~u>(sn8MYrK+Cem=nhJ8B"
-    "SBHW;8{J_IlsW54PsU`pHD)dt|Cq=}&NRXVjK>Pwt9b2`ccX`k-zQ>TNrKdUu|P^^z$M5Dm>6mT=q;?-WglX?pWS*RwXuiWD"
-    "S_t8{{~L18N_AYvLNn)do0FZ%jBH132&^O)v%nAF#uD<v3-*qrf#F__%~l;X8}E)A~1D(h}ot<k4n-awb@%>v#W?6U_b=MuE"
-    "ults!&G#mhjuI^hhbb@Zco|(1OudUUlt)z{!{w<<>fP4n`q#MZA9~lQnUrAT(L4ipr+4*K0Hd@BO(L+y%`T9((Gizk};5s{J"
-    "H%Rttckpb@d*sR+pYX=|X(IyjLOFpXccb*z<mNh82ew}1K8Z1Iy!B!Dc-8y)GiWdRdKBEX4KRpMo7#<yL2V8+w#G#U0CXmzv"
-    "UiuDc1VTiA1}{OsI256{7s4iGx_g7fBlKskuUAlITT`*k-~a@`SCvscdB*"
+HASH_WASM_VERSION = "4.12.0"
+HASH_WASM_SOURCE = "npm hash-wasm@4.12.0 (github.com/Daninet/hash-wasm), tarball sha256 1db32a125fb46177932ec8ac438d3cd8214ebdfaccb5d6611b657d88eb586f92"
+HASH_WASM_LICENCE = "MIT; Copyright (c) 2020 Dani Biró"
+HASH_WASM_SHA256_JS = (
+    "c-qBWYg6LPw*J0<1!L{9;DuMYi#p7l?pz>Tq5)BKYHFX5gb;}dLXeB&e?Mz=cMzS+Yxb8jRZNmjXZ2dox^}1I@n4_*mHI0+F"
+    "&C4+SLWg&m7YY=Y;kscyjrb}g4x6U;>Zdgj%TJdHC^X;*D-^SrL9a#HUlq3y?KZY|Kod>6D*umSG$7i<A43@(|8$JkrxJOlG"
+    "8HJ2jS@6v7&=|J=)BiaGY}1vv3|Q4i68Of$faFz_AZL#Wx>9d+9r0wY2D!IXj5Sy;9&$9Uk)Ik@;YM<)`Uy2jaPd?=be6mQI"
+    "uUuZD5`aAf*d6L0bL_4JJV__1*OapnkRMv?1eclzVU^GoI>9YMcb`c*=ZZwbOLqPYh$o<EuMl$LYr&w=^ioE<DCX0cK|$k}F"
+    "Oo*j^ex*Zt`fqzsndM+XA@h$vF16mqH8kcH>tlTCc3MGaH=L3ZpibUMo3lh|*F_v1?h>nQ@oynqU5w|hAxsFDqR)x6aq7U><"
+    "^|X06>`C^`-NW4wXb@k!9qQpQ?=Q`vL5LCY>%#TwuA%1d3?fO>$;2v7#=QrBd3&=WloZ4>wr{I?{&v{&2^qxn<=dO}y?wKu*"
+    "o^_9?(FJXQ3t*2)2sgVOeHI&9VlUw8kD+Z+6h2j!=Mt8EqSF)DV)=$qPQBNv`o~7=8}=_c0$ikDS=0WtQoAI`d7!J%CYgd+}"
+    "<B=dg00Cs<;9P>7qokQi~ug^Tv&PSsjPr&7w-EbX@IMyzWh}7`8{_4Zyjz<RTwW@=xZnTe%4Q&@LHIorh)i;(m5q3}(X`r+F"
+    "%9M&79(-q*s;O;!iix9zb}h~)X=BsvBpNBZhg^9-ePveG0nEH}n^l#R?t4W937R3lO}7IKm)kqpuz8fgT^)#+MuHJ$0LugEe"
+    "{I%G=eihxWH3lGqNeuhhw=}2>RRW_hKugF$kQ8m({F3>YQr2%72h>J9JN|mV&Mj#vG6@h+Deou#cw?H%W$Ogv0B`wp-6C#I%"
+    "^)=K-M$hmcJ75YIE@8BwKd7o9NjG5x22&-3k8gTNqq|R|iO<sp(4Sg5A&ZViu908akVpgWar$JRev6Wua6&wy8pG2^%^is6h"
+    "|6RcGzeg70Kd?;H`feo2b}Pk)j|Tg#IOkI8^A*z_*xSgc?K(e)Qm1*rV`Tw^sY`jz(+>{Iz8yi@R%w@GX}^T$N@UK0XYGeJ$"
+    "WRCi2+t90e^VzUen{1y6&&?L|QF6;kHbB!&3_PNt<Xj%~ffm3AzHlk6nFj7?Zr^5wNpK(YTefq@=(-<<<^b8`gJd;q`@G>f%"
+    "wh12{^qbRlVy(VOHMUYBLr8Yr6G1U{y4oO0TDuhG2QSe^zvv+-T94?ceW&G_=0@$>QcJvKg7`1o+#jo*|snUAl(9Y4Q6z8;U"
+    "Sit&|X<KOY|r(*o+>-Z$u_)RhXG}-tQW{+~oLR@vGgQ?QC10D1XKSDw>aXkt3C6N|?UZqmAx6z0X$2-njAMW)gMJv!eX{y}W"
+    "8`3t6O37kJy$DC-ZJ@b6<4t;N8?Albq@8U<kKA972a<>fSz$bM1rOal9=geRDDd&`6ONDZ0(2-zT8rz@f1^Wbu&+Zu*5Rem^"
+    "Gg~zrE*|z@kmN{aJ=I@c**pjG(z;JOTYnquYfqfaaOd7A=1J2mS}Iq?Fw)2iT2*EeahPVqP@RsFLF6`NgFUZY444ks<J01+!"
+    "JzMGdbxsmlKX$&dQ@kg}%L&M-(P2c`Ga3mzBh_s@&#oguZWtz76n+9{e<p>qOu>5##k>EFXT?+y_Mrq9O)Ks6&W{Ql8Q72-+"
+    "P%y9;!$;iq%j1wp$YXhR&Qs5hPaR$lm4Uij9e$JzlO)(%I}Zu550U)}Yeu=a-N-`Mr{dHX=L590P2Zx=q@h<$nz@peJKv7^6"
+    "c7&Jv3Y{qer<0=W+B_TV?eG9(}E_+4DUg5H%+|-62Wi%B*QxP;JuuBzwN}k!&m9VL+*ruA?25r%9@7lQyI-=d#wHFz!J5H-2"
+    "XfZyKN15}e3m$c$AIM`AbWcwi9!-HqGseTCXp5YG5t|hen^hQ(jX7Xr_QaSyG3EfqbWDsVY+PTA>x*%LHiei%*L+-|&t|MoP"
+    "i5_z(5Dvb)8jE(6Z+I*eR|x!G{L{N;~#9BMvQ;Z@rBSe<G%@ZtpWcHu3J;^Zwmfx;N64Y9rsbeKNb8_pe-SG6HZ&`wjp$@0P"
+    "QB~m+NCFXb%N#^u-bU2Ap<J(C!IrP#-g(Pq|D28*PWpHEVAPY+5^P?s&VvrnSR{`%+6_)7oLfeW@+zw|DfpFSP~z_KrUHrM9"
+    "5o-qGjywgtZJ7+)^?SjavWvZLGq+6I?h_zaDG2IWS-DR4g&v8X9xQ3K*o3x5jpfvNC;Y3u_X-o6m+i(NbSrAV|#yY>f0>yFc"
+    "^2wIF!<k4k3q8^Y(IC37>z$4TPQib8s5qNZVctFgPbjH6XFwq1iEf^2S)VR%gVoXnr>BE>2{3d){RgA0haV79Y3CHHKt1a}|"
+    "j`exZ?WHU9*^Tvi&wZ&Y^x2K|dCz^REBNom{NJN(&$v#7&$orocL4h?@ZaV>KNI}V1pf=*eGR{m^Dpv@B=U>|z9^#%Hly7V*"
+    "t7&T=!<RmwKz5pg7$-;jlTE@KcCYUIa3lj6Mazvzma$x>j-Q*J8XEK(FHd84jb-Ey1+)?VZ(h%7ue`KY`8D!g1)|^&wc4a(7"
+    ")Kx=e~3y=wIyUhwg<$@|sk3I}({_bm2DoIA1Aa?G5!==N9HV-bG$90gDr(ca2z_7=~T4^6dT;?_V}%6zh&M%=@(a0y{6U^U7"
+    "9}qqQa%wt!jFoHlMtRd0avG0LAGu;;-CV7`Jm`~-3~=%?(;po7akX<!|V*B2$IS>y`RfjVPW!rDU}Vl0QmR<gH1yXV=(76n="
+    "c=iNZs#!cwSIA4{cEz~F{;BPL}qb93IxjbDaPjN=K$BsM?pw6APm<(H#VT!eP-bES~*6K~H!yzsNmMagGYs3?dO}nH&8s<%@"
+    "P%C6jucg3zE+h*N=h-;lyVMBKXkvZ2Mj0--45vbdQz1ihG|`{h1Z3#-Db<uNj<@DVmC4$KaiJEwV)YB^w}kvaes>{Wxo{){h"
+    "Mfep5R3!!R`68<yl#k&{L4eupYabmVEn_8^FMCfue&vvJ85k;FK>2T1D>IPxiw_-AqQ}47(E?vgZcfegm@aDPZ@Q}=G&);^C"
+    "h-Zj<X_gR$`oI+AupEf}gkx#I=EQ0eGehwe_0mqgMfJ)>J7WHft(@kC{Ln_|iF+hD*^Ni2Wxlub;-vTjv4nK_WWhj`X=6R8|"
+    "`{xel*{4mp-ePhiO~QxG%S`~zlp_t(LKo`TLL#7qX9<R-&R{}X1t8-W?bG8KKp!xc1$*~E3hKU~^>hvk4_sR}IB7)y6#>OR&"
+    "_t{Y>i|1*}P{fgz_16Ve)Ud^1~I*sflz>-A!SgH)mKiQvkd9pBFv_B&WmPzgJv@@^x2KdV4HUVZk`@^*b%I7PZ3-QKPVLWJ4"
+    "-`S<gvAh;oUdMKsEgwHN9OQSC1WU;EF6#LfZDY?a?>LrIf#o!gMUGz6D;3~Z(TK9clJq&2Fc)>$T$E!;V=QG{i+f-(vjIFKm"
+    "g=8k=IKS}>AtzfbuyO#E&@yN1$E8lC=AP%z_JzFAIt?c8S&J}%B2BfcDLp8w;7wiam)%aW;CBIPRGEPBw>DP;hX`U0XYJd%_"
+    "CS`%!{~~7ntGPhhbJ@^8}^OV&Z_u#HmZ6hLD90Q2$I$p6f1!oR_hjlkm85JghMM0Ye#OgJ-}F^fkke$*BrC)mTpOYg`M{S{k"
+    "Wg>;;}#E^Ki*eIchG%h_0#M_JNf_#=iW+ZyeR3{{37lXEKMoW{1%<Lg5c#g)+ZG0rpjRc0HC$Wuz3r>w2Kcq9_XA2EdAP+@D"
+    "0%r^4OHe_KNa%>wAt2~&4d#Xfwz%ydj!giJ0#z0^;h%q}k^`<AQ7Q;UQW}3ik2<KNY9|1XBSAjUGc(^`Hh8i_o1+k<m_8&4V"
+    "sm-y3qlj6Lp53{^TBDH&%R7#xJ9Sl%1+i3_pZN?+Nnk0(SlZjG)pCF_Ymfv>j8}*y*klWMMl6RGpU0YP9?P-p#aI?+&4*}(G"
+    "0RGVr7p1SYZPpQ*`JT?eU4d6VAhK5uOB`I)B(O4{Un&33j0HwE3<iLgRk}2d>+|F-SrSl1>--}xm}9*uf*}+DR$R2wF>;2Nw"
+    "91PEW!4{URsD{AKN94WlLb$im}{uvoM*1+%$2MU^x(2_AquR80V>u?LCgADzH>zEStyKVbv)zfB86;xK_ik)G%JP5HpEk*5a"
+    "6nIIqNUeta=>J9Z8IB@t%AmvPNdlSm)ruz+_Mr{+rNYa4t+q#~9*i?8XJY)yw_c@<;1uC|@|5Nh_xGzpgGE-s>NVEhNY{UI*"
+    ")){oO7w+qA%<ic7U^UaW9=dg7#E~E6uE{d^_=_t$9pM0!x+Mb5^P6h1(<pBOIHXmxO8Fow-UC5&E+Xel&k2O@^-kf5N1-n3;"
+    "&=%I1qe)3+7%{sL`JW8-?E+%ygwIi19@Ck}bS4cF>1^5UENZxxkFkX3Z21E@`%dKSkLs*eJZa8Y{Ou>n*)yKAc`mzRG2>6U?"
+    "C!!Wx27t$4a5-XE8G_UQ0Fk)03Bdl+RtU+S0-Cq=a}_l%nBFg>=APV+Q!E*8wkv<a6N*pr%MLQWvva%We~5l{akj%ZAKS1qs"
+    "KOL;+x)<@>r4pOIy@GQ)U|s%is^W%&hjka;3~;Ndhcy1ePE4vxyyO(~{3)#>cTV1(qN6vq^rOy~g<;<e~(ai8>o|nG~{I*6F"
+    "icHcOPttfy|(qL|BWlVGU|yZmS_tF_GKG=O?`VkE(GD6srsE^FL}CykRa@CG$e0xW%j<p*=wU0`g=YnV%GcZuvz%vms(b$Kp"
+    "(;&E}2C@#*l?KEm)E(?=jd7CUQHq`2g=Z=f4E=_=CFIik1%j7ZaQeKxPu)kumxaf!Nt1Zi!|5Yxz(qxFKvc~*O=YF<M<Y%|{"
+    "x23T{xy>Y~e;$(6jN6OqWXbYxn553RO;$5D3R$b|lVZX-3+*MV8Alg)wXQ2CowG385H(|mzpq$`_3?#R9}hvcJp8tXaaz)3o"
+    "ysVmjI|QZ?;)>X4wNmH1G|ZGV6$Dg=oDE!u}M-l`MhrWXb!ZpgWBmz<@S`I)_h1-Yt~M)m6dVF?djvS=54ZCv$>p%s#B~Rnu"
+    "%)7o~Si-_I?T9lXS#8n2vY{(?);A+{oX-M8XatVFxqdslevuXa_JSm&M#%*uj9e_e6UyZolRBF=h4vwN4WIcv{bfD#|J)nY+"
+    "?xw|4TzK7LzoUadm&4r`>*e>LC2xVmp2zlp1$VyhBN{@Z!gM=`4&A1_rl-}jPWwicKf?qwq^l4YOmN7Uq65?gMeEq~l5QBMi"
+    "{@rLgy{2(ugTg$w^l?rSRCc$@4Py8L9*#9Gm{XY`$A=~Vo`>*$axUucN$t%BGBdeYUGz?~3&uAYvh$r9QsVOYi$GUF`-M6?5"
+    "zL3G+&#4q;$j35xWW{8V#k*r!ygQao`P@L}@6s>C`^Ag+{UZ7x#21v|pX-cqv+`u0@Hqp<jMk&>b}Y6(R-!WMRf=_nx#^#4k"
+    "0M!Yggq_r9Vy0_yofJ(5nomyZyDnuk0TQiM<ybU5S(wZ7^ybdUZ+3B$W6_<*<x)Av0FBA{K(_u<GxZ})3iQN)AZQ0_|DH*Zm"
+    "6p%<CU7_?*Z9<TVfckBJjJ$eU>EXiG8vf(A7fXQi}V4LB71^(!4P|-CBbN0nCWq>=uC&wm+9l3EQ8^_LqwD-U|1Rf^Owo=?Q"
+    "2`d9g<|kNZirE-@C^Pw%;TivGp+x4O{gDKhTsrQrJ})KeDlh<j0)|2Loy^QTr`>_wdr1NZByY#bt?-XKpH3hrq=#yzcKKdWR"
+    "6{YS9xme?08*^)xpUf4n77VP2?W-2AP!fWH*wf63syuDUjv~lBV(qv;X`EVb$LfXb9%Iwj$g?rUTY_FOTA@Agv*lP>l8ynZJ"
+    "doFR0jKcR7>TbKn?Ug9Tq^Qj{8sYl{>D#@Y`}^nM9@{?${<cJaLyUSD?<sqCT)}t8F6Dbal{b4E$(y~OJ09>|x{!r*T$Cljp"
+    "1WPlVD=VmxV<Hip(OUYBk#rJyx;EeK1j@a)ZgP>O3ZtHkN0hI-n)CeYl(Sh{@&ueFWLKkX}6!7aDQ>xzDAX9n7{A#a#OySo8"
+    ">aX_j1!Wd$}oGV~mihUB(~tgPPEDZ%s9%;SkybpJ;4vrK<RTU{*PPnAJx4>2WbT&bQ}_@^NiyUTkan0{Btzy8u^wzp(a0IU7"
+    "{l>iohb##45>yuDYa_M`Mrf?VFiZw+`XG-gh9Rlc~IRm`TH?`$gbr~9xvKAlysj|EMG)9l<n-I>~PTPi%=-$|9)Cdlg}qk3|"
+    "20`ZOFcMgaH#8yN|K{*Ng_QLJZCVpx{>IXUeh~?~{W)*6-eOf+vIgdYJNm2YrC+Fs9=6UW!%XyFroK@QW@gwclFX!Qdw{S9<"
+    "^y>#NO3uhU@1C~s1DI&OdG^xuC~(#hTxVV^GqNUl$AJG{UUt3h{oc`J9<Kh_-NQEaLCrZivctgns-(%$lj$#=%voBii}Re8@"
+    "`6QV1{V9U=c{%G5~SSpn~!uzTFbm-G8q`w3DQ>1&b)Z(G_BJkb2jrg2*Qsa-@Zc!CPfB2zx?9MqyBO>n>&kzV=MD{I6pjm*K"
+    "lt6=3<djo~;mgnlG&=oTowPiMKd<SVqn|2K5LY3jHT1oq6#?YYKgQCrXieI#d7h{BkaIvG?5TDVHIQJyB9Y5TVTE_8S1AFVC"
+    "c|p(wVun8h#)+LV9G^b~q_Djy$qp#23LF&R=?ed9U4&3WOxo}&^48GiG<R0JU$dx7cun`aG#L?&K1K_kHzS-<LupJ;u>|9*L"
+    "Q<pp-Q`pOSyoK()L2TR}oRIdXj#t~hP$Id)+c*uo@W(}<ddgN@leFYYv1XgG}^RI~Kn-<pXeBVa#8#j(cx==YJnQWST`BMD>"
+    "|CJ7Fna`igKd@bcb`9G#-Y&2R>Ide*ku@>r5>O{mI-mKwkk5tngZ#VZ*D+1*vfN^5J%2t18^d!2&Xv#ZxsuKDn{HkErhNbM<"
+    "xBaTe52Xy_qzM#^sAc<&fIL6bL+?#bjbaD^F?U4AI-hMJsN|0CBcpG7zP)K<#1wvt*->E&Ksu>7VObi*CDS4Wif&v#=$Zg*A"
+    "6o0uc0S3@PepD=5uqC){aI@Q#m-<M9#%{yl^78@SVVoCg8#2v~}byxH{4Pe@%wOWXL`l5|cRxGOQz~0|c)<XO)~BUUURW7Tn"
+    "l_EGncAv;bli7#n^Fm_k549b{h4eh-xx+CFla*#S5Ie{AOT`T?Pmtf-Bq)@paU`o*Qu>t7A7Z-%#b=EwpcbSK{Z)PD%V+2ec"
+    ">EuU8F%{E^smdcgtN$oUye30AJ-!WLMR5Lr%C1ASbvo3UUPQZdU-}HSCAerxV^6CWGu(PNANRQOCde@95M`J$(@<%6?zh0Hi"
+    "A93q(i!i-|I-p-C-`u|o-wzMd+TZm;?zOELw?Tx}USO2mD}fw+FPN4&kG(M#PlIy}JX6co%Q4$-ee;d%OQ>bO=Zv2kvju3je"
+    "r_&8v;A{(Df9iDf=}1o&!3Aw3~>FNk_BN{8wMhSg(U0Cm*W17(xC<I)gRT;q0QRk06>L<OZ7svR4eCXCasd2vt!qsy{hDKKN"
+    "fx<z3>Rd;)uczM*UL(?R+n;?|kCM84*ac4<mn*`N?kgZl=6NDhQ+00upmLj~pAS1D3l|PVnT-!{EUQA~0)V306JMqcYe$b1C"
+    ";od_#Qn;5>x$jc}yQk?TaL=2CI5OaF>oDgWtfcS`P4J_8z&k9N71rRaag0R;Xu$M1~6XYsS)%&TF8l^>xmqQULSh~H<=Jl{c"
+    "6n;(H+izgu|yu3}?b7VTEd+v(XeNw!3iaav{ayk6QIl~HxdYUk$U_AnQ$>&~WZbCKrA1(0E2VWppi7@ub_*pT_nT>=qDGMqA"
+    "(8b6BmvBHO@Nfo{kj7_Y4?%AMH`%#ni~|K{TP#N=_pY3ll``l_H1<G+K|nL_Ssd`e=`LZsWYVlo!jSep8vUhZAVz@+)1BDAk"
+    ";(R4XA%8gCgA{R%<nl;u_8iF4@Ph{->?Al75K-G=+k-pWZg{bIR#E$a*qh?&$;1ijL+wC{<M0wAJIQcEb?sYkLQb($I3mf`D"
+    "e>qI0xq34TIvr8M|0m^UW+eINLG@_>?~%%^h=k&hCwTbLtdFq9?yvu&(Ig^)K4zdZkc2Jbc8w^!~ZhUdKGhr~TY-y~YViwJZ"
+    "kUm!&sXg<?%yTXPG03O;v%iCOXoJq)Ka-16<%?@9fgY8p-?3JHku_20yRbLFRCpCdVm`3yYw49?bN{m+mwCAXS;krTH7B=tP"
+    "n6}MNylnhTOd?fbBZrt1=Ce`=04yzR2G2GwpfB?sy{|CY7#|5KMW1@SbS)T<t?#O3hj$8lPCbux39LDqS`~*8NF9}j%0D*br"
+    "#2#agBWErgCS?XY7m7XW;7`KzBNkCW77PAYekT!x;&&2(SHUzFBHO$6a+dC#_U)gph!b^Oa(?+z*rjwVyeXt~ip6%^k$(PMz"
+    "*75r-Gl0NFEP7dRBx^!twTIY2RZ&1CV(ww6n3r*r!P4_H0?7@V4Hq3!+qsE^E2l79AFBFI99X(Z1=jSTqkhmCZ@#ECdIY0Lz"
+    "?~pX@wze*UMQ2(EFVQ0jDueFb}YQ;_ZK_X{Q!QGR1qP(wt4;=ikrvOA6!IBA0R@dH?%4CiRl}Usn3Q`=cUQ48INr!8?xeT#u"
+    "h#_2hz{+|Tj-bN5wU6l)|_Z)o4#??477bNf01TX}npI@=8(;?So&)Pqcgpx|AS%7Yqzp&gvk3J6x_B8AZ*ast!_D9Q^ktDBK"
+    "G@*VcqSyJA^%y+O{G1($Stg5iSH&Qus{?43(9L*^iW=&xRORD@!4*bqq`sl#B1P6Ea^V}A1yv`+1_z(--P5NNstPgU=Yr({V"
+    "jp)cjne|iZmEr+mh8EY!KqL2>-B3cFwazrQI>5<qd40+9n94Xj2PHu2h@5_tz?|W=*x!|!k7+koDvGroR#A{67F^gABaS4`E"
+    "RtcsO7GnUUgFs1vOA(;aoHUa?7$JB4&%WIT6d8T$`a;9++F$e%mew;BU~+E;k#NEq}WxdxLe?1i!)$m{13&vnaF@vP<+UsYU"
+    "UTw2^RnouH;Zr{t>Z^1CGrb9@9wfd`AxMAYbWiZXZ}cA+6T6oO-k~Ctw6Ygnw*FD2Dpy9x?6r>qOe#^50Kg@XrRZB|%{3{9p"
+    "eEnXRDG"
 )
 FAVICON_PNG = (
     "c-rd>@N?(olHy`uVBq!ia0vp^3LwnE1|*BCs=ffJa!(h>kcwMxuRC%bP~c%XuxEk(w>R5w&tAbIo$8x)vq8Pnx<gJW=<3u@Z"
@@ -6670,129 +6883,880 @@ FAVICON_PNG = (
 )
 # <<< vendored assets
 
+# The hashing worker (pyfiledrop's own code; hash-wasm, vendored above, does the hashing).
+HASHER_WORKER_JS = r"""// pyfiledrop's hashing worker.  A "parts" job: the upload's id from a few sampled blocks, then each part's
+// sha256, in order; a "whole" job: the whole file's sha256 (the page runs the two in two workers, so the part
+// hashes that sending waits for get a core of their own).  hash-wasm (MIT) does the hashing: the page may be
+// on plain HTTP, where browsers offer no crypto.subtle.
+"use strict";
+importScripts("{{hash_wasm}}");
+var SAMPLE = 64 * 1024, BLOCK = 8 * 1024 * 1024;
+var idQueue = [], hashQueue = [], running = false, cancelled = {};
+var hashers = Promise.all([hashwasm.createSHA256(), hashwasm.createSHA256()]);
+
+function read(file, start, end) {
+  return file.slice(start, end).arrayBuffer().then(function (buffer) { return new Uint8Array(buffer); });
+}
+function post(job, kind, value, index) {
+  postMessage({ job: job.job, kind: kind, value: value, index: index });
+}
+function label(job) {
+  return "pyfiledrop-1|" + job.file.size + "|" + job.path + "|" + job.file.lastModified + "|" + job.partSize + "|";
+}
+
+// Who the file is, without reading it all: its size, name, time and part size, and three sampled blocks.
+function fingerprint(job, hasher) {
+  var file = job.file, size = file.size, middle = Math.max(0, Math.floor(size / 2) - SAMPLE / 2);
+  var blocks = [[0, SAMPLE], [middle, middle + SAMPLE], [Math.max(0, size - SAMPLE), size]];
+  hasher.init();
+  hasher.update(label(job));
+  return blocks.reduce(function (done, block) {
+    return done.then(function () { return read(file, block[0], Math.min(size, block[1])); })
+      .then(function (bytes) { hasher.update(bytes); });
+  }, Promise.resolve()).then(function () { return hasher.digest("hex"); });
+}
+
+// A file of one part under 64 KiB is read once, for its id, its part and its whole hash.
+function smallFile(job, hasher) {
+  return read(job.file, 0, job.file.size).then(function (bytes) {
+    hasher.init();
+    hasher.update(bytes);
+    var whole = hasher.digest("hex");
+    hasher.init();
+    hasher.update(label(job));
+    hasher.update(bytes);
+    post(job, "id", hasher.digest("hex"));
+    post(job, "part", whole, 0);
+    post(job, "whole", whole);
+    post(job, "done");
+  });
+}
+
+// Ids first: a file waits for its id before anything of it is sent, and the id is quick to make.
+function drainIds() {
+  if (!idQueue.length) return Promise.resolve();
+  var job = idQueue.shift();
+  return hashers.then(function (pair) {
+    if (job.small) return smallFile(job, pair[1]);
+    return fingerprint(job, pair[1]).then(function (id) { post(job, "id", id); });
+  }).catch(function (e) { fail(job, e); }).then(drainIds);
+}
+
+function eachBlock(job, size, hasher, each) {
+  var file = job.file, count = Math.max(1, Math.ceil(file.size / size)), index = 0;
+  function next() {
+    if (cancelled[job.job] || index >= count) return null;
+    var start = index * size;
+    return drainIds().then(function () { return read(file, start, Math.min(file.size, start + size)); })
+      .then(function (bytes) { each(bytes, index); index += 1; return next(); });
+  }
+  return next();
+}
+
+function hashParts(job, hasher) {
+  return eachBlock(job, job.partSize, hasher, function (bytes, index) {
+    hasher.init();
+    hasher.update(bytes);
+    post(job, "part", hasher.digest("hex"), index);
+  });
+}
+
+function hashWhole(job, hasher) {
+  hasher.init();
+  return eachBlock(job, BLOCK, hasher, function (bytes) { hasher.update(bytes); }).then(function () {
+    if (!cancelled[job.job]) post(job, "whole", hasher.digest("hex"));
+  });
+}
+
+function fail(job, error) {
+  post(job, "error", String((error && error.message) || error));
+}
+
+function pump() {
+  if (running) return;
+  running = true;
+  drainIds().then(function () {
+    var job = hashQueue.shift();
+    if (!job) return null;
+    return hashers.then(function (pair) { return (job.mode === "whole" ? hashWhole : hashParts)(job, pair[0]); })
+      .then(function () { if (!cancelled[job.job]) post(job, "done"); }, function (e) { fail(job, e); })
+      .then(function () { delete cancelled[job.job]; });
+  }).then(function () {
+    running = false;
+    if (idQueue.length || hashQueue.length) pump();
+  });
+}
+
+onmessage = function (event) {
+  var job = event.data;
+  if (job.cancel) { cancelled[job.cancel] = true; return; }
+  job.small = job.mode === "parts" && job.file.size <= job.partSize && job.file.size <= SAMPLE;
+  if (job.mode === "parts") idQueue.push(job);
+  if (!job.small) hashQueue.push(job);
+  pump();
+};
+"""
+
 INDEX_HTML = r"""<!doctype html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="color-scheme" content="light dark">
 <title>pyfiledrop</title>
 <link rel="icon" type="image/png" href="/favicon.ico">
-<link rel="stylesheet" href="{{dropzone_css}}">
-<script src="{{dropzone_js}}"></script>
 <script id="pyfiledrop-config" type="application/json">{{config_json}}</script>
 <style>
-  :root { --accent: #0e7c86; --bad: #b3261e; --fg: #1b1f23; --muted: #5f6b76; --line: #d6dde3; }
+  :root { --accent: #0e7c86; --bad: #b3261e; --good: #2e7d32; --fg: #1b1f23; --muted: #5f6b76; --line: #d6dde3;
+          --bg: #f6f8fa; --card: #fff; --soft: #e6f4f5; --badbg: #fdf3f2; }
+  @media (prefers-color-scheme: dark) {
+    :root { --accent: #4fc3cf; --bad: #ff8a80; --good: #81c784; --fg: #e6e9ec; --muted: #a0abb5; --line: #3a434c;
+            --bg: #15191d; --card: #1e2428; --soft: #1d3336; --badbg: #3a2220; }
+  }
   * { box-sizing: border-box; }
   body { margin: 0; font: 16px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: var(--fg);
-         background: #f6f8fa; }
+         background: var(--bg); }
   main { max-width: 820px; margin: 0 auto; padding: 16px; }
   h1 { font-size: 1.4rem; margin: 8px 0 4px; }
-  h2 { font-size: 1.15rem; margin: 24px 0 8px; display: flex; align-items: center; gap: 12px; }
+  h2 { font-size: 1.15rem; margin: 24px 0 8px; display: flex; align-items: center; gap: 12px; flex-wrap: wrap; }
   .hint { color: var(--muted); margin: 0 0 12px; font-size: .95rem; }
-  #dropper.dropzone { min-height: 180px; border: 3px dashed var(--accent); border-radius: 14px; background: #fff;
-         padding: 12px; cursor: pointer; }
-  #dropper.dropzone:focus-visible { outline: 4px solid #ffbf47; outline-offset: 2px; }
-  #dropper.dz-drag-hover { background: #e6f4f5; }
-  #dropper .dz-message { margin: 2.2em 0; font-size: 1.15rem; text-align: center; }
-  #dropper.dz-started .dz-message { display: block; margin: .6em 0 1em; }  /* still the tap target for more */
-  #dropper .dz-message button { font: inherit; border: 0; background: none; color: var(--accent); padding: 0; }
-  #dropper .dz-message strong { display: block; font-size: 1.3rem; }
-  #dropper .dz-preview { display: block; margin: 8px 0; min-height: 0; width: auto; }
-  #dropper .dz-preview.dz-image-preview { background: none; }
-  .pf-file { border: 1px solid var(--line); border-radius: 10px; padding: 10px 12px; background: #fbfcfd;
-         cursor: default; }
-  .pf-row { display: flex; justify-content: space-between; gap: 12px; flex-wrap: wrap; }
-  .pf-name { font-weight: 600; overflow-wrap: anywhere; min-width: 0; }
+  #dropper { border: 3px dashed var(--accent); border-radius: 14px; background: var(--card); padding: 24px 12px;
+             text-align: center; }
+  #dropper.pf-hover { background: var(--soft); }
+  #dropper p { margin: 0 0 12px; font-size: 1.15rem; }
+  button { font: inherit; font-size: .95rem; padding: 8px 16px; border-radius: 8px; border: 1px solid var(--line);
+           background: var(--card); color: var(--fg); cursor: pointer; min-height: 44px; }
+  button.pf-main { background: var(--accent); color: var(--card); border-color: var(--accent); font-weight: 600; }
+  button:focus-visible { outline: 3px solid #ffbf47; outline-offset: 2px; }
+  .pf-inputs { position: absolute; width: 1px; height: 1px; overflow: hidden; clip-path: inset(50%); }
+  #overall { min-height: 1.5em; margin: 12px 0 4px; font-variant-numeric: tabular-nums; }
+  #connection { color: var(--bad); font-weight: 600; margin: 4px 0; }
+  #connection:empty, #notice:empty { display: none; }
+  .pf-tools { display: flex; gap: 8px; flex-wrap: wrap; }
+  .pf-center { justify-content: center; }
+  #queue { list-style: none; padding: 0; margin: 8px 0 0; }
+  .pf-file { display: grid; grid-template-columns: minmax(0, 1fr) auto; gap: 2px 12px; padding: 8px 10px;
+             border: 1px solid var(--line); border-radius: 10px; background: var(--card); margin: 6px 0; }
+  .pf-file .pf-name { font-weight: 600; overflow-wrap: anywhere; min-width: 0; }
+  .pf-file progress { grid-column: 1 / -1; width: 100%; height: 8px; accent-color: var(--accent); }
+  .pf-file .pf-status { overflow-wrap: anywhere; min-width: 0; }
+  .pf-file .pf-action { grid-row: 1; grid-column: 2; min-height: 36px; padding: 4px 12px; }
+  .pf-file .pf-error { grid-column: 1 / -1; color: var(--bad); font-weight: 600; overflow-wrap: anywhere; }
+  .pf-file .pf-error:empty { display: none; }
+  .pf-file.pf-failed { border-color: var(--bad); background: var(--badbg); }
+  .pf-file.pf-done progress { accent-color: var(--good); }
   .pf-meta { color: var(--muted); font-size: .9rem; font-variant-numeric: tabular-nums; }
-  .pf-bar { height: 8px; border-radius: 4px; background: #e4e9ee; overflow: hidden; margin: 8px 0 4px; }
-  .pf-bar > span { display: block; height: 100%; width: 0; background: var(--accent); }
-  .dz-success .pf-bar > span { background: #2e7d32; }
-  .dz-error .pf-file { border-color: var(--bad); background: #fdf3f2; }
-  .dz-error .pf-bar > span { background: var(--bad); }
-  .pf-error { color: var(--bad); font-weight: 600; }
-  .pf-error:empty { display: none; }
-  #overall { min-height: 1.5em; color: var(--muted); margin: 8px 0 0; font-variant-numeric: tabular-nums; }
+  #queue-more { color: var(--muted); }
   #uploaded { list-style: none; padding: 0; margin: 0; }
   #uploaded li { padding: 8px 0; border-bottom: 1px solid var(--line); display: flex; gap: 8px;
-         justify-content: space-between; flex-wrap: wrap; }
-  #uploaded li .pf-name { font-weight: 400; }
+                 justify-content: space-between; flex-wrap: wrap; }
+  #uploaded .pf-name { overflow-wrap: anywhere; min-width: 0; }
   #uploaded li.pf-gone .pf-name { text-decoration: line-through; color: var(--muted); }
   #uploaded a { color: var(--accent); }
-  button.pf-clear { font: inherit; font-size: .9rem; padding: 6px 14px; border-radius: 8px;
-         border: 1px solid var(--line); background: #fff; cursor: pointer; min-height: 40px; }
   .pf-empty { color: var(--muted); }
+  .pf-sr { position: absolute; width: 1px; height: 1px; overflow: hidden; clip-path: inset(50%); }
   footer { color: var(--muted); font-size: .8rem; margin: 32px 0 8px; }
 </style>
 </head>
 <body>
 <main>
   <h1>pyfiledrop</h1>
-  <h2 id="upload-heading">Upload new files</h2>
-  <p class="hint" id="limits"></p>
-  <div id="dropper" class="dropzone" role="button" tabindex="0" aria-labelledby="upload-heading"
-       aria-describedby="drop-instructions">
-    <div class="dz-message" id="drop-instructions"><strong>Drop files here</strong>or click / tap here to choose
-      files</div>
-  </div>
-  <p id="overall" role="status" aria-live="polite"></p>
-  <h2>Uploaded <button type="button" class="pf-clear" id="clear">Clear</button></h2>
-  <ul id="uploaded" aria-live="polite"></ul>
-  <p class="pf-empty" id="uploaded-empty">Nothing uploaded from this browser yet.</p>
+  <section aria-labelledby="upload-heading">
+    <h2 id="upload-heading">Upload new files</h2>
+    <p class="hint" id="limits"></p>
+    <div id="dropper">
+      <p>Drop files or folders here</p>
+      <div class="pf-tools pf-center">
+        <button type="button" class="pf-main" id="choose-files">Choose files</button>
+        <button type="button" id="choose-folder">Choose a folder</button>
+      </div>
+      <div class="pf-inputs">
+        <input type="file" id="file-input" multiple tabindex="-1" aria-label="Files to upload">
+        <input type="file" id="folder-input" webkitdirectory tabindex="-1" aria-label="A folder to upload">
+      </div>
+    </div>
+    <p id="overall"></p>
+    <p id="connection" role="alert"></p>
+    <p id="notice" class="hint" role="status"></p>
+    <p id="announce" class="pf-sr" role="status" aria-live="polite"></p>
+    <div class="pf-tools">
+      <button type="button" id="cancel-all" hidden>Cancel all</button>
+      <button type="button" id="retry-failed" hidden>Retry failed</button>
+    </div>
+    <ul id="queue" aria-label="Files in this upload"></ul>
+    <p id="queue-more"></p>
+  </section>
+  <section aria-labelledby="uploaded-heading">
+    <h2 id="uploaded-heading">Uploaded <button type="button" id="clear">Clear</button></h2>
+    <ul id="uploaded"></ul>
+    <p class="pf-empty" id="uploaded-empty">Nothing uploaded from this browser yet.</p>
+  </section>
   <footer>pyfiledrop {{version}}</footer>
 </main>
-<template id="preview-template">
-  <div class="dz-preview dz-file-preview">
-    <div class="pf-file">
-      <div class="pf-row"><span class="pf-name" data-dz-name></span><span class="pf-meta pf-size"></span></div>
-      <div class="pf-bar" role="progressbar" aria-valuemin="0" aria-valuemax="100" aria-valuenow="0"><span
-        data-dz-uploadprogress></span></div>
-      <div class="pf-row"><span class="pf-meta pf-status">Waiting…</span><span class="pf-meta pf-eta"></span></div>
-      <div class="pf-error" data-dz-errormessage role="alert"></div>
-    </div>
-  </div>
-</template>
 <script>
 (function () {
   "use strict";
   var cfg = JSON.parse(document.getElementById("pyfiledrop-config").textContent);
   var STORE_KEY = "pyfiledrop.uploaded.v1";
-  var listEl = document.getElementById("uploaded");
-  var emptyEl = document.getElementById("uploaded-empty");
-  var overallEl = document.getElementById("overall");
+  var MIB = 1024 * 1024;
+  var SLOTS = cfg.parallel;           // requests at once (6: every connection a browser opens to one host)
+  var GIVE_UP_MS = 15 * 60 * 1000;    // a file fails after this long without a part getting through
+  var SHOWN_ROWS = 60;                // rows in the list of files in progress; the rest are counted
+  var $ = function (id) { return document.getElementById(id); };
 
+  // ---- numbers as people read them ----
+  // Powers of 1024 with at most 4 significant digits, as the console prints them ("5 MiB", "976.6 KiB").
   function human(bytes) {
-    var units = ["B", "KB", "MB", "GB", "TB"], i = 0;
-    while (bytes >= 1000 && i < units.length - 1) { bytes /= 1000; i++; }
-    return (i === 0 ? bytes : bytes.toFixed(bytes < 10 ? 1 : 0)) + " " + units[i];
+    var units = ["B", "KiB", "MiB", "GiB", "TiB"], i = 0;
+    bytes = Math.max(0, bytes || 0);
+    while (bytes >= 1024 && i < units.length - 1) { bytes /= 1024; i++; }
+    return (i === 0 ? String(Math.round(bytes)) : String(Number(bytes.toPrecision(4)))) + " " + units[i];
   }
   function duration(seconds) {
     if (!isFinite(seconds) || seconds < 0) return "";
-    seconds = Math.round(seconds);
+    seconds = Math.max(1, Math.round(seconds));
     if (seconds < 60) return seconds + " s";
     if (seconds < 3600) return Math.floor(seconds / 60) + " min " + (seconds % 60) + " s";
     return Math.floor(seconds / 3600) + " h " + Math.floor((seconds % 3600) / 60) + " min";
   }
+  function count(n, one, many) { return n.toLocaleString("en") + " " + (n === 1 ? one : many); }
 
-  document.getElementById("limits").textContent =
-    "Up to " + human(cfg.maxFileSizeBytes) + " per file." +
-    (cfg.allowDownloads ? " Uploaded files can be downloaded again from this page." : "");
+  // Speed over the last few seconds of samples, so it is right at 100 KB/s and at 1 GB/s alike.
+  function Meter() { this.samples = []; }
+  Meter.prototype.add = function (total) {
+    var now = performance.now();
+    this.samples.push([now, total]);
+    while (this.samples.length > 2 && now - this.samples[0][0] > 5000) this.samples.shift();
+  };
+  Meter.prototype.speed = function () {
+    var s = this.samples;
+    if (s.length < 2) return 0;
+    var span = s[s.length - 1][0] - s[0][0];
+    return span >= 800 ? (s[s.length - 1][1] - s[0][1]) * 1000 / span : 0;
+  };
 
-  // ---- the "Uploaded" list: what the server confirmed, kept in this browser (per server) ----
+  // Parts: at most cfg.chunkSize, halved (to 1 MiB) until a file has 24 of them, so six are in flight and
+  // the end of a file never crawls on one connection.  Only the size decides it: a reload picks the same.
+  function partSizeFor(size) {
+    var part = cfg.chunkSize;
+    while (part > MIB && size < part * 24) part = Math.max(MIB, Math.ceil(part / 2));
+    return Math.min(part, Math.max(1, size));
+  }
+
+  // ---- hashing, in workers: a file's part hashes in one, its whole hash in the other ----
+  var workers = [], jobs = {}, nextJob = 1, SMALL = 64 * 1024;
+  function hashWorkers() {
+    while (workers.length < 2) {
+      var worker = new Worker(cfg.workerUrl);
+      worker.load = 0;
+      worker.onmessage = function (event) {
+        var job = jobs[event.data.job];
+        if (job) job.upload.hashed(event.data, job);
+      };
+      workers.push(worker);
+    }
+    return workers[0].load <= workers[1].load ? [workers[0], workers[1]] : [workers[1], workers[0]];
+  }
+  function startJob(upload, worker, mode) {
+    var job = { id: nextJob++, upload: upload, worker: worker, mode: mode };
+    jobs[job.id] = job;
+    upload.jobs.push(job);
+    worker.load += upload.size + 1;
+    worker.postMessage({ job: job.id, mode: mode, file: upload.file, path: upload.path, partSize: upload.partSize });
+  }
+  function startHashing(upload) {
+    var pair = hashWorkers();
+    upload.jobs = [];
+    startJob(upload, pair[0], "parts");
+    if (upload.size > upload.partSize || upload.size > SMALL) startJob(upload, pair[1], "whole");
+  }
+  function endJob(job, cancel) {
+    if (!jobs[job.id]) return;
+    delete jobs[job.id];
+    job.worker.load -= job.upload.size + 1;
+    if (cancel) job.worker.postMessage({ cancel: job.id });
+  }
+  function stopHashing(upload) {
+    (upload.jobs || []).forEach(function (job) { endJob(job, true); });
+  }
+
+  // ---- one file ----
+  var uploads = [], changed = true;
+  function Upload(file, path) {
+    this.file = file;
+    this.name = file.name;
+    this.path = path || file.name;
+    this.size = file.size;
+    this.partSize = partSizeFor(file.size);
+    this.parts = Math.max(1, Math.ceil(file.size / this.partSize));
+    this.state = "queued";     // queued, checking, sending, done, failed, cancelled
+    this.message = "";
+    this.reset();
+  }
+  Upload.prototype.reset = function () {
+    this.id = null;
+    this.hashes = [];
+    this.whole = null;
+    this.todo = null;          // part indexes still to send, in order
+    this.acked = 0;            // bytes the server confirmed
+    this.inFlight = {};        // index -> request
+    this.failures = 0;
+    this.lastGood = Date.now();
+    this.meter = new Meter();
+    this.result = null;
+    this.claimed = false;
+    this.sent = 0;             // bytes put on the wire, retries included
+    this.skipped = null;       // parts the server had, not yet checked against this file's part hashes
+    this.toVerify = {};
+    this.verifying = false;
+  };
+  Upload.prototype.active = function () { return this.state === "queued" || this.state === "checking" || this.state === "sending"; };
+  Upload.prototype.partLength = function (index) {
+    return Math.max(0, Math.min(this.partSize, this.size - index * this.partSize));
+  };
+  Upload.prototype.bytesDone = function () {
+    if (this.state === "done") return this.size;
+    var loaded = 0, flights = this.inFlight;
+    Object.keys(flights).forEach(function (k) { loaded += flights[k].loaded; });
+    return Math.min(this.size, this.acked + loaded);
+  };
+  Upload.prototype.hashed = function (message, job) {
+    if (message.kind === "done") return endJob(job, false);
+    if (message.kind === "id") {
+      this.id = (this.idPrefix || "pf-") + message.value.slice(0, 40);
+      statusQueue.push(this);
+      askStatusSoon();
+    } else if (message.kind === "part") {
+      this.hashes[message.index] = message.value;
+      verifySkipped(this, message.index);
+      schedule();
+    } else if (message.kind === "whole") {
+      this.whole = message.value;
+      this.wholeKnown();
+    } else {
+      this.fail("The browser could not read this file (" + message.value + ").");
+    }
+  };
+  Upload.prototype.wholeKnown = function () {
+    if (this.state === "done") return this.checkResult();
+    if (cfg.claims && this.parts > 1 && this.active() && !this.claimed) claimContent(this);
+  };
+  Upload.prototype.fail = function (message) {
+    if (!this.active()) return;
+    this.abortAll();
+    stopHashing(this);
+    this.state = "failed";
+    this.message = message;
+    finished(this);
+  };
+  Upload.prototype.abortAll = function () {
+    var flights = this.inFlight;
+    this.inFlight = {};
+    Object.keys(flights).forEach(function (k) { flights[k].xhr.abort(); });
+  };
+
+  // ---- talking to the server ----
+  // A browser opens six connections to a host and the parts may hold them all: a question to the server
+  // (status, "do you have this content?", cancel) takes one back from the part with the least progress
+  // (sent again later), and parts use five while it waits.
+  var asking = 0;
+  function postJson(path, body, patient) {   // patient: waits for the next free connection, takes none back
+    asking += 1;
+    if (busy >= SLOTS && !patient) preemptOne();
+    return rawPostJson(path, body).then(function (value) { asked(); return value; },
+                                        function (error) { asked(); throw error; });
+  }
+  function asked() { asking -= 1; schedule(); }
+  function preemptOne() {
+    var least = null;
+    uploads.forEach(function (u) {
+      Object.keys(u.inFlight).forEach(function (k) {
+        var flight = u.inFlight[k];
+        if (!least || flight.loaded < least.loaded) least = flight;
+      });
+    });
+    if (least) { least.preempted = true; least.xhr.abort(); }
+  }
+  function rawPostJson(path, body) {
+    return fetch(path, { method: "POST", cache: "no-store", headers: { "Content-Type": "application/json" },
+                         body: JSON.stringify(body) }).then(function (response) {
+      if (response.ok) return response.json();
+      return response.text().then(function (text) {
+        var error = new Error(text.trim() || ("The server answered " + response.status + "."));
+        error.status = response.status;
+        throw error;
+      });
+    });
+  }
+
+  // What the server already has of each new upload: one request for many files (a 2,000-file drop asks twice).
+  var statusQueue = [], statusTimer = null;
+  function askStatusSoon() {
+    if (!statusTimer) statusTimer = setTimeout(askStatus, 30);
+  }
+  function askStatus() {
+    statusTimer = null;
+    var batch = statusQueue.splice(0, 1000).filter(function (u) { return u.active(); });
+    if (statusQueue.length) askStatusSoon();
+    if (!batch.length) return;
+    batch.forEach(function (u) { u.state = "checking"; });
+    postJson("/api/uploads/status", { ids: batch.map(function (u) { return u.id; }) }).then(function (reply) {
+      batch.forEach(function (u) { applyStatus(u, reply.uploads[u.id]); });
+      schedule();
+    }, function (error) {
+      if (error.status && error.status < 500) batch.forEach(function (u) { u.fail(error.message); });
+      else { link.down(); batch.forEach(function (u) { statusQueue.push(u); }); }
+    });
+  }
+  function applyStatus(upload, info) {
+    if (!upload.active() || !info) return;
+    if (info.complete) return upload.completed(info, true);
+    var missing = null;
+    if (!info.gone && info.missing_chunks) {
+      missing = info.missing_chunks.slice();
+      var last = missing.length ? missing[missing.length - 1] + 1 : upload.parts;
+      if (missing.length >= 1000) for (var i = last; i < upload.parts; i++) missing.push(i);
+    }
+    var todo = missing || range(upload.parts), inFlight = upload.inFlight, wanted = {};
+    todo.forEach(function (index) { wanted[index] = true; });
+    upload.todo = todo.filter(function (index) { return !inFlight[index]; });
+    upload.acked = 0;
+    upload.skipped = {};
+    for (var p = 0; p < upload.parts; p++) {
+      if (wanted[p] || inFlight[p]) continue;
+      upload.acked += upload.partLength(p);
+      upload.skipped[p] = true;
+      verifySkipped(upload, p);
+    }
+    upload.state = "sending";
+    changed = true;
+  }
+
+  // Parts the server already has are not sent again, but each is checked against this file's own part hash
+  // as soon as that is known (up to 64 a request): a partial upload of another file under the same id (same
+  // name, size, time and sampled blocks) is found, and this file starts again under an id of its own.
+  function verifySkipped(upload, index) {
+    if (!upload.skipped || !upload.skipped[index] || upload.hashes[index] === undefined) return;
+    delete upload.skipped[index];
+    upload.toVerify[index] = upload.hashes[index];
+    if (!upload.verifying) sendVerify(upload);
+  }
+  function sendVerify(upload) {
+    var keys = Object.keys(upload.toVerify).slice(0, 64), parts = {}, id = upload.id;
+    if (!keys.length || !upload.active() || !id) return;
+    keys.forEach(function (k) { parts[k] = upload.toVerify[k]; delete upload.toVerify[k]; });
+    upload.verifying = true;
+    postJson("/api/uploads/" + encodeURIComponent(id) + "/verify", { parts: parts }, true).then(function (reply) {
+      upload.verifying = false;
+      if (upload.id !== id) return;
+      if (reply.mismatched.length) return restartUnderNewId(upload);
+      sendVerify(upload);
+    }, function (error) {
+      upload.verifying = false;
+      if (error.status && error.status < 500) return;   // stored or gone meanwhile: the status says which
+      keys.forEach(function (k) { upload.toVerify[k] = parts[k]; });
+      setTimeout(function () { sendVerify(upload); }, 2000);
+    });
+  }
+  function range(n) { var out = []; for (var i = 0; i < n; i++) out.push(i); return out; }
+
+  // The link: down after a request found no server; one probe with backoff until it answers, then every
+  // upload asks again what the server has (it may have restarted) and goes on.
+  var link = {
+    isDown: false, since: 0, delay: 0, timer: null,
+    down: function () {
+      if (!this.isDown) { this.isDown = true; this.since = Date.now(); this.delay = 500; changed = true; }
+      if (!this.timer) this.timer = setTimeout(this.probe.bind(this), this.delay * (0.75 + Math.random() / 2));
+    },
+    probe: function () {
+      var self = this, waiting = uploads.filter(function (u) { return u.active() && u.id; });
+      self.timer = null;
+      postJson("/api/uploads/status", { ids: waiting.slice(0, 1000).map(function (u) { return u.id; }) })
+        .then(function (reply) {
+          self.isDown = false;
+          changed = true;
+          waiting.slice(0, 1000).forEach(function (u) { applyStatus(u, reply.uploads[u.id]); u.lastGood = Date.now(); });
+          if (statusQueue.length) askStatusSoon();
+          schedule();
+        }, function () {
+          self.delay = Math.min(15000, self.delay * 2);
+          waiting.forEach(function (u) {
+            if (Date.now() - u.lastGood > GIVE_UP_MS) u.fail("No connection to the server for 15 minutes.");
+          });
+          self.down();
+        });
+    }
+  };
+
+  // ---- sending parts: the earliest files first, up to SLOTS requests in all ----
+  var busy = 0, scheduled = false;
+  function schedule() {
+    if (scheduled) return;
+    scheduled = true;
+    Promise.resolve().then(function () { scheduled = false; fill(); });
+  }
+  function fill() {
+    if (link.isDown) return;
+    for (var i = 0; i < uploads.length && busy < SLOTS; i++) {
+      var upload = uploads[i];
+      if (upload.state !== "sending" || !upload.todo) continue;
+      while (busy < SLOTS - (asking ? 1 : 0) && upload.todo.length && upload.hashes[upload.todo[0]] !== undefined) {
+        sendPart(upload, upload.todo.shift());
+      }
+      if (!upload.todo.length && !Object.keys(upload.inFlight).length && !upload.result) askResult(upload);
+    }
+    changed = true;
+  }
+  function partForm(upload, index) {
+    var start = index * upload.partSize, form = new FormData();
+    var fields = {
+      dzuuid: upload.id, dzchunkindex: index, dztotalfilesize: upload.size, dzchunksize: upload.partSize,
+      dztotalchunkcount: upload.parts, dzchunkbyteoffset: start, dzchunksha256: upload.hashes[index],
+      dzmtime: upload.file.lastModified
+    };
+    if (upload.path !== upload.name) fields.dzrelpath = upload.path;
+    Object.keys(fields).forEach(function (k) { form.append(k, String(fields[k])); });
+    form.append("file", upload.file.slice(start, start + upload.partLength(index)), upload.name);
+    return form;
+  }
+  function sendPart(upload, index) {
+    var xhr = new XMLHttpRequest(), flight = { xhr: xhr, loaded: 0 };
+    upload.inFlight[index] = flight;
+    busy += 1;
+    xhr.open("POST", "/upload");
+    var watchdog = null;
+    function arm() {
+      clearTimeout(watchdog);
+      watchdog = setTimeout(function () { xhr.abort(); partEnded(upload, index, flight, 0, "stalled"); }, cfg.timeoutMs);
+    }
+    xhr.upload.onprogress = function (event) {
+      var grown = event.loaded - flight.loaded;
+      flight.loaded = event.loaded;
+      upload.sent += grown;
+      arm();
+      changed = true;
+    };
+    xhr.onload = function () { clearTimeout(watchdog); partEnded(upload, index, flight, xhr.status, xhr.responseText); };
+    xhr.onerror = xhr.onabort = function () { clearTimeout(watchdog); partEnded(upload, index, flight, 0, ""); };
+    arm();
+    xhr.send(partForm(upload, index));
+  }
+  function retryLater(upload, index, delay) {
+    setTimeout(function () {
+      if (!upload.active() || !upload.todo) return;
+      upload.todo.unshift(index);
+      schedule();
+    }, delay * (0.75 + Math.random() / 2));
+  }
+  function partEnded(upload, index, flight, status, text) {
+    if (flight.ended) return;
+    flight.ended = true;
+    busy -= 1;
+    changed = true;
+    if (upload.inFlight[index] !== flight) return schedule();   // cancelled, or stored meanwhile
+    delete upload.inFlight[index];
+    if (status === 200) return partStored(upload, index, text);
+    if (flight.preempted) {
+      upload.todo.unshift(index);
+      return schedule();
+    }
+    if (status === 0) {
+      upload.todo.unshift(index);
+      link.down();
+      return schedule();
+    }
+    if (status >= 500 && status !== 507 && Date.now() - upload.lastGood < GIVE_UP_MS) {
+      retryLater(upload, index, 1000 * Math.min(30, 1 << Math.min(5, upload.failures++)));
+      return schedule();
+    }
+    upload.failures += 1;
+    if (status === 460 && /received before/.test(text)) return restartUnderNewId(upload);
+    if ((status === 460 || status === 408 || status === 409 || status === 429) && upload.failures < 10) {
+      retryLater(upload, index, status === 460 ? 50 : 1000 * upload.failures);
+      return schedule();
+    }
+    if (status === 404 && upload.failures < 3) { statusQueue.push(upload); askStatusSoon(); return; }
+    upload.fail((text || "").trim() || ("The server answered " + status + "."));
+    schedule();
+  }
+  function partStored(upload, index, text) {
+    var reply = null;
+    try { reply = JSON.parse(text); } catch (e) { /* answered below */ }
+    upload.acked += upload.partLength(index);
+    upload.lastGood = Date.now();
+    upload.failures = 0;
+    if (reply && reply.complete) upload.completed(reply, false);
+    schedule();
+  }
+  // Another file with this one's name, size, time and sampled blocks left a partial upload under the same id:
+  // this file goes on under an id of its own.
+  function restartUnderNewId(upload) {
+    upload.abortAll();
+    stopHashing(upload);
+    upload.idPrefix = "pf-" + Math.random().toString(36).slice(2, 10) + "-";
+    var prefix = upload.idPrefix;
+    upload.reset();
+    upload.idPrefix = prefix;
+    upload.state = "queued";
+    startHashing(upload);
+  }
+  function askResult(upload) {
+    upload.result = "asking";
+    fetch("/api/uploads/" + encodeURIComponent(upload.id), { cache: "no-store" })
+      .then(function (r) { return r.ok ? r.json() : null; })
+      .then(function (info) {
+        if (info && info.complete) return upload.completed(info, false);
+        upload.result = null;
+        statusQueue.push(upload);
+        askStatusSoon();
+      }, function () { upload.result = null; link.down(); });
+  }
+  function claimContent(upload) {
+    upload.claimed = true;
+    postJson("/api/uploads/" + encodeURIComponent(upload.id) + "/content", {
+      sha256: upload.whole, name: upload.name, path: upload.path, size: upload.size,
+      chunk_size: upload.partSize, mtime: upload.file.lastModified
+    }).then(function (reply) {
+      if (reply.complete && upload.active()) upload.completed(reply, true);
+    }, function () { /* the parts go on: this only spares sending them */ });
+  }
+  Upload.prototype.completed = function (info, early) {
+    if (!this.active()) return;
+    this.abortAll();
+    this.result = info;
+    this.early = early;
+    this.state = "done";
+    this.jobs.forEach(function (job) { if (job.mode === "parts") endJob(job, true); });
+    finished(this);
+    this.checkResult();
+  };
+  Upload.prototype.checkResult = function () {
+    if (!this.whole || !this.result || this.checked) return;
+    this.checked = true;
+    changed = true;
+    if (this.result.sha256 === this.whole) return;
+    this.state = "failed";
+    this.message = "The server's copy differs from this file (sha256 " + this.result.sha256 + ").";
+    this.idPrefix = "pf-" + Math.random().toString(36).slice(2, 10) + "-";   // a Retry goes under a new id
+    totals.done -= 1;
+    totals.failed += 1;
+  };
+  Upload.prototype.cancel = function () {
+    if (!this.active()) return;
+    this.abortAll();
+    stopHashing(this);
+    this.state = "cancelled";
+    finished(this);
+    if (this.id) sendCancel(this.id, 3);
+  };
+  function sendCancel(id, tries) {
+    postJson("/api/uploads/" + encodeURIComponent(id) + "/cancel", {}).catch(function (error) {
+      if (!error.status && tries > 1) setTimeout(function () { sendCancel(id, tries - 1); }, 2000);
+    });
+  }
+  Upload.prototype.retry = function () {
+    if (this.final || (this.state !== "failed" && this.state !== "cancelled")) return;
+    totals[this.state === "failed" ? "failed" : "cancelled"] -= 1;
+    this.reset();
+    this.state = "queued";
+    this.message = "";
+    this.checked = false;
+    startHashing(this);
+    changed = true;
+  };
+
+  // ---- what was given: files, folders ----
+  var totals = { given: 0, done: 0, failed: 0, cancelled: 0 };
+  function add(file, path) {
+    var upload = new Upload(file, path);
+    uploads.push(upload);
+    totals.given += 1;
+    if (file.size > cfg.maxFileSizeBytes) {
+      var size = human(file.size), limit = human(cfg.maxFileSizeBytes);
+      if (size === limit) { size = file.size + " bytes"; limit = cfg.maxFileSizeBytes + " bytes"; }
+      upload.final = true;   // a retry would get the same answer: no Retry button
+      upload.fail("Too large: " + size + ". This server accepts up to " + limit + " per file.");
+    } else {
+      startHashing(upload);
+    }
+    changed = true;
+  }
+  function finished(upload) {
+    totals[upload.state === "done" ? "done" : upload.state === "failed" ? "failed" : "cancelled"] += 1;
+    if (upload.state === "done") remember(upload);
+    changed = true;
+    renderSoon();
+    announceSoon();
+  }
+  var renderPending = false;
+  function renderSoon() {   // an outcome shows at the next frame, not at the next tick of the clock
+    if (renderPending) return;
+    renderPending = true;
+    requestAnimationFrame(function () { renderPending = false; changed = false; render(); });
+  }
+  function addList(files) {
+    for (var i = 0; i < files.length; i++) add(files[i], files[i].webkitRelativePath || files[i].name);
+    wakeLock.update();
+  }
+  // A dropped folder: walked with the entries API, each file with its path in the folder.
+  function walk(entry, path, found) {
+    if (entry.isFile) {
+      return new Promise(function (resolve) {
+        entry.file(function (file) { found.push([file, path + file.name]); resolve(); }, function () { resolve(); });
+      });
+    }
+    if (!entry.isDirectory) return Promise.resolve();
+    var reader = entry.createReader(), children = [];
+    return new Promise(function (resolve) {
+      (function more() {
+        reader.readEntries(function (batch) {
+          if (!batch.length) return resolve();
+          children = children.concat(Array.prototype.slice.call(batch));
+          more();
+        }, function () { resolve(); });
+      })();
+    }).then(function () {
+      return children.reduce(function (done, child) {
+        return done.then(function () { return walk(child, path + entry.name + "/", found); });
+      }, Promise.resolve());
+    });
+  }
+  function dropped(dataTransfer) {
+    var items = dataTransfer.items, entries = [];
+    for (var i = 0; items && i < items.length; i++) {
+      var entry = items[i].webkitGetAsEntry && items[i].webkitGetAsEntry();
+      if (entry) entries.push(entry);
+    }
+    if (!entries.length) return addList(dataTransfer.files);
+    var found = [];
+    entries.reduce(function (done, entry) { return done.then(function () { return walk(entry, "", found); }); },
+                   Promise.resolve()).then(function () {
+      found.forEach(function (pair) { add(pair[0], pair[1]); });
+      wakeLock.update();
+    });
+  }
+
+  // ---- the list of files in progress: failures first, then what is moving; the rest counted ----
+  var queueEl = $("queue"), moreEl = $("queue-more"), overallEl = $("overall"), linkEl = $("connection");
+  var ORDER = { failed: 0, sending: 1, checking: 2, queued: 3, done: 4, cancelled: 5 };
+  function statusText(u) {
+    if (u.state === "failed") return "Failed";
+    if (u.state === "cancelled") return "Cancelled";
+    if (u.state === "done") {
+      var stored = u.result && u.result.name && u.result.name !== u.path ? " as " + u.result.name : "";
+      var how = u.early ? "Already on the server" + (u.result.same_as ? " (same content as " + u.result.same_as + ")" : "")
+        + ": nothing more sent" : "Uploaded";
+      var check = u.checked ? " · sha256 checked: " + u.whole.slice(0, 16) + "… here and on the server" : " · checking…";
+      return how + stored + check;
+    }
+    if (u.state !== "sending") return u.state === "checking" ? "Checking the server…" : "Waiting…";
+    if (link.isDown) return "Connection lost, retrying…";
+    var done = u.bytesDone(), speed = u.meter.speed();
+    var text = Math.floor(100 * done / Math.max(1, u.size)) + "% · " + human(done) + " of " + human(u.size);
+    return speed ? text + " · " + human(speed) + "/s · " + duration((u.size - done) / speed) + " left" : text;
+  }
+  function rowFor(u) {
+    if (u.row) return u.row;
+    var li = document.createElement("li"), name = document.createElement("span");
+    li.className = "pf-file";
+    name.className = "pf-name";
+    name.textContent = u.path;
+    var bar = document.createElement("progress");
+    bar.max = 100;
+    bar.setAttribute("aria-label", u.path);
+    var status = document.createElement("span"), error = document.createElement("span");
+    status.className = "pf-meta pf-status";
+    error.className = "pf-error";
+    var button = document.createElement("button");
+    button.type = "button";
+    button.className = "pf-action";
+    button.addEventListener("click", function () { if (u.active()) u.cancel(); else u.retry(); schedule(); });
+    li.append(name, bar, status, error, button);
+    u.row = { li: li, bar: bar, status: status, error: error, button: button };
+    return u.row;
+  }
+  function paintRow(u) {
+    var row = rowFor(u);
+    row.li.className = "pf-file pf-" + u.state;
+    row.bar.value = Math.floor(100 * u.bytesDone() / Math.max(1, u.size));
+    row.status.textContent = statusText(u);
+    row.error.textContent = u.state === "failed" ? u.message : "";
+    var label = u.active() ? "Cancel" : u.state === "done" || u.final ? "" : "Retry";
+    row.button.hidden = !label;
+    row.button.textContent = label;
+    row.button.setAttribute("aria-label", label + " " + u.path);
+    return row.li;
+  }
+  function render() {
+    var shown = uploads.slice().sort(function (a, b) { return ORDER[a.state] - ORDER[b.state]; }).slice(0, SHOWN_ROWS);
+    var wanted = shown.map(paintRow);
+    wanted.forEach(function (li, i) { if (queueEl.children[i] !== li) queueEl.insertBefore(li, queueEl.children[i] || null); });
+    while (queueEl.children.length > wanted.length) queueEl.removeChild(queueEl.lastChild);
+    var hidden = uploads.length - shown.length;
+    moreEl.textContent = hidden > 0 ? "and " + count(hidden, "more file", "more files") + " (counted above)" : "";
+    renderOverall();
+  }
+  var overallMeter = new Meter();
+  function renderOverall() {
+    var active = uploads.filter(function (u) { return u.active(); });
+    var sent = 0, total = 0;
+    uploads.forEach(function (u) { if (u.state !== "cancelled") { total += u.size; sent += u.bytesDone(); } });
+    overallMeter.add(uploads.reduce(function (n, u) { return n + u.sent; }, 0));
+    var text = totals.given ? totals.done.toLocaleString("en") + " of " + count(totals.given, "file", "files") +
+      " uploaded" : "";
+    if (totals.failed) text += ", " + totals.failed + " failed";
+    if (totals.cancelled) text += ", " + totals.cancelled + " cancelled";
+    var speed = overallMeter.speed();
+    if (active.length) {
+      text += " · " + human(sent) + " of " + human(total);
+      if (speed && !link.isDown) text += " · " + human(speed) + "/s · " + duration((total - sent) / speed) + " left";
+    }
+    overallEl.textContent = text;
+    linkEl.textContent = link.isDown ? "Connection lost, retrying… (the upload goes on by itself when the server is back)" : "";
+    $("cancel-all").hidden = !active.length;
+    $("retry-failed").hidden = !uploads.some(function (u) { return u.state === "failed" && !u.final; });
+  }
+  setInterval(function () {
+    uploads.forEach(function (u) { if (u.state === "sending") u.meter.add(u.bytesDone()); });
+    if (changed || uploads.some(function (u) { return u.state === "sending"; })) { changed = false; render(); }
+  }, 250);
+  // Screen readers hear the outcome, not every tick of the progress.
+  var announceTimer = null;
+  function announceSoon() {
+    clearTimeout(announceTimer);
+    announceTimer = setTimeout(function () {
+      var active = uploads.some(function (u) { return u.active(); });
+      $("announce").textContent = active ? "" : totals.done.toLocaleString("en") + " of " +
+        count(totals.given, "file", "files") +
+        " uploaded" + (totals.failed ? ", " + totals.failed + " failed" : "") + ".";
+      wakeLock.update();
+    }, 1000);
+  }
+
+  // ---- the "Uploaded" list: what the server confirmed, kept in this browser ----
+  var listEl = $("uploaded"), emptyEl = $("uploaded-empty"), HISTORY = 500;
   function loadEntries() {
     try { var v = JSON.parse(localStorage.getItem(STORE_KEY) || "[]"); return Array.isArray(v) ? v : []; }
     catch (e) { return []; }
   }
-  function saveEntries(entries) {
-    try { localStorage.setItem(STORE_KEY, JSON.stringify(entries.slice(-500))); } catch (e) { /* private mode */ }
+  var entries = loadEntries(), saveTimer = null;
+  function writeEntries() {
+    clearTimeout(saveTimer);
+    saveTimer = null;
+    try { localStorage.setItem(STORE_KEY, JSON.stringify(entries.slice(-HISTORY))); } catch (e) { /* private mode */ }
   }
+  function saveEntries() {   // at once when nothing else is going on; among 2,000 small files, now and then
+    if (!uploads.some(function (u) { return u.active(); })) return writeEntries();
+    if (!saveTimer) saveTimer = setTimeout(writeEntries, 1000);
+  }
+  window.addEventListener("pagehide", function () { if (saveTimer) writeEntries(); });
   function renderEntry(entry) {
-    var li = document.createElement("li");
+    var li = document.createElement("li"), name;
     li.dataset.id = entry.id;
-    var name;
     if (cfg.allowDownloads) {
       name = document.createElement("a");
       name.href = "/download/" + encodeURIComponent(entry.id);
-      name.setAttribute("download", entry.name);
+      name.setAttribute("download", entry.name.split("/").pop());
     } else {
       name = document.createElement("span");
     }
@@ -6801,16 +7765,23 @@ INDEX_HTML = r"""<!doctype html>
     var meta = document.createElement("span");
     meta.className = "pf-meta";
     meta.textContent = human(entry.size);
-    li.appendChild(name);
-    li.appendChild(meta);
+    li.append(name, meta);
     return li;
   }
-  function renderList() {
-    var entries = loadEntries();
-    listEl.textContent = "";
-    entries.slice().reverse().forEach(function (e) { listEl.appendChild(renderEntry(e)); });
-    emptyEl.hidden = entries.length > 0;
-    return entries;
+  function showEntry(entry) {
+    listEl.insertBefore(renderEntry(entry), listEl.firstChild);
+    while (listEl.children.length > HISTORY) listEl.removeChild(listEl.lastChild);
+    emptyEl.hidden = true;
+  }
+  function remember(upload) {
+    var r = upload.result;
+    entries = entries.filter(function (e) { return e.id !== r.id; });
+    entries.push({ id: r.id, name: r.name, size: r.size, sha256: r.sha256, at: Date.now() });
+    if (entries.length > HISTORY * 2) entries = entries.slice(-HISTORY);
+    var old = listEl.querySelector('li[data-id="' + CSS.escape(r.id) + '"]');
+    if (old) old.remove();
+    showEntry(entries[entries.length - 1]);
+    saveEntries();
   }
   function markGone(id) {
     var li = listEl.querySelector('li[data-id="' + CSS.escape(id) + '"]');
@@ -6821,192 +7792,94 @@ INDEX_HTML = r"""<!doctype html>
     note.textContent = "no longer on the server";
     li.appendChild(note);
     var link = li.querySelector("a");
-    if (link) { link.removeAttribute("href"); }
+    if (link) link.removeAttribute("href");
   }
-  function checkEntries(entries) {
-    entries.forEach(function (e) {
-      fetch("/api/uploads/" + encodeURIComponent(e.id), { cache: "no-store" }).then(function (r) {
-        if (r.status === 404) { markGone(e.id); return null; }
-        return r.ok ? r.json() : null;
-      }).then(function (info) {
-        if (info && info.complete && !info.available) markGone(e.id);
-      }).catch(function () {});
-    });
+  function checkEntries() {   // one request for all of them
+    var ids = entries.slice(-HISTORY).map(function (e) { return e.id; });
+    if (!ids.length) return;
+    postJson("/api/uploads/status", { ids: ids }).then(function (reply) {
+      ids.forEach(function (id) {
+        var info = reply.uploads[id];
+        if (info && (info.gone || (info.complete && !info.available))) markGone(id);
+      });
+    }, function () {});
   }
-  function addEntry(result) {
-    var entries = loadEntries().filter(function (e) { return e.id !== result.id; });
-    entries.push({ id: result.id, name: result.name, size: result.size, sha256: result.sha256, at: Date.now() });
-    saveEntries(entries);
-    renderList();
-  }
-  document.getElementById("clear").addEventListener("click", function () {
-    saveEntries([]);
-    renderList();
-  });
-  checkEntries(renderList());
-
-  // ---- Dropzone ----
-  Dropzone.autoDiscover = false;
-  var template = document.getElementById("preview-template").innerHTML;
-  var dz = new Dropzone("#dropper", {
-    url: "/upload",
-    paramName: "file",
-    chunking: true,
-    forceChunking: cfg.forceChunking,
-    chunkSize: cfg.chunkSize,
-    parallelChunkUploads: cfg.parallelChunks > 1 ? cfg.parallelChunks : false,
-    parallelUploads: cfg.parallelFiles,
-    retryChunks: true,
-    retryChunksLimit: 3,
-    timeout: cfg.timeoutMs,
-    maxFilesize: null,  // checked to the byte in accept, with a message in the units the page shows
-    accept: function (file, done) {
-      if (file.size <= cfg.maxFileSizeBytes) return done();
-      var size = human(file.size), limit = human(cfg.maxFileSizeBytes);
-      if (size === limit) { size = file.size + " bytes"; limit = cfg.maxFileSizeBytes + " bytes"; }
-      done("Too large: " + size + ". This server accepts up to " + limit + " per file.");
-    },
-    createImageThumbnails: false,
-    previewTemplate: template,
-    dictResponseError: "The server answered {{statusCode}}.",
-    // Chunks of one file may finish in any order, so the last response to arrive is not always the one that
-    // completed the file: ask the server what it stored.
-    chunksUploaded: function (file, done) {
-      fetch("/api/uploads/" + encodeURIComponent(file.upload.uuid), { cache: "no-store" })
-        .then(function (r) { return r.ok ? r.json() : r.text().then(function (t) { throw new Error(t); }); })
-        .then(function (info) {
-          if (!info.complete) throw new Error("The server has not stored this file.");
-          file.pfResult = info;
-          done();
-        })
-        .catch(function (err) { dz._errorProcessing([file], String(err.message || err)); });
-    }
+  entries.slice(-HISTORY).forEach(showEntry);
+  emptyEl.hidden = entries.length > 0;
+  checkEntries();
+  $("clear").addEventListener("click", function () {
+    entries = [];
+    saveEntries();
+    listEl.textContent = "";
+    emptyEl.hidden = false;
   });
 
-  // A refusal (400, 413, ...) gets the same answer every time: fail at once instead of sending the chunk
-  // again retryChunksLimit times. Timeouts, dropped connections, 408, 409, 429 and 5xx are still retried.
-  var handleUploadError = dz._handleUploadError;
-  if (typeof handleUploadError === "function") {
-    dz._handleUploadError = function (files, xhr, response) {
-      var status = xhr ? xhr.status : 0;
-      if (status >= 400 && status < 500 && [408, 409, 429].indexOf(status) < 0 && files[0].upload.chunked) {
-        var chunk = dz._getChunk(files[0], xhr);
-        if (chunk) chunk.retries = Infinity;
+  // ---- the page's controls ----
+  var fileInput = $("file-input"), folderInput = $("folder-input"), dropper = $("dropper");
+  [fileInput, folderInput].forEach(function (input) {
+    input.addEventListener("change", function () { addList(input.files); input.value = ""; });
+  });
+  $("choose-files").addEventListener("click", function () { fileInput.click(); });
+  $("choose-folder").addEventListener("click", function () { folderInput.click(); });
+  $("cancel-all").addEventListener("click", function () {
+    uploads.forEach(function (u) { u.cancel(); });
+  });
+  $("retry-failed").addEventListener("click", function () {
+    uploads.forEach(function (u) { if (u.state === "failed") u.retry(); });
+  });
+  document.addEventListener("dragover", function (event) {
+    event.preventDefault();
+    dropper.classList.add("pf-hover");
+  });
+  document.addEventListener("dragleave", function (event) {
+    if (!event.relatedTarget) dropper.classList.remove("pf-hover");
+  });
+  document.addEventListener("drop", function (event) {
+    event.preventDefault();
+    dropper.classList.remove("pf-hover");
+    if (event.dataTransfer) dropped(event.dataTransfer);
+  });
+  document.addEventListener("keydown", function (event) {   // Escape: cancel the file whose row has focus
+    if (event.key !== "Escape") return;
+    uploads.forEach(function (u) { if (u.row && u.row.li.contains(document.activeElement)) u.cancel(); });
+  });
+  window.addEventListener("beforeunload", function (event) {
+    if (!uploads.some(function (u) { return u.active(); })) return;
+    event.preventDefault();
+    event.returnValue = "";
+  });
+
+  // ---- phones: the screen stays on while uploading (where allowed), and a paused page says so ----
+  var wakeLock = {
+    lock: null,
+    update: function () {
+      var want = uploads.some(function (u) { return u.active(); });
+      if (want && !this.lock && navigator.wakeLock && document.visibilityState === "visible") {
+        var self = this;
+        self.lock = "asking";
+        navigator.wakeLock.request("screen").then(function (lock) {
+          self.lock = lock;
+          lock.addEventListener("release", function () { self.lock = null; });
+        }, function () { self.lock = null; });
+      } else if (!want && this.lock && this.lock.release) {
+        this.lock.release();
       }
-      return handleUploadError.call(this, files, xhr, response);
-    };
-  }
+    }
+  };
+  var hiddenSince = 0;
+  document.addEventListener("visibilitychange", function () {
+    if (document.visibilityState === "hidden") { hiddenSince = Date.now(); return; }
+    var away = Date.now() - hiddenSince, active = uploads.some(function (u) { return u.active(); });
+    $("notice").textContent = active && hiddenSince && away > 5000 ?
+      "The browser paused the uploads while this page was in the background; they go on now." : "";
+    if (link.isDown) { clearTimeout(link.timer); link.timer = null; link.probe(); }
+    schedule();
+    wakeLock.update();
+  });
 
-  function previewPart(file, selector) { return file.previewElement && file.previewElement.querySelector(selector); }
-
-  var batch = { bytes: 0, files: 0, done: 0, failed: 0, started: 0 };
-  function updateOverall() {
-    var active = dz.files.filter(function (f) { return f.status === Dropzone.UPLOADING || f.status === Dropzone.QUEUED; });
-    if (!active.length && !batch.files) { overallEl.textContent = ""; return; }
-    var sent = 0, total = 0;
-    dz.files.forEach(function (f) {
-      if (f.pfBatch !== batch.id) return;
-      total += f.size;
-      sent += f.status === Dropzone.SUCCESS ? f.size : ((f.upload && f.upload.bytesSent) || 0);
-    });
-    var elapsed = (Date.now() - batch.started) / 1000;
-    var speed = elapsed > 0.5 ? sent / elapsed : 0;
-    var text = batch.done + " of " + batch.files + (batch.files === 1 ? " file" : " files") + " uploaded";
-    if (batch.failed) text += ", " + batch.failed + " failed";
-    if (active.length) {
-      text += " · " + human(sent) + " of " + human(total);
-      if (speed > 0) text += " · " + human(speed) + "/s · " + duration((total - sent) / speed) + " left";
-    }
-    overallEl.textContent = text;
-  }
-
-  dz.on("addedfile", function (file) {
-    if (!dz.getActiveFiles().some(function (f) { return f !== file && f.pfBatch === batch.id; }) &&
-        batch.done + batch.failed >= batch.files) {
-      batch = { id: Date.now() + Math.random(), bytes: 0, files: 0, done: 0, failed: 0, started: Date.now() };
-    }
-    file.pfBatch = batch.id;
-    batch.files += 1;
-    var size = previewPart(file, ".pf-size");
-    if (size) size.textContent = human(file.size);  // the units of the "Uploaded" list, as text
-    updateOverall();
-  });
-  // The timeout is for a request that makes no progress, not for one that takes long: chunks in flight
-  // share the link, so on a slow one (or with two files at once) a healthy chunk may need longer than the
-  // timeout in all. Each byte sent or received re-arms the watchdog; a stalled request is retried.
-  function watchdog(xhr) {
-    if (!xhr || !cfg.timeoutMs || xhr.pfWatched) return;
-    xhr.pfWatched = true;
-    xhr.timeout = 0;
-    var timer = null;
-    function arm() {
-      clearTimeout(timer);
-      timer = setTimeout(function () {
-        if (xhr.readyState === 4) return;
-        var onTimeout = xhr.ontimeout;
-        xhr.abort();
-        if (onTimeout) onTimeout.call(xhr);
-      }, cfg.timeoutMs);
-    }
-    ["progress", "load"].forEach(function (type) { xhr.upload.addEventListener(type, arm); });
-    xhr.addEventListener("progress", arm);
-    xhr.addEventListener("loadend", function () { clearTimeout(timer); });
-    arm();
-  }
-
-  dz.on("sending", function (file, xhr) {
-    watchdog(xhr);
-    if (!file.pfStarted) file.pfStarted = Date.now();
-    var status = previewPart(file, ".pf-status");
-    if (status && status.textContent === "Waiting…") status.textContent = "Uploading…";
-  });
-  dz.on("uploadprogress", function (file, progress, bytesSent) {
-    var bar = previewPart(file, ".pf-bar");
-    if (bar) bar.setAttribute("aria-valuenow", String(Math.floor(progress)));
-    var elapsed = (Date.now() - (file.pfStarted || Date.now())) / 1000;
-    var speed = elapsed > 0.3 ? bytesSent / elapsed : 0;
-    var status = previewPart(file, ".pf-status");
-    var eta = previewPart(file, ".pf-eta");
-    if (status) status.textContent = Math.floor(progress) + "% · " + human(bytesSent) + (speed ? " · " + human(speed) + "/s" : "");
-    if (eta) eta.textContent = speed ? duration((file.size - bytesSent) / speed) + " left" : "";
-    updateOverall();
-  });
-  dz.on("success", function (file, response) {
-    var result = file.pfResult || (response && response.files ? response.files[0] : response);
-    if (result && result.id) addEntry(result);
-    var status = previewPart(file, ".pf-status");
-    if (status) {
-      status.textContent = result && result.name && result.name !== file.name ? "Uploaded, stored as " + result.name
-        : "Uploaded";
-    }
-    var eta = previewPart(file, ".pf-eta");
-    if (eta) eta.textContent = "";
-    var bar = previewPart(file, ".pf-bar > span");
-    if (bar) bar.style.width = "100%";
-    batch.done += 1;
-    updateOverall();
-  });
-  dz.on("error", function (file, message) {
-    if (file.pfFailed) return;
-    file.pfFailed = true;
-    var text = typeof message === "string" ? message : (message && message.error) || "Upload failed.";
-    var box = previewPart(file, "[data-dz-errormessage]");
-    if (box) box.textContent = text.trim();
-    var status = previewPart(file, ".pf-status");
-    if (status) status.textContent = "Failed";
-    var eta = previewPart(file, ".pf-eta");
-    if (eta) eta.textContent = "";
-    batch.failed += 1;
-    updateOverall();
-  });
-  var dropper = document.getElementById("dropper");
-  dropper.addEventListener("keydown", function (event) {
-    if ((event.key === "Enter" || event.key === " ") && event.target === dropper) {
-      event.preventDefault();
-      dz.hiddenFileInput.click();
-    }
-  });
-  window.pyfiledrop = { dropzone: dz };
+  var limits = "Up to " + human(cfg.maxFileSizeBytes) + " per file.";
+  $("limits").textContent = limits + (cfg.allowDownloads ? " Uploaded files can be downloaded again from this page." : "");
+  window.pyfiledrop = { uploads: uploads, totals: totals, link: link, ready: true };
 })();
 </script>
 </body>

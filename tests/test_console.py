@@ -56,6 +56,14 @@ def interrupt(process: subprocess.Popen, output: Output) -> str:
 
 # -- banner ---------------------------------------------------------------------------------------------------
 
+def test_retired_dropzone_options_say_so_at_start(tmp_path):
+    with cli_server([*folders(tmp_path), "--dz-cdn", "https://cdn.example", "--dz-version", "5.9.3"]) as (process, _):
+        output = Output(process)
+        output.wait_for(lambda text: "Press Ctrl+C to stop." in text)
+        text = interrupt(process, output)
+    assert "--dz-cdn and --dz-version are retired" in text and "ignored" in text
+
+
 def test_banner_shows_version_folders_limits_every_url_and_a_qr_code(tmp_path):
     with cli_server(["--host", "0.0.0.0", *folders(tmp_path), "--max-size", "123"]) as (process, port):
         output = Output(process)
