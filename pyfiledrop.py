@@ -3655,6 +3655,8 @@ def render_index(config: Config) -> tuple[str, str]:
         "claims": not config.allow_downloads,   # see content_reply: no "I have this hash" where files go out
         "workerUrl": "/assets/" + WORKER_ASSET.format(version=__version__),
         "version": __version__,
+        "csrfCookie": CSRF_COOKIE,
+        "csrfHeader": CSRF_HEADER,
     }
     config_json = json.dumps(page_config).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
     html = INDEX_HTML.replace("{{config_json}}", config_json).replace("{{version}}", __version__)
@@ -7277,9 +7279,21 @@ INDEX_HTML = r"""<!doctype html>
     });
     if (least) { least.preempted = true; least.xhr.abort(); }
   }
+  // Behind --password a logged-in browser echoes its login's CSRF cookie (pyfiledrop_csrf) in X-CSRF-Token:
+  // another site can send the cookie but cannot read it.  A 401 means the login ended: the page shows the form.
+  function csrfHeaders(headers) {
+    var match = document.cookie.match(new RegExp("(?:^|;\\s*)" + cfg.csrfCookie + "=([^;]*)"));
+    if (match) headers[cfg.csrfHeader] = decodeURIComponent(match[1]);
+    return headers;
+  }
+  function loginEnded(status) {
+    if (status === 401) location.reload();
+    return status === 401;
+  }
   function rawPostJson(path, body) {
-    return fetch(path, { method: "POST", cache: "no-store", headers: { "Content-Type": "application/json" },
-                         body: JSON.stringify(body) }).then(function (response) {
+    return fetch(path, { method: "POST", cache: "no-store", body: JSON.stringify(body),
+                         headers: csrfHeaders({ "Content-Type": "application/json" }) }).then(function (response) {
+      if (loginEnded(response.status)) return new Promise(function () {});
       if (response.ok) return response.json();
       return response.text().then(function (text) {
         var error = new Error(text.trim() || ("The server answered " + response.status + "."));
@@ -7424,6 +7438,8 @@ INDEX_HTML = r"""<!doctype html>
     upload.inFlight[index] = flight;
     busy += 1;
     xhr.open("POST", "/upload");
+    var csrf = csrfHeaders({});
+    Object.keys(csrf).forEach(function (name) { xhr.setRequestHeader(name, csrf[name]); });
     var watchdog = null;
     function arm() {
       clearTimeout(watchdog);
@@ -7436,7 +7452,10 @@ INDEX_HTML = r"""<!doctype html>
       arm();
       changed = true;
     };
-    xhr.onload = function () { clearTimeout(watchdog); partEnded(upload, index, flight, xhr.status, xhr.responseText); };
+    xhr.onload = function () {
+      clearTimeout(watchdog);
+      if (!loginEnded(xhr.status)) partEnded(upload, index, flight, xhr.status, xhr.responseText);
+    };
     xhr.onerror = xhr.onabort = function () { clearTimeout(watchdog); partEnded(upload, index, flight, 0, ""); };
     arm();
     xhr.send(partForm(upload, index));

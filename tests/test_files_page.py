@@ -221,13 +221,6 @@ def test_100000_ledger_rows_page_and_filter(make_server, page, admin_hash):
     assert page.errors == []
 
 
-def upload_page_sends_csrf() -> bool:
-    """Whether the upload page's script sends the login's CSRF token (the page's part of issue 12)."""
-    return pyfiledrop.CSRF_COOKIE in pyfiledrop.INDEX_HTML or pyfiledrop.CSRF_HEADER in pyfiledrop.INDEX_HTML
-
-
-@pytest.mark.xfail(not upload_page_sends_csrf(), strict=True,
-                   reason="the upload page does not send X-CSRF-Token yet (it belongs to the page's owners)")
 def test_with_a_password_a_browser_logs_in_and_uploads_from_the_page(make_server, page):
     server = make_server(password=pyfiledrop.PasswordHash.of("family"))
     response = page.goto(server.url + "/")
@@ -235,11 +228,10 @@ def test_with_a_password_a_browser_logs_in_and_uploads_from_the_page(make_server
     page.fill("#password", "family")
     page.click("button[type=submit]")
     page.wait_for_url(server.url + "/")
-    page.wait_for_function("() => Boolean(window.pyfiledrop && window.pyfiledrop.dropzone)")
-    page.set_input_files("input.dz-hidden-input", [{"name": "hello.txt", "mimeType": "text/plain",
-                                                     "buffer": b"hello from the page"}])
-    page.wait_for_function("""() => { const files = window.pyfiledrop.dropzone.files;
-        return files.length === 1 && (files[0].status === "success" || files[0].status === "error"); }""")
-    assert page.evaluate("window.pyfiledrop.dropzone.files[0].status") == "success", page.evaluate(
-        "window.pyfiledrop.dropzone.files[0].xhr && window.pyfiledrop.dropzone.files[0].xhr.responseText")
+    page.wait_for_function("() => Boolean(window.pyfiledrop && window.pyfiledrop.uploads)")
+    page.set_input_files("input[type=file]", [{"name": "hello.txt", "mimeType": "text/plain",
+                                               "buffer": b"hello from the page"}])
+    page.wait_for_function("""() => { const files = window.pyfiledrop.uploads;
+        return files.length === 1 && !files[0].active(); }""")
+    assert page.evaluate("window.pyfiledrop.uploads[0].state") == "done"
     assert (server.storage / "hello.txt").read_bytes() == b"hello from the page"
