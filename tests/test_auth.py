@@ -155,7 +155,9 @@ def test_a_page_load_in_a_browser_gets_the_login_form_with_401(protected):
         "Content-Security-Policy"]
 
 
-@pytest.mark.parametrize("path", ["/favicon.ico", f"/assets/dropzone-{pyfiledrop.DROPZONE_VERSION}.min.js", "/login"])
+@pytest.mark.parametrize("path", ["/favicon.ico", "/assets/" + pyfiledrop.WORKER_ASSET.format(version=pyfiledrop.__version__),
+                                  "/assets/" + pyfiledrop.HASH_WASM_ASSET.format(version=pyfiledrop.HASH_WASM_VERSION),
+                                  "/login"])
 def test_the_icon_assets_and_login_page_are_public(protected, path):
     assert req(protected, "GET", path)[0] == 200
 

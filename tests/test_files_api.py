@@ -170,8 +170,9 @@ def test_a_cursor_of_another_sort_order_is_refused(admin):
 
 def test_a_file_removed_or_changed_by_hand_is_marked(admin):
     server = admin()
-    removed, appended, replaced, kept = (put(server, f"{name}.txt", b"12345") for name in
-                                         ("removed", "appended", "replaced", "kept"))
+    # Contents differ: equal ones would be stored as one file (dedup), and a change to one a change to all.
+    removed, appended, replaced, kept = (put(server, f"{name}.txt", f"{number}2345".encode()) for number, name in
+                                         enumerate(("removed", "appended", "replaced", "kept")))
     os.unlink(server.storage / "removed.txt")
     with open(server.storage / "appended.txt", "ab") as handle:
         handle.write(b"6")

@@ -165,9 +165,12 @@ def test_a_form_from_another_site_cannot_cancel(server):
     assert server.engine.info("csrf").state is pyfiledrop.State.RECEIVING
 
 
-def test_there_is_no_delete_route_for_uploads_here(server):
-    # DELETE /api/uploads/ID is the admin's (another route); a page never deletes.
-    assert server.request("DELETE", "/api/uploads/x")[0] == 405
+def test_deleting_an_upload_is_the_admins_alone(server):
+    # DELETE /api/uploads/ID is the admin's; without --admin-password nobody may, the uploader neither.
+    data = data_of(CHUNK)
+    send(server, "mine", 0, data)
+    assert server.request("DELETE", "/api/uploads/mine")[0] == 403
+    assert server.engine.info("mine").state is pyfiledrop.State.STORED
 
 
 # -- the same content, stored once ------------------------------------------------------------------------------
