@@ -11,36 +11,19 @@ import threading
 from pathlib import Path
 
 import pytest
+from browserkit import BROWSER_MARKS, browser  # noqa: F401 (a fixture)
 from conftest import ROOT, sha256
 
 import pyfiledrop
 
-CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = ROOT / "artifacts"
 WAIT_MS = 120_000  # a shared 2-core machine may be slow; waits end as soon as the state is reached
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is not installed (apt-get install chromium)"),
-]
+pytestmark = BROWSER_MARKS
 
-sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright for Python is not installed (pip install playwright)")
-
-LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-               "--disable-component-update", "--disable-sync"]
 
 
 # -- fixtures ---------------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def browser():
-    with sync_api.sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=LAUNCH_ARGS)
-        try:
-            yield chromium
-        finally:
-            chromium.close()
-
 
 @pytest.fixture
 def new_page(browser):

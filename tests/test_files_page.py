@@ -12,34 +12,19 @@ import uuid
 
 import pytest
 
+from browserkit import BROWSER_MARKS, browser  # noqa: F401 (a fixture)
+
 import pyfiledrop
 
-CHROMIUM = "/usr/bin/chromium"
 WAIT_MS = 20_000
 ADMIN = "files page pass"
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is not installed (apt-get install chromium)"),
-]
-sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright for Python is not installed")
-LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-               "--disable-component-update", "--disable-sync"]
+pytestmark = BROWSER_MARKS
 
 
 @pytest.fixture(scope="module")
 def admin_hash():
     return pyfiledrop.PasswordHash.of(ADMIN)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with sync_api.sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=LAUNCH_ARGS)
-        try:
-            yield chromium
-        finally:
-            chromium.close()
 
 
 @pytest.fixture

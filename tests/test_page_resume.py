@@ -14,27 +14,15 @@ import time
 
 import pytest
 from conftest import ROOT, free_port, running_server
-from test_browser import CHROMIUM, LAUNCH_ARGS, WAIT_MS, sync_api
+from browserkit import BROWSER_MARKS, browser  # noqa: F401 (a fixture)
+from test_browser import WAIT_MS
 from wireproxy import WireProxy
 
 import pyfiledrop
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is not installed (apt-get install chromium)"),
-]
+pytestmark = BROWSER_MARKS
 
 MIB = 1024 * 1024
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with sync_api.sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=LAUNCH_ARGS)
-        try:
-            yield chromium
-        finally:
-            chromium.close()
 
 
 @pytest.fixture
