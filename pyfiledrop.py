@@ -6420,6 +6420,11 @@ class SendProgress:
         with self._lock:
             self.finished += 1
 
+    @property
+    def sent_this_run(self) -> int:
+        with self._lock:
+            return self._sent_now
+
     def line(self) -> str:
         with self._lock:
             have, sent, finished = sum(self._offsets.values()), self._sent_now, self.finished
@@ -6588,7 +6593,7 @@ def _send_summary(items: list[SendItem], outcomes: dict, problems: list[str], pr
     failed = [(item, outcome) for item, outcome in outcomes.items() if isinstance(outcome, str)]
     skipped = sum(1 for outcome in outcomes.values() if outcome is True)
     sent = len(items) - len(failed) - skipped
-    stdout.write(f"sent {sent} file(s), {human_size(progress._sent_now)}; {skipped} already on the server\n")
+    stdout.write(f"sent {sent} file(s), {human_size(progress.sent_this_run)}; {skipped} already on the server\n")
     for item, reason in failed:
         stderr.write(f"not sent: {item.path}: {reason}\n")
     for problem in problems:
