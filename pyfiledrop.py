@@ -8409,6 +8409,17 @@ FILES_HTML = """<!doctype html>
   #message { min-height: 1.5em; color: var(--muted); }
   #message.error { color: var(--bad); }
   .table-wrap { overflow-x: auto; }
+  #text-section { border-bottom: 1px solid var(--line); padding-bottom: 8px; }
+  #text-section h2 { font-size: 1.05rem; margin: 12px 0 6px; }
+  .text-grid { display: grid; grid-template-columns: repeat(auto-fit, minmax(320px, 1fr)); gap: 8px 24px; }
+  #shared-input { font: inherit; width: 100%; box-sizing: border-box; padding: 6px 10px; border-radius: 8px;
+         border: 1px solid var(--line); resize: vertical; }
+  #notes { list-style: none; padding: 0; margin: 0; max-height: 22em; overflow: auto; }
+  #notes li { border-bottom: 1px solid var(--line); padding: 6px 0; }
+  #notes .note-meta { color: var(--muted); font-size: .85rem; }
+  #notes .note-text { white-space: pre-wrap; overflow-wrap: anywhere; font: inherit; margin: 2px 0 4px; }
+  #notes .note-actions button, #notes .note-actions a { margin-right: 6px; }
+  #notes a { color: var(--accent); overflow-wrap: anywhere; }
 </style>
 </head>
 <body>
@@ -8418,6 +8429,25 @@ FILES_HTML = """<!doctype html>
   <form method="post" action="/logout" id="logout" hidden><button type="submit" class="link">Log out</button></form>
 </header>
 <main>
+  <section id="text-section" aria-labelledby="text-heading">
+    <div class="text-grid">
+      <div>
+        <h2 id="text-heading"><label for="shared-input">Text shared on the upload page</label></h2>
+        <textarea id="shared-input" rows="3" aria-describedby="shared-state"></textarea>
+        <div class="bar">
+          <button type="button" id="share-text">Share</button>
+          <button type="button" id="unshare-text" class="danger">Stop sharing</button>
+          <span id="shared-state" role="status"></span>
+        </div>
+      </div>
+      <div>
+        <h2 id="notes-heading">Notes sent from the page <button type="button" id="notes-refresh">Refresh</button></h2>
+        <ul id="notes" aria-labelledby="notes-heading"></ul>
+        <p id="notes-empty" class="note-meta">No notes yet.</p>
+        <button type="button" id="notes-more" hidden>Show more notes</button>
+      </div>
+    </div>
+  </section>
   <div class="bar" id="folderbar">
     <span>Folder:</span>
     <span id="crumbs"></span>
@@ -8699,6 +8729,101 @@ FILES_HTML = """<!doctype html>
   $("logout").hidden = !config.loggedIn;
   showFolders();
   reload();
+  textSection();
+
+  // -- text both ways: the shared text and the notes (every text set with textContent or value, never HTML) --
+  function textSection() {
+    var notes = { next: null, newest: null, pages: 0 };
+    function onlyLink(text) {   // a link only when it is the whole text and http(s); it shows what it opens
+      var trimmed = text.trim(), url;
+      if (!trimmed || /\\s/.test(trimmed)) return null;
+      try { url = new URL(trimmed); } catch (error) { return null; }
+      return url.protocol === "http:" || url.protocol === "https:" ? url.href : null;
+    }
+    function copyFrom(node, text, done) {   // navigator.clipboard only in a secure context: else select and copy
+      function selectAndCopy() {
+        var range = document.createRange(), selection = window.getSelection();
+        range.selectNodeContents(node);
+        selection.removeAllRanges();
+        selection.addRange(range);
+        try { return document.execCommand("copy"); } catch (error) { return false; }
+      }
+      if (navigator.clipboard && window.isSecureContext) {
+        navigator.clipboard.writeText(text).then(function () { done(true); }, function () { done(selectAndCopy()); });
+      } else {
+        done(selectAndCopy());
+      }
+    }
+    function addNote(note) {
+      var item = document.createElement("li"), meta = document.createElement("div");
+      var text = document.createElement("pre"), actions = document.createElement("div");
+      item.dataset.id = note.id;
+      meta.className = "note-meta";
+      meta.textContent = when(note.created) + " from " + note.client;
+      text.className = "note-text";
+      text.textContent = note.text;
+      actions.className = "note-actions";
+      item.append(meta, text, actions);
+      button(actions, "Copy", function () {
+        copyFrom(text, note.text, function (copied) { say(copied ? "Copied" : "Select and copy: the note is selected"); });
+      });
+      var href = onlyLink(note.text);
+      if (href) {
+        var link = document.createElement("a");
+        link.href = href;
+        link.textContent = "Open " + href;
+        link.target = "_blank";
+        link.rel = "noopener noreferrer";
+        actions.appendChild(link);
+      }
+      button(actions, "Delete", function () {
+        if (!confirm("Delete this note?")) return;
+        api("DELETE", "/api/notes/" + encodeURIComponent(note.id)).then(function () {
+          item.remove();
+          $("notes-empty").hidden = $("notes").children.length > 0;
+          say("Deleted the note.");
+        }, function (error) { say(error.message, true); });
+      }, true);
+      $("notes").appendChild(item);
+    }
+    function loadNotes(before) {
+      return api("GET", "/api/notes?limit=50" + (before ? "&before=" + encodeURIComponent(before) : "")).then(function (data) {
+        if (!before) {
+          var newest = data.notes.length ? data.notes[0].id : null;
+          if (newest === notes.newest && $("notes").children.length) return;   // unchanged: a selection stays
+          notes.newest = newest;
+          notes.pages = 0;
+          $("notes").textContent = "";
+        }
+        notes.pages += 1;
+        data.notes.forEach(addNote);
+        notes.next = data.next;
+        $("notes-more").hidden = !data.next;
+        $("notes-empty").hidden = $("notes").children.length > 0;
+        document.body.dataset.notesLoaded = String(Date.now());
+      }, function (error) { say(error.message, true); });
+    }
+    function showShared(data) {
+      $("shared-input").value = data.text || "";
+      $("shared-state").textContent = data.text ? "Shared since " + when(data.updated) + "." : "Nothing is shared.";
+      document.body.dataset.sharedLoaded = String(Date.now());
+    }
+    api("GET", "/api/shared-text").then(showShared, function (error) { say(error.message, true); });
+    $("share-text").addEventListener("click", function () {
+      api("PUT", "/api/shared-text", { text: $("shared-input").value }).then(function (data) {
+        showShared(data);
+        say("The text is shared on the upload page.");
+      }, function (error) { say(error.message, true); });
+    });
+    $("unshare-text").addEventListener("click", function () {
+      api("DELETE", "/api/shared-text").then(function (data) { showShared(data); say("Stopped sharing the text."); },
+                                            function (error) { say(error.message, true); });
+    });
+    $("notes-refresh").addEventListener("click", function () { notes.newest = null; loadNotes(null); });
+    $("notes-more").addEventListener("click", function () { if (notes.next) loadNotes(notes.next); });
+    setInterval(function () { if (!document.hidden && notes.pages <= 1) loadNotes(null); }, 10000);
+    loadNotes(null);
+  }
 })();
 </script>
 </body>
