@@ -3,9 +3,12 @@ line, the ledger migration, and who may do what behind passwords."""
 from __future__ import annotations
 
 import base64
+import http.client
 import io
 import json
+import re
 import sqlite3
+import urllib.parse
 
 import pytest
 from conftest import Output, cli_server, http_request, running_server
@@ -268,6 +271,36 @@ def test_with_passwords_notes_need_the_upload_one_and_the_list_the_admin_one(tmp
         assert server.request("PUT", "/api/shared-text", b'{"text": "mine"}', put)[0] == 403
         assert server.request("DELETE", "/api/notes/abc", None, basic(UPLOAD_PASSWORD))[0] == 403
         assert [note["text"] for note in notes(server)["notes"]] == ["right"]
+
+
+def login_cookie(server, password: str) -> tuple[dict, str]:
+    """A browser's login: (its session cookie header, its CSRF token), from the real /login."""
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    try:
+        connection.request("POST", "/login", urllib.parse.urlencode({"password": password}).encode(),
+                           {"Content-Type": "application/x-www-form-urlencoded"})
+        response = connection.getresponse()
+        assert response.status == 303
+        lines = response.headers.get_all("Set-Cookie")
+    finally:
+        connection.close()
+    cookies = dict(re.match(r"pyfiledrop_(session|csrf)=([^;]*)", line).groups() for line in lines)
+    return {"Cookie": f"{pyfiledrop.SESSION_COOKIE}={cookies['session']}"}, cookies["csrf"]
+
+
+def test_a_logged_in_browser_needs_the_csrf_token_for_notes_and_the_shared_text(tmp_path):
+    upload, admin = hashes()
+    with running_server(tmp_path, password=upload, admin_password=admin) as server:
+        cookie, csrf = login_cookie(server, UPLOAD_PASSWORD)
+        assert send_note(server, "no token", cookie)[0] == 403
+        assert send_note(server, "with token", {**cookie, pyfiledrop.CSRF_HEADER: csrf})[0] == 201
+        cookie, csrf = login_cookie(server, ADMIN_PASSWORD)
+        body = b'{"text": "shared"}'
+        assert server.request("PUT", "/api/shared-text", body, {**JSON, **cookie})[0] == 403
+        assert server.request("PUT", "/api/shared-text", body, {**JSON, **cookie, pyfiledrop.CSRF_HEADER: csrf})[0] == 200
+        assert server.request("DELETE", "/api/shared-text", None, cookie)[0] == 403
+        assert shared(server, basic(UPLOAD_PASSWORD))["text"] == "shared"
+        assert [note["text"] for note in notes(server)["notes"]] == ["with token"]
 
 
 def test_without_an_admin_password_notes_are_sent_but_never_listed(make_server):
