@@ -3857,7 +3857,7 @@ def text_board(config: Config, engine: Engine) -> TextBoard:
     """The notes and shared text over the engine's ledger; --share-text replaces what an earlier start kept."""
     board = TextBoard(engine.ledger, clock=engine.clock, events=engine.events, check_space=engine.check_space)
     if config.share_text is not None:
-        board.share(config.share_text, "--share-text")
+        board.share(config.share_text, None)
     return board
 
 
@@ -4523,12 +4523,13 @@ class TextBoard:
         kept = self.ledger.setting(SHARED_TEXT_KEY)
         return {"text": kept[0] if kept else None, "updated": iso_time(kept[1]) if kept else None}
 
-    def share(self, text: str | None, by: str) -> dict:
-        """Share ``text`` (None or "": stop sharing); one console line says who changed it."""
+    def share(self, text: str | None, by: str | None) -> dict:
+        """Share ``text`` (None or "": stop sharing); one console line says who changed it (``by`` None: none,
+        as at start, where the banner says it)."""
         text = text or None
         self.ledger.set_setting(SHARED_TEXT_KEY, text, self.clock())
-        what = f"now {len(text)} characters" if text else "cleared"
-        self.events(Notice(f"shared text {what} ({by})"))
+        if by is not None:
+            self.events(Notice(f"shared text {f'now {len(text)} characters' if text else 'cleared'} ({by})"))
         return self.shared()
 
 
@@ -8420,6 +8421,8 @@ FILES_HTML = """<!doctype html>
   #notes .note-text { white-space: pre-wrap; overflow-wrap: anywhere; font: inherit; margin: 2px 0 4px; }
   #notes .note-actions button, #notes .note-actions a { margin-right: 6px; }
   #notes a { color: var(--accent); overflow-wrap: anywhere; }
+  #text-section h2 button { font-weight: normal; font-size: .9rem; }
+  .note-meta { color: var(--muted); font-size: .85rem; }
 </style>
 </head>
 <body>

@@ -213,6 +213,8 @@ def test_the_admin_shares_and_clears_text_and_it_survives_a_restart(tmp_path):
                                          {**JSON, **basic(ADMIN_PASSWORD)})
         assert status == 200, body
         assert shared(server)["text"] == text
+        assert any(isinstance(event, pyfiledrop.Notice) and event.text.startswith(f"shared text now {len(text)} characters")
+                   for event in server.events)
     with running_server(tmp_path, admin_password=admin) as server:
         assert shared(server)["text"] == text
         assert server.request("DELETE", "/api/shared-text", None, basic(ADMIN_PASSWORD))[0] == 200
@@ -246,6 +248,7 @@ def test_the_banner_says_that_text_is_shared(tmp_path):
         output.wait_for_line(lambda line: line.startswith("  shared text    5 characters (--share-text)"))
         process.terminate()
         output.close()
+    assert output.lines[0].startswith("pyfiledrop ")   # nothing before the banner's first line
 
 
 def test_shared_text_refuses_what_a_note_refuses(admin_server):
