@@ -58,7 +58,7 @@ __version__ = "1.2.0"
 __all__ = [
     "Config", "parse_args", "main", "serve", "create_app", "open_engine", "make_server", "ServerLimits", "Engine",
     "EngineLimits", "Ledger", "LocalBackend", "BackendConstraints", "UploadInfo", "State", "Progress", "Stored",
-    "Refused", "Notice", "UploadError", "BadRequest", "Forbidden", "NotFound", "Conflict", "Superseded",
+    "Refused", "Notice", "NoteReceived", "Note", "TextBoard", "UploadError", "BadRequest", "Forbidden", "NotFound", "Conflict", "Superseded",
     "ChecksumMismatch", "TooLarge", "InsufficientStorage", "StorageFailure", "ClientDisconnected", "Console",
     "sanitize_filename", "sanitize_relative_path", "split_folder", "numbered_name", "chunk_count", "chunk_length",
     "add_range", "range_holes", "prefix_end", "multipart_parts", "FormField", "FilePart",
@@ -94,6 +94,7 @@ MAX_NAME_ATTEMPTS = 10_000
 MAX_FOLDER_DEPTH = 32              # folders an upload may name above its file
 MAX_PATH_BYTES = 1024              # a stored name with its folders (Windows and macOS allow about this much)
 READ_BLOCK = 1 * MIB
+MAX_NOTE_BYTES = 64 * 1024         # a note, or the shared text, in UTF-8: a long message, not a file
 
 DZ_FIELDS = ("dzuuid", "dzchunkindex", "dztotalfilesize", "dzchunksize", "dztotalchunkcount",
              "dzchunkbyteoffset")
@@ -148,6 +149,7 @@ class Config:
     password: PasswordHash | None = None        # --password: uploading and the page (the admin one also works)
     admin_password: PasswordHash | None = None  # --admin-password: also /files and the /api/uploads list
     expire_after_s: float | None = None         # --expire-after: stored files are removed this long after
+    share_text: str | None = None               # --share-text: shown on the page ("" clears what was kept)
 
     @property
     def max_size_bytes(self) -> int:
@@ -326,6 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"ask for a password (or read ${PASSWORD_ENV}) that the page and uploading need")
     add("--admin-password", action="store_true",
         help=f"ask for an admin password (or read ${ADMIN_PASSWORD_ENV}) for /files, the list of every upload")
+    add("--share-text", metavar="TEXT",
+        help="show TEXT on the page with a Copy button (kept for later starts; \"\" stops sharing it); "
+             "the admin can change it on /files")
     add("--expire-after", type=_time_span, metavar="TIME",
         help="remove stored files this long after they were stored (units s, m, h, d: 7d); "
              "their records stay, as expired")
@@ -375,7 +380,21 @@ def parse_args(argv: list[str] | None = None) -> Config:
         password=password,
         admin_password=admin_password,
         expire_after_s=args.expire_after,
+        share_text=_share_text(parser, args.share_text),
     )
+
+
+def _share_text(parser: argparse.ArgumentParser, text: str | None) -> str | None:
+    """--share-text as it is kept: refused when not UTF-8 (bytes the terminal gave as they were) or too long."""
+    if text is None:
+        return None
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        parser.error("--share-text: the text is not valid UTF-8")
+    if size > MAX_NOTE_BYTES:
+        parser.error(f"--share-text: at most {MAX_NOTE_BYTES // 1024} KiB of text, got {size} bytes")
+    return text if text.strip() else ""
 
 
 def _check_tls_and_share(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -425,6 +444,25 @@ def sanitize_filename(raw: str) -> str:
     if _WINDOWS_RESERVED.match(name.partition(".")[0].rstrip(" ")):
         name = "_" + name
     return _truncate_name(name, MAX_NAME_BYTES)
+
+
+_SHOWN_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def visible_line(text: str, limit: int, ellipsis: str = "\u2026") -> str:
+    """``text`` safe for a terminal, on one line: control and format characters (escape sequences, C1 controls,
+    bidi overrides, line separators) written as escapes such as \\n, \\x1b, \\u202e; at most ``limit``
+    characters of the text are shown, then ``ellipsis``."""
+    shown = []
+    for char in text[:limit]:
+        category = unicodedata.category(char)
+        if category in ("Cc", "Cf", "Cs", "Zl", "Zp") and char != "\u200d":   # ZWJ joins emoji, harmless
+            shown.append(_SHOWN_ESCAPES.get(char) or (f"\\x{ord(char):02x}" if ord(char) < 0x100 else
+                                                     f"\\u{ord(char):04x}" if ord(char) < 0x10000 else
+                                                     f"\\U{ord(char):08x}"))
+        else:
+            shown.append(char)
+    return "".join(shown) + (ellipsis if len(text) > limit else "")
 
 
 def sanitize_relative_path(raw: str) -> str:
@@ -787,6 +825,16 @@ class UploadInfo:
         return missing
 
 
+@dataclasses.dataclass(frozen=True)
+class Note:
+    """A text sent from the page: kept as it came (shown only as text, never as HTML or raw on a terminal)."""
+
+    id: str
+    text: str
+    client: str
+    created: float
+
+
 _GONE = {State.FAILED: "That upload failed.", State.EXPIRED: "That upload expired.",
          State.DELETED: "That upload was deleted.", State.RECEIVING: "That upload is still receiving.",
          State.STORED: "That upload is stored."}
@@ -818,6 +866,13 @@ class Ledger:
            CREATE INDEX uploads_by_size ON uploads (COALESCE(size, 0), id);
            CREATE TABLE stored_marks (id TEXT PRIMARY KEY, device INTEGER NOT NULL, inode INTEGER NOT NULL,
                                       size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL);""",
+        # Text both ways: notes sent from the page (seq orders them and pages the list; id is what goes out,
+        # random so it tells nobody how many others sent), and settings such as the shared text.
+        """CREATE TABLE notes (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE, text TEXT NOT NULL,
+                               bytes INTEGER NOT NULL, client TEXT NOT NULL, sender TEXT NOT NULL,
+                               created REAL NOT NULL);
+           CREATE INDEX notes_by_sender ON notes (sender);
+           CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL, updated REAL NOT NULL);""",
         # Dedup asks for the newest few stored copies of some bytes: read off the index, not sorted from all.
         """DROP INDEX uploads_by_content;
            CREATE INDEX uploads_by_content ON uploads (sha256, size, finished);""",
@@ -941,6 +996,45 @@ class Ledger:
             return self._db.execute(
                 "UPDATE uploads SET stored_name = :new || substr(stored_name, length(:old) + 1) "
                 "WHERE substr(stored_name, 1, length(:old) + 1) = :old || '/'", {"old": old, "new": new}).rowcount
+
+    # -- notes and settings -------------------------------------------------------------------------------
+    def add_note(self, note: Note, sender: str) -> None:
+        with self._lock:
+            self._db.execute("INSERT INTO notes (id, text, bytes, client, sender, created) VALUES (?, ?, ?, ?, ?, ?)",
+                             (note.id, note.text, len(note.text.encode("utf-8")), note.client, sender, note.created))
+
+    def sender_usage(self, sender: str) -> tuple[int, int]:
+        """(notes, bytes of text) kept from ``sender``."""
+        with self._lock:
+            count, size = self._db.execute("SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM notes WHERE sender = ?",
+                                           (sender,)).fetchone()
+        return count, size
+
+    def notes(self, limit: int, before: int | None = None) -> list[tuple[int, Note]]:
+        """(seq, note) newest first, those older than ``before`` (a seq) when given."""
+        with self._lock:
+            rows = self._db.execute("SELECT seq, id, text, client, created FROM notes WHERE seq < ? "
+                                    "ORDER BY seq DESC LIMIT ?", (before if before is not None else 1 << 62,
+                                                                  limit)).fetchall()
+        return [(row[0], Note(*row[1:])) for row in rows]
+
+    def delete_note(self, note_id: str) -> bool:
+        with self._lock:
+            return self._db.execute("DELETE FROM notes WHERE id = ?", (note_id,)).rowcount > 0
+
+    def setting(self, key: str) -> tuple[str, float] | None:
+        """(value, when it was set) of a setting, None when unset."""
+        with self._lock:
+            row = self._db.execute("SELECT value, updated FROM settings WHERE key = ?", (key,)).fetchone()
+        return None if row is None else (row[0], row[1])
+
+    def set_setting(self, key: str, value: str | None, when: float) -> None:
+        """Set (None: remove) a setting."""
+        with self._lock:
+            if value is None:
+                self._db.execute("DELETE FROM settings WHERE key = ?", (key,))
+            else:
+                self._db.execute("INSERT OR REPLACE INTO settings VALUES (?, ?, ?)", (key, value, when))
 
     def close(self) -> None:
         with self._lock:
@@ -1376,7 +1470,12 @@ class Notice:
     warning: bool = False
 
 
-EngineEvent = Progress | Stored | Refused | Notice
+@dataclasses.dataclass(frozen=True)
+class NoteReceived:
+    note: Note
+
+
+EngineEvent = Progress | Stored | Refused | Notice | NoteReceived
 
 COMMIT_EVERY = 64 * MIB          # a long request records what arrived this often (a crash loses less)
 SPACE_CHECK_EVERY = 4 * MIB      # how often a long request looks at the free space (statvfs: microseconds)
@@ -3643,6 +3742,7 @@ def _script_hash(html: str) -> str:
 
 WORKER_ASSET = "hasher-{version}.js"
 HASH_WASM_ASSET = "hash-wasm-sha256-{version}.min.js"
+TEXT_ASSET = "text-{version}.js"
 
 
 def render_index(config: Config) -> tuple[str, str]:
@@ -3658,10 +3758,14 @@ def render_index(config: Config) -> tuple[str, str]:
         "version": __version__,
         "csrfCookie": CSRF_COOKIE,
         "csrfHeader": CSRF_HEADER,
+        "noteMaxBytes": MAX_NOTE_BYTES,
     }
     config_json = json.dumps(page_config).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
     html = INDEX_HTML.replace("{{config_json}}", config_json).replace("{{version}}", __version__)
     html = with_shared_list(html, config)
+    if "</body>" in html:   # the text box and the shared text: a script of its own, as the shared list's
+        html = html.replace("</body>", f'<script src="/assets/{TEXT_ASSET.format(version=__version__)}" defer>'
+                                       "</script>\n</body>", 1)
     policy = (f"default-src 'self'; script-src 'self' '{_script_hash(html)}'; worker-src 'self'; style-src 'self' "
               "'unsafe-inline'; img-src 'self' data: blob:; connect-src 'self'; object-src 'none'; base-uri 'none'; "
               "form-action 'self'; frame-ancestors 'none'")
@@ -3675,6 +3779,7 @@ def page_assets() -> dict[str, tuple[bytes, str]]:
     return {
         hash_wasm: (unpack_asset(HASH_WASM_SHA256_JS), "application/javascript"),
         WORKER_ASSET.format(version=__version__): (worker.encode("utf-8"), "application/javascript"),
+        TEXT_ASSET.format(version=__version__): (TEXT_JS.encode("utf-8"), "application/javascript"),
     }
 
 
@@ -3707,6 +3812,8 @@ def create_app(config: Config, engine: Engine) -> bottle.Bottle:
 
     def client() -> str:
         return bottle.request.environ.get("REMOTE_ADDR", "")
+
+    _text_routes(app, text_board(config, engine), client)
 
     @app.post("/upload", report=True)
     def upload():
@@ -3744,6 +3851,14 @@ def create_app(config: Config, engine: Engine) -> bottle.Bottle:
                      bottle.response.status_code)
 
     return app
+
+
+def text_board(config: Config, engine: Engine) -> TextBoard:
+    """The notes and shared text over the engine's ledger; --share-text replaces what an earlier start kept."""
+    board = TextBoard(engine.ledger, clock=engine.clock, events=engine.events, check_space=engine.check_space)
+    if config.share_text is not None:
+        board.share(config.share_text, None)
+    return board
 
 
 def _resume_routes(app: bottle.Bottle, config: Config, engine: Engine, client: Callable[[], str]) -> None:
@@ -4319,6 +4434,301 @@ SHARED_JS = r"""(function () {
 
 
 ###############################################################################
+# Text both ways: notes and the shared text ###################################
+###############################################################################
+# A box on the page sends a note (a message, a link) to this PC: one console line, kept in the ledger, listed on
+# /files.  The text shared from this PC (--share-text, or set on /files) shows on the page with a Copy button.
+# Both are hostile input to whoever reads them: pages set them as text (textContent, never HTML), the console
+# shows them through visible_line, and a link is opened only when it is the whole text and http(s).
+
+MAX_NOTE_BODY = 6 * MAX_NOTE_BYTES + 1024   # the JSON of the longest note, every character escaped (\u0001)
+NOTES_PER_SENDER = 500                      # kept from one address (IPv6: one /64) until the admin deletes some
+NOTE_BYTES_PER_SENDER = 8 * MIB
+MAX_NOTES_LISTED = 200
+SHARED_TEXT_KEY = "shared_text"
+
+
+def sender_of(address: str) -> str:
+    """Who counts as one sender for the caps: the address, an IPv6 one by its /64 (one device can rotate within
+    it), as the password throttle counts them."""
+    return _Throttle._key(address)
+
+
+def note_text(request: dict) -> str:
+    """The "text" of a note or shared-text request: a non-empty string of valid UTF-8, at most MAX_NOTE_BYTES."""
+    text = request.get("text")
+    if not isinstance(text, str):
+        raise BadRequest('Send {"text": "..."}.')
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError:   # a lone surrogate ("\ud800" in the JSON): no text any page could show
+        raise BadRequest("The text is not valid Unicode.") from None
+    if size > MAX_NOTE_BYTES:
+        raise TooLarge(f"The text is {size} bytes; at most {MAX_NOTE_BYTES // 1024} KiB is accepted.")
+    if not text.strip():
+        raise BadRequest("The text is empty.")
+    return text
+
+
+def read_text_request(environ: dict) -> str:
+    """A JSON {"text": ...} body: 413 before reading a body that cannot hold an acceptable text."""
+    length = content_length(environ)
+    if length is not None and length > MAX_NOTE_BODY:
+        raise TooLarge(f"Too long: at most {MAX_NOTE_BYTES // 1024} KiB of text is accepted.")
+    return note_text(read_json(environ, MAX_NOTE_BODY))
+
+
+class TextBoard:
+    """Notes from the page and the shared text, kept in the ledger (so both survive a restart)."""
+
+    def __init__(self, ledger: Ledger, *, clock: Callable[[], float] = time.time,
+                 events: Callable[[EngineEvent], None] = lambda event: None,
+                 check_space: Callable[[int], None] = lambda size: None):
+        self.ledger = ledger
+        self.clock = clock
+        self.events = events
+        self.check_space = check_space   # the engine's free-space reserve: notes never fill the disk either
+        self._lock = threading.Lock()    # the cap's count and the insert, together
+
+    def receive(self, text: str, client: str) -> Note:
+        sender = sender_of(client)
+        with self._lock:
+            count, size = self.ledger.sender_usage(sender)
+            if count >= NOTES_PER_SENDER or size + len(text.encode("utf-8")) > NOTE_BYTES_PER_SENDER:
+                raise TooManyNotes(f"This address has sent as many notes as the server keeps "
+                                   f"({NOTES_PER_SENDER}, or {NOTE_BYTES_PER_SENDER // MIB} MiB): "
+                                   "the admin can delete some on /files.")
+            self.check_space(len(text.encode("utf-8")) * 2)
+            note = Note(uuid.uuid4().hex, text, client, self.clock())
+            try:
+                self.ledger.add_note(note, sender)
+            except sqlite3.Error as error:
+                log.error("the ledger could not record a note: %s", error)
+                raise StorageFailure("The server could not record the note.") from None
+        self.events(NoteReceived(note))
+        return note
+
+    def page(self, limit: int = 50, before: int | None = None) -> dict:
+        """GET /api/notes: newest first; "next" continues the list after the last one given."""
+        rows = self.ledger.notes(limit + 1, before)
+        more, rows = len(rows) > limit, rows[:limit]
+        return {"notes": [note_entry(note) for _, note in rows], "next": str(rows[-1][0]) if more else None}
+
+    def delete(self, note_id: str) -> dict:
+        if not is_valid_id(note_id) or not self.ledger.delete_note(note_id):
+            raise NotFound("No such note.")
+        return {"id": note_id, "deleted": True}
+
+    def shared(self) -> dict:
+        kept = self.ledger.setting(SHARED_TEXT_KEY)
+        return {"text": kept[0] if kept else None, "updated": iso_time(kept[1]) if kept else None}
+
+    def share(self, text: str | None, by: str | None) -> dict:
+        """Share ``text`` (None or "": stop sharing); one console line says who changed it (``by`` None: none,
+        as at start, where the banner says it)."""
+        text = text or None
+        self.ledger.set_setting(SHARED_TEXT_KEY, text, self.clock())
+        if by is not None:
+            self.events(Notice(f"shared text {f'now {len(text)} characters' if text else 'cleared'} ({by})"))
+        return self.shared()
+
+
+class TooManyNotes(UploadError):
+    status = 429
+
+
+def note_entry(note: Note) -> dict:
+    return {"id": note.id, "text": note.text, "client": note.client, "created": iso_time(note.created)}
+
+
+def _notes_cursor(text: str | None) -> int | None:
+    if not text:
+        return None
+    if not text.isdigit() or len(text) > 18:
+        raise BadRequest("Malformed ?before= (use the \"next\" of the previous page).")
+    return int(text)
+
+
+def _text_routes(app: bottle.Bottle, board: TextBoard, client: Callable[[], str]) -> None:
+    """POST /api/notes (uploaders), the notes list and delete (admin), the shared text (read: uploaders)."""
+
+    @app.post("/api/notes", report=True)
+    def note_send():
+        if _cross_site(bottle.request.environ):   # also without a password: a JSON body is not enough alone
+            raise Forbidden("A request from another site was refused.")
+        note = board.receive(read_text_request(bottle.request.environ), client())
+        return _json({"id": note.id, "created": iso_time(note.created)}, 201)
+
+    @app.get("/api/notes", auth=ADMIN)
+    def notes_list():
+        limit = bottle.request.query.get("limit") or "50"
+        if not limit.isdigit() or not 1 <= int(limit) <= MAX_NOTES_LISTED:
+            raise BadRequest(f"?limit= is a number from 1 to {MAX_NOTES_LISTED}.")
+        return _json(board.page(int(limit), _notes_cursor(bottle.request.query.get("before"))))
+
+    @app.delete("/api/notes/<note_id>", auth=ADMIN, report=True)
+    def note_delete(note_id):
+        return _json(board.delete(note_id))
+
+    @app.get("/api/shared-text")
+    def shared_text():
+        return _json(board.shared())
+
+    @app.put("/api/shared-text", auth=ADMIN, report=True)
+    def shared_text_set():
+        return _json(board.share(read_text_request(bottle.request.environ), f"from /files by {client()}"))
+
+    @app.delete("/api/shared-text", auth=ADMIN, report=True)
+    def shared_text_clear():
+        return _json(board.share(None, f"from /files by {client()}"))
+
+
+# The page's text box and shared text, a script of its own (no inline code, so the page's Content-Security-Policy
+# needs no change): it adds its section above the "Uploaded" list.  Every text is set with textContent or value.
+TEXT_JS = r"""(function () {
+  "use strict";
+  var cfg = JSON.parse(document.getElementById("pyfiledrop-config").textContent);
+  var POLL_MS = 5000;   // the shared text changes rarely; a phone sees a change within seconds
+  function el(tag, attributes, text) {
+    var node = document.createElement(tag);
+    Object.keys(attributes || {}).forEach(function (name) { node.setAttribute(name, attributes[name]); });
+    if (text) node.textContent = text;
+    return node;
+  }
+  var style = el("style", {}, [
+    "#text-box textarea { font: inherit; width: 100%; min-height: 4.5em; padding: 8px; border-radius: 8px;",
+    "  border: 1px solid var(--line); background: var(--card); color: var(--fg); resize: vertical; }",
+    "#text-box textarea:focus-visible { outline: 3px solid #ffbf47; outline-offset: 2px; }",
+    "#text-box label { display: block; margin: 0 0 4px; }",
+    "#shared-text-area { border: 1px solid var(--line); border-radius: 10px; background: var(--card);",
+    "  padding: 8px 10px; margin: 0 0 16px; }",
+    "#shared-text { white-space: pre-wrap; overflow-wrap: anywhere; font: inherit; margin: 4px 0 8px;",
+    "  max-height: 40vh; overflow: auto; }",
+    "#shared-text-area h3 { font-size: 1rem; margin: 0; }",
+    "#text-box a { color: var(--accent); overflow-wrap: anywhere; }",
+    "#text-box .pf-tools { align-items: center; margin-top: 8px; }",
+    "#note-status.pf-bad, #copy-status.pf-bad { color: var(--bad); font-weight: 600; }"].join("\n"));
+  document.head.appendChild(style);
+
+  var section = el("section", { id: "text-box", "aria-labelledby": "text-heading" });
+  section.appendChild(el("h2", { id: "text-heading" }, "Text"));
+  var area = el("div", { id: "shared-text-area" });
+  area.hidden = true;
+  area.appendChild(el("h3", { id: "shared-text-heading" }, "Shared from this computer"));
+  var shared = el("pre", { id: "shared-text", tabindex: "0", "aria-labelledby": "shared-text-heading" });
+  var linkLine = el("p", { id: "shared-link-line", class: "pf-meta" }, "Open: ");
+  var link = el("a", { id: "shared-link", target: "_blank", rel: "noopener noreferrer" });
+  linkLine.appendChild(link);
+  var copyTools = el("div", { class: "pf-tools" });
+  var copy = el("button", { type: "button", id: "copy-shared-text" }, "Copy");
+  var copyStatus = el("span", { id: "copy-status", role: "status" });
+  copyTools.append(copy, copyStatus);
+  area.append(shared, linkLine, copyTools);
+  var label = el("label", { for: "note-text" }, "Send a note or a link to this computer");
+  var box = el("textarea", { id: "note-text", rows: "3", "aria-describedby": "note-status" });
+  var sendTools = el("div", { class: "pf-tools" });
+  var send = el("button", { type: "button", id: "send-note", class: "pf-main" }, "Send text");
+  var sendStatus = el("span", { id: "note-status", role: "status", "aria-live": "polite" });
+  sendTools.append(send, sendStatus);
+  section.append(area, label, box, sendTools);
+  var main = document.querySelector("main") || document.body;
+  var uploaded = document.getElementById("uploaded-heading");
+  var before = uploaded ? uploaded.closest("section") : main.querySelector("footer");
+  main.insertBefore(section, before && before.parentNode === main ? before : null);
+
+  function say(node, text, bad) { node.textContent = text; node.className = bad ? "pf-bad" : ""; }
+  function csrfHeaders(headers) {   // as the uploader: the login's CSRF cookie echoed (behind --password)
+    var match = document.cookie.match(new RegExp("(?:^|;\\s*)" + cfg.csrfCookie + "=([^;]*)"));
+    if (match) headers[cfg.csrfHeader] = decodeURIComponent(match[1]);
+    return headers;
+  }
+  // A link is offered only when it is the whole text and http(s): "javascript:" and the like never become one,
+  // and the link shows the address it opens (as the browser parsed it: punycode for look-alike host names).
+  function onlyLink(text) {
+    var trimmed = text.trim(), url;
+    if (!trimmed || /\s/.test(trimmed)) return null;
+    try { url = new URL(trimmed); } catch (error) { return null; }
+    return url.protocol === "http:" || url.protocol === "https:" ? url.href : null;
+  }
+
+  var current = null;
+  function showShared(text) {
+    if (text === current) return;   // unchanged: a selection the person is making stays
+    current = text;
+    area.hidden = !text;
+    shared.textContent = text || "";
+    var href = text ? onlyLink(text) : null;
+    linkLine.hidden = !href;
+    if (href) { link.href = href; link.textContent = href; } else { link.removeAttribute("href"); }
+    say(copyStatus, "");
+    section.dataset.shared = String(Date.now());
+  }
+  function loadShared() {
+    return fetch("/api/shared-text", { cache: "no-store" }).then(function (response) {
+      if (!response.ok) throw new Error(String(response.status));
+      return response.json();
+    }).then(function (reply) { showShared(reply.text); }, function () { /* kept as shown; tried again soon */ });
+  }
+  // navigator.clipboard exists only in a secure context (HTTPS, localhost); over plain HTTP on the LAN the
+  // text is selected and copied with execCommand, and where even that is refused it stays selected.
+  function selectShared() {
+    var range = document.createRange();
+    range.selectNodeContents(shared);
+    var selection = window.getSelection();
+    selection.removeAllRanges();
+    selection.addRange(range);
+    try { return document.execCommand("copy"); } catch (error) { return false; }
+  }
+  function copied(done) {
+    say(copyStatus, done ? "Copied" : "Select and copy: the text is selected", !done);
+    section.dataset.copied = done ? "clipboard" : "selected";
+  }
+  copy.addEventListener("click", function () {
+    if (navigator.clipboard && window.isSecureContext) {
+      navigator.clipboard.writeText(current || "").then(function () { copied(true); },
+                                                         function () { copied(selectShared()); });
+    } else {
+      copied(selectShared());
+    }
+  });
+
+  function sendNote() {
+    var text = box.value;
+    if (!text.trim()) { say(sendStatus, "Type a note or paste a link first.", true); box.focus(); return; }
+    if (new TextEncoder().encode(text).length > cfg.noteMaxBytes) {
+      say(sendStatus, "Too long: at most " + Math.floor(cfg.noteMaxBytes / 1024) + " KiB of text.", true);
+      return;
+    }
+    send.disabled = true;
+    say(sendStatus, "Sending\u2026");
+    fetch("/api/notes", { method: "POST", cache: "no-store", body: JSON.stringify({ text: text }),
+                          headers: csrfHeaders({ "Content-Type": "application/json" }) }).then(function (response) {
+      if (response.status === 401) { location.reload(); return; }
+      if (response.ok) {
+        if (box.value === text) box.value = "";
+        say(sendStatus, "Sent at " + new Date().toLocaleTimeString() + ".");
+        return;
+      }
+      return response.text().then(function (message) {
+        say(sendStatus, "Not sent: " + (message.trim() || "the server answered " + response.status + "."), true);
+      });
+    }, function () {
+      say(sendStatus, "Not sent: the server cannot be reached. Your text is still in the box.", true);
+    }).then(function () { send.disabled = false; });
+  }
+  send.addEventListener("click", sendNote);
+  box.addEventListener("keydown", function (event) {   // Ctrl+Enter (Cmd+Enter) sends; Enter is a new line
+    if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) { event.preventDefault(); sendNote(); }
+  });
+
+  loadShared();
+  setInterval(function () { if (!document.hidden) loadShared(); }, POLL_MS);
+  document.addEventListener("visibilitychange", function () { if (!document.hidden) loadShared(); });
+})();
+"""
+
+
+###############################################################################
 # Console #####################################################################
 ###############################################################################
 
@@ -4408,7 +4818,7 @@ def page_urls(host: str, port: int, *, scheme: str = "http") -> list[str]:
     return [f"{scheme}://{h}:{port}/" for h in hosts]
 
 
-def banner(config: Config, urls: list[str], tls: TLSIdentity | None = None) -> str:
+def banner(config: Config, urls: list[str], tls: TLSIdentity | None = None, shared_text: str | None = None) -> str:
     ttl = f"{config.partial_ttl_hours:g} h"
     lines = [
         f"pyfiledrop {__version__}",
@@ -4422,6 +4832,7 @@ def banner(config: Config, urls: list[str], tls: TLSIdentity | None = None) -> s
         *expiry_banner_lines(config),
         *tls_banner_lines(tls),
         *share_banner_lines(config),
+        *shared_text_banner_lines(config, shared_text),
         *page_banner_lines(config),
         *address_banner_lines(config.host, urls),
     ]
@@ -4472,6 +4883,15 @@ def share_banner_lines(config: Config) -> list[str]:
     files, truncated = shared_files(config.share)
     count = f"{len(files)}{'+' if truncated else ''} file{'' if len(files) == 1 else 's'}"
     return [f"  sharing        {config.share} ({count}, listed on the page for download)"]
+
+
+def shared_text_banner_lines(config: Config, text: str | None) -> list[str]:
+    """Text kept from an earlier start is easy to forget: the banner says it is still on the page."""
+    if not text:
+        return []
+    origin = "--share-text" if config.share_text else "kept from an earlier start"
+    return [f"  shared text    {len(text)} characters ({origin}), on the page for everyone who may see it; "
+            "clear it on /files or with --share-text \"\""]
 
 
 def tls_banner_lines(tls: TLSIdentity | None) -> list[str]:
@@ -4638,6 +5058,19 @@ class Console:
                           warning=event.status >= 500 or event.status in (413, 507))
         elif isinstance(event, Notice):
             self.log_line(event.text, warning=event.warning)
+        elif isinstance(event, NoteReceived):
+            self.note(event.note)
+
+    NOTE_SHOWN_CHARS = 120   # the console shows a note's start; /files and the ledger keep all of it
+
+    def note(self, note: Note) -> None:
+        """A note as one line: who sent it, how long it is, its start with nothing a terminal would obey."""
+        text = visible_line(note.text, self.NOTE_SHOWN_CHARS, self._ellipsis)
+        encoding = getattr(self.out, "encoding", None)
+        if encoding:   # what the console cannot show, as escapes (else the whole line would be lost)
+            with contextlib.suppress(LookupError):
+                text = text.encode(encoding, "backslashreplace").decode(encoding)
+        self.log_line(f"note from {note.client or '-'} ({len(note.text)} characters): {text}")
 
     def log_line(self, text: str, *, warning: bool = False) -> None:
         if warning:
@@ -6121,8 +6554,9 @@ def _write_atomically(path: Path, data: bytes) -> None:
 ###############################################################################
 
 
-def _print_banner(config: Config, urls: list[str], console: Console, tls: TLSIdentity | None = None) -> None:
-    text = banner(config, urls, tls)
+def _print_banner(config: Config, urls: list[str], console: Console, tls: TLSIdentity | None = None,
+                  shared_text: str | None = None) -> None:
+    text = banner(config, urls, tls, shared_text)
     no_qr = None
     if config.qr and not is_loopback(config.host):  # a phone cannot open this machine's loopback address
         try:
@@ -6159,7 +6593,7 @@ def serve(config: Config, engine: Engine, server, *, stop: threading.Event | Non
     urls = page_urls(config.host, server.server_address[1], scheme="https" if tls else "http")
     try:  # from here on Ctrl+C ends with the last line, even while the banner is being printed
         if not config.quiet:
-            _print_banner(config, urls, console, tls)
+            _print_banner(config, urls, console, tls, (engine.ledger.setting(SHARED_TEXT_KEY) or ("",))[0])
         for warning in warnings:  # after the banner, so the first line says what is starting
             log.warning("%s", warning)
         server.serve(stop)
@@ -7981,6 +8415,19 @@ FILES_HTML = """<!doctype html>
   #message { min-height: 1.5em; color: var(--muted); }
   #message.error { color: var(--bad); }
   .table-wrap { overflow-x: auto; }
+  #text-section { border-bottom: 1px solid var(--line); padding-bottom: 8px; }
+  #text-section h2 { font-size: 1.05rem; margin: 12px 0 6px; }
+  .text-grid { display: grid; grid-template-columns: repeat(auto-fit, minmax(320px, 1fr)); gap: 8px 24px; }
+  #shared-input { font: inherit; width: 100%; box-sizing: border-box; padding: 6px 10px; border-radius: 8px;
+         border: 1px solid var(--line); resize: vertical; }
+  #notes { list-style: none; padding: 0; margin: 0; max-height: 22em; overflow: auto; }
+  #notes li { border-bottom: 1px solid var(--line); padding: 6px 0; }
+  #notes .note-meta { color: var(--muted); font-size: .85rem; }
+  #notes .note-text { white-space: pre-wrap; overflow-wrap: anywhere; font: inherit; margin: 2px 0 4px; }
+  #notes .note-actions button, #notes .note-actions a { margin-right: 6px; }
+  #notes a { color: var(--accent); overflow-wrap: anywhere; }
+  #text-section h2 button { font-weight: normal; font-size: .9rem; }
+  .note-meta { color: var(--muted); font-size: .85rem; }
 </style>
 </head>
 <body>
@@ -7990,6 +8437,25 @@ FILES_HTML = """<!doctype html>
   <form method="post" action="/logout" id="logout" hidden><button type="submit" class="link">Log out</button></form>
 </header>
 <main>
+  <section id="text-section" aria-labelledby="text-heading">
+    <div class="text-grid">
+      <div>
+        <h2 id="text-heading"><label for="shared-input">Text shared on the upload page</label></h2>
+        <textarea id="shared-input" rows="3" aria-describedby="shared-state"></textarea>
+        <div class="bar">
+          <button type="button" id="share-text">Share</button>
+          <button type="button" id="unshare-text" class="danger">Stop sharing</button>
+          <span id="shared-state" role="status"></span>
+        </div>
+      </div>
+      <div>
+        <h2 id="notes-heading">Notes sent from the page <button type="button" id="notes-refresh">Refresh</button></h2>
+        <ul id="notes" aria-labelledby="notes-heading"></ul>
+        <p id="notes-empty" class="note-meta">No notes yet.</p>
+        <button type="button" id="notes-more" hidden>Show more notes</button>
+      </div>
+    </div>
+  </section>
   <div class="bar" id="folderbar">
     <span>Folder:</span>
     <span id="crumbs"></span>
@@ -8271,6 +8737,101 @@ FILES_HTML = """<!doctype html>
   $("logout").hidden = !config.loggedIn;
   showFolders();
   reload();
+  textSection();
+
+  // -- text both ways: the shared text and the notes (every text set with textContent or value, never HTML) --
+  function textSection() {
+    var notes = { next: null, newest: null, pages: 0 };
+    function onlyLink(text) {   // a link only when it is the whole text and http(s); it shows what it opens
+      var trimmed = text.trim(), url;
+      if (!trimmed || /\\s/.test(trimmed)) return null;
+      try { url = new URL(trimmed); } catch (error) { return null; }
+      return url.protocol === "http:" || url.protocol === "https:" ? url.href : null;
+    }
+    function copyFrom(node, text, done) {   // navigator.clipboard only in a secure context: else select and copy
+      function selectAndCopy() {
+        var range = document.createRange(), selection = window.getSelection();
+        range.selectNodeContents(node);
+        selection.removeAllRanges();
+        selection.addRange(range);
+        try { return document.execCommand("copy"); } catch (error) { return false; }
+      }
+      if (navigator.clipboard && window.isSecureContext) {
+        navigator.clipboard.writeText(text).then(function () { done(true); }, function () { done(selectAndCopy()); });
+      } else {
+        done(selectAndCopy());
+      }
+    }
+    function addNote(note) {
+      var item = document.createElement("li"), meta = document.createElement("div");
+      var text = document.createElement("pre"), actions = document.createElement("div");
+      item.dataset.id = note.id;
+      meta.className = "note-meta";
+      meta.textContent = when(note.created) + " from " + note.client;
+      text.className = "note-text";
+      text.textContent = note.text;
+      actions.className = "note-actions";
+      item.append(meta, text, actions);
+      button(actions, "Copy", function () {
+        copyFrom(text, note.text, function (copied) { say(copied ? "Copied" : "Select and copy: the note is selected"); });
+      });
+      var href = onlyLink(note.text);
+      if (href) {
+        var link = document.createElement("a");
+        link.href = href;
+        link.textContent = "Open " + href;
+        link.target = "_blank";
+        link.rel = "noopener noreferrer";
+        actions.appendChild(link);
+      }
+      button(actions, "Delete", function () {
+        if (!confirm("Delete this note?")) return;
+        api("DELETE", "/api/notes/" + encodeURIComponent(note.id)).then(function () {
+          item.remove();
+          $("notes-empty").hidden = $("notes").children.length > 0;
+          say("Deleted the note.");
+        }, function (error) { say(error.message, true); });
+      }, true);
+      $("notes").appendChild(item);
+    }
+    function loadNotes(before) {
+      return api("GET", "/api/notes?limit=50" + (before ? "&before=" + encodeURIComponent(before) : "")).then(function (data) {
+        if (!before) {
+          var newest = data.notes.length ? data.notes[0].id : null;
+          if (newest === notes.newest && $("notes").children.length) return;   // unchanged: a selection stays
+          notes.newest = newest;
+          notes.pages = 0;
+          $("notes").textContent = "";
+        }
+        notes.pages += 1;
+        data.notes.forEach(addNote);
+        notes.next = data.next;
+        $("notes-more").hidden = !data.next;
+        $("notes-empty").hidden = $("notes").children.length > 0;
+        document.body.dataset.notesLoaded = String(Date.now());
+      }, function (error) { say(error.message, true); });
+    }
+    function showShared(data) {
+      $("shared-input").value = data.text || "";
+      $("shared-state").textContent = data.text ? "Shared since " + when(data.updated) + "." : "Nothing is shared.";
+      document.body.dataset.sharedLoaded = String(Date.now());
+    }
+    api("GET", "/api/shared-text").then(showShared, function (error) { say(error.message, true); });
+    $("share-text").addEventListener("click", function () {
+      api("PUT", "/api/shared-text", { text: $("shared-input").value }).then(function (data) {
+        showShared(data);
+        say("The text is shared on the upload page.");
+      }, function (error) { say(error.message, true); });
+    });
+    $("unshare-text").addEventListener("click", function () {
+      api("DELETE", "/api/shared-text").then(function (data) { showShared(data); say("Stopped sharing the text."); },
+                                            function (error) { say(error.message, true); });
+    });
+    $("notes-refresh").addEventListener("click", function () { notes.newest = null; loadNotes(null); });
+    $("notes-more").addEventListener("click", function () { if (notes.next) loadNotes(notes.next); });
+    setInterval(function () { if (!document.hidden && notes.pages <= 1) loadNotes(null); }, 10000);
+    loadNotes(null);
+  }
 })();
 </script>
 </body>

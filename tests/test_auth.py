@@ -127,7 +127,9 @@ def cookie_header(session: str) -> dict:
 
 PROTECTED_ROUTES = [("GET", "/"), ("POST", "/upload"), ("PUT", "/upload/x.txt"), ("GET", "/api/uploads/abc"),
                     ("GET", "/download/abc"), ("GET", "/files"), ("GET", "/api/uploads"),
-                    ("DELETE", "/api/uploads/abc"), ("GET", "/api/folders"), ("POST", "/api/cleanup")]
+                    ("DELETE", "/api/uploads/abc"), ("GET", "/api/folders"), ("POST", "/api/cleanup"),
+                    ("POST", "/api/notes"), ("GET", "/api/notes"), ("DELETE", "/api/notes/abc"),
+                    ("GET", "/api/shared-text"), ("PUT", "/api/shared-text"), ("DELETE", "/api/shared-text")]
 
 
 @pytest.mark.parametrize("method,path", PROTECTED_ROUTES)
