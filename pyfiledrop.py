@@ -2900,29 +2900,38 @@ class S3Engine:
         now = self.clock() if now is None else now
         cutoff = now - self.limits.partial_ttl
         receiving: dict[str, _S3Upload] = {}
+        ended: set[str] = set()
         removed = 0
         for upload in self._records():
             if upload.info.state is not State.RECEIVING:
+                ended.add(upload.info.id)
                 continue
             info = self._received(upload)[0]
             if info.state is State.RECEIVING and info.updated < cutoff and upload.info.id not in self._busy:
                 self._end(upload, State.EXPIRED, "untouched for too long")
+                ended.add(upload.info.id)
                 removed += 1
             elif info.state is State.RECEIVING:
                 receiving[upload.info.id] = upload
-        self._sweep(receiving, cutoff)
+            else:
+                ended.add(upload.info.id)
+        self._sweep(receiving, ended, cutoff)
         if removed:
             self.events(Notice(f"removed {removed} unfinished upload(s) untouched for "
                                f"{self.limits.partial_ttl / 3600:g} hours"))
         return removed
 
 
-    def _sweep(self, receiving: dict[str, _S3Upload], cutoff: float) -> None:
-        """Leftovers of nodes that stopped mid-way: staged objects of uploads no longer receiving, and claims (with
+    def _sweep(self, receiving: dict[str, _S3Upload], ended: set[str], cutoff: float) -> None:
+        """Leftovers of nodes that stopped mid-way: staged objects of uploads that ended (or of none, untouched
+        since ``cutoff``: an upload created since the records were listed may be staging now), and claims (with
         the multipart uploads at their names) untouched since ``cutoff`` that belong to no upload receiving."""
         staged_prefix = self.store.meta("staged/")
-        leftovers = [item["Key"] for item in self.store.listing(staged_prefix)
-                     if item["Key"][len(staged_prefix):].split("/", 1)[0] not in receiving]
+        leftovers = []
+        for item in self.store.listing(staged_prefix):
+            owner = item["Key"][len(staged_prefix):].split("/", 1)[0]
+            if owner in ended or (owner not in receiving and item["LastModified"].timestamp() < cutoff):
+                leftovers.append(item["Key"])
         self.store.delete(*leftovers)
         live = {upload.multipart for upload in (*receiving.values(), *self._whole.values())}
         claims = self.store.meta("claims/")

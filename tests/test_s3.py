@@ -283,6 +283,55 @@ def test_chunks_alternated_between_two_nodes_make_one_file_listed_by_both(nodes,
         assert [(info.stored_name, info.state) for info in listed] == [("shared.bin", pyfiledrop.State.STORED)]
 
 
+def test_the_first_chunks_of_a_new_upload_on_two_nodes_at_once_make_one_upload(nodes, s3, bucket):
+    """As behind a load balancer: the page sends three chunks of a new file at once, to different nodes."""
+    first, second = nodes(2)
+    data = os.urandom(4 * 5 * MIB)
+    upload_id = str(uuid.uuid4())
+    statuses = []
+
+    def send(index):
+        node = (first, second)[index % 2]
+        status, _, body = node.post_chunk(upload_id, index, data[index * 5 * MIB:(index + 1) * 5 * MIB], len(data),
+                                          5 * MIB, "race.bin")
+        statuses.append((status, body))
+
+    threads = [threading.Thread(target=send, args=(index,)) for index in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert all(status == 200 for status, _ in statuses), statuses
+    assert upload_status(first, upload_id)["complete"]
+    assert user_objects(s3, bucket) == ["race.bin"] and stored(s3, bucket, "race.bin") == data
+    assert not multipart_uploads(s3, bucket)
+    assert s3.list_objects_v2(Bucket=bucket, Prefix=f"{PREFIX}/.pyfiledrop/claims/").get("KeyCount", 0) == 0
+
+
+def test_a_chunk_sent_again_to_the_other_node_counts_once(nodes, s3, bucket):
+    first, second = nodes(2)
+    data = os.urandom(15 * MIB)
+    upload_id = str(uuid.uuid4())
+    for node in (first, second):  # a retry of a chunk whose reply was lost: the store lists the part twice
+        status, _, body = node.post_chunk(upload_id, 0, data[:5 * MIB], len(data), 5 * MIB, "again.bin")
+        assert status == 200 and json.loads(body)["received_chunks"] == 1, body
+    reply = chunked(lambda index: second, data, 5 * MIB, "again.bin", upload_id=upload_id)
+    assert reply["complete"] and stored(s3, bucket, "again.bin") == data
+
+
+def test_a_tus_sender_re_run_finds_the_file_stored(nodes, s3, bucket):
+    node, = nodes()
+    data = os.urandom(3 * MIB)
+    status, _, body = node.request("PUT", "/upload/again.txt", data)
+    stored_id = json.loads(body)["id"]
+    metadata = ",".join(f"{key} {base64.b64encode(value.encode()).decode()}"
+                        for key, value in (("filename", "again.txt"), ("sha256", sha256(data))))
+    status, headers, _ = node.request("POST", "/tus/", headers={
+        "Tus-Resumable": "1.0.0", "Upload-Length": str(len(data)), "Upload-Metadata": metadata})
+    assert status == 201 and headers["Location"].endswith(f"/tus/{stored_id}") and headers["Upload-Offset"] == str(len(data))
+    assert user_objects(s3, bucket) == ["again.txt"]
+
+
 def test_tus_patches_alternated_between_nodes_with_a_small_grid(nodes, s3, bucket):
     first, second = nodes(2)
     data = os.urandom(9 * MIB)
