@@ -567,3 +567,38 @@ def test_downloads_stream_from_the_store_with_range(nodes, s3, bucket):
     assert status == 206 and body == data[-5:]
     status, headers, _ = node.request("GET", f"/download/{upload_id}", headers={"Range": f"bytes={len(data)}-"})
     assert status == 416 and headers["Content-Range"] == f"bytes */{len(data)}"
+
+
+# -- the page ----------------------------------------------------------------------------------------------------
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is not installed (apt-get install chromium)")
+def test_the_page_in_chromium_stores_byte_identical_objects(nodes, s3, bucket, tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright for Python is not installed")
+    node, = nodes(chunk_size=5 * MIB, parallel_chunks=3)
+    files = {"big.bin": os.urandom(17 * MIB + 3), "small.txt": b"hello\n", "empty.txt": b""}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                             args=["--no-sandbox", "--disable-gpu", "--no-first-run"])
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(120_000)
+            page.goto(f"http://127.0.0.1:{node.port}/")
+            page.wait_for_function("() => Boolean(window.pyfiledrop && window.pyfiledrop.dropzone)")
+            page.set_input_files("input.dz-hidden-input", [str(tmp_path / name) for name in files])
+            page.wait_for_function("""count => {
+                const files = window.pyfiledrop.dropzone.files;
+                return files.length >= count && files.every(f => f.status === "success" || f.status === "error");
+            }""", arg=len(files))
+            statuses = page.evaluate("window.pyfiledrop.dropzone.files.map(f => [f.name, f.status])")
+        finally:
+            browser.close()
+    assert sorted(statuses) == sorted([name, "success"] for name in files)
+    for name, data in files.items():
+        assert stored(s3, bucket, name) == data
+    assert user_objects(s3, bucket) == sorted(files) and not multipart_uploads(s3, bucket)
