@@ -67,10 +67,10 @@ def s3_url(weed: SeaweedFS, bucket: str) -> str:
 class Node:
     """A pyfiledrop node in this process on a free port, over the store."""
 
-    def __init__(self, config: pyfiledrop.Config):
+    def __init__(self, config: pyfiledrop.Config, checkpoint=lambda step: None):
         self.config = config
         self.events: list = []
-        self.engine = pyfiledrop.open_engine(config, events=self.events.append)
+        self.engine = pyfiledrop.open_engine(config, events=self.events.append, checkpoint=checkpoint)
         self.server = pyfiledrop.make_server(pyfiledrop.create_app(config, self.engine), "127.0.0.1", 0)
         self.port = self.server.server_address[1]
         self.stop = threading.Event()
@@ -96,10 +96,11 @@ def nodes(weed, bucket):
     """``nodes(2)``: that many nodes on the test's bucket (options as Config fields)."""
     started: list[Node] = []
 
-    def start(count=1, **options):
+    def start(count=1, checkpoint=lambda step: None, **options):
         options.setdefault("quiet", True)
         location = pyfiledrop.parse_s3_url(s3_url(weed, bucket))
-        made = [Node(pyfiledrop.Config(host="127.0.0.1", port=0, s3=location, **options)) for _ in range(count)]
+        made = [Node(pyfiledrop.Config(host="127.0.0.1", port=0, s3=location, **options), checkpoint)
+                for _ in range(count)]
         started.extend(made)
         return made
 
@@ -481,6 +482,26 @@ def nodes_on_own_store(tmp_path):
         for key, value in saved.items():
             if value is not None:
                 os.environ[key] = value
+
+
+def test_a_node_stopped_between_completing_and_recording_is_set_right_by_the_next_request(nodes, s3, bucket):
+    class Stop(Exception):
+        pass
+
+    def stop_after_completing(step):
+        if step == "completed":
+            raise Stop()  # as a kill: the object exists, its record still says receiving
+
+    crashing, = nodes(checkpoint=stop_after_completing)
+    other, = nodes()
+    data = os.urandom(10 * MIB)
+    upload_id = str(uuid.uuid4())
+    assert crashing.post_chunk(upload_id, 0, data[:5 * MIB], len(data), 5 * MIB, "late.bin")[0] == 200
+    assert crashing.post_chunk(upload_id, 1, data[5 * MIB:], len(data), 5 * MIB, "late.bin")[0] == 500
+    status, _, body = other.post_chunk(upload_id, 1, data[5 * MIB:], len(data), 5 * MIB, "late.bin")  # the retry
+    assert status == 200 and json.loads(body)["complete"] and json.loads(body)["name"] == "late.bin", body
+    assert stored(s3, bucket, "late.bin") == data and user_objects(s3, bucket) == ["late.bin"]
+    assert [info.state for info in other.engine.list()] == [pyfiledrop.State.STORED]
 
 
 # -- nothing left behind ------------------------------------------------------------------------------------------
