@@ -2210,23 +2210,27 @@ class _StreamBody:
             self._buffer = source.take(length)
             self.length = len(self._buffer)
 
-    def read(self, size: int = -1) -> bytes:
-        want = self.length - self.sent if size is None or size < 0 else min(size, self.length - self.sent)
+    def read(self, size: int = -1):
+        """Up to ``size`` bytes, or more: the store client sends whatever it gets, and asked 16 KiB at a time
+        it would spend a Python call on each.  A view of the request's buffer, valid until the next read."""
+        left = self.length - self.sent
+        want = left if size is None or size < 0 else min(max(size, READ_BLOCK), left)
         if want <= 0:
             return b""
         try:
             block = self._next(want)
+            self.sent += len(block)
+            if self.last and self.sent == self.length:
+                block = bytes(block)  # the look beyond reads the next piece into the same buffer
+                self._check_end()
         except BaseException as error:
             self.error = error
             raise
-        self.sent += len(block)
-        if self.last and self.sent == self.length:
-            self._check_end()
         return block
 
-    def _next(self, want: int) -> bytes:
+    def _next(self, want: int):
         if self._buffer is not None:
-            return bytes(self._buffer[self.sent:self.sent + want])
+            return memoryview(self._buffer)[self.sent:self.sent + want]
         block = self.source.read(want)
         if not block:
             raise ClientDisconnected("The request body ended before the bytes it announced.")
@@ -2258,13 +2262,14 @@ class _Pieces:
         self.hashers = [hasher for hasher in hashers if hasher is not None]
         self.count = 0
 
-    def read(self, size: int) -> bytes:
+    def read(self, size: int) -> memoryview:
+        """A view valid until the next read."""
         while not self._left:
             piece = next(self._pieces, None)
             if piece is None:
                 return b""
             self._left = memoryview(piece)
-        block = bytes(self._left[:size])
+        block = self._left[:size]
         self._left = self._left[len(block):]
         for hasher in self.hashers:
             hasher.update(block)
@@ -2274,7 +2279,7 @@ class _Pieces:
     def take(self, size: int) -> bytearray:
         """Up to ``size`` bytes (fewer only at the end of the body)."""
         taken = bytearray()
-        while len(taken) < size and (block := self.read(min(size - len(taken), READ_BLOCK))):
+        while len(taken) < size and (block := self.read(size - len(taken))):
             taken += block
         return taken
 

@@ -19,7 +19,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -27,7 +26,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 
 import client  # noqa: E402
-from run import free_port, parse_size, peak_rss, wait_for_port, write_random  # noqa: E402
+from run import cpu_seconds, free_port, parse_size, peak_rss, wait_for_port, write_random  # noqa: E402
 from seaweed import SeaweedFS  # noqa: E402
 
 PREFIX = "bench"
@@ -111,10 +110,15 @@ def measure(store: SeaweedFS, root: Path, path: Path, digest: str) -> dict:
     size = path.stat().st_size
     figures = {"anchor boto3 upload_file": anchor(s3, bucket, path)}
     node = Node(store, bucket, root)
+    cpu = {"weed, anchor": cpu_seconds(store.process.pid)}
+    started = cpu_seconds(node.process.pid)
     result = client.upload_chunked("127.0.0.1", node.port, str(path), parallel=6, filename=f"chunks-{path.name}")
     figures["1 node, chunk protocol x6"] = result.seconds
+    cpu["node, chunk protocol"] = cpu_seconds(node.process.pid) - started
     check(s3, bucket, f"{PREFIX}/{result.reply['name']}", digest)
+    started = cpu_seconds(node.process.pid)
     figures["1 node, PUT (curl -T)"] = through_put(node.port, path, f"put-{path.name}")
+    cpu["node, PUT"] = cpu_seconds(node.process.pid) - started
     check(s3, bucket, f"{PREFIX}/put-{path.name}", digest)
     peak_one = node.stop()
     peaks = {"1 node": peak_one}
@@ -129,7 +133,8 @@ def measure(store: SeaweedFS, root: Path, path: Path, digest: str) -> dict:
             proxy.terminate()
             proxy.wait(10)
             peaks["each of 2 nodes"] = max(n.stop() for n in pair)
-    return {"size": size, "seconds": figures, "peak_rss": peaks}
+    cpu.pop("weed, anchor")
+    return {"size": size, "seconds": figures, "peak_rss": peaks, "node_cpu_s": cpu}
 
 
 def report(result: dict) -> None:
@@ -139,6 +144,8 @@ def report(result: dict) -> None:
     for what, seconds in result["seconds"].items():
         rate = size / seconds
         print(f"  {what:42s} {seconds:7.2f} s  {rate / 1e6:7.1f} MB/s  {rate / base:5.2f} x anchor")
+    for what, seconds in result["node_cpu_s"].items():
+        print(f"  CPU s/GiB, {what:31s} {seconds / (size / (1 << 30)):7.2f}")
     for what, peak in result["peak_rss"].items():
         print(f"  peak RSS, {what:32s} {peak / (1 << 20):7.1f} MiB")
 
@@ -158,6 +165,7 @@ def main() -> None:
             digest = write_random(path, size)
             results.append(measure(store, root, path, digest))
             report(results[-1])
+            sys.stdout.flush()
             path.unlink()
     finally:
         store.stop()
