@@ -2161,16 +2161,19 @@ class ObjectStore:
                 body.raise_own()
                 raise
 
-    def parts(self, key: str, upload: str) -> dict[int, dict] | None:
-        """The parts of a multipart upload by number (a part sent twice is listed twice by some stores: the
-        last entry counts); None when the upload is gone (completed or aborted)."""
+    def parts(self, key: str, upload: str, after: int = 0) -> dict[int, dict] | None:
+        """The parts of a multipart upload numbered above ``after``, by number, each {"Size", "ETag", "Modified"}
+        (a part sent twice is listed twice by some stores: the last entry counts); None when the upload is gone
+        (completed or aborted)."""
         found: dict[int, dict] = {}
         with self.guarded("list parts"):
             try:
-                for page in self.client.get_paginator("list_parts").paginate(Bucket=self.bucket, Key=key,
-                                                                              UploadId=upload):
+                pages = self.client.get_paginator("list_parts").paginate(Bucket=self.bucket, Key=key, UploadId=upload,
+                                                                         PartNumberMarker=after)
+                for page in pages:
                     for part in page.get("Parts", ()):
-                        found[part["PartNumber"]] = part
+                        found[part["PartNumber"]] = {"Size": part["Size"], "ETag": part["ETag"],
+                                                     "Modified": part["LastModified"].timestamp()}
             except self.errors.ClientError as error:
                 if self.code(error) in ("NoSuchUpload", "404"):
                     return None
@@ -2371,6 +2374,8 @@ class S3Engine:
         self._busy: dict[str, int] = {}           # uploads with a request running on this node (not to expire)
         self._hashing: set[str] = set()
         self._settled: dict[str, _S3Upload] = {}  # records read that no longer change, by their ETag
+        self._receiving: dict[str, _S3Upload] = {}  # records read of uploads receiving (their fixed fields)
+        self._parts_seen: dict[str, dict[int, dict]] = {}  # whole parts seen of those uploads
         self.stored_count = 0
         self.recovered = 0
 
@@ -2384,8 +2389,10 @@ class S3Engine:
     def _claim_key(self, name: str) -> str:
         return self.store.meta(f"claims/{name}")
 
-    def _load(self, upload_id: str) -> _S3Upload | None:
-        whole = self._whole.get(upload_id)
+    def _load(self, upload_id: str, cached: bool = False) -> _S3Upload | None:
+        """The upload's record as the store has it; ``cached``: as this node last read it while it was receiving
+        (what create and put need of it never changes; a put to an upload that ended finds out from the store)."""
+        whole = self._whole.get(upload_id) or (self._receiving.get(upload_id) if cached else None)
         if whole is not None:
             return whole
         found = self.store.get_json(self._record_key(upload_id))
@@ -2393,9 +2400,49 @@ class S3Engine:
             return None
         data, etag, _ = found
         try:
-            return _S3Upload.from_json(data, etag)
+            upload = _S3Upload.from_json(data, etag)
         except (KeyError, TypeError, ValueError):
             raise StorageFailure("A record in the object store is damaged.") from None
+        self._remember(upload)
+        return upload
+
+    def _remember(self, upload: _S3Upload) -> None:
+        with self._lock:
+            if upload.info.state is not State.RECEIVING:
+                self._receiving.pop(upload.info.id, None)
+                self._parts_seen.pop(upload.info.id, None)
+                return
+            if len(self._receiving) > 10_000:  # a cache: forgetting costs a look-up
+                self._receiving.clear()
+                self._parts_seen.clear()
+            self._receiving[upload.info.id] = upload
+
+    def _known_parts(self, upload: _S3Upload, fresh: bool = False) -> dict[int, dict] | None:
+        """The upload's whole parts: those this node saw before (a part never goes while its upload lives) and
+        those listed after the first one it has not seen (PartNumberMarker), so a listing stays short however
+        many parts the upload has.  ``fresh``: every part listed again (completion needs the last ETag of a part
+        sent twice)."""
+        seen = {} if fresh else dict(self._parts_seen.get(upload.info.id, {}))
+        first_unseen = 1
+        while first_unseen in seen:
+            first_unseen += 1
+        listed = self.store.parts(self.store.key(upload.key), upload.multipart, after=first_unseen - 1)
+        if listed is None:
+            return None
+        for number, part in listed.items():
+            start, end = upload.part_span(number)
+            if part["Size"] == end - start:
+                seen[number] = part
+        with self._lock:
+            if upload.info.id in self._receiving:
+                self._parts_seen[upload.info.id] = seen
+        return seen
+
+    def _saw_part(self, upload: _S3Upload, number: int, size: int, etag: str) -> None:
+        with self._lock:
+            if upload.info.id in self._receiving:
+                self._parts_seen.setdefault(upload.info.id, {})[number] = {"Size": size, "ETag": etag,
+                                                                          "Modified": self.clock()}
 
     def _save(self, upload: _S3Upload) -> bool:
         """Write the record unless another node changed it since it was read (then False)."""
@@ -2418,6 +2465,7 @@ class S3Engine:
                 return upload
             upload.info = info
             if self._save(upload):
+                self._remember(upload)
                 return upload
         raise ServiceUnavailable("The upload's record keeps changing; try again.")
 
@@ -2474,7 +2522,7 @@ class S3Engine:
         if size is not None and size > self.limits.max_size:
             raise TooLarge(f"File too large: {size} bytes; this server accepts up to {self.limits.max_size} "
                            "bytes per file.")
-        existing = None if fresh else self._load(upload_id)
+        existing = None if fresh else self._load(upload_id, cached=True)
         if existing is not None and existing.info.state in (State.RECEIVING, State.STORED):
             _check_same(existing.info, name, size, part_size)
             return existing.info
@@ -2496,19 +2544,22 @@ class S3Engine:
             self._release(upload)
             raise
         if saved:
+            self._remember(upload)
             return info
         self._release(upload)  # another node created it at the same moment: its record counts
         return self.create(upload_id, name, size=size, part_size=part_size, client=client, mtime=mtime)
 
     # -- what arrived -----------------------------------------------------------------------------------------
-    def _received(self, upload: _S3Upload) -> tuple[UploadInfo, dict[int, dict], list[dict]]:
+    def _received(self, upload: _S3Upload, *, staged: bool = True,
+                  fresh: bool = False) -> tuple[UploadInfo, dict[int, dict], list[dict]]:
         """The upload with what arrived, from the store: (info, parts by number, staged objects).  Staged objects
-        are listed before the parts: one merged and removed meanwhile is then among the parts."""
+        are listed before the parts: one merged and removed meanwhile is then among the parts.  ``staged``
+        False: they are not looked for (after a chunk request on a grid where chunks are whole parts)."""
         info = upload.info
         if upload.ephemeral or info.state is not State.RECEIVING:
             return info, {}, []
-        staged = list(self.store.listing(self._staged_prefix(info.id)))
-        parts = self.store.parts(self.store.key(upload.key), upload.multipart)
+        staged = list(self.store.listing(self._staged_prefix(info.id))) if staged else []
+        parts = self._known_parts(upload, fresh)
         if parts is None:
             return self._multipart_gone(upload), {}, []
         received, updated = (), info.updated
@@ -2516,7 +2567,7 @@ class S3Engine:
             start, end = upload.part_span(number)
             if part["Size"] == end - start:
                 received = add_range(received, start, end)
-            updated = max(updated, part["LastModified"].timestamp())
+            updated = max(updated, part["Modified"])
         for item in staged:
             span = _staged_span(item["Key"])
             if span is not None and item["Size"] == span[1] - span[0]:
@@ -2582,7 +2633,7 @@ class S3Engine:
         """As ``Engine.put``.  Every part is all or nothing (a request that breaks off keeps the parts it brought
         whole); with ``checksum`` no byte counts unless the request's bytes have that hash."""
         check = _checksum_hasher(checksum)
-        upload = self._load(upload_id)
+        upload = self._load(upload_id, cached=True)
         if upload is None:
             raise NotFound("No such upload.")
         with self._running(upload_id):
@@ -2610,7 +2661,10 @@ class S3Engine:
                     self._merge_whole_parts(upload, {self._number_of(key) for key in staged})
                 except UploadError as error:  # done again by a later request, or by finish
                     log.info("merging parts of %s failed: %s", upload.info.name, error.message)
-            return self._received(upload)[0]
+            info = self._received(upload, staged=bool(staged) or upload.grid != upload.info.part_size)[0]
+            if info.state not in (State.RECEIVING, State.STORED):
+                raise NotFound(f"{_GONE[info.state]} Start it again.")
+            return info
 
     def _answer_settled(self, upload: _S3Upload, pieces: Iterable, check) -> UploadInfo:
         """A request for an upload that is stored (answered as it is, its bytes read and dropped) or ended."""
@@ -2644,7 +2698,7 @@ class S3Engine:
                 return
             if (position, stop) == (part_start, part_end) and body.length == stop - position and \
                     (check[0] is None or (one_part and known)):
-                self._upload_part(upload, number, body)
+                self._saw_part(upload, number, body.length, self._upload_part(upload, number, body))
             else:
                 key = self._staged_prefix(upload.info.id, number) + f"{position:015d}-{position + body.length:015d}"
                 self.store.put_stream(key, body)
@@ -2740,7 +2794,7 @@ class S3Engine:
             raise NotFound("No such upload.")
         if upload.ephemeral:
             return self._finish_whole(upload)
-        info, parts, staged = self._received(upload)
+        info, parts, staged = self._received(upload, fresh=True)
         if info.state is State.STORED:
             return info
         if info.state is not State.RECEIVING:
@@ -2962,7 +3016,7 @@ class S3Engine:
                 idle = False
                 continue
             parts = store.parts(key, item["UploadId"]) or {}
-            touched = max([item["Initiated"].timestamp(), *(p["LastModified"].timestamp() for p in parts.values())])
+            touched = max([item["Initiated"].timestamp(), *(part["Modified"] for part in parts.values())])
             if touched >= cutoff:
                 idle = False
                 continue
