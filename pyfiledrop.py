@@ -2614,6 +2614,8 @@ class S3Engine:
             if upload is None:
                 continue
             if upload.info.state is not State.RECEIVING and (upload.info.sha256 or upload.info.state is not State.STORED):
+                if len(self._settled) > 100_000:  # a cache: forgetting costs a read
+                    self._settled.clear()
                 self._settled[upload.etag] = upload
             found.append(upload)
         return found
