@@ -2422,7 +2422,8 @@ class S3Engine:
         those listed after the first one it has not seen (PartNumberMarker), so a listing stays short however
         many parts the upload has.  ``fresh``: every part listed again (completion needs the last ETag of a part
         sent twice)."""
-        seen = {} if fresh else dict(self._parts_seen.get(upload.info.id, {}))
+        with self._lock:
+            seen = {} if fresh else dict(self._parts_seen.get(upload.info.id, {}))
         first_unseen = 1
         while first_unseen in seen:
             first_unseen += 1
@@ -2439,10 +2440,11 @@ class S3Engine:
         return seen
 
     def _saw_part(self, upload: _S3Upload, number: int, size: int, etag: str) -> None:
-        with self._lock:
+        with self._lock:  # a new dict: other requests may be going through the one there now
             if upload.info.id in self._receiving:
-                self._parts_seen.setdefault(upload.info.id, {})[number] = {"Size": size, "ETag": etag,
-                                                                          "Modified": self.clock()}
+                seen = dict(self._parts_seen.get(upload.info.id, {}))
+                seen[number] = {"Size": size, "ETag": etag, "Modified": self.clock()}
+                self._parts_seen[upload.info.id] = seen
 
     def _save(self, upload: _S3Upload) -> bool:
         """Write the record unless another node changed it since it was read (then False)."""
@@ -2994,7 +2996,9 @@ class S3Engine:
             if owner in ended or (owner not in receiving and item["LastModified"].timestamp() < cutoff):
                 leftovers.append(item["Key"])
         self.store.delete(*leftovers)
-        live = {upload.multipart for upload in (*receiving.values(), *self._whole.values())}
+        with self._lock:
+            whole = list(self._whole.values())
+        live = {upload.multipart for upload in (*receiving.values(), *whole)}
         claims = self.store.meta("claims/")
         for item in self.store.listing(claims):
             if item["LastModified"].timestamp() >= cutoff:
