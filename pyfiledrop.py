@@ -1972,6 +1972,10 @@ S3_META = ".pyfiledrop/"
 S3_MIN_PART = 5 * MIB                 # S3's smallest part, but for the last one
 S3_MAX_PARTS = 10_000
 S3_PART = 8 * MIB                     # the part grid of uploads that bring no grid of their own (tus, PUT)
+# A file of one request with a known length streams into parts with nothing buffered, and each part ends with a
+# wait for the store's answer: bigger parts wait less often (a body of unknown length keeps S3_PART, since it
+# is buffered a part at a time).
+S3_STREAMED_PART = 64 * MIB
 S3_HASH_BLOCK = 1 * MIB
 
 
@@ -2532,6 +2536,8 @@ class S3Engine:
         info = UploadInfo(id=upload_id, name=name, size=size, part_size=part_size, client=client, created=now,
                           updated=now, mtime=mtime)
         grid = s3_part_size(size, part_size, self.limits.max_size)
+        if ephemeral and size is not None:
+            grid = max(grid, S3_STREAMED_PART)
         if ephemeral:
             upload = _S3Upload(info, "", grid, ephemeral=True, hasher=hashlib.sha256(),
                                etag=existing.etag if existing else None)
