@@ -622,3 +622,15 @@ def test_the_page_in_chromium_stores_byte_identical_objects(nodes, s3, bucket, t
     for name, data in files.items():
         assert stored(s3, bucket, name) == data
     assert user_objects(s3, bucket) == sorted(files) and not multipart_uploads(s3, bucket)
+
+
+def test_without_boto3_the_start_ends_with_one_line_saying_what_to_install(tmp_path):
+    blocker = tmp_path / "sitecustomize.py"  # as if boto3 were not installed
+    blocker.write_text("import sys\nclass Block:\n    def find_spec(self, name, path=None, target=None):\n"
+                       "        if name.split('.')[0] in ('boto3', 'botocore'):\n"
+                       "            raise ModuleNotFoundError(name)\nsys.meta_path.insert(0, Block())\n")
+    result = subprocess.run([sys.executable, str(ROOT / "pyfiledrop.py"), "--no-qr", "-p", str(free_port()), "--s3",
+                             "http://127.0.0.1:9/bucket"], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    lines = (result.stdout + result.stderr).strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and "pip install 'pyfiledrop[s3]'" in lines[0], lines
