@@ -2528,7 +2528,9 @@ class S3Engine:
         if size is not None and size > self.limits.max_size:
             raise TooLarge(f"File too large: {size} bytes; this server accepts up to {self.limits.max_size} "
                            "bytes per file.")
-        existing = None if fresh else self._load(upload_id, cached=True)
+        # Read afresh (put then uses what this read): an upload that ended on another node starts again here,
+        # as with a folder, instead of being taken for one still receiving.
+        existing = None if fresh else self._load(upload_id)
         if existing is not None and existing.info.state in (State.RECEIVING, State.STORED):
             _check_same(existing.info, name, size, part_size)
             return existing.info

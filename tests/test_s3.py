@@ -523,6 +523,17 @@ def test_delete_and_expiry_leave_no_multipart_upload_and_nothing_staged(nodes, s
     assert node.request("HEAD", f"/tus/{expired}", headers={"Tus-Resumable": "1.0.0"})[0] == 410
 
 
+def test_an_upload_expired_by_another_node_starts_again_when_its_chunks_come_back(nodes, s3, bucket):
+    first, second = nodes(2)
+    data = os.urandom(10 * MIB)
+    upload_id = str(uuid.uuid4())
+    assert first.post_chunk(upload_id, 0, data[:5 * MIB], len(data), 5 * MIB, "late.bin")[0] == 200
+    assert second.engine.expire(now=time.time() + second.engine.limits.partial_ttl + 60) == 1
+    reply = chunked(lambda index: first, data, 5 * MIB, "late.bin", upload_id=upload_id)
+    assert reply["complete"] and stored(s3, bucket, reply["name"]) == data
+    assert not multipart_uploads(s3, bucket)
+
+
 def test_a_node_stopped_between_creating_and_recording_leaves_nothing_after_expiry(nodes, s3, bucket):
     node, = nodes()
     engine = node.engine
