@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import argparse
 import base64
+import binascii
 import contextlib
 import dataclasses
 import enum
 import errno
+import getpass
 import hashlib
 import hmac
+import ipaddress
 import itertools
 import json
 import logging
@@ -35,6 +38,8 @@ import selectors
 import shutil
 import socket
 import sqlite3
+import ssl
+import stat
 import sys
 import threading
 import time
@@ -69,14 +74,13 @@ DEFAULT_PORT = 16273
 # where 4 MiB reach 60-80% of it (bench/README.md); a chunk lost on a flaky phone link costs a few seconds of
 # Wi-Fi to resend, and a slow link is no problem because the page's timeout counts time without progress.
 DEFAULT_CHUNK_SIZE = 8 * 1024 * 1024
-# Browsers open at most 6 connections to one host over HTTP/1.1.  2 files x 3 chunks = 6, so no chunk request
-# waits in the browser's queue, where its timeout would already be running.
-DEFAULT_PARALLEL_CHUNKS = 3
-PARALLEL_FILES = 2
+# Browsers open at most 6 connections to one host over HTTP/1.1: the page keeps that many part requests in
+# flight in all (a file alone gets all six; on a lossy link one TCP connection is limited by loss, not the link).
+DEFAULT_PARALLEL_CHUNKS = 6
 # A chunk request that sends and receives nothing for this long is abandoned and retried (not a limit on the
 # whole request: the page re-arms it on every byte of progress).
 DEFAULT_TIMEOUT_MS = 120_000
-DEFAULT_MAX_SIZE_MB = 100_000
+DEFAULT_MAX_SIZE_MB = 100 * 1024    # 100 GiB
 DEFAULT_PARTIAL_TTL_HOURS = 24.0
 
 MIB = 1024 * 1024
@@ -93,7 +97,6 @@ READ_BLOCK = 1 * MIB
 
 DZ_FIELDS = ("dzuuid", "dzchunkindex", "dztotalfilesize", "dzchunksize", "dztotalchunkcount",
              "dzchunkbyteoffset")
-DEFAULT_DZ_CDN = "https://cdnjs.cloudflare.com/ajax/libs/dropzone"
 
 log = logging.getLogger("pyfiledrop")
 
@@ -129,6 +132,10 @@ class Config:
     parallel_chunks: int = DEFAULT_PARALLEL_CHUNKS
     force_chunking: bool = True
     allow_downloads: bool = False
+    tls: bool = False                  # HTTPS with a certificate made and kept in the chunks folder
+    cert: Path | None = None           # HTTPS with this certificate (PEM, chain allowed) and key instead
+    key: Path | None = None
+    share: Path | None = None          # a folder whose files the page lists for download
     dz_cdn: str | None = None
     dz_version: str | None = None
     index: Path | None = None
@@ -139,6 +146,9 @@ class Config:
     qr: bool = True
     open_browser: bool = False
     s3: S3Location | None = None       # --s3: every byte and record in this object store, nothing on this node
+    password: PasswordHash | None = None        # --password: uploading and the page (the admin one also works)
+    admin_password: PasswordHash | None = None  # --admin-password: also /files and the /api/uploads list
+    expire_after_s: float | None = None         # --expire-after: stored files are removed this long after
 
     @property
     def max_size_bytes(self) -> int:
@@ -189,6 +199,82 @@ def _byte_size(text: str) -> int:
     return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()])
 
 
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _time_span(text: str) -> float:
+    """"90s", "30m", "12h", "7d", "1.5d": seconds."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([smhd])\s*", text, re.IGNORECASE)
+    if not match or float(match.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"expected a time such as 90s, 30m, 12h or 7d, got {text!r}")
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2).lower()]
+
+
+def _read_password(parser: argparse.ArgumentParser, asked: bool, env: str, flag: str) -> PasswordHash | None:
+    """The password for ``flag`` from ``env``, else asked on the terminal (never from the command line, where
+    ``ps`` shows it); None when neither the flag nor the variable is given."""
+    password = os.environ.get(env, "")
+    if not password and not asked:
+        return None
+    if not password:
+        if not sys.stdin or not sys.stdin.isatty():
+            parser.error(f"{flag}: no terminal to ask for it on; set {env} instead")
+        password = getpass.getpass(f"{flag[2:].replace('-', ' ').capitalize()}: ")
+        if password != getpass.getpass("The same again: "):
+            parser.error(f"{flag}: the two entries differ")
+    if not password.strip():
+        parser.error(f"{flag}: the password is empty")
+    return PasswordHash.of(password)
+
+
+MIN_TIMEOUT_MS = 1000              # below it even a loopback reply may count as no progress
+USEFUL_TIMEOUT_MS = 10_000         # a phone on a weak link goes seconds without progress; below this, a warning
+USEFUL_CHUNK_SIZE = 256 * 1024     # each request costs ~1 ms of Python and a round trip; below this, a warning
+
+
+def _size_in_mib(text: str) -> int:
+    """--max-size: a plain number is MiB, as always; "500M", "2G" are sizes (whole MiB)."""
+    if re.fullmatch(r"\s*\+?[0-9]+\s*", text):
+        return _positive_int(text)
+    size = _byte_size(text)
+    if size < MIB or size % MIB:
+        raise argparse.ArgumentTypeError(f"expected whole MiB such as 500M or 2G, got {text!r}")
+    return size // MIB
+
+
+def _chunk_bytes(text: str) -> int:
+    """--chunk-size: a plain number is bytes, as always; "512K", "8M" are sizes."""
+    size = _positive_int(text) if re.fullmatch(r"\s*\+?[0-9]+\s*", text) else _byte_size(text)
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"expected a size of at least 1 byte, got {text!r}")
+    return size
+
+
+def _check_limits(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse values that cannot work, with the usable range."""
+    if args.timeout < MIN_TIMEOUT_MS:
+        parser.error(f"--timeout is in milliseconds and at least {MIN_TIMEOUT_MS} (usable: {USEFUL_TIMEOUT_MS} "
+                     f"and more; default {DEFAULT_TIMEOUT_MS}); got {args.timeout}")
+    largest = args.chunk_size * MAX_CHUNK_COUNT
+    if largest < args.max_size * MIB:
+        parser.error(f"--chunk-size {binary_size(args.chunk_size)} allows files of at most {binary_size(largest)} "
+                     f"({MAX_CHUNK_COUNT} chunks), under --max-size {binary_size(args.max_size * MIB)}: use at least "
+                     f"{binary_size(-(-args.max_size * MIB // MAX_CHUNK_COUNT))} (usable: "
+                     f"{binary_size(USEFUL_CHUNK_SIZE)} to {binary_size(MAX_CHUNK_SIZE)})")
+
+
+def option_warnings(config: Config) -> list[str]:
+    """Values that work, but not well: said after the banner."""
+    warnings = []
+    if config.timeout_ms < USEFUL_TIMEOUT_MS:
+        warnings.append(f"--timeout {config.timeout_ms} ms: the page will give up on chunks that are only slow "
+                        f"(usable: {USEFUL_TIMEOUT_MS} ms and more)")
+    if config.chunk_size < USEFUL_CHUNK_SIZE:
+        warnings.append(f"--chunk-size {binary_size(config.chunk_size)}: uploads will be slow, every chunk costs a "
+                        f"request (usable: {binary_size(USEFUL_CHUNK_SIZE)} to {binary_size(MAX_CHUNK_SIZE)})")
+    return warnings
+
+
 def build_parser() -> argparse.ArgumentParser:
     here = _program_dir()
     parser = _ArgumentParser(
@@ -203,21 +289,29 @@ def build_parser() -> argparse.ArgumentParser:
     add("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST}: every interface)")
     add("-s", "--storage", type=Path, default=here / "storage", help="folder for uploaded files")
     add("-c", "--chunks", type=Path, default=here / "chunk", help="folder for partial uploads")
-    add("--max-size", type=_positive_int, default=DEFAULT_MAX_SIZE_MB, metavar="MB",
-        help=f"largest file accepted, in MiB (default {DEFAULT_MAX_SIZE_MB})")
+    add("--max-size", type=_size_in_mib, default=DEFAULT_MAX_SIZE_MB, metavar="SIZE",
+        help=f"largest file accepted: MiB as a plain number, or 500M, 2G (default {DEFAULT_MAX_SIZE_MB // 1024}G)")
     add("--timeout", type=_positive_int, default=DEFAULT_TIMEOUT_MS, metavar="MS",
         help=f"the page gives up on a chunk request after this long without progress, and retries it "
-             f"(ms, default {DEFAULT_TIMEOUT_MS})")
-    add("--chunk-size", type=_positive_int, default=DEFAULT_CHUNK_SIZE, metavar="BYTES",
-        help=f"chunk size the page uploads with (default {DEFAULT_CHUNK_SIZE})")
+             f"(ms, at least {MIN_TIMEOUT_MS}; default {DEFAULT_TIMEOUT_MS})")
+    add("--chunk-size", type=_chunk_bytes, default=DEFAULT_CHUNK_SIZE, metavar="SIZE",
+        help=f"chunk size the page uploads with: bytes as a plain number, or 512K, 8M "
+             f"(default {DEFAULT_CHUNK_SIZE // MIB}M)")
     add("--parallel-chunks", type=_positive_int, default=DEFAULT_PARALLEL_CHUNKS, metavar="N",
-        help=f"chunks of one file in flight at once (default {DEFAULT_PARALLEL_CHUNKS})")
+        help=f"part requests the page keeps in flight, over all its files (default {DEFAULT_PARALLEL_CHUNKS})")
     add("--disable-parallel-chunks", action="store_true", help="send one chunk at a time (--parallel-chunks 1)")
     add("--disable-force-chunking", action="store_true",
         help="send files smaller than one chunk as a plain upload")
     add("-a", "--allow-downloads", action="store_true", help="let the page download uploaded files back")
-    add("--dz-cdn", metavar="URL", help="load Dropzone from this CDN instead of the embedded copy")
-    add("--dz-version", metavar="V", help="Dropzone version to load from the CDN")
+    add("--tls", action="store_true",
+        help="serve HTTPS with a self-signed certificate made on first use and kept in the chunks folder "
+             "(needs the cryptography package)")
+    add("--cert", type=Path, metavar="FILE", help="serve HTTPS with this certificate (PEM) and --key")
+    add("--key", type=Path, metavar="FILE", help="the private key (PEM, no passphrase) of --cert")
+    add("--share", type=Path, metavar="DIR", help="list the files of DIR (and its subfolders) on the page for "
+                                                  "download")
+    add("--dz-cdn", metavar="URL", help="retired in 1.1 (the page has its own uploader): ignored, with a warning")
+    add("--dz-version", metavar="V", help="retired in 1.1, as --dz-cdn")
     add("--index", type=Path, metavar="FILE",
         help="serve this page instead of the built-in one (default: index.html beside the program, if any)")
     add("--partial-ttl", type=_positive_float, default=DEFAULT_PARTIAL_TTL_HOURS, metavar="HOURS",
@@ -233,6 +327,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="store in an S3-compatible object store instead of folders: http(s)://HOST[:PORT]/BUCKET[/PREFIX] "
              "(credentials from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile; needs boto3)")
     add("--s3-region", metavar="REGION", help="the store's region (default: AWS_REGION, else us-east-1)")
+    add("--password", action="store_true",
+        help=f"ask for a password (or read ${PASSWORD_ENV}) that the page and uploading need")
+    add("--admin-password", action="store_true",
+        help=f"ask for an admin password (or read ${ADMIN_PASSWORD_ENV}) for /files, the list of every upload")
+    add("--expire-after", type=_time_span, metavar="TIME",
+        help="remove stored files this long after they were stored (units s, m, h, d: 7d); "
+             "their records stay, as expired")
     return parser
 
 
@@ -241,9 +342,15 @@ def parse_args(argv: list[str] | None = None) -> Config:
     args = parser.parse_args(argv)
     if args.chunk_size > MAX_CHUNK_SIZE:
         parser.error(f"--chunk-size is at most {MAX_CHUNK_SIZE} bytes")
+    _check_limits(parser, args)
+    _check_tls_and_share(parser, args)
     index = args.index
     if index is not None and not index.is_file():
         parser.error(f"--index: no such file: {index}")
+    password = _read_password(parser, args.password, PASSWORD_ENV, "--password")
+    admin_password = _read_password(parser, args.admin_password, ADMIN_PASSWORD_ENV, "--admin-password")
+    if password and admin_password and admin_password.session_tag == password.session_tag:
+        parser.error("--admin-password must differ from --password (else every uploader is an admin)")
     if index is None and (_program_dir() / "index.html").is_file():
         index = _program_dir() / "index.html"
     try:
@@ -261,6 +368,10 @@ def parse_args(argv: list[str] | None = None) -> Config:
         parallel_chunks=1 if args.disable_parallel_chunks else args.parallel_chunks,
         force_chunking=not args.disable_force_chunking,
         allow_downloads=args.allow_downloads,
+        tls=args.tls or args.cert is not None,
+        cert=args.cert.expanduser().resolve() if args.cert else None,
+        key=args.key.expanduser().resolve() if args.key else None,
+        share=args.share.expanduser().resolve() if args.share else None,
         dz_cdn=args.dz_cdn,
         dz_version=args.dz_version,
         index=index,
@@ -271,7 +382,20 @@ def parse_args(argv: list[str] | None = None) -> Config:
         qr=not args.no_qr,
         open_browser=args.open,
         s3=s3,
+        password=password,
+        admin_password=admin_password,
+        expire_after_s=args.expire_after,
     )
+
+
+def _check_tls_and_share(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if (args.cert is None) != (args.key is None):
+        parser.error("--cert and --key go together: the certificate and its private key")
+    for option, path in (("--cert", args.cert), ("--key", args.key)):
+        if path is not None and not path.expanduser().is_file():
+            parser.error(f"{option}: no such file: {path}")
+    if args.share is not None and not args.share.expanduser().is_dir():
+        parser.error(f"--share: no such folder: {args.share}")
 
 
 ###############################################################################
@@ -381,20 +505,18 @@ def content_disposition(name: str) -> str:
     return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(name, safe='')}"
 
 
-def binary_size(size: int) -> str:
-    """Sizes people set in powers of two, shown as they set them: 4194304 -> "4 MiB"."""
-    for unit, factor in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+def binary_size(size: float) -> str:
+    """A size for people, everywhere (console, banner, page): powers of 1024, at most 4 significant digits,
+    so sizes people set read as they set them: 4194304 -> "4 MiB", 1000000 -> "976.6 KiB"."""
+    for unit, factor in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if size >= factor:
             return f"{size / factor:.4g} {unit}"
-    return f"{size} B"
+    return f"{int(size)} B"
 
 
 def human_size(size: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if size < 1000 or unit == "TB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    return f"{size:.1f} TB"
+    """One convention for people everywhere: binary_size()."""
+    return binary_size(size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -446,6 +568,42 @@ def parse_chunk_fields(fields: Mapping[str, str], max_size: int) -> ChunkInfo | 
     if numbers["dzchunkbyteoffset"] != index * size_of_chunk:
         raise BadRequest("dzchunkbyteoffset does not match dzchunkindex * dzchunksize.")
     return ChunkInfo(upload_id, index, size, size_of_chunk, count)
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkExtras:
+    """The chunk protocol's optional fields (pyfiledrop's page sends them; plain Dropzone clients do not)."""
+
+    path: str | None = None            # dzrelpath: the file's path in a dropped folder, sanitised ("a/b/c.txt")
+    mtime: float | None = None         # dzmtime: the original's modification time, ms since 1970 on the wire
+    part_sha256: bytes | None = None   # dzchunksha256: this part's sha256 (hex on the wire)
+
+
+MAX_MTIME_S = 4102444800.0   # 2100-01-01: later (or negative) times are a client's bug, not a file's date
+_SHA256_HEX_RE = re.compile(r"[0-9a-fA-F]{64}\Z")
+
+
+def parse_mtime_ms(text: str) -> float:
+    """A File.lastModified (ms since 1970) as seconds; BadRequest unless a whole number in a sane range."""
+    text = text.strip()
+    if not re.fullmatch(r"[0-9]{1,16}(\.[0-9]{1,6})?", text) or float(text) / 1000 > MAX_MTIME_S:
+        raise BadRequest("dzmtime must be milliseconds since 1970, before the year 2100.")
+    return float(text) / 1000
+
+
+def parse_sha256_hex(text: str, field: str) -> bytes:
+    if not _SHA256_HEX_RE.match(text.strip()):
+        raise BadRequest(f"{field} must be a sha256 in hex (64 digits).")
+    return bytes.fromhex(text.strip())
+
+
+def parse_chunk_extras(fields: Mapping[str, str]) -> ChunkExtras:
+    path = fields.get("dzrelpath")
+    mtime = fields.get("dzmtime")
+    digest = fields.get("dzchunksha256")
+    return ChunkExtras(path=sanitize_relative_path(path) if path and path.strip() else None,
+                       mtime=parse_mtime_ms(mtime) if mtime else None,
+                       part_sha256=parse_sha256_hex(digest, "dzchunksha256") if digest else None)
 
 
 ###############################################################################
@@ -654,6 +812,7 @@ class Ledger:
     """
 
     FILENAME = "ledger.sqlite3"
+    _save_mark = "INSERT OR REPLACE INTO stored_marks VALUES (?, ?, ?, ?, ?)"
     MIGRATIONS = (
         """CREATE TABLE uploads (
                id TEXT PRIMARY KEY, name TEXT NOT NULL, size INTEGER, part_size INTEGER NOT NULL,
@@ -663,6 +822,15 @@ class Ledger:
            CREATE INDEX uploads_by_created ON uploads (created);""",
         """ALTER TABLE uploads ADD COLUMN mtime REAL;
            CREATE INDEX uploads_by_content ON uploads (sha256, size);""",
+        # The files page: keyset pages in each order it offers, and each stored file's identity when stored.
+        """CREATE INDEX uploads_newest ON uploads (created, id);
+           CREATE INDEX uploads_by_path ON uploads (COALESCE(stored_name, name), id);
+           CREATE INDEX uploads_by_size ON uploads (COALESCE(size, 0), id);
+           CREATE TABLE stored_marks (id TEXT PRIMARY KEY, device INTEGER NOT NULL, inode INTEGER NOT NULL,
+                                      size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL);""",
+        # Dedup asks for the newest few stored copies of some bytes: read off the index, not sorted from all.
+        """DROP INDEX uploads_by_content;
+           CREATE INDEX uploads_by_content ON uploads (sha256, size, finished);""",
     )
     _COLUMNS = ("id", "name", "size", "part_size", "client", "created", "updated", "state", "received", "sha256",
                 "stored_name", "finished", "reason", "mtime")
@@ -704,16 +872,19 @@ class Ledger:
         with self._lock:
             return self._db.execute("PRAGMA user_version").fetchone()[0]
 
-    def save(self, *infos: UploadInfo) -> None:
-        """Insert or replace these records, in one transaction."""
+    def save(self, *infos: UploadInfo, mark: tuple[int, int, int, int] | None = None) -> None:
+        """Insert or replace these records, in one transaction; ``mark``: what the first one's stored file is
+        (see ``save_mark``), in the same commit (one commit a stored file, not two)."""
         rows = [self._row(info) for info in infos]
         with self._lock:
-            if len(rows) == 1:
+            if len(rows) == 1 and mark is None:
                 self._db.execute(self._upsert, rows[0])
                 return
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 self._db.executemany(self._upsert, rows)
+                if mark is not None:
+                    self._db.execute(self._save_mark, (infos[0].id, *mark))
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
@@ -735,10 +906,10 @@ class Ledger:
         return [self._info(row) for row in rows]
 
     def stored_with(self, sha256: str, size: int, limit: int = 100) -> list[UploadInfo]:
-        """Stored uploads with this content (by the index on sha256 and size), newest first."""
+        """Stored uploads with this content (by the index on sha256 and size), the newest stored first."""
         with self._lock:
             rows = self._db.execute(f"SELECT {', '.join(self._COLUMNS)} FROM uploads WHERE sha256 = ? AND size = ? "
-                                    "AND state = ? ORDER BY created DESC LIMIT ?",
+                                    "AND state = ? ORDER BY finished DESC LIMIT ?",
                                     (sha256, size, State.STORED.value, limit)).fetchall()
         return [self._info(row) for row in rows]
 
@@ -747,6 +918,39 @@ class Ledger:
             rows = self._db.execute(f"SELECT {', '.join(self._COLUMNS)} FROM uploads ORDER BY created DESC "
                                     "LIMIT ? OFFSET ?", (limit, offset)).fetchall()
         return [self._info(row) for row in rows]
+
+    def select(self, where: str, arguments: Mapping, order: str = "created DESC, id DESC",
+               limit: int = 100) -> list[UploadInfo]:
+        """Records matching ``where`` (an SQL condition of the caller's own text; every value is bound from
+        ``arguments``), in ``order``: one keyset page of the files page, or a sweep."""
+        query = (f"SELECT {', '.join(self._COLUMNS)} FROM uploads WHERE {where} ORDER BY {order} "
+                 "LIMIT :limit")
+        with self._lock:
+            rows = self._db.execute(query, {**arguments, "limit": limit}).fetchall()
+        return [self._info(row) for row in rows]
+
+    def save_mark(self, upload_id: str, mark: tuple[int, int, int, int]) -> None:
+        """What the stored file of ``upload_id`` is (device, inode, size, mtime in ns), to notice changes."""
+        with self._lock:
+            self._db.execute(self._save_mark, (upload_id, *mark))
+
+    def marks(self, upload_ids: Iterable[str]) -> dict[str, tuple[int, int, int, int]]:
+        ids = list(upload_ids)
+        found: dict[str, tuple[int, int, int, int]] = {}
+        with self._lock:
+            for start in range(0, len(ids), 500):
+                batch = ids[start:start + 500]
+                rows = self._db.execute(f"SELECT * FROM stored_marks WHERE id IN ({', '.join('?' * len(batch))})",
+                                        batch).fetchall()
+                found.update((row[0], tuple(row[1:])) for row in rows)
+        return found
+
+    def rename_folder(self, old: str, new: str) -> int:
+        """Stored uploads under folder ``old`` are now under ``new`` (the folder was renamed on the files page)."""
+        with self._lock:
+            return self._db.execute(
+                "UPDATE uploads SET stored_name = :new || substr(stored_name, length(:old) + 1) "
+                "WHERE substr(stored_name, 1, length(:old) + 1) = :old || '/'", {"old": old, "new": new}).rowcount
 
     def close(self) -> None:
         with self._lock:
@@ -1071,6 +1275,37 @@ class LocalBackend:
     def stored_exists(self, stored_name: str) -> bool:
         return (self.storage / stored_name).is_file()
 
+    def link_stored(self, existing: str, name: str) -> str | None:
+        """A second name for the stored file ``existing`` (a hard link: no new space); the name used, numbered
+        as ``store`` numbers.  A name that already is this very file is the answer (so a retry after a crash
+        links nothing twice).  None where this filesystem cannot link (FAT, exFAT): the caller stores a copy."""
+        folder, leaf = split_folder(name)
+        directory = self.folder_for(folder)
+        source = self.storage / existing
+        for number in range(MAX_NAME_ATTEMPTS):
+            candidate = numbered_name(leaf, number)
+            target = directory / candidate
+            try:
+                os.link(source, target)
+            except FileExistsError:
+                if not _same_file(source, target):
+                    continue
+            except OSError as error:
+                if error.errno in _LINK_FATAL_ERRNOS:
+                    raise
+                return None
+            self._checkpoint("linked")
+            return f"{folder}/{candidate}" if folder else candidate
+        raise Conflict("Too many files with this name already.")
+
+    def stored_mark(self, stored_name: str | None) -> tuple[int, int, int, int] | None:
+        """(device, inode, size, mtime in ns) of a stored file, or None where it cannot be looked at."""
+        try:
+            found = os.lstat(self.storage / stored_name)
+        except (OSError, TypeError):
+            return None
+        return found.st_dev, found.st_ino, found.st_size, found.st_mtime_ns
+
     def stored_size(self, stored_name: str) -> int | None:
         try:
             return os.stat(self.storage / stored_name).st_size
@@ -1085,6 +1320,13 @@ class LocalBackend:
             while count := handle.readinto(buffer):
                 digest.update(view[:count])
         return digest.hexdigest()
+
+
+def _same_file(first: Path, second: Path) -> bool:
+    try:
+        return os.path.samefile(first, second)
+    except OSError:
+        return False
 
 
 def _set_mtime(path: str, mtime: float | None) -> None:
@@ -1111,6 +1353,7 @@ class EngineLimits:
     max_size: int                    # bytes per file
     min_free: int = 0                # bytes every filesystem keeps free; uploads that would eat into it get 507
     partial_ttl: float = DEFAULT_PARTIAL_TTL_HOURS * 3600.0   # seconds an unfinished upload may sit untouched
+    stored_ttl: float | None = None  # seconds a stored file is kept (--expire-after); None: for good
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1150,6 +1393,9 @@ SPACE_CHECK_EVERY = 4 * MIB      # how often a long request looks at the free sp
 PROGRESS_EVERY_S = 0.25
 STALLED_AFTER_S = 1.0            # a request that moved no byte for this long may be taken over by a retry
 RIVAL_WAIT_S = 10.0              # a retry waits this long at most for an earlier copy of itself still moving
+# A part the client sent just before it cancelled may reach the server just after: for this long a cancelled
+# id is not started again (409), so that part leaves nothing behind; the same file given later starts anew.
+CANCEL_QUIET_S = 5.0
 HASH_WINDOW = 8 * MIB            # the in-order hash reads back at most this much per turn of its lock
 HASH_BACKLOG = 32 * MIB          # a reply waits while more than this waits to be hashed: completion stays quick
 
@@ -1262,6 +1508,9 @@ class Engine:
             if recorded is not None and recorded.state is State.STORED:
                 _check_same(recorded, name, size, part_size)
                 return recorded
+            if recorded is not None and recorded.state is State.DELETED and \
+                    self.clock() - recorded.updated < CANCEL_QUIET_S:
+                raise Conflict("This upload was cancelled a moment ago.")
             self.check_space(size or 0)
             now = self.clock()
             info = UploadInfo(id=upload_id, name=name, size=size, part_size=part_size, client=client,
@@ -1287,8 +1536,10 @@ class Engine:
             raise storage_error(error)
 
     def _record(self, info: UploadInfo, on_failure: Callable[[], None] = lambda: None) -> None:
+        """Save ``info``; a stored one with what its file is now, so the files page notices a change by hand."""
         try:
-            self.ledger.save(info)
+            mark = self.backend.stored_mark(info.stored_name) if info.state is State.STORED else None
+            self.ledger.save(info, mark=mark)
         except (sqlite3.Error, OSError) as error:
             on_failure()
             log.error("the ledger could not record upload %s: %s", info.id, error)
@@ -1699,15 +1950,19 @@ class Engine:
         stat = self.backend.part_stat(upload_id)
         if stat is None or stat.st_size != live.info.size:
             raise StorageFailure("The partial file does not have the declared size.")
+        reason = ""
         try:
-            stored_name = live.linked_as or self.backend.store(upload_id, live.info.name, live.info.mtime)
+            stored_name = live.linked_as
+            if stored_name is None:
+                stored_name, reason = self._link_same_content(live.info, digest)
+            stored_name = stored_name or self.backend.store(upload_id, live.info.name, live.info.mtime)
         except OSError as error:
             raise storage_error(error)
         live.linked_as = stored_name
         now = self.clock()
         with live.lock:  # from now on a late commit of another request sees the upload stored
             receiving = live.info
-            info = live.info = dataclasses.replace(receiving, state=State.STORED, sha256=digest,
+            info = live.info = dataclasses.replace(receiving, state=State.STORED, sha256=digest, reason=reason,
                                                    stored_name=stored_name, finished=now, updated=now)
             try:
                 self._record(info)  # on failure the part stays linked: a retry of finish records the same name
@@ -1717,6 +1972,88 @@ class Engine:
         self.checkpoint("recorded")
         self.backend.discard(upload_id)
         self.checkpoint("discarded")
+        return info
+
+    def received_part_matches(self, upload_id: str, start: int, end: int, sha256: bytes) -> bool:
+        """Whether bytes [start, end), all received already, have this sha256 in the partial file (False only
+        on a real difference: a part sent again with other content than the first time)."""
+        live = self._get_live(upload_id)
+        if live is None or range_holes(live.info.received, start, end):
+            return True
+        try:
+            fd = self.backend.open_part(upload_id)
+        except OSError:
+            return True  # stored or gone meanwhile: put answers for that
+        try:
+            hasher = hashlib.sha256()
+            self._hash_from_file(hasher, fd, start, end)
+        finally:
+            os.close(fd)
+        return hmac.compare_digest(hasher.digest(), sha256)
+
+    # -- content: the same bytes are stored once ---------------------------------------------------------------
+    def find_content(self, sha256: str, size: int) -> UploadInfo | None:
+        """A stored upload whose file has exactly these bytes, checked now by hashing that file again (a record
+        alone is not trusted: the file may have been edited or replaced by hand since)."""
+        if size <= 0 or not re.fullmatch(r"[0-9a-f]{64}", sha256):
+            return None
+        for info in self.ledger.stored_with(sha256, size, limit=3):
+            try:
+                if (os.stat(self.backend.stored_path(info.stored_name)).st_size == size
+                        and self.backend.hash_stored(info.stored_name) == sha256):
+                    return info
+            except OSError:
+                continue
+        return None
+
+    def _link_same_content(self, info: UploadInfo, digest: str) -> tuple[str | None, str]:
+        """(the name, the ledger's reason) when a stored file with these bytes now also carries this upload's
+        name; (None, "") when there is none, or this filesystem cannot link."""
+        original = self.find_content(digest, info.size or 0)
+        if original is None:
+            return None, ""
+        linked = self.backend.link_stored(original.stored_name, info.name)
+        return (linked, f"same content as {original.stored_name}") if linked else (None, "")
+
+    def complete_by_content(self, upload_id: str, sha256: str) -> UploadInfo | None:
+        """The client knows its file's sha256: if a stored file has these bytes, the upload is stored at once
+        under its own name as a link to that file (its partial file goes, writers still sending are fenced).
+        None when no stored file has them; the upload then goes on as before."""
+        live = self._get_live(upload_id)
+        if live is None:
+            return self._settled_info(upload_id)
+        with live.finish_lock:
+            if live.info.state is State.STORED:
+                return live.info
+            stored_name, reason = self._link_same_content(live.info, sha256)
+            if stored_name is None:
+                return None
+            with self._opening[hash(upload_id) % 64]:  # a request arriving meanwhile finds the stored record
+                info = self._stored_by_link(live, sha256, stored_name, reason)
+                self._forget(upload_id)
+            self.checkpoint("recorded")
+            self.backend.discard(upload_id)
+            self.checkpoint("discarded")
+        with self._lock:
+            self.stored_count += 1
+        self.events(Stored(info))
+        return info
+
+    def _stored_by_link(self, live: _Live, sha256: str, stored_name: str, reason: str) -> UploadInfo:
+        now = self.clock()
+        with live.lock:
+            receiving = live.info
+            size = receiving.size or 0
+            info = live.info = dataclasses.replace(receiving, state=State.STORED, sha256=sha256, reason=reason,
+                                                   received=((0, size),), stored_name=stored_name, finished=now,
+                                                   updated=now)
+            try:
+                self._record(info)
+            except UploadError:
+                live.info = receiving
+                raise
+        for writer in list(live.writers):  # outside live.lock: a writer commits holding its lock, then live.lock
+            writer.fence()
         return info
 
     def receive_whole(self, name: str, pieces: Iterable, *, client: str, size: int | None = None,
@@ -1803,7 +2140,70 @@ class Engine:
         if removed:
             self._notice(f"removed {removed} unfinished upload(s) untouched for "
                          f"{self.limits.partial_ttl / 3600:g} hours")
+        return removed + self._expire_stored(self.clock() if now is None else now)
+
+    def _expire_stored(self, now: float) -> int:
+        """Remove stored files kept ``stored_ttl`` seconds; their records stay, as expired."""
+        if self.limits.stored_ttl is None:
+            return 0
+        removed = 0
+        while due := self.ledger.select("state = 'stored' AND finished <= :cutoff",
+                                        {"cutoff": now - self.limits.stored_ttl}, "finished", 500):
+            for info in due:
+                try:
+                    self._remove_stored(info, State.EXPIRED, "kept for as long as --expire-after says")
+                except Conflict as error:  # changed by hand: no longer only ours to remove
+                    self._record(dataclasses.replace(info, state=State.EXPIRED, updated=self.clock(),
+                                                     reason=error.message))
+                removed += 1
+        if removed:
+            self._notice(f"removed {removed} stored file(s) past --expire-after")
         return removed
+
+    def _remove_stored(self, info: UploadInfo, state: State, reason: str) -> UploadInfo:
+        """Unlink the stored file of ``info`` (unless another record stores under that name, or it was changed
+        by hand: then Conflict) and record ``state``."""
+        presence = storage_presence(self.backend, info, self.ledger.marks([info.id]).get(info.id))
+        if presence == "changed":
+            raise Conflict("The file was changed on the server since it was stored, so it was left in place.")
+        shared = self.ledger.select("state = 'stored' AND COALESCE(stored_name, name) = :name AND id != :id",
+                                    {"name": info.stored_name, "id": info.id}, "id", 1)
+        if presence == "present" and not shared:
+            try:
+                _unlink_quietly(self.backend.stored_path(info.stored_name))
+            except OSError as error:
+                raise storage_error(error)
+        self.checkpoint("removed")   # a stop here leaves a stored record of a missing file: removing it again ends it
+        removed = dataclasses.replace(info, state=state, updated=self.clock(), reason=reason)
+        self._record(removed)
+        return removed
+
+    def delete(self, upload_id: str) -> UploadInfo:
+        """Remove an upload's bytes, stored (``_remove_stored``) or partial (``abort``: a request still sending it
+        gets 409); the record stays, as deleted."""
+        info = self.info(upload_id)
+        if info.state is State.RECEIVING:
+            info = self.abort(upload_id, "deleted on the files page")
+        if info.state is State.STORED:  # or completed meanwhile
+            return self._remove_stored(info, State.DELETED, "deleted on the files page")
+        return info
+
+
+def storage_presence(backend: LocalBackend, info: UploadInfo, mark: tuple[int, int, int, int] | None) -> str:
+    """Whether a stored upload's file is still there as stored: "present", "missing" (removed by hand),
+    "changed" (modified or replaced by hand: another size, or another inode or mtime than recorded when it was
+    stored), or "" for an upload not stored."""
+    if info.state is not State.STORED or not info.stored_name:
+        return ""
+    try:
+        found = os.lstat(backend.stored_path(info.stored_name))
+    except OSError:
+        return "missing"
+    if not stat.S_ISREG(found.st_mode) or found.st_size != info.size:
+        return "changed"
+    if mark is not None and (found.st_dev, found.st_ino, found.st_size, found.st_mtime_ns) != mark:
+        return "changed"
+    return "present"
 
 
 CHECKSUM_ALGORITHMS = {"sha1": hashlib.sha1, "sha256": hashlib.sha256}
@@ -3468,12 +3868,119 @@ def status_reply(engine: Engine, upload_id: str) -> dict:
     if info is None or info.state not in (State.RECEIVING, State.STORED):
         raise NotFound("No such upload." if info is None else _GONE[info.state])
     if info.state is State.STORED:
-        return {**completed_reply(info), "available": engine.backend.stored_exists(info.stored_name)}
+        return {**completed_reply(info), "available": engine.backend.stored_exists(info.stored_name),
+                "expires": iso_time(stored_expiry(engine, info))}
     if info.fully_received:  # stopped after the last part, before completion: complete it now
         return {**completed_reply(engine.finish(upload_id)), "available": True}
     return {"id": info.id, "complete": False, "name": info.name, "size": info.size,
             "received_chunks": info.received_parts(), "total_chunks": info.total_parts,
             "missing_chunks": info.missing_parts(1000)}
+
+
+MAX_STATUS_IDS = 1000
+MAX_JSON_BYTES = 128 * 1024
+
+
+def read_json(environ: dict, limit: int = MAX_JSON_BYTES) -> dict:
+    """A small JSON object request body; BadRequest for anything else (too long, not JSON, not an object).
+
+    Content-Type must say JSON: another site's page can make a browser send a form (text/plain) here without
+    asking, but not a JSON body (that needs a CORS preflight, which this server never grants)."""
+    if parse_options_header(environ.get("CONTENT_TYPE", ""))[0] != "application/json":
+        raise BadRequest("Send the request as JSON (Content-Type: application/json).")
+    length = content_length(environ)
+    if length is None or length > limit:
+        raise BadRequest(f"Send a JSON body of at most {limit} bytes, with a Content-Length.")
+    body = bytearray()
+    for piece in request_body(environ, length):
+        body += piece
+    try:
+        value = json.loads(bytes(body).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise BadRequest("The body is not JSON.") from None
+    if not isinstance(value, dict):
+        raise BadRequest("The body must be a JSON object.")
+    return value
+
+
+def status_many(engine: Engine, request: dict) -> dict:
+    """``POST /api/uploads/status`` {"ids": [...]}: ``status_reply`` of each, in one request (a page that
+    remembers 500 files asks once); an id the server does not know, or no longer has, answers {"gone": why}."""
+    ids = request.get("ids")
+    if not isinstance(ids, list) or len(ids) > MAX_STATUS_IDS or not all(isinstance(i, str) for i in ids):
+        raise BadRequest(f"Send {{\"ids\": [...]}} with at most {MAX_STATUS_IDS} upload ids.")
+    replies: dict[str, dict] = {}
+    for upload_id in dict.fromkeys(ids):
+        try:
+            replies[upload_id] = status_reply(engine, upload_id)
+        except NotFound as error:
+            replies[upload_id] = {"id": upload_id, "gone": error.message}
+    return {"uploads": replies}
+
+
+def cancel_reply(engine: Engine, upload_id: str, client: str) -> dict:
+    """``POST /api/uploads/ID/cancel``: an unfinished upload stops for good and its partial file goes.
+
+    Only from the address that started it: a page's upload ids come from its files (see the README), so
+    someone else holding the same file could name it.  A stored upload is not touched (that is the admin's
+    DELETE)."""
+    info = engine.info(upload_id) if is_valid_id(upload_id) else None
+    if info is None:
+        raise NotFound("No such upload.")
+    if info.state is State.RECEIVING:
+        if info.client and info.client != client:
+            raise Forbidden("Only the device that started this upload can cancel it.")
+        info = engine.abort(upload_id, "cancelled by the client")
+    return {"id": info.id, "state": info.state.value, "cancelled": info.state is State.DELETED}
+
+
+def content_reply(engine: Engine, upload_id: str, request: dict, client: str, allowed: bool) -> dict:
+    """``POST /api/uploads/ID/content`` {"sha256", "name", "path", "size", "chunk_size", "mtime"}: the page
+    knows its file's whole hash; when a stored file has those bytes the upload is stored at once as a link to
+    it (nothing more is sent).  {"complete": false} otherwise, and the page goes on sending."""
+    if not is_valid_id(upload_id):
+        raise BadRequest(f"An upload id is 1 to {MAX_ID_LENGTH} letters, digits or '-'.")
+    sha256 = parse_sha256_hex(str(request.get("sha256", "")), "sha256").hex()
+    size, part_size = request.get("size"), request.get("chunk_size")
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in (size, part_size)) \
+            or not 1 <= part_size <= MAX_CHUNK_SIZE or chunk_count(size, part_size) > MAX_CHUNK_COUNT:
+        raise BadRequest("size and chunk_size must be whole numbers, as in the chunk fields.")
+    if not allowed or size == 0:
+        return {"id": upload_id, "complete": False}
+    mtime = parse_mtime_ms(str(request["mtime"])) if request.get("mtime") is not None else None
+    name = sanitize_relative_path(str(request.get("path") or request.get("name") or ""))
+    with _Subject(name):
+        engine.create(upload_id, name, size=size, part_size=part_size, client=client, mtime=mtime)
+        info = engine.complete_by_content(upload_id, sha256)
+    if info is None or info.state is not State.STORED:
+        return {"id": upload_id, "complete": False}
+    return {**completed_reply(info), "same_as": info.reason.removeprefix("same content as ") or None}
+
+
+MAX_VERIFY_PARTS = 64
+
+
+def verify_reply(engine: Engine, upload_id: str, request: dict) -> dict:
+    """``POST /api/uploads/ID/verify`` {"parts": {"INDEX": "SHA256", ...}}: which of these parts, received
+    before, hold other bytes than the client's (its file is not the one that upload came from).  The page
+    asks this of every part it skips because the server has it, so a resumed upload is checked part by part
+    without sending them again; parts not received yet are not judged."""
+    info = engine.info(upload_id) if is_valid_id(upload_id) else None
+    parts = request.get("parts")
+    if info is None:
+        raise NotFound("No such upload.")
+    if not isinstance(parts, dict) or len(parts) > MAX_VERIFY_PARTS:
+        raise BadRequest(f'Send {{"parts": {{"INDEX": "SHA256", ...}}}} with at most {MAX_VERIFY_PARTS} parts.')
+    mismatched = []
+    for key, digest in parts.items():
+        if not _UINT_RE.match(str(key)) or int(key) >= info.total_parts:
+            raise BadRequest("A part index must be a whole number within the upload.")
+        index, expected = int(key), parse_sha256_hex(str(digest), "sha256")
+        start = index * info.part_size
+        end = start + chunk_length(index, info.size or 0, info.part_size)
+        if info.state is State.RECEIVING and not engine.received_part_matches(upload_id, start, end, expected):
+            mismatched.append(index)
+    return {"id": upload_id, "mismatched": sorted(mismatched)}
 
 
 class _Subject:
@@ -3490,16 +3997,24 @@ class _Subject:
             error.subject = self.name
 
 
-def receive_chunk(engine: Engine, chunk: ChunkInfo, filename: str, data: Iterable, client: str) -> dict:
+def receive_chunk(engine: Engine, chunk: ChunkInfo, filename: str, data: Iterable, client: str,
+                  extras: ChunkExtras = ChunkExtras()) -> dict:
     """One Dropzone chunk: the bytes of part ``chunk.index`` of upload ``chunk.upload_id``."""
-    name = sanitize_filename(filename)
+    name = extras.path or sanitize_filename(filename)
+    checksum = ("sha256", extras.part_sha256) if extras.part_sha256 is not None else None
     with _Subject(name):
         info = engine.create(chunk.upload_id, name, size=chunk.total_size, part_size=chunk.chunk_size,
-                             client=client, ephemeral=chunk.total_chunks == 1)
+                             client=client, ephemeral=chunk.total_chunks == 1, mtime=extras.mtime)
+        if info.state is State.RECEIVING and checksum is not None and info.part_received(chunk.index) and \
+                not engine.received_part_matches(chunk.upload_id, chunk.offset, chunk.offset + chunk.length,
+                                                 checksum[1]):
+            raise ChecksumMismatch(f"Part {chunk.index} was received before with other bytes: this is not the "
+                                   "same file (start it under another id).")
         if info.state is State.RECEIVING:
             counted = _Counted(data)
             try:
-                info = engine.put(chunk.upload_id, chunk.offset, counted, length=chunk.length, atomic=True)
+                info = engine.put(chunk.upload_id, chunk.offset, counted, length=chunk.length, atomic=True,
+                                  checksum=checksum)
             except TooManyBytes as error:
                 seen = chunk.length + error.extra + _Counted(data).drain(engine.limits.max_size)
                 if chunk.offset + seen > engine.limits.max_size:
@@ -3551,7 +4066,8 @@ def receive_form(engine: Engine, environ: dict, client: str) -> dict:
                     raise BadRequest("A chunk request carries exactly one file.")
                 if chunk is not None:
                     part.expect(chunk.length)
-                    chunk_reply = receive_chunk(engine, chunk, part.filename, part.data, client)
+                    chunk_reply = receive_chunk(engine, chunk, part.filename, part.data, client,
+                                                parse_chunk_extras(fields))
                 elif part.filename or _has_bytes(part):
                     if not spooled:
                         engine.check_space(length or 0)
@@ -3562,7 +4078,8 @@ def receive_form(engine: Engine, environ: dict, client: str) -> dict:
         if chunk is not None:  # the chunk fields came after the file part: the spooled file is the chunk
             if len(spooled) != 1:
                 raise BadRequest("A chunk request carries exactly one file.")
-            return receive_chunk(engine, chunk, spooled[0][1], engine.read(spooled[0][0]), client)
+            return receive_chunk(engine, chunk, spooled[0][1], engine.read(spooled[0][0]), client,
+                                 parse_chunk_extras(fields))
         if not spooled:
             raise BadRequest("No file in the request: send it as a multipart part named 'file'.")
         replies = [completed_reply(_store_spooled(engine, upload_id)) for upload_id, _ in spooled]
@@ -3888,6 +4405,417 @@ def plain_response(status: int, message: str, *, close: bool = False) -> bottle.
     return response
 
 
+# -- Authentication ---------------------------------------------------------------------------------------------
+# Three levels, each route naming the one it needs in its config (``auth=``; default UPLOADER):
+#   PUBLIC    the icon, the page's assets, the login page;
+#   UPLOADER  the page, uploading, an upload's status and download: open to all unless --password is set;
+#   ADMIN     /files and the /api/uploads list and actions: only with --admin-password, which also opens UPLOADER.
+# Browsers log in on /login and carry a signed cookie; scripts send HTTP Basic (any user name).
+
+PUBLIC, UPLOADER, ADMIN = "public", "upload", "admin"
+PASSWORD_ENV = "PYFILEDROP_PASSWORD"
+ADMIN_PASSWORD_ENV = "PYFILEDROP_ADMIN_PASSWORD"
+SESSION_COOKIE = "pyfiledrop_session"
+CSRF_COOKIE = "pyfiledrop_csrf"           # readable by the pages' scripts, which echo it in CSRF_HEADER
+CSRF_HEADER = "X-CSRF-Token"
+SESSION_SECONDS = 30 * 86400
+SESSION_KEY_FILENAME = "session.key"     # beside the ledger: logins survive a restart
+# scrypt n=2**14, r=8: 16 MiB and some 50 ms per check.  The hash never leaves memory, wrong guesses are slowed
+# per address (below) and a right password is checked once, then known by its HMAC: the cost buys little more.
+SCRYPT_COST = {"n": 1 << 14, "r": 8, "p": 1, "maxmem": 64 * MIB}
+FREE_FAILURES = 5                        # wrong passwords from one address before each next try must wait
+MAX_LOCKOUT_S = 300.0                    # the wait doubles per further failure, up to this
+FAILURES_FORGOTTEN_S = 3600.0
+MAX_TRACKED_ADDRESSES = 4096
+UNSAFE_METHODS = frozenset({"POST", "PUT", "DELETE", "PATCH"})
+_SCRYPT_SLOTS = threading.BoundedSemaphore(2)   # password checks at once: they cannot take every core
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class PasswordHash:
+    """A password as a salted scrypt hash (the password itself is not kept).
+
+    ``session_tag`` is derived with a fixed salt so that it is the same on every start: it goes into every
+    login cookie's signature, so changing the password logs out everyone who logged in with the old one.
+    """
+
+    salt: bytes
+    digest: bytes
+    session_tag: bytes
+
+    @classmethod
+    def of(cls, password: str) -> PasswordHash:
+        salt = os.urandom(16)
+        secret = password.encode("utf-8", "surrogateescape")   # a variable's bytes as they are
+        return cls(salt, hashlib.scrypt(secret, salt=salt, **SCRYPT_COST),
+                   hashlib.scrypt(secret, salt=b"pyfiledrop session tag", **SCRYPT_COST))
+
+    def matches(self, password: str) -> bool:
+        with _SCRYPT_SLOTS:
+            digest = hashlib.scrypt(password.encode("utf-8", "surrogateescape"), salt=self.salt, **SCRYPT_COST)
+        return hmac.compare_digest(digest, self.digest)
+
+    def __repr__(self) -> str:
+        return "PasswordHash(...)"
+
+
+def load_session_key(chunks: Path) -> bytes:
+    """The key that signs login cookies: made once (atomically: never a half-written key), kept in ``chunks``."""
+    path = chunks / SESSION_KEY_FILENAME
+    try:
+        key = path.read_bytes()
+        if len(key) == 32:
+            return key
+    except FileNotFoundError:
+        pass
+    temp = chunks / f".{SESSION_KEY_FILENAME}.tmp"   # one server per chunks folder (the ledger's lock)
+    fd = os.open(temp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o600)
+    try:
+        os.write(fd, os.urandom(32))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temp, path)   # a key of the wrong length (damaged) is replaced: its logins end
+    return path.read_bytes()
+
+
+class _Throttle:
+    """Wrong passwords per address (IPv6 per /64, which one device can rotate within): after FREE_FAILURES,
+    each further try must wait 2, 4, 8 ... up to MAX_LOCKOUT_S seconds after the last failure."""
+
+    def __init__(self, clock: Callable[[], float]):
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._failures: dict[str, tuple[int, float]] = {}   # key: (count, time of the last), oldest first
+
+    @staticmethod
+    def _key(address: str) -> str:
+        try:
+            parsed = ipaddress.ip_address(address)
+        except ValueError:
+            return address
+        if parsed.version == 4:
+            return str(parsed)
+        if parsed.ipv4_mapped is not None:
+            return str(parsed.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{parsed}/64", strict=False))
+
+    def wait_left(self, address: str) -> float:
+        with self._lock:
+            return self._wait(self._key(address))
+
+    def _wait(self, key: str) -> float:
+        count, last = self._failures.get(key, (0, 0.0))
+        if count < FREE_FAILURES:
+            return 0.0
+        return max(0.0, last + min(MAX_LOCKOUT_S, 2.0 ** (count - FREE_FAILURES + 1)) - self.clock())
+
+    def begin(self, address: str) -> float:
+        """The seconds ``address`` must still wait, or 0 and this try counted as a failure until ``succeeded``:
+        counted before the check, so many guesses sent at once cannot all slip in under the limit."""
+        with self._lock:
+            wait = self._wait(self._key(address))
+            if not wait:
+                self._count(self._key(address))
+            return wait
+
+    def failed(self, address: str) -> None:
+        with self._lock:
+            self._count(self._key(address))
+
+    def _count(self, key: str) -> None:
+        now = self.clock()
+        count, last = self._failures.pop(key, (0, now))
+        self._failures[key] = (1 if now - last > FAILURES_FORGOTTEN_S else count + 1, now)
+        while len(self._failures) > MAX_TRACKED_ADDRESSES:
+            del self._failures[next(iter(self._failures))]
+
+    def succeeded(self, address: str) -> None:
+        with self._lock:
+            self._failures.pop(self._key(address), None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Credentials:
+    """Who a request is: the role it proved (None: none), how (``"basic"``, ``"cookie"``), its CSRF token."""
+
+    role: str | None
+    via: str = ""
+    csrf: str = ""
+
+
+class Authenticator:
+    """Checks passwords and login cookies; issues cookies and CSRF tokens.  Holds no password, only hashes."""
+
+    def __init__(self, password: PasswordHash | None, admin_password: PasswordHash | None, key: bytes, *,
+                 clock: Callable[[], float] = time.time):
+        self.hashes = {role: h for role, h in ((ADMIN, admin_password), (UPLOADER, password)) if h is not None}
+        self.key = key
+        self.clock = clock
+        self.throttle = _Throttle(clock)
+        self._known: dict[str, bytes] = {}   # role: HMAC of its password, once a request has proved it
+
+    def required(self, level: str) -> bool:
+        """Whether a route of ``level`` needs any password at all."""
+        return level == ADMIN or (level == UPLOADER and UPLOADER in self.hashes)
+
+    def role_of(self, password: str) -> str | None:
+        """The role ``password`` proves (the admin one first), or None.  Not throttled: see ``attempt``."""
+        tag = hmac.new(self.key, password.encode("utf-8", "surrogateescape"), hashlib.sha256).digest()
+        for role in self.hashes:
+            if role in self._known and hmac.compare_digest(self._known[role], tag):
+                return role
+        for role, hashed in self.hashes.items():
+            if role not in self._known and hashed.matches(password):
+                self._known[role] = tag
+                return role
+        return None
+
+    def attempt(self, password: str, address: str) -> str | None:
+        """``role_of``, counted against ``address``: raises TooManyAttempts while it must wait."""
+        wait = self.throttle.begin(address)
+        if wait > 0:
+            raise TooManyAttempts(wait)
+        role = self.role_of(password)
+        if role is not None:
+            self.throttle.succeeded(address)
+        return role
+
+    def _sign(self, payload: str, role: str) -> str:
+        mac = hmac.new(self.key, payload.encode("ascii") + b"|" + self.hashes[role].session_tag, hashlib.sha256)
+        return base64.urlsafe_b64encode(mac.digest()).decode("ascii").rstrip("=")
+
+    def issue(self, role: str) -> str:
+        """A login cookie's value: role, expiry, a random session id, and their signature."""
+        payload = f"{role}.{int(self.clock()) + SESSION_SECONDS}.{uuid.uuid4().hex}"
+        return f"{payload}.{self._sign(payload, role)}"
+
+    def session(self, value: str) -> Credentials:
+        parts = value.split(".")
+        if len(parts) != 4 or parts[0] not in self.hashes or not parts[1].isdigit():
+            return Credentials(None)
+        payload = ".".join(parts[:3])
+        if not hmac.compare_digest(self._sign(payload, parts[0]).encode(), parts[3].encode("ascii", "replace")):
+            return Credentials(None)
+        if int(parts[1]) < self.clock():
+            return Credentials(None)
+        return Credentials(parts[0], "cookie", self.csrf_token(parts[2]))
+
+    def csrf_token(self, session_id: str) -> str:
+        mac = hmac.new(self.key, b"csrf|" + session_id.encode("ascii", "replace"), hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(mac[:24]).decode("ascii")
+
+
+class TooManyAttempts(UploadError):
+    status = 429
+
+    def __init__(self, wait: float):
+        self.wait = max(1, int(wait + 0.999))
+        super().__init__(f"Too many wrong passwords from this address: try again in {self.wait} s.")
+
+
+def _basic_password(header: str) -> str | None:
+    """The password of an ``Authorization: Basic`` header (any user name), None for another scheme."""
+    scheme, _, token = header.strip().partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        decoded = base64.b64decode(token.strip(), validate=True).decode("utf-8")
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequest("Malformed Authorization header.") from None
+    if ":" not in decoded:
+        raise BadRequest("Malformed Authorization header: expected user:password (any user name).")
+    return decoded.split(":", 1)[1]
+
+
+def _is_browser(environ: dict) -> bool:
+    """Browsers get the login page instead of ``WWW-Authenticate`` (which would pop up their own prompt)."""
+    return (any(key.startswith("HTTP_SEC_FETCH_") for key in environ) or "HTTP_X_REQUESTED_WITH" in environ
+            or "text/html" in environ.get("HTTP_ACCEPT", "")
+            or environ.get("HTTP_USER_AGENT", "").startswith("Mozilla/"))
+
+
+def _cross_site(environ: dict) -> bool:
+    """A request a browser sent on behalf of another site (a form or script there posting to us).
+
+    Sec-Fetch-Site decides where the browser sends it (all current ones do); else the Origin's host.  An Origin
+    of "null" is what our own pages' forms send under Referrer-Policy: no-referrer, so it is no evidence."""
+    site = environ.get("HTTP_SEC_FETCH_SITE")
+    if site is not None:
+        return site not in ("same-origin", "none")
+    origin = environ.get("HTTP_ORIGIN", "null")
+    return origin != "null" and urlsplit(origin).netloc.lower() != environ.get("HTTP_HOST", "").lower()
+
+
+def _cookie(environ: dict, name: str) -> str:
+    for item in environ.get("HTTP_COOKIE", "").split(";"):
+        key, _, value = item.strip().partition("=")
+        if key == name:
+            return value
+    return ""
+
+
+class RequirePassword:
+    """Bottle plugin: a route's ``auth`` level is checked before its callback runs, so before any byte of the
+    request body is read; the server sends "100 Continue" only on the first read, so a client that waits for it
+    (``Expect: 100-continue``, as curl does for large files) is refused without sending its body at all."""
+
+    name = "pyfiledrop-auth"
+    api = 2
+
+    def __init__(self, auth: Authenticator | None, events: Callable[[EngineEvent], None] = lambda event: None):
+        self.auth = auth
+        self.events = events   # a wrong password is one console line (further tries are throttled)
+
+    def apply(self, callback: Callable, route: bottle.Route) -> Callable:
+        level = route.config.get("auth", UPLOADER)
+        if level == PUBLIC:
+            return callback
+
+        extra_headers = route.config.get("error_headers", ())   # a protocol's own headers (tus) on refusals too
+
+        def checked(*args, **kwargs):
+            refusal = self.check(bottle.request.environ, level)
+            if refusal is None:
+                return callback(*args, **kwargs)
+            for header, value in extra_headers:
+                refusal.set_header(header, value)
+            return refusal
+
+        return checked
+
+    def check(self, environ: dict, level: str) -> bottle.HTTPResponse | None:
+        """None when the request may go on (its Credentials then in the environ), else the refusal."""
+        auth = self.auth
+        if level == ADMIN and (auth is None or ADMIN not in auth.hashes):
+            return plain_response(403, "This needs the admin password: start the server with --admin-password.")
+        if auth is None or not auth.required(level):
+            return None
+        try:
+            credentials = self.credentials(environ)
+        except TooManyAttempts as error:
+            refusal = _auth_refusal(environ, error.status, error.message, login=False)
+            refusal.set_header("Retry-After", str(error.wait))
+            return refusal
+        if credentials.role is None:
+            if credentials.via == "basic":
+                self.events(Refused(f"{environ['REQUEST_METHOD']} {environ.get('PATH_INFO', '')}",
+                                    environ.get("REMOTE_ADDR", ""), 403, "Wrong password."))
+                return _auth_refusal(environ, 403, "Wrong password.")
+            return _auth_refusal(environ, 401, "This server needs a password.")
+        if level == ADMIN and credentials.role != ADMIN:
+            return _auth_refusal(environ, 403, "This needs the admin password.")
+        if environ["REQUEST_METHOD"] in UNSAFE_METHODS:
+            if credentials.via == "cookie" and not hmac.compare_digest(
+                    environ.get("HTTP_X_CSRF_TOKEN", "").encode("latin-1"), credentials.csrf.encode("ascii")):
+                return plain_response(403, f"Missing or wrong {CSRF_HEADER} header: reload the page.")
+            if _cross_site(environ):
+                return plain_response(403, "A request from another site was refused.")
+        environ["pyfiledrop.credentials"] = credentials
+        return None
+
+    def credentials(self, environ: dict) -> Credentials:
+        header = environ.get("HTTP_AUTHORIZATION", "")
+        password = _basic_password(header) if header else None
+        if password is not None:
+            return Credentials(self.auth.attempt(password, environ.get("REMOTE_ADDR", "")), "basic")
+        cookie = _cookie(environ, SESSION_COOKIE)
+        return self.auth.session(cookie) if cookie else Credentials(None)
+
+
+def _auth_refusal(environ: dict, status: int, message: str, login: bool = True) -> bottle.HTTPResponse:
+    """401/403/429: the login page for a browser's page load, else one plain line (with the Basic challenge on
+    a 401 to a client that is not a browser)."""
+    browser = _is_browser(environ)
+    if browser and environ["REQUEST_METHOD"] in ("GET", "HEAD") and "text/html" in environ.get("HTTP_ACCEPT", ""):
+        target = environ.get("PATH_INFO", "/") + ("?" + environ["QUERY_STRING"] if environ.get("QUERY_STRING") else "")
+        return login_page(message, target if login else "", status)
+    response = plain_response(status, message)
+    if status == 401 and not browser:
+        response.set_header("WWW-Authenticate", 'Basic realm="pyfiledrop", charset="UTF-8"')
+    return response
+
+
+def _local_target(text: str) -> str:
+    """Where to go after logging in: a path on this server only (never "//elsewhere" or a URL)."""
+    if (not text.startswith("/") or text.startswith(("//", "/\\")) or len(text) > 2000
+            or any(ord(c) < 0x20 or c == "\x7f" for c in text)):
+        return ""
+    return text
+
+
+def login_page(message: str, target: str, status: int = 200) -> bottle.HTTPResponse:
+    html = (LOGIN_HTML.replace("{{message}}", bottle.html_escape(message))
+            .replace("{{next}}", bottle.html_escape(_local_target(target))))
+    response = bottle.HTTPResponse(html, status=status)
+    response.content_type = "text/html; charset=utf-8"
+    response.set_header("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'; img-src 'self'; "
+                        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
+    response.set_header("X-Content-Type-Options", "nosniff")
+    response.set_header("Referrer-Policy", "no-referrer")
+    response.set_header("Cache-Control", "no-store")
+    return response
+
+
+def _login_cookies(response: bottle.HTTPResponse, session: str, csrf: str, secure: bool, max_age: int) -> None:
+    attributes = f"Path=/; Max-Age={max_age}; SameSite=Strict" + ("; Secure" if secure else "")
+    response.add_header("Set-Cookie", f"{SESSION_COOKIE}={session}; HttpOnly; {attributes}")
+    response.add_header("Set-Cookie", f"{CSRF_COOKIE}={csrf}; {attributes}")
+
+
+def _login_routes(app: bottle.Bottle, auth: Authenticator | None, events: Callable[[EngineEvent], None]) -> None:
+    """/login (a form for browsers; scripts use Basic instead) and /logout."""
+
+    @app.get("/login", auth=PUBLIC)
+    def login_form():
+        return login_page("Enter the password." if auth else "This server needs no password.",
+                          bottle.request.query.getunicode("next") or "")
+
+    @app.post("/login", auth=PUBLIC)
+    def login():
+        environ = bottle.request.environ
+        if auth is None:
+            return plain_response(404, "This server needs no password.")
+        if _cross_site(environ):
+            return plain_response(403, "A request from another site was refused.")
+        if content_length(environ) is None or content_length(environ) > 64 * 1024:
+            return plain_response(411 if content_length(environ) is None else 413,
+                                  "Send the form with a Content-Length of at most 64 KiB.", close=True)
+        target = _local_target(bottle.request.forms.getunicode("next") or "")
+        try:
+            role = auth.attempt(bottle.request.forms.getunicode("password") or "", environ.get("REMOTE_ADDR", ""))
+        except TooManyAttempts as error:
+            response = login_page(error.message, target, error.status)
+            response.set_header("Retry-After", str(error.wait))
+            return response
+        if role is None:
+            events(Refused("a login", environ.get("REMOTE_ADDR", ""), 403, "Wrong password."))
+            return login_page("Wrong password.", target, 403)
+        session = auth.issue(role)
+        response = bottle.HTTPResponse(status=303)
+        response.set_header("Location", target or ("/files" if role == ADMIN else "/"))
+        response.set_header("Cache-Control", "no-store")
+        _login_cookies(response, session, auth.session(session).csrf, environ.get("wsgi.url_scheme") == "https",
+                       SESSION_SECONDS)
+        return response
+
+    @app.post("/logout", auth=PUBLIC)
+    def logout():
+        if _cross_site(bottle.request.environ):
+            return plain_response(403, "A request from another site was refused.")
+        response = bottle.HTTPResponse(status=303)
+        response.set_header("Location", "/login")
+        _login_cookies(response, "", "", bottle.request.environ.get("wsgi.url_scheme") == "https", 0)
+        return response
+
+
+def _authenticator(config: Config, engine: Engine) -> Authenticator | None:
+    if config.password is None and config.admin_password is None:
+        return None
+    return Authenticator(config.password, config.admin_password, load_session_key(config.chunks),
+                         clock=engine.clock)
+
+
 ###############################################################################
 # The application #############################################################
 ###############################################################################
@@ -3906,46 +4834,45 @@ def _script_hash(html: str) -> str:
     return "sha256-" + base64.b64encode(hashlib.sha256(script.encode("utf-8")).digest()).decode("ascii")
 
 
-def dropzone_urls(config: Config) -> tuple[str, str, str]:
-    """(js, css, extra CSP source): the embedded copy unless --dz-cdn / another --dz-version asks for a CDN."""
-    version = config.dz_version or DROPZONE_VERSION
-    if config.dz_cdn is None and version == DROPZONE_VERSION:
-        return f"/assets/dropzone-{DROPZONE_VERSION}.min.js", f"/assets/dropzone-{DROPZONE_VERSION}.min.css", ""
-    base = f"{(config.dz_cdn or DEFAULT_DZ_CDN).rstrip('/')}/{version}"
-    if version.startswith(("4.", "5.")):
-        js, css = f"{base}/min/dropzone.min.js", f"{base}/min/dropzone.min.css"
-    else:
-        js, css = f"{base}/dropzone-min.js", f"{base}/dropzone.min.css"
-    parts = urlsplit(base)
-    return js, css, f"{parts.scheme}://{parts.netloc}" if parts.scheme and parts.netloc else ""
+WORKER_ASSET = "hasher-{version}.js"
+HASH_WASM_ASSET = "hash-wasm-sha256-{version}.min.js"
 
 
 def render_index(config: Config) -> tuple[str, str]:
     """The built-in page and its Content-Security-Policy."""
-    js, css, cdn = dropzone_urls(config)
     page_config = {
         "chunkSize": config.chunk_size,
-        "parallelChunks": config.parallel_chunks,
-        "parallelFiles": PARALLEL_FILES,
+        "parallel": config.parallel_chunks,
         "timeoutMs": config.timeout_ms,
         "maxFileSizeBytes": config.max_size_bytes,
-        "forceChunking": config.force_chunking,
         "allowDownloads": config.allow_downloads,
+        "claims": not config.allow_downloads,   # see content_reply: no "I have this hash" where files go out
+        "workerUrl": "/assets/" + WORKER_ASSET.format(version=__version__),
         "version": __version__,
+        "csrfCookie": CSRF_COOKIE,
+        "csrfHeader": CSRF_HEADER,
     }
     config_json = json.dumps(page_config).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
-    html = (INDEX_HTML.replace("{{dropzone_js}}", bottle.html_escape(js))
-            .replace("{{dropzone_css}}", bottle.html_escape(css))
-            .replace("{{config_json}}", config_json)
-            .replace("{{version}}", __version__))
-    policy = (f"default-src 'self'; script-src 'self' {cdn} '{_script_hash(html)}'; style-src 'self' {cdn} "
+    html = INDEX_HTML.replace("{{config_json}}", config_json).replace("{{version}}", __version__)
+    html = with_shared_list(html, config)
+    policy = (f"default-src 'self'; script-src 'self' '{_script_hash(html)}'; worker-src 'self'; style-src 'self' "
               "'unsafe-inline'; img-src 'self' data: blob:; connect-src 'self'; object-src 'none'; base-uri 'none'; "
               "form-action 'self'; frame-ancestors 'none'")
-    return html, re.sub(" +", " ", policy)
+    return html, policy
+
+
+def page_assets() -> dict[str, tuple[bytes, str]]:
+    """The page's scripts by name: the hashing worker, and hash-wasm, which it loads."""
+    hash_wasm = HASH_WASM_ASSET.format(version=HASH_WASM_VERSION)
+    worker = HASHER_WORKER_JS.replace("{{hash_wasm}}", "/assets/" + hash_wasm)
+    return {
+        hash_wasm: (unpack_asset(HASH_WASM_SHA256_JS), "application/javascript"),
+        WORKER_ASSET.format(version=__version__): (worker.encode("utf-8"), "application/javascript"),
+    }
 
 
 def open_engine(config: Config, *, events: Callable[[EngineEvent], None] = lambda event: None,
-                checkpoint: Callable[[str], None] = lambda step: None) -> Engine:
+                checkpoint: Callable[[str], None] = lambda step: None, clock: Callable[[], float] = time.time) -> Engine:
     """The engine over ``config``'s folders: its ledger opened (and migrated), disk and ledger reconciled; with
     ``config.s3`` the engine over that object store instead."""
     if config.s3 is not None:
@@ -3953,8 +4880,9 @@ def open_engine(config: Config, *, events: Callable[[EngineEvent], None] = lambd
     warn = lambda text: events(Notice(text, True))  # noqa: E731
     backend = LocalBackend(config.storage, config.chunks, checkpoint=checkpoint, warn=warn)
     min_free = config.min_free if config.min_free is not None else default_min_free(backend.total_space())
-    limits = EngineLimits(config.max_size_bytes, min_free, config.partial_ttl_seconds)
-    return Engine(Ledger(config.chunks / Ledger.FILENAME), backend, limits, events=events, checkpoint=checkpoint)
+    limits = EngineLimits(config.max_size_bytes, min_free, config.partial_ttl_seconds, config.expire_after_s)
+    ledger = Ledger(config.chunks / Ledger.FILENAME)
+    return Engine(ledger, backend, limits, events=events, checkpoint=checkpoint, clock=clock)
 
 
 def default_min_free(disk_size: int) -> int:
@@ -3966,7 +4894,12 @@ def create_app(config: Config, engine: Engine) -> bottle.Bottle:
     """The WSGI application for ``config``; routes only translate between HTTP and the ``engine``."""
     app = bottle.Bottle(catchall=True)
     app.install(ErrorsAsResponses(engine.events))
+    auth = _authenticator(config, engine)
+    app.install(RequirePassword(auth, engine.events))
+    _login_routes(app, auth, engine.events)
+    _files_routes(app, config, engine)
     _page_routes(app, config)
+    _share_routes(app, config)
 
     def client() -> str:
         return bottle.request.environ.get("REMOTE_ADDR", "")
@@ -3990,6 +4923,8 @@ def create_app(config: Config, engine: Engine) -> bottle.Bottle:
     def upload_status(upload_id):
         return _json(status_reply(engine, upload_id))
 
+    _resume_routes(app, config, engine, client)
+
     @app.get("/download/<upload_id>")
     def download(upload_id):
         if not config.allow_downloads:
@@ -4005,6 +4940,28 @@ def create_app(config: Config, engine: Engine) -> bottle.Bottle:
                      bottle.response.status_code)
 
     return app
+
+
+def _resume_routes(app: bottle.Bottle, config: Config, engine: Engine, client: Callable[[], str]) -> None:
+    """What the page resumes with: the status of many uploads, cancel, part checks, "do you have this?"."""
+
+    @app.post("/api/uploads/status")
+    def uploads_status():
+        return _json(status_many(engine, read_json(bottle.request.environ)))
+
+    @app.post("/api/uploads/<upload_id>/cancel", report=True)
+    def cancel_upload(upload_id):
+        read_json(bottle.request.environ)   # a JSON body ({}), so no other site's form can send this
+        return _json(cancel_reply(engine, upload_id, client()))
+
+    @app.post("/api/uploads/<upload_id>/verify")
+    def verify_parts(upload_id):
+        return _json(verify_reply(engine, upload_id, read_json(bottle.request.environ)))
+
+    @app.post("/api/uploads/<upload_id>/content", report=True)
+    def upload_by_content(upload_id):
+        request = read_json(bottle.request.environ)
+        return _json(content_reply(engine, upload_id, request, client(), not config.allow_downloads))
 
 
 def _tus_routes(app: bottle.Bottle, config: Config, engine: Engine, client: Callable[[], str]) -> None:
@@ -4049,6 +5006,17 @@ def _tus_routes(app: bottle.Bottle, config: Config, engine: Engine, client: Call
         tus_terminate(engine, upload_id)
         return reply(204)
 
+    overridden = {"PATCH": tus_append, "DELETE": tus_delete, "HEAD": tus_head}
+
+    @app.post("/tus/<upload_id>", **tus)
+    def tus_method_override(upload_id):
+        """tus: "X-HTTP-Method-Override MUST be interpreted as the request's method" (for clients whose
+        network lets only GET and POST through)."""
+        method = bottle.request.environ.get("HTTP_X_HTTP_METHOD_OVERRIDE", "").strip().upper()
+        if method not in overridden:
+            raise BadRequest("POST to an upload's address needs X-HTTP-Method-Override: PATCH, DELETE or HEAD.")
+        return overridden[method](upload_id)
+
 
 def stored_file_response(engine: Engine, upload_id: str) -> bottle.HTTPResponse:
     info = engine.info(upload_id) if is_valid_id(upload_id) else None
@@ -4069,19 +5037,17 @@ def stored_file_response(engine: Engine, upload_id: str) -> bottle.HTTPResponse:
 def _page_routes(app: bottle.Bottle, config: Config) -> None:
     """The page, its assets and the icon."""
     page, page_policy = render_index(config)
-    assets = {
-        f"dropzone-{DROPZONE_VERSION}.min.js": (unpack_asset(DROPZONE_JS), "application/javascript"),
-        f"dropzone-{DROPZONE_VERSION}.min.css": (unpack_asset(DROPZONE_CSS), "text/css"),
-    }
+    assets = page_assets()
     favicon = unpack_asset(FAVICON_PNG)
 
     @app.get("/")
     def index():
-        if config.index is not None:
+        if config.index is not None and config.index.is_file():  # deleted while running: the built-in page
             response = bottle.static_file(config.index.name, root=str(config.index.parent),
                                           mimetype="text/html")
             response.set_header("Cache-Control", "no-cache")
-            return response
+            if response.status_code < 400:
+                return response
         response = bottle.HTTPResponse(page)
         response.content_type = "text/html; charset=utf-8"
         response.set_header("Content-Security-Policy", page_policy)
@@ -4090,14 +5056,14 @@ def _page_routes(app: bottle.Bottle, config: Config) -> None:
         response.set_header("Cache-Control", "no-cache")
         return response
 
-    @app.get("/favicon.ico")
+    @app.get("/favicon.ico", auth=PUBLIC)
     def favicon_route():
         response = bottle.HTTPResponse(favicon)
         response.content_type = "image/png"
         response.set_header("Cache-Control", "public, max-age=86400")
         return response
 
-    @app.get("/assets/<name>")
+    @app.get("/assets/<name>", auth=PUBLIC)
     def asset(name):
         if name not in assets:
             return plain_response(404, "Not found.")
@@ -4122,6 +5088,432 @@ def _error_pages(app: bottle.Bottle) -> None:
 
     for code in messages:
         app.error(code)(error_page)
+
+
+# -- The files page and its API (admin) -------------------------------------------------------------------------
+
+ABANDONED_AFTER_S = 15 * 60   # an unfinished upload that moved no byte for this long is shown as abandoned
+MAX_LIST_ROWS = 500
+_PATH_SQL = "COALESCE(stored_name, name)"
+_LIST_ORDERS = {               # ?sort=: (SQL key, descending); each has an index (Ledger.MIGRATIONS[2])
+    "newest": ("created", True), "oldest": ("created", False),
+    "name": (_PATH_SQL, False), "size": ("COALESCE(size, 0)", True),
+}
+# ?state=: the states the page shows, from the ledger's.  "+state" keeps SQLite off the state index, so the
+# index of the sort order drives the query and a page stops after its rows (not a sort of every match).
+_STATE_SQL = {
+    "receiving": "(+state = 'receiving' AND updated >= :idle)",
+    "abandoned": "((+state = 'receiving' AND updated < :idle) OR (+state = 'expired' AND finished IS NULL))",
+    "stored": "+state = 'stored'",
+    "expired": "(+state = 'expired' AND finished IS NOT NULL)",
+    "deleted": "+state = 'deleted'",
+    "failed": "+state = 'failed'",
+}
+
+
+def iso_time(timestamp: float | None) -> str | None:
+    if timestamp is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
+
+
+def shown_state(info: UploadInfo, now: float) -> str:
+    """The state the files page shows: the ledger's, with "abandoned" for an upload that stopped short."""
+    if info.state is State.RECEIVING and info.updated < now - ABANDONED_AFTER_S:
+        return "abandoned"
+    if info.state is State.EXPIRED and info.finished is None:
+        return "abandoned"
+    return info.state.value
+
+
+def _encode_cursor(sort: str, info: UploadInfo) -> str:
+    key = {"newest": info.created, "oldest": info.created, "name": info.stored_name or info.name,
+           "size": info.size or 0}[sort]
+    raw = json.dumps([sort, key, info.id], separators=(",", ":")).encode("utf-8")
+    return base64.urlsafe_b64encode(raw).decode("ascii").rstrip("=")
+
+
+def _decode_cursor(text: str, sort: str) -> tuple:
+    try:
+        value = json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
+        kind, key, upload_id = value
+        if kind != sort or not isinstance(upload_id, str) or not isinstance(key, (int, float, str)):
+            raise ValueError
+    except (ValueError, TypeError, binascii.Error):
+        raise BadRequest("Malformed cursor (it belongs to another sort order, or was changed).") from None
+    return key, upload_id
+
+
+def _like_escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def list_query(query: Mapping[str, str], now: float) -> tuple[str, dict, str, str, int]:
+    """The files list's ?state=, ?q=, ?folder=, ?sort=, ?cursor=, ?limit= as (where, arguments, order, sort,
+    limit) for Ledger.select; every value bound, only fixed SQL text put together."""
+    sort = query.get("sort") or "newest"
+    if sort not in _LIST_ORDERS:
+        raise BadRequest(f"Unknown sort order; use one of {', '.join(_LIST_ORDERS)}.")
+    key, descending = _LIST_ORDERS[sort]
+    where, arguments = ["1"], {"idle": now - ABANDONED_AFTER_S}
+    states = [state for state in (query.get("state") or "").split(",") if state]
+    if any(state not in _STATE_SQL for state in states):
+        raise BadRequest(f"Unknown state; use one or more (comma-separated) of {', '.join(_STATE_SQL)}.")
+    if states:
+        where.append("(" + " OR ".join(_STATE_SQL[state] for state in states) + ")")
+    if query.get("q"):
+        where.append(f"{_PATH_SQL} LIKE :q ESCAPE '\\'")
+        arguments["q"] = f"%{_like_escape(query['q'][:MAX_NAME_BYTES * 4])}%"
+    if "folder" in query:
+        folder = folder_path(query["folder"]) if query["folder"] else ""
+        arguments["prefix"] = folder + "/" if folder else ""
+        where.append(f"substr({_PATH_SQL}, 1, length(:prefix)) = :prefix "
+                     f"AND instr(substr({_PATH_SQL}, length(:prefix) + 1), '/') = 0")
+    if query.get("cursor"):
+        arguments["after_key"], arguments["after_id"] = _decode_cursor(query["cursor"], sort)
+        where.append(f"({key}, id) {'<' if descending else '>'} (:after_key, :after_id)")
+    limit = query.get("limit") or "100"
+    if not limit.isdigit() or not 1 <= int(limit) <= MAX_LIST_ROWS:
+        raise BadRequest(f"?limit= is a number from 1 to {MAX_LIST_ROWS}.")
+    direction = "DESC" if descending else "ASC"
+    return " AND ".join(where), arguments, f"{key} {direction}, id {direction}", sort, int(limit)
+
+
+def stored_expiry(engine: Engine, info: UploadInfo) -> float | None:
+    """When --expire-after removes this stored file (None: never, or it is not stored)."""
+    ttl = engine.limits.stored_ttl
+    return info.finished + ttl if info.state is State.STORED and ttl and info.finished else None
+
+
+def upload_entry(engine: Engine, info: UploadInfo, mark, now: float, detail: bool) -> dict:
+    """One upload as GET /api/uploads lists it."""
+    folder, _, name = (info.stored_name or info.name).rpartition("/")
+    presence = storage_presence(engine.backend, info, mark)
+    if info.state is State.RECEIVING:
+        exists = engine.backend.part_stat(info.id) is not None
+        expires = info.updated + engine.limits.partial_ttl
+    else:
+        exists = presence == "present"
+        expires = stored_expiry(engine, info)
+    entry = {"id": info.id, "name": name, "folder": folder, "size": info.size, "sha256": info.sha256,
+             "state": shown_state(info, now), "exists": exists, "client": info.client,
+             "created": iso_time(info.created), "completed": iso_time(info.finished), "expires": iso_time(expires)}
+    if detail:
+        entry.update(received=info.received_bytes, changed=presence == "changed", reason=info.reason)
+    return entry
+
+
+def list_uploads(engine: Engine, query: Mapping[str, str]) -> dict:
+    now = engine.clock()
+    where, arguments, order, sort, limit = list_query(query, now)
+    infos = engine.ledger.select(where, arguments, order, limit + 1)
+    more, infos = len(infos) > limit, infos[:limit]
+    marks = engine.ledger.marks(info.id for info in infos if info.state is State.STORED)
+    detail = query.get("detail") == "1"
+    return {"uploads": [upload_entry(engine, info, marks.get(info.id), now, detail) for info in infos],
+            "next": _encode_cursor(sort, infos[-1]) if more else None}
+
+
+def remove_abandoned(engine: Engine) -> dict:
+    """The files page's clean-up: partial files of uploads that stopped short, and stored files past their
+    expiry (the janitor's work, done now)."""
+    cutoff = engine.clock() - ABANDONED_AFTER_S
+    removed = 0
+    while stale := engine.ledger.select("state = 'receiving' AND updated < :cutoff", {"cutoff": cutoff}, "id", 500):
+        for info in stale:
+            engine.delete(info.id)
+            removed += 1
+    return {"abandoned": removed, "expired": engine.expire()}
+
+
+def folder_path(text: str) -> str:
+    """A folder inside storage as "a/b": every part a plain name (as uploads' names are cleaned), none hidden."""
+    parts = text.strip("/").split("/")
+    if len(parts) > MAX_FOLDER_DEPTH or not all(parts):
+        raise BadRequest("Not a folder name.")
+    for part in parts:
+        if part != sanitize_filename(part) or part.startswith(".") or len(part.encode("utf-8")) > MAX_NAME_BYTES:
+            raise BadRequest(f"Not a usable folder name: {part[:80]!r}.")
+    return "/".join(parts)
+
+
+def _folder_on_disk(engine: Engine, path: str) -> Path:
+    """The folder ``path`` in storage, refusing one that leads out of it (a link made by hand)."""
+    storage = os.path.realpath(engine.backend.storage)
+    target = engine.backend.storage / path if path else engine.backend.storage
+    real = os.path.realpath(target)
+    if real != storage and not real.startswith(storage + os.sep):
+        raise Forbidden("That folder leads outside the storage folder.")
+    return target
+
+
+def list_folders(engine: Engine, path: str) -> dict:
+    folder = _folder_on_disk(engine, path)
+    try:
+        with os.scandir(folder) as entries:
+            names = sorted(entry.name for entry in entries
+                           if entry.is_dir(follow_symlinks=False) and not entry.name.startswith("."))
+    except FileNotFoundError:
+        raise NotFound("No such folder.") from None
+    except OSError as error:
+        raise storage_error(error)
+    return {"path": path, "folders": names}
+
+
+def change_folder(engine: Engine, action: str, path: str, to: str = "") -> dict:
+    """Create, rename (its stored uploads' records follow) or delete (only when empty) a storage folder."""
+    folder = _folder_on_disk(engine, path)
+    try:
+        if action == "create":
+            folder.mkdir(parents=True)
+        elif action == "delete":
+            folder.rmdir()
+        else:
+            if to == path or to.startswith(path + "/"):
+                raise BadRequest("A folder cannot move into itself.")
+            target = _folder_on_disk(engine, to)
+            if target.exists():
+                raise Conflict("A file or folder with that name already exists.")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            folder.rename(target)
+            engine.ledger.rename_folder(path, to)
+    except FileExistsError:
+        raise Conflict("A file or folder with that name already exists.") from None
+    except FileNotFoundError:
+        raise NotFound("No such folder.") from None
+    except OSError as error:
+        if error.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            raise Conflict("The folder is not empty: delete or move its files first.") from None
+        raise storage_error(error)
+    return {"path": to or path}
+
+
+def _json_body() -> dict:
+    length = content_length(bottle.request.environ)
+    if length is None or length > 64 * 1024:
+        raise BadRequest("Send a JSON body with a Content-Length of at most 64 KiB.")
+    try:
+        data = json.loads(bottle.request.body.read() or b"{}")
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequest("The request body is not JSON.") from None
+    if not isinstance(data, dict) or not all(isinstance(value, str) for value in data.values()):
+        raise BadRequest('Expected a JSON object of strings, such as {"path": "photos"}.')
+    return data
+
+
+def _files_routes(app: bottle.Bottle, config: Config, engine: Engine) -> None:
+    """/files and the admin API behind it."""
+
+    @app.get("/files", auth=ADMIN)
+    def files_page():
+        return render_files_page(config, engine, bottle.request.environ)
+
+    @app.get("/api/uploads", auth=ADMIN)
+    def uploads_list():
+        return _json(list_uploads(engine, bottle.request.query.decode()))
+
+    @app.delete("/api/uploads/<upload_id>", auth=ADMIN, report=True)
+    def upload_delete(upload_id):
+        info = engine.delete(upload_id)
+        return _json(upload_entry(engine, info, None, engine.clock(), False))
+
+    @app.get("/api/uploads/<upload_id>/file", auth=ADMIN)
+    def upload_file(upload_id):
+        return stored_file_response(engine, upload_id)
+
+    @app.post("/api/cleanup", auth=ADMIN, report=True)
+    def cleanup():
+        return _json(remove_abandoned(engine))
+
+    @app.get("/api/folders", auth=ADMIN)
+    def folders():
+        path = bottle.request.query.getunicode("path") or ""
+        return _json(list_folders(engine, folder_path(path) if path else ""))
+
+    @app.post("/api/folders", auth=ADMIN, report=True)
+    def folder_create():
+        return _json(change_folder(engine, "create", folder_path(_json_body().get("path", ""))), 201)
+
+    @app.post("/api/folders/rename", auth=ADMIN, report=True)
+    def folder_rename():
+        body = _json_body()
+        return _json(change_folder(engine, "rename", folder_path(body.get("path", "")), folder_path(body.get("to", ""))))
+
+    @app.delete("/api/folders", auth=ADMIN, report=True)
+    def folder_delete():
+        return _json(change_folder(engine, "delete", folder_path(bottle.request.query.getunicode("path") or "")))
+
+
+def render_files_page(config: Config, engine: Engine, environ: dict) -> bottle.HTTPResponse:
+    credentials = environ.get("pyfiledrop.credentials") or Credentials(None)
+    page_config = {"csrfHeader": CSRF_HEADER, "csrf": credentials.csrf, "loggedIn": credentials.via == "cookie",
+                   "expireAfter": config.expire_after_s, "version": __version__}
+    config_json = json.dumps(page_config).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+    html = FILES_HTML.replace("{{config_json}}", config_json).replace("{{version}}", __version__)
+    response = bottle.HTTPResponse(html)
+    response.content_type = "text/html; charset=utf-8"
+    response.set_header("Content-Security-Policy", f"default-src 'self'; script-src '{_script_hash(html)}'; "
+                        "style-src 'unsafe-inline'; img-src 'self'; connect-src 'self'; object-src 'none'; "
+                        "base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+    response.set_header("X-Content-Type-Options", "nosniff")
+    response.set_header("Referrer-Policy", "no-referrer")
+    response.set_header("Cache-Control", "no-store")
+    return response
+
+
+###############################################################################
+# Sharing back: --share DIR ###################################################
+###############################################################################
+# The files of one folder, listed on the page and downloadable.  Nothing outside the folder is reachable: a
+# path is refused unless it is plain names joined by "/" (no "..", ".", empty, hidden, NUL, backslash or colon
+# parts), and what it names, with every symlink resolved, must be a regular file inside the folder's real path.
+
+SHARE_LIST_LIMIT = 10_000      # entries listed at most: a page stays quick, the JSON under a few MB
+SHARED_SCRIPT_TAG = '<script src="/assets/shared.js" defer></script>'
+
+
+def with_shared_list(html: str, config: Config) -> str:
+    """The page with the shared-files list (its own script, which adds its own section) when --share is on."""
+    if config.share is None or "</body>" not in html:
+        return html
+    return html.replace("</body>", SHARED_SCRIPT_TAG + "\n</body>", 1)
+
+
+def _inside(root: str, path: str) -> bool:
+    return os.path.commonpath([root, path]) == root
+
+
+def shared_files(root: Path, limit: int = SHARE_LIST_LIMIT) -> tuple[list[dict], bool]:
+    """([{"path", "size", "modified"}, ...] sorted by path, truncated): what ``resolve_shared`` would serve."""
+    real_root = os.path.realpath(root)
+    found: list[dict] = []
+    for folder, subfolders, names in os.walk(real_root, onerror=lambda error: None):
+        subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
+        relative = os.path.relpath(folder, real_root)
+        for name in sorted(names):
+            path = name if relative == "." else f"{relative.replace(os.sep, '/')}/{name}"
+            try:
+                real = resolve_shared(root, path, real_root)
+                path.encode("utf-8")
+                stat = os.stat(real)
+            except (UploadError, OSError, UnicodeEncodeError):
+                continue
+            if len(found) >= limit:
+                return found, True
+            found.append({"path": path, "size": stat.st_size, "modified": _iso_utc(stat.st_mtime)})
+    return found, False
+
+
+def _iso_utc(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
+
+
+def resolve_shared(root: Path, path: str, real_root: str | None = None) -> str:
+    """The real path of the shared file ``path`` ("folder/name") under ``root``; BadRequest for a path that
+    is no plain relative path, NotFound for anything else that is not a regular file inside the folder."""
+    parts = path.split("/")
+    if "\x00" in path or "\\" in path or any(part in ("", ".", "..") or ":" in part for part in parts):
+        raise BadRequest("Not a path to a shared file.")
+    if any(part.startswith(".") for part in parts):
+        raise NotFound("No such shared file.")
+    real_root = real_root or os.path.realpath(root)
+    real = os.path.realpath(os.path.join(real_root, *parts))
+    if not _inside(real_root, real) or not os.path.isfile(real):
+        raise NotFound("No such shared file.")
+    return real
+
+
+def shared_file_response(root: Path, path: str) -> bottle.HTTPResponse:
+    """A download with Range support and the same safe headers as stored files'."""
+    real = resolve_shared(root, path)
+    response = bottle.static_file(os.path.basename(real), root=os.path.dirname(real),
+                                  mimetype="application/octet-stream")
+    if response.status_code >= 400 and response.status_code != 416:
+        raise NotFound("No such shared file.")
+    response.set_header("Content-Disposition", content_disposition(path.rsplit("/", 1)[-1]))
+    response.set_header("X-Content-Type-Options", "nosniff")
+    response.set_header("Content-Security-Policy", "sandbox; default-src 'none'")
+    response.set_header("Cache-Control", "no-cache")
+    return response
+
+
+def _share_routes(app: bottle.Bottle, config: Config) -> None:
+    @app.get("/api/shared")
+    def shared_list():
+        if config.share is None:
+            raise NotFound("Nothing is shared (start the server with --share DIR).")
+        files, truncated = shared_files(config.share)
+        return _json({"files": files, "truncated": truncated})
+
+    @app.get("/shared/<path:path>")
+    def shared_download(path):
+        if config.share is None:
+            raise NotFound("Nothing is shared (start the server with --share DIR).")
+        return shared_file_response(config.share, path)
+
+    @app.get("/assets/shared.js")
+    def shared_script():
+        if config.share is None:
+            return plain_response(404, "Not found.")
+        response = bottle.HTTPResponse(SHARED_JS)
+        response.content_type = "application/javascript; charset=utf-8"
+        response.set_header("Cache-Control", "no-cache")
+        response.set_header("X-Content-Type-Options", "nosniff")
+        return response
+
+
+# The shared list's own script (no inline code, so the page's Content-Security-Policy needs no change): it adds
+# its section before the page's footer and fills it from /api/shared, names set as text, never as HTML.
+SHARED_JS = r"""(function () {
+  "use strict";
+  function size(bytes) {  // as binary_size() in the console: powers of 1024, at most 4 significant digits
+    var units = ["B", "KiB", "MiB", "GiB", "TiB"], i = 0;
+    while (bytes >= 1024 && i < units.length - 1) { bytes /= 1024; i++; }
+    return Number(bytes.toPrecision(4)) + " " + units[i];
+  }
+  function el(tag, text, style) {
+    var node = document.createElement(tag);
+    if (text) node.textContent = text;
+    if (style) node.setAttribute("style", style);
+    return node;
+  }
+  var section = el("section", "", "margin:24px 0 0");
+  section.id = "shared";
+  section.setAttribute("aria-labelledby", "shared-heading");
+  var heading = el("h2", "Shared from this computer");
+  heading.id = "shared-heading";
+  var note = el("p", "", "color:var(--muted,#5f6b76);margin:0 0 8px");
+  note.id = "shared-note";
+  var list = el("ul", "", "list-style:none;padding:0;margin:0");
+  list.id = "shared-list";
+  section.append(heading, note, list);
+  var main = document.querySelector("main") || document.body;
+  main.insertBefore(section, main.querySelector("footer"));
+  function show(reply) {
+    list.textContent = "";
+    reply.files.forEach(function (file) {
+      var item = el("li", "", "padding:8px 0;border-bottom:1px solid var(--line,#d6dde3);display:flex;gap:8px;"
+                              + "justify-content:space-between;flex-wrap:wrap");
+      var link = el("a", file.path, "color:var(--accent,#0e7c86);overflow-wrap:anywhere");
+      link.href = "/shared/" + file.path.split("/").map(encodeURIComponent).join("/");
+      link.setAttribute("download", file.path.split("/").pop());
+      item.append(link, el("span", size(file.size), "color:var(--muted,#5f6b76);font-variant-numeric:tabular-nums"));
+      list.append(item);
+    });
+    note.textContent = !reply.files.length ? "The shared folder is empty."
+      : reply.truncated ? "Only the first " + reply.files.length + " files are listed." : "";
+    note.hidden = !note.textContent;
+  }
+  function load() {
+    fetch("/api/shared", {cache: "no-store"}).then(function (response) {
+      if (!response.ok) throw new Error(response.status);
+      return response.json();
+    }).then(show, function () { note.textContent = "The shared files could not be listed."; note.hidden = false; });
+  }
+  load();
+  document.addEventListener("visibilitychange", function () { if (!document.hidden) load(); });
+})();
+"""
 
 
 ###############################################################################
@@ -4206,15 +5598,15 @@ def lan_addresses() -> list[str]:
     return sorted(candidates, key=candidates.__getitem__)
 
 
-def page_urls(host: str, port: int) -> list[str]:
+def page_urls(host: str, port: int, *, scheme: str = "http") -> list[str]:
     if host in ("0.0.0.0", "", "::"):
         hosts = lan_addresses() or ["127.0.0.1"]
     else:
         hosts = [f"[{host}]" if ":" in host else host]
-    return [f"http://{h}:{port}/" for h in hosts]
+    return [f"{scheme}://{h}:{port}/" for h in hosts]
 
 
-def banner(config: Config, urls: list[str]) -> str:
+def banner(config: Config, urls: list[str], tls: TLSIdentity | None = None) -> str:
     ttl = f"{config.partial_ttl_hours:g} h"
     lines = [
         f"pyfiledrop {__version__}",
@@ -4222,14 +5614,99 @@ def banner(config: Config, urls: list[str]) -> str:
            f"  partial files  {config.chunks} (unfinished uploads, removed after {ttl} untouched)"]
           if config.s3 is None else
           [f"  saving to      {config.s3} (unfinished uploads removed after {ttl} untouched)"]),
-        f"  limits         files up to {config.max_size_mb} MiB; chunks of {binary_size(config.chunk_size)}, "
+        f"  limits         files up to {binary_size(config.max_size_bytes)}; "
+        f"chunks of {binary_size(config.chunk_size)}, "
         f"{config.parallel_chunks} at a time; {config.timeout_ms / 1000:g} s per chunk",
         f"  downloads      {'allowed' if config.allow_downloads else 'off'}",
+        f"  access         {access_summary(config)}",
+        *expiry_banner_lines(config),
+        *tls_banner_lines(tls),
+        *share_banner_lines(config),
+        *page_banner_lines(config),
+        *address_banner_lines(config.host, urls),
+    ]
+    return "\n".join(lines)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``--host`` lets only this machine connect (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def address_banner_lines(host: str, urls: list[str]) -> list[str]:
+    if is_loopback(host):
+        return [f"Reachable from this machine only (--host {host}); open:", f"  {urls[0]}"]
+    port = urlsplit(urls[0]).port
+    return [
         "Open this address on a phone or PC on this network:" if len(urls) == 1 else
         "Open one of these addresses on a phone or PC on this network (the first is the most likely):",
         *(f"  {url}" for url in urls),
+        CONNECTION_TROUBLE.format(port=port),
     ]
-    return "\n".join(lines)
+
+
+# One line for when no phone can connect: the two causes behind nearly every case.
+CONNECTION_TROUBLE = "No connection? Allow TCP port {port} in this computer's firewall; guest Wi-Fi may isolate devices."
+
+
+def page_banner_lines(config: Config) -> list[str]:
+    """Say so when another page than the built-in one is served (an index.html beside the program is easy to
+    forget)."""
+    if config.index is None:
+        return []
+    if config.index == _program_dir() / "index.html":
+        return [f"  page           {config.index} (found beside the program; it replaces the built-in page)"]
+    return [f"  page           {config.index} (--index; the built-in page if it goes away)"]
+
+
+def share_banner_lines(config: Config) -> list[str]:
+    if config.share is None:
+        return []
+    files, truncated = shared_files(config.share)
+    count = f"{len(files)}{'+' if truncated else ''} file{'' if len(files) == 1 else 's'}"
+    return [f"  sharing        {config.share} ({count}, listed on the page for download)"]
+
+
+def tls_banner_lines(tls: TLSIdentity | None) -> list[str]:
+    """What HTTPS serves with, and the fingerprint a person compares with what the phone shows."""
+    if tls is None:
+        return []
+    what = {"new": "a self-signed certificate made now (kept in the chunks folder for later starts)",
+            "kept": "the self-signed certificate made at an earlier start",
+            "renewed": "the self-signed certificate made again (ending, or a new address): phones ask again",
+            "own": f"the certificate {tls.certificate}"}[tls.origin]
+    half = len(tls.fingerprint) // 2 + 1
+    lines = [f"  HTTPS          {what}"]
+    if tls.origin != "own":
+        lines.append("                 a phone warns it is not trusted: accept it only if its SHA-256 matches")
+    return lines + [f"  SHA-256        {tls.fingerprint[:half - 1]}", f"                 {tls.fingerprint[half:]}"]
+
+
+def access_summary(config: Config) -> str:
+    """Who may do what, in one banner line."""
+    uploads = "uploads need the password" if config.password else "uploads open to anyone who reaches the port"
+    files = "/files needs the admin password" if config.admin_password else "/files off (no --admin-password)"
+    return f"{uploads}; {files}"
+
+
+def expiry_banner_lines(config: Config) -> list[str]:
+    if not config.expire_after_s:
+        return []
+    return [f"  expiry         stored files are removed {_duration_text(config.expire_after_s)} after they are stored"]
+
+
+def _duration_text(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"
 
 
 def qr_code(text: str, *, ansi: bool = False, blocks: bool = True) -> list[str]:
@@ -4317,6 +5794,7 @@ class Console:
         self._status_shown = None  # when it was last drawn
         self._session_start = time.time()
         self._finished = False     # after the last line, requests still being cut off print nothing
+        self._ellipsis = "\u2026" if _can_encode(self.out, "\u2026") else "..."
 
     # -- output -------------------------------------------------------------------------------------------
     def _emit(self, text: str) -> None:
@@ -4372,8 +5850,9 @@ class Console:
             if self._uploads.pop(info.id, None) is not None and self.tty:
                 self._refresh(self.clock(), force=True)
         seconds = max((info.finished or 0) - info.created, 1e-6)
-        self.log_line(f'stored "{info.stored_name}" {human_size(info.size or 0)} in {seconds:.1f} s '
-                      f"({(info.size or 0) / seconds / 1e6:.1f} MB/s) sha256 {info.sha256} from {info.client or '-'}")
+        digest = (info.sha256 or "")[:12] + self._ellipsis  # enough to compare by eye; the ledger keeps it all
+        self.log_line(f'stored "{info.stored_name}" {binary_size(info.size or 0)} in {seconds:.1f} s '
+                      f"({(info.size or 0) / seconds / MIB:.1f} MiB/s) sha256 {digest} from {info.client or '-'}")
 
     # -- progress -----------------------------------------------------------------------------------------
     def progress(self, event: Progress) -> None:
@@ -4401,16 +5880,20 @@ class Console:
                 self._emit(f"{time.strftime('%H:%M:%S')} receiving {self._describe(upload, now)}\n")
 
     def _describe(self, upload: dict, now: float) -> str:
+        return f'"{upload["name"]}" {self._details(upload, now)[0]}'
+
+    def _details(self, upload: dict, now: float) -> tuple[str, str]:
+        """(all details, the shortest) of an upload's progress, without its name."""
         elapsed = max(now - upload["since"], 1e-6)
         rate = (upload["done"] - upload["base"]) / elapsed
         size = upload["size"]
         if size is None:  # a body of unknown length
-            return f'"{upload["name"]}" {human_size(upload["done"])} so far, {rate / 1e6:.1f} MB/s'
+            return f"{binary_size(upload['done'])} so far, {rate / MIB:.1f} MiB/s", binary_size(upload["done"])
         percent = 100 * upload["done"] // max(size, 1)
-        text = f'"{upload["name"]}" {percent}% of {human_size(size)}, {rate / 1e6:.1f} MB/s'
+        text = f"{percent}% of {binary_size(size)}, {rate / MIB:.1f} MiB/s"
         if rate > 0:
             text += f", {max(0, size - upload['done']) / rate:.0f} s left"
-        return text
+        return text, f"{percent}%"
 
     def _forget_stale(self, now: float) -> None:
         for upload_id in [key for key, upload in self._uploads.items()
@@ -4425,7 +5908,9 @@ class Console:
         self._clear_status()
         self._status_shown = now
         if shown:
-            self._draw("receiving " + " | ".join(self._describe(upload, now) for upload in shown))
+            width = shutil.get_terminal_size((80, 24)).columns - 1
+            items = [(upload["name"], *self._details(upload, now)) for upload in shown]
+            self._draw(fit_status(items, width, self._ellipsis))
 
     def finish(self, text: str) -> None:
         """The last line: clears the status line (and the terminal's "^C") first."""
@@ -4433,6 +5918,26 @@ class Console:
             self._clear_status()
             self._emit(("\r" if self.tty else "") + text + "\n")
             self._finished = True
+
+
+def fit_status(items: list[tuple[str, str, str]], width: int, ellipsis: str = "\u2026") -> str:
+    """One status line for uploads (name, all details, shortest details) that fits ``width`` uncut: names
+    shortened in the middle first, then only the shortest details, then a count."""
+    for detail in (1, 2):
+        for budget in (None, 40, 24, 12):
+            text = "receiving " + " | ".join(f'"{_shorten(item[0], budget, ellipsis)}" {item[detail]}'
+                                             for item in items)
+            if len(text) <= width:
+                return text
+    text = f"receiving {len(items)} files: " + ", ".join(item[2] for item in items)
+    return text if len(text) <= width else f"receiving {len(items)} files"[:width]
+
+
+def _shorten(name: str, budget: int | None, ellipsis: str) -> str:
+    if budget is None or len(name) <= budget:
+        return name
+    tail = min(8, budget // 3)  # the end of a name (its extension, a number) tells files apart
+    return name[:budget - tail - len(ellipsis)] + ellipsis + name[-tail:]
 
 
 class _ConsoleHandler(logging.Handler):
@@ -4523,10 +6028,11 @@ _REASONS = {400: "Bad Request", 408: "Request Timeout", 431: "Request Header Fie
             500: "Internal Server Error", 501: "Not Implemented", 503: "Service Unavailable",
             505: "HTTP Version Not Supported"}
 _SEND_BLOCK = 64 * 1024    # a response's first block this small goes out in one send with the headers
+SERVER_HEADER = "Server: pyfiledrop"   # no version: an attacker learns nothing to look up
 
 
 class _Connection:
-    __slots__ = ("sock", "address", "port", "buffer", "since", "head_started", "busy", "closed")
+    __slots__ = ("sock", "address", "port", "buffer", "since", "head_started", "busy", "closed", "tls_started")
 
     def __init__(self, sock: socket.socket, address: str, port: int, now: float):
         self.sock, self.address, self.port = sock, address, port
@@ -4535,6 +6041,7 @@ class _Connection:
         self.head_started = None     # when the first byte of the head now arriving came
         self.busy = False            # running a request in a worker (else parked in the selector)
         self.closed = False
+        self.tls_started = None      # HTTPS: when the connection came, until its TLS handshake is done
 
 
 class _Wire:
@@ -4893,8 +6400,10 @@ def _raise_open_file_limit() -> int | None:
 class HTTPServer:
     """The server ``make_server`` returns: ``serve(stop)`` until the event is set, then ``close()``."""
 
-    def __init__(self, app: Callable, host: str, port: int, limits: ServerLimits):
+    def __init__(self, app: Callable, host: str, port: int, limits: ServerLimits,
+                 ssl_context: ssl.SSLContext | None = None):
         self.app, self.limits = app, limits
+        self.ssl_context = ssl_context
         self.max_connections = _connection_cap(limits)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.socket = socket.socket(family, socket.SOCK_STREAM)
@@ -4976,6 +6485,8 @@ class HTTPServer:
                     self._refuse_now(sock, address, "every connection is busy")
                     continue
             connection = _Connection(sock, address, peer[1], time.monotonic())
+            if self.ssl_context is not None:
+                connection.tls_started = connection.since
             self._connections[connection] = None
             self._by_address.setdefault(address, {})[connection] = None
             self._selector.register(sock, selectors.EVENT_READ, connection)
@@ -4991,7 +6502,8 @@ class HTTPServer:
     def _refuse_now(self, sock: socket.socket, address: str, why: str) -> None:
         self._warn(address, f"refused a connection from {address}: {why}")
         with contextlib.suppress(OSError):
-            sock.send(self._error_bytes(503, "The server is busy; try again shortly."))
+            if self.ssl_context is None:  # a TLS client could not read a plain answer
+                sock.send(self._error_bytes(503, "The server is busy; try again shortly."))
         sock.close()
 
     def _warn(self, address: str, message: str) -> None:
@@ -5003,9 +6515,12 @@ class HTTPServer:
             log.debug("%s", message)
 
     def _read_head(self, connection: _Connection) -> None:
+        if connection.tls_started is not None:
+            self._start_handshake_step(connection)
+            return
         try:
-            data = connection.sock.recv(HEAD_READ)
-        except (BlockingIOError, InterruptedError):
+            data = _recv_head_bytes(connection.sock, self.limits.max_head_bytes)
+        except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
             return
         except OSError:
             data = b""
@@ -5095,13 +6610,20 @@ class HTTPServer:
             mine[connection] = None
             if connection.buffer:  # a pipelined request came with the last one
                 self._check_head(connection)
+            elif _tls_pending(connection.sock):  # decrypted bytes the selector cannot see
+                self._read_head(connection)
 
     def _sweep(self, now: float) -> None:
         limits = self.limits
         for connection in list(self._connections):
             if connection.busy:
                 continue
-            if connection.head_started is not None:
+            if connection.tls_started is not None:
+                if now - connection.tls_started > limits.head_timeout:
+                    log.debug("closing %s:%s: no TLS handshake within %g s", connection.address, connection.port,
+                              limits.head_timeout)
+                    self._close(connection)
+            elif connection.head_started is not None:
                 if now - connection.head_started > limits.head_timeout:
                     log.debug("closing %s:%s: no complete request head within %g s", connection.address,
                               connection.port, limits.head_timeout)
@@ -5128,8 +6650,8 @@ class HTTPServer:
             self._stopped = True
             for connection in list(self._connections):
                 if connection.busy:  # its worker sees the connection break and ends the request
-                    with contextlib.suppress(OSError):
-                        connection.sock.shutdown(socket.SHUT_RDWR)
+                    with contextlib.suppress(OSError):  # (under TLS too: the socket's own shutdown, not SSL's)
+                        socket.socket.shutdown(connection.sock, socket.SHUT_RDWR)
         for connection in list(self._connections):
             if not connection.busy:
                 self._close(connection)
@@ -5142,11 +6664,78 @@ class HTTPServer:
             self._selector.close()
         self._pool.close()
 
+    # -- HTTPS connections ------------------------------------------------------------------------------------
+    # A TLS handshake never blocks a thread while it waits: the selector waits for the client's bytes, then a
+    # worker runs one non-blocking step of the handshake (its signature costs CPU that must not delay
+    # accepting), and hands the connection back.  A client that stalls or sends garbage holds only a parked
+    # socket, closed after head_timeout like a slow request head.
+    def _start_handshake_step(self, connection: _Connection) -> None:
+        if self._busy.get(connection.address, 0) >= self.limits.max_busy_per_address:
+            self._close(connection)
+            return
+        self._selector.unregister(connection.sock)
+        connection.busy = True
+        self._busy[connection.address] = self._busy.get(connection.address, 0) + 1
+        self._pool.submit(lambda: self._handshake_step(connection))
+
+    def _handshake_step(self, connection: _Connection) -> None:
+        keep = False
+        try:
+            keep = self._advance_handshake(connection)
+        except (OSError, ValueError) as error:  # ssl.SSLError is an OSError: garbage, an old version, a reset
+            log.debug("TLS handshake with %s:%s failed: %s", connection.address, connection.port, error)
+        finally:
+            self._hand_back(connection, keep)
+
+    def _advance_handshake(self, connection: _Connection) -> bool:
+        """As far as the client's bytes allow; True while the connection goes on (handshake done or waiting)."""
+        sock = connection.sock
+        if not isinstance(sock, ssl.SSLSocket):
+            try:
+                first = sock.recv(HEAD_READ, socket.MSG_PEEK)
+            except (BlockingIOError, InterruptedError):
+                return True
+            if first[:1] != b"\x16":  # no TLS handshake record: plain HTTP (or garbage) on the HTTPS port
+                if first[:1].isalpha():
+                    self._redirect_to_https(sock, first)
+                return False
+            sock = connection.sock = self.ssl_context.wrap_socket(sock, server_side=True,
+                                                                  do_handshake_on_connect=False)
+        while True:
+            try:
+                sock.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                return True
+            except ssl.SSLWantWriteError:  # only if the client reads nothing of the handshake it started
+                if not _wait_writable(sock, 1.0):
+                    return False
+        connection.tls_started = None
+        return True
+
+    def _redirect_to_https(self, sock: socket.socket, head: bytes) -> None:
+        """An address typed without https:// reaches the HTTPS port: send the browser to https (307, so no
+        browser remembers it for a later plain-HTTP server on the same port)."""
+        sock.recv(len(head))  # taken off, so closing does not reset the connection before the reply is read
+        target = re.match(rb"[A-Z]{3,10} (/[\x21-\x7e]{0,2000}) HTTP/1\.[01]\r\n", head)
+        host = re.search(rb"\r\nHost:[ \t]*([A-Za-z0-9.:\[\]-]{1,300})[ \t]*\r\n", head, re.IGNORECASE)
+        if target and host:
+            location = b"https://" + host.group(1) + target.group(1)
+            body = b"This server speaks HTTPS: " + location + b"\n"
+            reply = (b"HTTP/1.1 307 Temporary Redirect\r\n" + SERVER_HEADER.encode() + b"\r\nLocation: " + location
+                     + b"\r\nCache-Control: no-store"
+                     b"\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\nConnection: close"
+                     b"\r\n\r\n" % len(body) + body)
+        else:
+            reply = self._error_bytes(400, "This server speaks HTTPS: open its address with https://")
+        sock.send(reply)
+        sock.shutdown(socket.SHUT_WR)
+
     # -- the worker side ---------------------------------------------------------------------------------------
     def _error_bytes(self, status: int, message: str, head_only: bool = False) -> bytes:
         body = (message + "\n").encode()
         head = (f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\nDate: {self._http_date()}\r\n"
-                f"Content-Type: text/plain; charset=utf-8\r\nContent-Length: {len(body)}\r\n"
+                f"{SERVER_HEADER}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {len(body)}\r\n"
                 f"Connection: close\r\n\r\n").encode()
         return head if head_only else head + body
 
@@ -5247,6 +6836,8 @@ class HTTPServer:
             wire.send(self._error_bytes(400, "Malformed request target."))
             return False
         environ = self._base_environ(connection, method, path, query, target, version)
+        if isinstance(connection.sock, ssl.SSLSocket):
+            environ.update({"wsgi.url_scheme": "https", "HTTPS": "on"})
         tokens, framing = self._read_headers(environ, headers)
         http11 = version == "HTTP/1.1"
         keep = "close" not in tokens if http11 else "keep-alive" in tokens
@@ -5405,10 +6996,15 @@ class _ResponseWriter:
             elif lower == "transfer-encoding":
                 continue  # framing is the server's business
             elif lower == "date":
+                if has_date:
+                    continue  # one Date, whoever else set one
                 has_date = True
+            elif lower == "server":
+                continue  # ours alone, and it names no version
             lines.append(f"{name}: {value}")
         if not has_date:
             lines.append(f"Date: {server._http_date()}")
+        lines.append(SERVER_HEADER)
         if self.length is None and isinstance(result, (list, tuple)) and self.body_allowed:
             self.length = sum(len(block) for block in result)  # a whole body in hand: its length is known
             if self.body_allowed:
@@ -5469,7 +7065,7 @@ class _ResponseWriter:
         except (AttributeError, OSError, ValueError):
             fileno = None
         if (fileno is None or not hasattr(os, "sendfile") or self.length is None or not self.body_allowed
-                or self.chunked):
+                or self.chunked or isinstance(self.wire.sock, ssl.SSLSocket)):  # sendfile would skip TLS
             for block in wrapper:
                 self.send(block)
             return
@@ -5487,14 +7083,237 @@ class _ResponseWriter:
         return self.keep
 
 
+def _tls_pending(sock: socket.socket) -> bool:
+    """Whether TLS has decrypted bytes buffered: they are no longer in the socket, so no selector sees them."""
+    try:
+        return isinstance(sock, ssl.SSLSocket) and sock.pending() > 0
+    except (OSError, ValueError):
+        return False
+
+
+def _recv_head_bytes(sock: socket.socket, limit: int) -> bytes:
+    """What has arrived of a request head (over TLS with what is decrypted already, up to about ``limit``)."""
+    data = sock.recv(HEAD_READ)
+    while data and len(data) <= limit and _tls_pending(sock):
+        data += sock.recv(HEAD_READ)
+    return data
+
+
+def _wait_writable(sock: socket.socket, timeout: float) -> bool:
+    with selectors.DefaultSelector() as ready:
+        ready.register(sock, selectors.EVENT_WRITE)
+        return bool(ready.select(timeout))
+
+
 def make_server(app: Callable, host: str, port: int, *, limits: ServerLimits = ServerLimits(),
                 ssl_context=None) -> HTTPServer:
-    """pyfiledrop's HTTP server for ``app``, bound but not yet serving; port 0 picks a free one."""
-    if ssl_context is not None:
-        # The hook for HTTPS: the handshake belongs in the selector thread, non-blocking (wrap_socket with
-        # do_handshake_on_connect=False, then do_handshake() on readiness), so it can never block accepting.
-        raise NotImplementedError("HTTPS is not implemented yet")
-    return HTTPServer(app, host, port, limits)
+    """pyfiledrop's HTTP server for ``app``, bound but not yet serving; port 0 picks a free one.
+
+    With ``ssl_context`` it serves HTTPS only (see "HTTPS connections" in HTTPServer)."""
+    return HTTPServer(app, host, port, limits, ssl_context)
+
+
+###############################################################################
+# HTTPS: the certificate and the TLS context ##################################
+###############################################################################
+# --tls makes a self-signed certificate once and keeps it beside the ledger, so a phone that accepted it (after
+# comparing the fingerprint the banner prints) sees the same one on every start.  It is made with the optional
+# ``cryptography`` package, imported only here; --cert/--key need nothing but the standard library's ssl.
+
+TLS_CERT_NAME = "tls-certificate.pem"
+TLS_KEY_NAME = "tls-key.pem"
+# Apple's rule for TLS server certificates (iOS 13, macOS 10.15): valid for 825 days at most.
+TLS_VALID_DAYS = 800
+TLS_BACKDATE_S = 86400         # a phone whose clock is a little behind still accepts a certificate made now
+TLS_RENEW_DAYS = 30            # a kept certificate this close to its end is renewed (with the same key)
+
+
+class TLSSetupError(Exception):
+    """HTTPS cannot start: the message is one line for the console."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TLSIdentity:
+    """What HTTPS serves with: the context for the server, and what the banner says about the certificate."""
+    context: ssl.SSLContext
+    fingerprint: str        # SHA-256 of the certificate (DER), "AB:CD:...", as browsers show it
+    certificate: Path
+    origin: str             # "new", "kept", "renewed" (made by --tls) or "own" (--cert)
+
+
+def open_tls(config: Config, *, now: float | None = None) -> TLSIdentity | None:
+    """The TLS identity ``config`` asks for (None for plain HTTP); TLSSetupError with a one-line reason."""
+    if config.cert is not None:
+        cert, key, origin = config.cert, config.key, "own"
+    elif config.tls:
+        dns_names, addresses = certificate_names(config.host)
+        cert, key, origin = generated_certificate(config.chunks, dns_names, addresses,
+                                                  time.time() if now is None else now)
+    else:
+        return None
+    return TLSIdentity(tls_context(cert, key), certificate_fingerprint(cert), cert, origin)
+
+
+def certificate_names(host: str) -> tuple[list[str], list[str]]:
+    """(DNS names, IP addresses) a made certificate covers: localhost, this machine's name, every LAN address."""
+    import ipaddress
+
+    hostname = socket.gethostname().strip(".") or "localhost"
+    dns_names = ["localhost", hostname] + ([f"{hostname}.local"] if "." not in hostname else [])
+    addresses = ["127.0.0.1", "::1", *lan_addresses()]
+    if host not in ("0.0.0.0", "", "::"):
+        try:
+            addresses.append(str(ipaddress.ip_address(host.strip("[]"))))
+        except ValueError:  # --host by name
+            dns_names.append(host)
+    return list(dict.fromkeys(filter(None, map(_dns_label, dns_names)))), list(dict.fromkeys(addresses))
+
+
+def _dns_label(name: str) -> str | None:
+    """``name`` as a certificate takes it (ASCII, IDNA for others); None for a name no certificate can hold."""
+    try:
+        ascii_name = name.encode("idna").decode("ascii").lower()
+    except UnicodeError:
+        return None
+    return ascii_name if re.fullmatch(r"[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*",
+                                      ascii_name) else None
+
+
+def tls_context(cert: Path, key: Path) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.options |= getattr(ssl, "OP_NO_RENEGOTIATION", 0)  # a client could make the server sign again and again
+    context.set_alpn_protocols(["http/1.1"])
+
+    def no_password() -> bytes:  # never prompt on the terminal: the server runs unattended
+        raise TLSSetupError(f"the key {key} is protected by a passphrase; give a key without one")
+
+    try:
+        context.load_cert_chain(cert, key, password=no_password)
+    except OSError as error:
+        if isinstance(error, ssl.SSLError):
+            raise TLSSetupError(f"the certificate {cert} and the key {key} cannot be used together "
+                                f"({error.reason or error})") from None
+        raise TLSSetupError(f"cannot read {error.filename or cert}: {error.strerror or error}") from None
+    return context
+
+
+_PEM_CERT_RE = re.compile(r"-----BEGIN CERTIFICATE-----[A-Za-z0-9+/=\s]+-----END CERTIFICATE-----")
+
+
+def certificate_fingerprint(cert: Path) -> str:
+    """The SHA-256 fingerprint of the first certificate in a PEM file, as "AB:CD:..."."""
+    try:
+        match = _PEM_CERT_RE.search(cert.read_text(encoding="ascii", errors="replace"))
+        der = ssl.PEM_cert_to_DER_cert(match.group(0)) if match else b""
+    except (OSError, ValueError) as error:
+        raise TLSSetupError(f"cannot read the certificate {cert}: {error}") from None
+    if not der:
+        raise TLSSetupError(f"no PEM certificate in {cert}")
+    return ":".join(f"{byte:02X}" for byte in hashlib.sha256(der).digest())
+
+
+def generated_certificate(folder: Path, dns_names: list[str], addresses: list[str],
+                          now: float) -> tuple[Path, Path, str]:
+    """(certificate, key, origin) in ``folder``: kept while valid and covering every name, else made again
+    with the same key (a new key only when there is none, or it is unreadable)."""
+    try:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+    except ImportError:
+        raise TLSSetupError("--tls needs the cryptography package to make its certificate: pip install cryptography "
+                            "(or give your own with --cert and --key)") from None
+    cert_path, key_path = folder / TLS_CERT_NAME, folder / TLS_KEY_NAME
+    key = _read_quietly(key_path, lambda data: serialization.load_pem_private_key(data, None))
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        key = None
+    old = _read_quietly(cert_path, x509.load_pem_x509_certificate) if key is not None else None
+    if old is not None and _public_bytes(old.public_key()) != _public_bytes(key.public_key()):
+        old = None
+    wanted = _names_of(dns_names, addresses)
+    if old is not None:
+        have = set(old.extensions.get_extension_for_class(x509.SubjectAlternativeName).value)
+        left = old.not_valid_after_utc.timestamp() - now
+        if set(wanted) <= have and left > TLS_RENEW_DAYS * 86400:
+            return cert_path, key_path, "kept"
+        wanted += [name for name in old.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+                   if name not in wanted]  # an address seen before (DHCP, another network) stays covered
+    if key is None:
+        key = ec.generate_private_key(ec.SECP256R1())
+        _write_atomically(key_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                      serialization.NoEncryption()))
+    try:
+        certificate = _self_signed(key, wanted, now)
+    except ValueError as error:  # a name cryptography will not take: say which, do not crash
+        raise TLSSetupError(f"cannot make the certificate: {error}") from None
+    _write_atomically(cert_path, certificate.public_bytes(serialization.Encoding.PEM))
+    return cert_path, key_path, "new" if old is None else "renewed"
+
+
+def _names_of(dns_names: list[str], addresses: list[str]) -> list:
+    import ipaddress
+
+    from cryptography import x509
+
+    return [*(x509.DNSName(name) for name in dns_names),
+            *(x509.IPAddress(ipaddress.ip_address(address)) for address in addresses)]
+
+
+def _self_signed(key, names: list, now: float):
+    """An ECDSA P-256 certificate for ``names`` as browsers and Apple's rules want it: a leaf (not a CA), for
+    serverAuth, valid under 825 days, every name in the subject alternative names."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    start = datetime.datetime.fromtimestamp(now - TLS_BACKDATE_S, datetime.timezone.utc)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"pyfiledrop on {socket.gethostname()}"[:64]),
+                         x509.NameAttribute(NameOID.ORGANIZATION_NAME, "pyfiledrop (self-signed)")])
+    usage = x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                          data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
+                          encipher_only=False, decipher_only=False)
+    return (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(start)
+            .not_valid_after(start + datetime.timedelta(days=TLS_VALID_DAYS))
+            .add_extension(x509.SubjectAlternativeName(names), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(usage, critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .sign(key, hashes.SHA256()))
+
+
+def _public_bytes(public_key) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def _read_quietly(path: Path, parse: Callable[[bytes], object]):
+    """``parse(bytes of path)``, or None when the file is missing or unreadable (it is then made again)."""
+    try:
+        return parse(path.read_bytes())
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Whole or not at all, readable by this user only (a key must stay private); a ``.tmp`` left by a crash
+    is removed at the next start with the chunks folder's other leftovers."""
+    temporary = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        descriptor = os.open(temporary, os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_BINARY", 0), 0o600)
+        with os.fdopen(descriptor, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except OSError as error:
+        _unlink_quietly(temporary)
+        raise TLSSetupError(f"cannot write {path}: {error.strerror or error}") from None
 
 
 ###############################################################################
@@ -5502,10 +7321,10 @@ def make_server(app: Callable, host: str, port: int, *, limits: ServerLimits = S
 ###############################################################################
 
 
-def _print_banner(config: Config, urls: list[str], console: Console) -> None:
-    text = banner(config, urls)
+def _print_banner(config: Config, urls: list[str], console: Console, tls: TLSIdentity | None = None) -> None:
+    text = banner(config, urls, tls)
     no_qr = None
-    if config.qr:
+    if config.qr and not is_loopback(config.host):  # a phone cannot open this machine's loopback address
         try:
             code = qr_code(urls[0], ansi=_enable_ansi(console.out),
                            blocks=_can_encode(console.out, "\u2588\u2580\u2584"))
@@ -5518,7 +7337,7 @@ def _print_banner(config: Config, urls: list[str], console: Console) -> None:
 
 
 def serve(config: Config, engine: Engine, server, *, stop: threading.Event | None = None,
-          console: Console | None = None) -> int:
+          console: Console | None = None, tls: TLSIdentity | None = None, warnings: Iterable[str] = ()) -> int:
     """Serve until ``stop`` is set or Ctrl+C; expires stale partial uploads at start and periodically.
 
     Ctrl+C cuts requests in flight: bytes count as received only once the ledger has recorded them, so an
@@ -5529,7 +7348,7 @@ def serve(config: Config, engine: Engine, server, *, stop: threading.Event | Non
     engine.expire()
 
     def janitor() -> None:
-        interval = min(3600.0, max(60.0, engine.limits.partial_ttl / 4))
+        interval = min(3600.0, max(60.0, min(engine.limits.partial_ttl, engine.limits.stored_ttl or 1e9) / 4))
         while not stop.wait(interval):
             try:
                 engine.expire()
@@ -5537,10 +7356,12 @@ def serve(config: Config, engine: Engine, server, *, stop: threading.Event | Non
                 log.exception("removing stale partial uploads failed")
 
     threading.Thread(target=janitor, name="pyfiledrop-janitor", daemon=True).start()
-    urls = page_urls(config.host, server.server_address[1])
+    urls = page_urls(config.host, server.server_address[1], scheme="https" if tls else "http")
     try:  # from here on Ctrl+C ends with the last line, even while the banner is being printed
         if not config.quiet:
-            _print_banner(config, urls, console)
+            _print_banner(config, urls, console, tls)
+        for warning in warnings:  # after the banner, so the first line says what is starting
+            log.warning("%s", warning)
         server.serve(stop)
     except KeyboardInterrupt:
         pass
@@ -5573,6 +7394,7 @@ class SendConfig:
     parallel: int
     state: Path
     quiet: bool
+    fingerprint: str | None = None   # SHA-256 of the server's certificate, hex: trusts that one (--tls)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -5611,15 +7433,21 @@ def parse_send_args(argv: list[str]) -> SendConfig:
                         help=f"files sent at once (default {SEND_PARALLEL})")
     parser.add_argument("--state", type=Path, default=_default_send_state(), metavar="FILE",
                         help="where upload addresses are remembered (default: %(default)s)")
+    parser.add_argument("--fingerprint", metavar="SHA256",
+                        help="trust the server's certificate with this SHA-256 fingerprint (the one the banner of "
+                             "pyfiledrop --tls prints), instead of asking a certificate authority")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress line")
     args = parser.parse_args(argv)
+    fingerprint = re.sub(r"[\s:]", "", args.fingerprint or "").upper() or None
+    if fingerprint is not None and not re.fullmatch("[0-9A-F]{64}", fingerprint):
+        parser.error("--fingerprint: expected 64 hex digits (colons allowed), as the server's banner shows")
     parts = urlsplit(args.to if "://" in args.to else f"http://{args.to}")
     if parts.scheme not in ("http", "https") or not parts.netloc:
         parser.error(f"--to: expected an http:// or https:// address, got {args.to!r}")
     path = parts.path if parts.path not in ("", "/") else "/tus/"
     endpoint = f"{parts.scheme}://{parts.netloc}{path.rstrip('/')}/"
     password = args.password if args.password is not None else os.environ.get("PYFILEDROP_PASSWORD")
-    return SendConfig(tuple(args.sources), endpoint, password, args.parallel, args.state, args.quiet)
+    return SendConfig(tuple(args.sources), endpoint, password, args.parallel, args.state, args.quiet, fingerprint)
 
 
 def collect_send_items(sources: Iterable[Path]) -> tuple[list[SendItem], list[str]]:
@@ -5684,9 +7512,10 @@ class _Retry(Exception):
 class TusSession:
     """One connection to the tus server, made again after any failure; requests as (status, headers, body)."""
 
-    def __init__(self, endpoint: str, password: str | None, timeout: float = 60.0):
+    def __init__(self, endpoint: str, password: str | None, timeout: float = 60.0, fingerprint: str | None = None):
         parts = urlsplit(endpoint)
         self.endpoint, self.scheme, self.netloc, self.timeout = endpoint, parts.scheme, parts.netloc, timeout
+        self.fingerprint = fingerprint
         self.headers = {"Tus-Resumable": TUS_VERSION, "User-Agent": f"pyfiledrop-send/{__version__}"}
         if password is not None:
             token = base64.b64encode(f"pyfiledrop:{password}".encode()).decode()
@@ -5697,9 +7526,34 @@ class TusSession:
         import http.client
 
         if self._connection is None:
-            kind = http.client.HTTPSConnection if self.scheme == "https" else http.client.HTTPConnection
-            self._connection = kind(self.netloc, timeout=self.timeout)
+            if self.scheme != "https":
+                self._connection = http.client.HTTPConnection(self.netloc, timeout=self.timeout)
+            else:
+                self._connection = self._https_connection()
         return self._connection
+
+    def _https_connection(self):
+        """Verified by a certificate authority, or, with a fingerprint, pinned to exactly that certificate
+        (a self-signed one is trusted only when it is the one the person compared)."""
+        import http.client
+        import ssl
+
+        context = ssl.create_default_context()
+        if self.fingerprint is not None:
+            context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        connection = http.client.HTTPSConnection(self.netloc, timeout=self.timeout, context=context)
+        try:
+            connection.connect()
+        except ssl.SSLCertVerificationError as error:
+            raise SendFailed(f"the server's certificate is not trusted ({error.verify_message}); for "
+                             "pyfiledrop --tls, give --fingerprint as its banner shows it") from None
+        if self.fingerprint is not None:
+            seen = hashlib.sha256(connection.sock.getpeercert(binary_form=True)).hexdigest().upper()
+            if seen != self.fingerprint:
+                connection.close()
+                raise SendFailed(f"the server's certificate has another fingerprint ({seen[:16]}...): "
+                                 "not the server you meant, or a new certificate")
+        return connection
 
     def close(self) -> None:
         if self._connection is not None:
@@ -5913,7 +7767,7 @@ def send_main(argv: list[str], stdout=None, stderr=None) -> int:
 
 def _send_worker(config: SendConfig, work: queue.SimpleQueue, state: SendState, progress: SendProgress,
                  outcomes: dict) -> None:
-    session = TusSession(config.endpoint, config.password)
+    session = TusSession(config.endpoint, config.password, fingerprint=config.fingerprint)
     try:
         while True:
             try:
@@ -6058,13 +7912,19 @@ def _main(argv: list[str] | None) -> int:
         return code
     console = Console(sys.stdout, quiet=config.quiet)
     _configure_logging(config, console)
-    folders = () if config.s3 else ((config.storage, "storage"), (config.chunks, "chunks"))
+    if config.dz_cdn or config.dz_version:
+        log.warning("--dz-cdn and --dz-version are retired: the page has its own uploader and loads nothing from "
+                    "a CDN; they are ignored")
+    # With --s3 nothing is kept on a node: no folders, but --tls's made certificate, which is this node's own.
+    folders = ((config.storage, "storage"), (config.chunks, "chunks")) if config.s3 is None else \
+        ((config.chunks, "chunks"),) if config.tls and config.cert is None else ()
     for path, what in folders:
         problem = _prepare_folder(path, what)
         if problem:
             return _fail(problem)
-    if folders and os.stat(config.storage).st_dev != os.stat(config.chunks).st_dev:
-        log.warning("the storage and chunks folders are on different disks: each finished file will be copied")
+    warnings = option_warnings(config)
+    if config.s3 is None and os.stat(config.storage).st_dev != os.stat(config.chunks).st_dev:
+        warnings.append("the storage and chunks folders are on different disks: each finished file will be copied")
     try:
         engine = open_engine(config, events=console.handle)
     except S3StartError as error:
@@ -6072,7 +7932,12 @@ def _main(argv: list[str] | None) -> int:
     except (sqlite3.Error, OSError, RuntimeError) as error:
         return _fail(f"cannot open the upload ledger in {config.chunks}: {error}")
     try:
-        server = make_server(create_app(config, engine), config.host, config.port)
+        tls = open_tls(config)
+    except TLSSetupError as error:
+        return _fail(str(error))
+    try:
+        server = make_server(create_app(config, engine), config.host, config.port,
+                             ssl_context=tls.context if tls else None)
     except OSError as error:
         if error.errno in (errno.EADDRINUSE, getattr(errno, "WSAEADDRINUSE", -1)):
             return _fail(f"port {config.port} is already in use (choose another with -p)")
@@ -6083,8 +7948,30 @@ def _main(argv: list[str] | None) -> int:
     if config.open_browser:
         import webbrowser
 
-        threading.Timer(0.5, webbrowser.open, args=(f"http://127.0.0.1:{server.server_address[1]}/",)).start()
-    return serve(config, engine, server, console=console)
+        url = local_url(config.host, server.server_address[1], "https" if tls else "http")
+        threading.Timer(0.5, webbrowser.open, args=(url,)).start()
+    _stop_on_sigterm()
+    return serve(config, engine, server, console=console, tls=tls, warnings=warnings)
+
+
+def local_url(host: str, port: int, scheme: str = "http") -> str:
+    """The page's address for a browser on this machine: the address listened on, loopback for "every
+    interface" (of the family listened on: ::1 for ::)."""
+    address = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"{scheme}://{f'[{address}]' if ':' in address else address}:{port}/"
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM (kill, systemd, docker stop) and Ctrl+Break end the server as Ctrl+C does: with its last line."""
+    import signal
+
+    def interrupt(number, frame):
+        raise KeyboardInterrupt
+
+    for name in ("SIGTERM", "SIGBREAK"):
+        if hasattr(signal, name):
+            with contextlib.suppress(ValueError, OSError):  # not the main thread (embedded): leave it be
+                signal.signal(getattr(signal, name), interrupt)
 
 
 ###############################################################################
@@ -6097,183 +7984,104 @@ def unpack_asset(packed: str) -> bytes:
 
 
 # >>> vendored assets: generated by `python build.py --vendor`; do not edit by hand
-DROPZONE_VERSION = "6.3.5"
-DROPZONE_SOURCE = "npm dropzone@6.3.5 (github.com/enyo/dropzone), tarball sha256 555b83845cfe63b6d1192a8c07eb30a50d55af26d6afbb78abad91d3f5336830"
-DROPZONE_LICENCE = "MIT; Copyright (c) 2026 Matias Simon <m@tias.me>"
-DROPZONE_JS = (
-    "c-qZ<YkS)^(&+d76|_%}L&h{E*^Zk^q5UL|+vZ*8(%9K;*Xy^WB-mynlUkDUrLx}Ner5&(5Fjbp-OD*APaccJWiS8+gPFl#="
-    "w8gyQJG|^>&<WC+!0~47wiNtqJheAN;e1sA+wWktv4v|ry{#>#98+|45ML|O+=hV8yjvCilDekE=t$)23R}}vCts7aC0~Iyz"
-    "(l~Zk?k%&vG{sccn<jLO9p6qI8DBiBl&V{w79c<P9#M1Omtq;v^Xfx99mqm<1D&UY1w>DC`bKuZqEFb5kNV3A3}&xvn>JlGK"
-    "@a(C|kB8BFu6%n<S5DlR_Wrl0a`D)RC^7{!x`JMm|pgfk8&XEVY$+1N<kF(+Syuk$><50Zj@A^qU&ygy$IVkjM!?poJ>QbRE"
-    "`w6U=UqXG521N_^+@W<XlObQqQ1U6nQa#7Cm)QJ~*4pJ8;fRk-Zg!k|;Uj$`#Qszl|DVq@<Ow5@aO-CYj9#zot3fh`@cu@1X"
-    "7DhY)8yiNNsunFI1&k(fQOtp2gkNf;%B!RZe#ORz@#t$2*4`0Ezm|3;&L1A!W@31D?zNN+rnBP8EoIh1Tqh+U0F((hJfZQyM"
-    "3hb%Ho@XlrykM`mJkkfI%SgcJQ2jx>Exb}gw77k&Wee+7HJ7XWxNIBq?pF#=<4VO-el*l<F7)#Mq?m`-?LQoqfOz@<NUJdmk"
-    "W=(RF$KFl?cy=v*B<eiat=-C{9OW62mLLjYSzJ6R3|p;OV+e(s6bh9Kwpqt_fCX%%8{Tr{dNzia>LzT&{UI&PFrp$0!$Zsn9"
-    "kGM|u$QAW4(51}9*2;i<wFUL>-fpD(hD3)w%wdaW^0FeKD|!3#YM!>+f4#F(O1&g@!h*2a{U7J9187-q2)P7{=DND~P#AMq+"
-    ">00RL$2#E+uHw>X?KtEF=AmR7C!4O9B>%zcdvGC(?KFcTlbT*mz*P^`2#{FoT6=me#Cgs&(F2;ai5>H^-dw!W*i)>cP($hEx"
-    "yu{?obdts6qQC9W=;{4zQYKTRjGjNbnx$WX7vMACJQ9aS0%e{gzl;8M_q%U<FSa#EDy85;NkBQjr^Nc}aRRHazvExWci$&4+"
-    "XU^!9znYP5MKj*UqE`~ODcMI9bbymtJ(E11tK6)hMGD-gXnc(oH_BY$+*1g_qL6sA4PI`RoZFqdGJQCup&Sa;mE2qS~7tv8Y"
-    "%B#NKawOm}x)F;z?58_k)+Jkb<41K)k5}f11ZBtnpl=qkBM|XYqnN@g^>yBcd7`nSCYVvB>#lEG}Z0t{*uKS2mE#SGBN{%QV"
-    "ZykI5K_K!Sk8cr+5zQj86lDoJ%lCC|zXHl2|uil1g;Mj$b*dKr&Di|g!0949=r(_Gvn;<h-HJrz0QnG}fAC(gx^SA^BObUG`"
-    "m!XN^S?_sjzDbTnc(-i0cvBlqd8jl&$=J&kJ5c)V7m2c(Xya)7wYWmSzm|2HL*SQioEY8f46dzG>Rb7|=C7b2W5af(Pz;2#F"
-    "wKOZ8Vm6&-dFhPv`0`o$Y^;DXtRk?Xoq}-Ek3NB11H1C9K$ak!3(j-^?`sfPCLqgbY@B;+SK>KIz6z8-uu?XG@p8uTy>0@Eo"
-    "MzdZ<gy>(vy&76C3A+!rQ^=$ijEeG_sJVCaNfsvj!Nr0^SQC)s0c%Sm)-#N5_J$=<1jeDfuEHMKZzRb5y*lZ5>RASy$(q(1E"
-    "k<ljIn1_4?B_I0uG#090Wx9I=)ANZItEt3@MNyeHO(uOAEn(PDFkKbC6T&7(gO#gDw<hT+V>j#?S+RF;<8i(uN@!P(PAy)?C"
-    "XhnIWKve0N5i&;kZ%^diZxW8D7w(Q6<dm?j_wez=X(5<4m($dQo^9;hDSIw6XU<g+6go1JMj!%JsWzUQerx*G{#=wm%8NRT`"
-    "$aeD7u!)lk)V~_}P=r6Fp7X5iS>_?|>BL5P8e}La>_<aw*U*Y%9@C!e~XyM~-3_|=ua^V6uS=iU-B;Lr~XFmRYHcQ6+G{DvZ"
-    "i9&!${`hy^G{)i%^63{6L6VIpn*6vPKC23pPWxpx#oiZz-d|L8N*HCcw5&BuxwN4iVy*%?ye~nNxhO=b5P9C-0Pds20&PLm^"
-    "%ioID<loTz-t|c3Q~z-lE(S{8(>_tOY+iorPw6~mP|(iFK%mL^v%3IXW@*0-(s$_1@pVb3`dM3EjE;D_37%DqCAq1#hd%n_!"
-    "1$3keJ*=9!eA)_rD(;4**|F=H`9_ubrS21xS`v+n}O|u=FiFt4a|IARy<vA{;5fPB!aCub?%DDu(M-rS<(+u*IeOuR8n#rS>"
-    "D1$`$q?8iN9Nc$G}Xpig)thn1kOwf71EMILH{YN9}4ETJ=Zw3Cpiic9C9gh_{81zGSKrBFGY7Fxv6vITg38|tIwm-mV?pgXF"
-    "@_rUl;D_F23AeWe*OQK1_d6AEP?st9o`9=OnQA7l{_=^cFihy!R4=4$8ZbzjJcpyOi<PmYpFbNbiKb0>M5_DD#TbMqN`>Cqy"
-    "f<)Yjp>N^)xV#FklhiH!3W^6{bVll%5NRGWsGX7)tgGyo4-ZDUeaTyL5P7Ba<;DBifoqfqRga8zP28VnUf+PP2Es(f=yxac2"
-    "BakGMp-PQcB!|08UtC%GBtcjzoyx3>X>q!^X!{>zIYaSN;IdYehytmW6Kz<&bCDA7tED?+A@cX^2_{E_M?<9+yfX~&{I%mM6"
-    "m%`yUDIxi#iSY6}0kZ4mY>4Ap+XKuTj%<J92w|-ti8ojx0+;H#W7T0e>m{wj4QTKGGYk^@WlcPsR0g0_>z;=OdhtToGBmdSB"
-    "oFljGEi686AwlIu&5lgfAt(zJX}0^21@q2W3(=|ZeK9cD*ONK(lxsF6k{_JY}(ZU)nA9@kd$f`!<6ZA@#_UWVH=&n{soHF5;"
-    "0%9dN=x`r*^RVCHR3itvky~e&ZG|J?>CdRdKnvGC(*t(AMuNv8#ONSOkxc*{y-H|ImKI5#u$?n4SuG4j1>^hhR12zfQZ?BRP"
-    "rt9u{k^<zbvYhrio!i^n;C3g-^2^S4x7+OiWNrkSnF2%NXU7?b>+gHrV7vQm&)NPi`1ZT)?~Z%B!8ZIl+b@D|A^i~E_g?Po;"
-    "`>f-Z_nxRukrpZ)tA4=+dWx-NB$ndJJsLe-|cN#&v>W$T>g0HrL50z58<84sdjh1v+;m;s?X(*cXy~CPEYpdaCbN8Q9E7vYr"
-    "Mb2`l>wQP53iDyW5OE;|uQ+U&h;bCw#g5u^P`E3GeVbZ05yFXNTJ}-U*M|`2TI4XQ#t-fz$T{qWu4WlD7Ala=JVc-^rf!cH~"
-    "I(Udj>ZZS(I-9s%|KEzg`Rf6Tus{cveL1y_~-j%TvV`0Vjac6rA3_*cDu%M`83e=8|T!Q0uj+uwO%w-4`D`#XD#Klf+1%k>%"
-    "W-5%Fxy!AVe7neU)<GHgVSAxPD-X*?_xA87lk}QABc<c5R-l{!?w|?KV+vi`Eez>%rf~(5Qc8?hkh1cOyysLi6^0ME$eIA#?"
-    "rQ`O}ZlA~fSoKHIpPr{>^SEo%pBhi5i$jA>+Udxq|HoD`|A0CQlAUq%&{TeolcEF}0X1P4wGP~`x31tV2g%CEH&FL;6dLC86"
-    "@=@55g-&5`QtF+@puUUeEwJJPecsJ{qvoe#ziUQh`{bHP-}lOBpOZ7Dgg{2D8?5gP?9KaRz^cKzBVj-wd0CrcXb2)G5~8ejm"
-    "k0-f-b7+uoBqNIj!n7K@tS#1XV0w)N{f*+$H$gYH6)bb+Aavcs)D#$4un+ConjpGRt32CT?_QN_*#^m)pvv2r!+X{$YqHeM*"
-    "R=-2Qm_{#Z_$GPt<X*5VDU5wp#=py`R=*IXyGX!x<QBg=xY@#f+pT>mY;iHlL5Ow0Z(9g7PXzww|FLS^B7wt1K;bY=Qlyz0b"
-    "g8EACeo(2O$wiJNI7Vf(xRfF<u_H}{mf}+f(cx)P9#`0tupi846ko73|^6B{F>$mSd{BQt$m6kWRf#EVMpznI&KC4Np4`{vU"
-    "ujr#$e^s09HCDH1r`fimKSE3rjwC0b5IT^<buECh+=$K>B0u#O$a1ixW*p3U>TN00O9KZw`6xeRWATI{+`T1>kq>!iQ|N?H*"
-    "3!=+9$ks?A(AW_>a;4TPYoMz8Z4)sb()H3R1J0dM~7Ntgrl7X@kFr!KSi5BSSkw_u=Z1VcIP4utiVz+U($su9Q__n7)jCpT<"
-    ";ZJ0)Z@D9uvdtMg_SG;7NZ#xoBkz`T1WM98=Yl<73(4RCliVxKbLd<!Ke5!#i2ML1J=`cCrFP{K#TCn#zsTI@?{wK1>8Hylo"
-    "}jFt|77=${@=y9qg<DJ(3q@`hpb>GQ`QJ|CT&L<ebb6HjI$M5}pG-cQ(!MJDUT|BhfGp}D<=GWMbXHjP7XJX^hFgTRuh@s{w"
-    "9HpxN)LeYgEt#;HgPD8LlPmf4auwS!hHBW`S3Xlyw12ICBLU+R;g!&%3iZCi3-`w;5z*s1Ba4^)fh3|EIM`D2B!y_v(mpqcv"
-    "{(;B3x_6kO<w7~XAU~D&7kCbt<NLzT{30Yzlt7E;0ZZnAmahXPC<j{N4K(2DNo`;<S#w6oMgnW82h}PHnhPqhDKluH)_|!qs"
-    "8MOa)D+aHD$oamb&3eocm?&b4@e*n>Z2djMn14cJurqiBHs@n*Z`Q&Ncu`S!jaByg_G3%ri$4V#+VaruO_R6nX>>11lacs*@"
-    "a8z4^+lgCmFc+7vUL{EzWt5)iXn00O6TRuO>nt1EYr@ooD#jpsrP<vYK{RQ0F`v;DkkvDusrP-gxh^w3KQavK!KVNEUCj%7B"
-    "uvX1=q<TxmAQCGjX+9*EekhkRP@D0eJJRRXb~*5yEzu_3%wHRB18#Q5Hc%TiJXfDphyU|9jp73{PI0Bgrg3T&udm`0(C-j2*"
-    "{zRz+?U(%iC<DU7VUri6!k$#BC0sN7lR|Rv=U!`+}D;2U_!0$-7oxi8gJC}YG)qq(}91jm`(D~wxJP18eXP~ZU`Eco~Tub^a"
-    "(je8l6wLC8KGJGr)DKf%mq1O!8Sud<W|ucbBt|uRCO>4(m(RxzEQFh6Ea$I|gXMd}3UobBJK@;SD>n>oz!_%cmGjI3`OJyaa"
-    "h0Y)Jqy|r(P3mPV46m8*^aO65mrN3Ifu34Nv<+Li-=_3vEdMss&-qm)scFwNgK`+8m=HwqjvpOGo(kUPA%4WhpX%QrW@e$d9"
-    "ELmnf^{vHDYIia7Dqvk~~z7MYS$KDJBI2c)!U;RXyoK*yN_Q{FXG>XTN}=o*%{q`n&pW5~@S*qdVZ`0PTD28{utiB!+Tlzge"
-    "nY(#~-zE6rL6+l)f9ksGeAd|>(*xU0+hQ6nj0)mvC<s9qmxZ&TPcH@o)oAdatf56(=`=Y7i?!fmhUNBS{hU*JGG^DL03nUq_"
-    "z6iNvU{*plyDMpd02NKJak_gCWfo|PT1G2Uh3f2B=QeK^qF{Uo4TY!Lm%gSgYYLG|@X~m|knc$}{M_-QKQcWrCBUwJRvNjjV"
-    ";Y7*x$#q}9ear2>hW$j!{VT_>*6pfskWS2W?vXJn?7meOKT7F8gSy`LA3wj3YWCa0+Vn&^LiP~(k(6gavhSeR!4|5Mb@!c0D"
-    "Pd2FqVi9VJZ0t;Z8|DQw}yj}SHsD+{H^vkVpmwlay^31l$m)tE)&+tYcX8sw>G<^?L4}8)sbbj1CzHzeq~o~$*{{1tu+$(mG"
-    ";6VpI7c_Ep-_eY%9wc)KVLM_iDHj%#GSB)h3^3p8OMmk=x9kjccKlrE1P4DtEu<E$N`$l2Vp5ol%Re6>XO^nY$%B<uBi$*Ob"
-    "Wj1Y~5zRnY1TUb-p&kv6zW)C%ZnlM@fgl@W$)tM|0|jPoSkn#4mffl9Kd>9V{O2-$vak|G%<=+7Q<-Dp+uX;viIsW6I%MK*!"
-    "<R~9d`X&7}^7MX~P^06{}`u|8NHe+=o^P)$^#Ige2AtPjSAQ+|_8)=Y?pERpf#mC}k%2_5+w0XR%`LI(XujxGaq}AVMu)m5^"
-    "V6Aj^fJ{mHh4;lGYy*Juus}mRvoZS=!J{hB2AwjLe4HfBYLy`;@{y83=I|B+{Gmdi8HIeO2p?Ic<dj=6{F;=I-mi)btcz5JI"
-    "YJ^K?HtDNo{4jHyp_6<ZSRSylM{JFaEdk|DFA%Z7EHCep}Jv;`ondVi3o;)>&XGqhB_D?vv`#Z6QnlnntWm0VPb-85nx&iS@"
-    "KcKRjAs@f`PAPm;xTrg$ZTP+{z1@O`s?h&~26rk&{DV;m!5=XxJT;uiDC}Yfq)T_S9D7tUM=yh3JZLUhA@><yvpyr*&k|L7+"
-    "09wjBW4=Y$8Mad6nj%@+auh3w$ajCEbluuRRFdsu3KFX^;D*GAF4O$j=kR*E*1VksB9;n&Jit|S{}OU1HM#2A$M{T$DYticl"
-    "(7a(7~o=mb^F<y+wyA$06^uSo9QCK^o8X=zdM@ak;Z0-0wNz$+H@%=z1<1MD?J#f1gM9D3|7p8MVOV=r#yPi#Jy=FHNH7w(n"
-    "`jASEEY6q7U_g3DG4#0Px_ZW>5v`gvJyiswp8_gwxfX`DH82I)Ifu0r)-!~9e3ur<Sh%X7|73yJTP7zFLO`x-u<X>m&H$A9A"
-    "zJlq=>g?^!|=5j!#0*@_b%UNWw#1dOR_eg49OD!e(O%Mwo0ZkHFx(vB*&83!!n@M4W9a%KxHE($>`$+TL9Ifg?ZcR;Vo;kC|"
-    "|5B@nm!bW0!^(AD9@hn(n~l&!!%y#s225RWIt5o1wnBf>%_E6J#2xkxEAv0}=MR-RET|l~=myb<jM|YB}G))2$RuJikKYpVU"
-    "=KQ_F5K{pc%~=0)Fw_96hPAJw!bow=xG*haU5=<J)hSeyeRi5Ah~*UD1$2!4i1Ybk;ju)aJ?Uo@^=NXF^Yt%P!wl}cell$M8"
-    "el~Y-r*Y~5r(z_ve(*#yYz6sT*ZJMT85cJF``oK_WQf^pNMM-4c!S00X48xvVU=!=kBLlBgtZ-dDtw;TvEEzl91v<l<4HmN@"
-    "P}jO6kAm0bvRGSJ`ma3K3F}IE-g>dUVR|@l|6QhsnmS3A$eMB`6Fsl*reV{FKsPX@iC>SbVc~~CWqj12S?H`gY!IzimB|YnF"
-    "D#66np!e_;^D;^DFr9}bkRzHZ1puIoSHzc?{?{XXUlGOsd-sg9vNqJN6eQR%(;wEQOb28Ts-%C{FYhjog2^>Fe9_6rGwPXT-"
-    "9#OHY-=@CcvuC&JFw$lvG&ipUX9<-p|tWK`FO$QQ3>?+E41|{#wt|H*?B`=h7Q)N&k<KY-xNMo_g!HP+KnVkm0t~W2tEuZXW"
-    "~R6dA_hTGu#wRU;vhFx*;DURx;HWZn`1LBaF?82;MDp@DoWku553M`eD)O*<M!q}A?s)%2W2<q&B868~J|pRf357*(^H;8y="
-    "CR|-mkv0*Sh4)e3*T!OQW_vWqr=g-~Ut;Fl}phZ|moyQ6Sk}=<{T<|TsJe#Fsw+Gulf?=|VUZG%@Ug9nSI|aWuZF`D&?-!^L"
-    "H`-Osar3rARb|YxM8W1c0uNGcJXGZacXc%-Q`hS$OE8HzHJ^#dAj+ktXhl3wm;CjLEmhmIPi@*4OiQ(ea$(14Ahrg@{BK}sD"
-    "i}vXD3#e{89-cVT_Kh$jOi@}dMjbt!nQ)lRFFZVznx)ho+qWaE?_6ARidagXv>mi;pwb<&K8#+U{;Ew6f{V6%qS%bw(u0+=h"
-    "^i;1Pe?ab^?*&3Y{-C`YhD$FHJsIaXOx`)LXI{s96niv==*|dhN2G#eoz|`p6KH=`f4)@muJYPdtM9$_@-IV^09p;Pb$gI4~"
-    "9{8bvjPR%DoF{{c(0JI#%_W*J+wz|dUj>>O6SK@hnF!MlClm>eDu{L^pdx^#%GEHOzz9%UL9E<8$d**d0hM1`BTCXN|}mER^"
-    "gsj2r!G1}wA9uZx}6}}X)J%)f6YO5CYo$EZnZ~*GSK)r>0!0<<LReL1pXxB+00#tkr@}xtkQOu#nY7=3it^*?}q3|<BQE{~h"
-    "i@}Y!5m%X8a-2Na9sHP%c1#>{#sSaU-LrE8jS|#+KMN7Ym5Ux%86MS6vP+<TL>QjP<PoEnazTL80G)wweiI}&X&F>jS=`AIR"
-    "2P|D*gm0N%0zIG%Q36<LxxTOVYsq3YD+>rUJOzJPH+I~fb<A(yPz=R<OPv8$A0QH4{%|AKgG&ZwDZkeR$ef_R<oIUK2%K4p|"
-    "j-7j6mQY#%M6<FMpi=Qor7kr)Lj^86-G;Dci7%vLmSBYX{VT!!K+2nKvlNe$7!K$Q!qHn}R(S`7mAoT~^?Eue-fVe-2W&b*q"
-    "+9T(pB!WCm}Ed>M|-HRJ->U<W~V@Mh&M3JG1$Ga*>vT{MtoIO6!@`u~fH{o<CZ&cP1;6M{m^;M4=3v~}>Y-g%y7r>r|<;?&p"
-    "fY{<TvJ~J@?{TB3Uv2uW3^ae05S^W;@6e&eebd;N2pfP2o>35|kbze@WuWdn)p>B#x#7rYe=`Bo|T!*q#J^}1%;J0nJMCKBr"
-    "NXfpheKl1$yg-vYG93Zpo1Xd*BZ$e$=yCO_^0hxJ&(S*Fw+eS_1f&8-sWm7O;66R+1_vq`y3*23*aobbIWBBFi`bv(N<jmM%"
-    "UO2<9dYb(%Hg8fIWtn$s?(LJQO>1fm1dZUQ;Z)(N3_!AZzvqXd<;*c7{f><rE?V*+G%tsMCvePD3#^TE#&6xtOLAy(VTJPuA"
-    "e@LZi}+EG)M$yAmzSltmsBWwu%SZl9ugFtoC@nZQPWH@u^isj^MI9-N82ZWcFRC<Ip%G8?10}?hXvcygDQfU}~Af<OrXdSCP"
-    "!Iv!m86$!iO)QHx{e<MP8>acoGfJo*ky)3K^V*CCWz^vEp<JIa^0(*4_CIdj?)vur_XpC{%SmeD~mEa?_5IkkMzTuyeyI?T0"
-    "dEej2)>H!%>3P*ing1o(QB!*7b?l>9XRq#(Y<zB7TJ-O8Jk1-CZ&9lrHEEFTiPyD!M5USCXDh4z_PW@8S%Pn=uiIF*y;#d!4"
-    "xUiNp>5pbCAmRmHTWFVhJVV=emE?Q6zI6wKyFDiN_RC2&j3<ZLHTjK*k5iGy(tQL^v67Ttw)k8TM|E<7t{mYLTIcegfdhij+"
-    "Vyh|3Y4?Ah_{fIo;)ZsR0qF&K6cZ#ZgDtAH7z(AVMI)@^V?KhMh_2G$|bt7xk)(1>L8}Vw2?v%@co3Oe8KPU%IppFA8o-4*x"
-    "XuJLp9$rloE>aNF-8K8Dv40l8oVcN<-k5!VFuVO<)_R`Kk~sZZ0?Pt|uV9$4Xv{T~*pv;A;q>?ENLT@d8;Ha3E$u`i%ioP$q"
-    "6quM0K4f^3=~!rg0QH-|Bj5NW$@mt5@AX49F%PY#TZGhbYe`+tVr_K@Aqo9x!oIBNXXN4pH_d^yQZkCkgsNXvwP>O!PaEcXM"
-    "vzN{keW<aSpR#{Pe%#+I`4Ko<dkQVCobOxdWEjL#K!}y$DK$HX(AcYnvhIR&A<fT*Sa^e>jWlG{j%Z=NswnI5qM?b&&{#7)C"
-    "TKJ@W=@P(<s$eQ|4kRJB@Qonj%9p`aMNVU>0{D@E8>obMexAXK1bLQyzzXIC+H<T>A=5ZyS(6JG>VOK?=8u++GVD}0aS?g`B"
-    "pfyQUU8eCBsF4eG9B^DA1Q>gD)5(|?C-*8Sfx3~F3$1T5^p}jXrtTxNkHMk@b-<W4$_i82@2?paJPCos_=kn?6lTUjbOzb6c"
-    ")%LUG&pCtMaZ@xocIE?e+XEyS*2E4KaA}TmfBPes5WMv)wJm+p78P<24n&6@cXf^|AuDwG7^t1_%P`g*)*JV22bKPMY(&efc"
-    "U=f3Z`4k*Sg>vMNBFPZMo|z*m|2i=Fz5Z_t%NG}0nH1G=pCJ>DCpc;T5sTd&n*g_%D>{ma+<-7QSMACvv6piAqT6)$W}hh&X"
-    "<&}m@{8-8^hzr?%E2ML4>xBH>eviNkq)#Hsm7+{*sR$g$jgh0k#0?JvI>-u7=<md`$#2?7hfZR4C59$E0K7Y-?Pd7Igi-nn4"
-    "yZvA_jBbq!E2XT|UMX*Ssc{Py_3pG%R<*2YZl1>Vc0aY%la&|0>a{EHZ6#I9YTD%gt9cdT=d1kjdmeXJdHs?{P3T{)Bq)0>K"
-    "{?Pq5*7lK=k?FZb2~sr>KPjT;p-2FN5@BR<pBZv<j{RJf&Rc&N@3r~uV>Q93p9y8?TU??HXHV-P7n{XoIZdd4Fs45`=dM;K|"
-    "G8ywzq8RnW9qVk6MfWvSO0!_nax>2cpqpF=@Y$La|nxJ!?g*esk&%AqI2lwcO)dVv%Vv!JvwjO>RK>;K;t#rD^r~3d`xJ_B9"
-    "7!V-@AsiQHThw3_Wj!bfgaT+aekIJVEDD?xtWxDKQS)U%o32M`TK?zV?HZjO?^!pS-so(&F4JRr2GK5VU3zZ__NAppH2$t;d"
-    "00s~?#Rx`(rjqhN$r^k^%)khk*K`ve(%1wk+pj^!IV~KZSuRT0rlhT})LGk33ICrh+S$eJ)*1!V>O-k>6m@Gls9CJ|0p67m1"
-    "#lX!rb3c~hmOwz98&=$!!<LWxWIyHuy%XGD4y-pf^9v6O6#AvI3v1L=ii}kKPKMoHwDd5fLxq0gb7*dA9`w)A*Z#<tl+`yk4"
-    "8u%~A8bejJT0`D7GaY}UixPvAZi)mSL2i>1sZOv??8mg5+U6v*17|O@11-(JUlu%!LNHLoJh>@@fb`-f)6E2RIlhPXXNq+5V"
-    "#N?J)q)m<>BEDZ7&G8V*ccuzHFY!GktFMj7O8a(j~np#*(41(I{rxeYlsfYGSk+E#kKO)H>9-oA}k`v0v4Q!f@wwNJY|E!~e"
-    "4W@r~Ad!)*oSmDAQ@N>qCkhTmMwxE_SRbQyWI522Lw1r!)bX%bft+zIo<9E#_!)ZzUghg#w+KVQDua$apIlrj!i;H|!n7K0W"
-    "N7i6G8kc7QFJ+Aw6ETN%P-ELUQa?p-m&tyr+hy+tFu`p4@5AW~+HQI=Net-O9Sx!HTf6PQt4(i7w1Uw&zCSSz>HuY3!43jGU"
-    "B9Y5Ib^=wQqK!SY#TOD?l09J6kCmR~6Dm5$AxWez8a1?&`igq|Z5x;>@;Knv@afe&vJhI|%n8@*kPo$NKUY?cvawLL`T|pvq"
-    "mv62R#+J;Te_9V;zt~xEB7OwItOcvp^6h<fRJ4G^<sFPp4eG9g&1Y&n4%)(S~+{HC2zsISgy`1r4pI<RRUQV)n*W?D;0cFN7"
-    "72oXI^%AAk9$r@qzWZnuEDKAnr#fOeG^S*K~d>K)~|X5Ao!03(Y2ZHd*gSX|^@OB*^-Ciw8%Hw@|K!T$|pb1%6L$X+#OPIEy"
-    "%p*cMv6qjUPUT$^2+Kehvm+AUghOu;)zokF?z&{v~MbYdv*&OD(dyDh`>ERT4x<WQ4@Uk+CU0y9k9lV$l@kR!Ays$(1J<<0o"
-    "Ha%Z8{SMl9a8l6Eh)jm@Vum3`;Ud=4^jla|spy?zbwM=Tc-@=Y6EspsvihH2H(GFM}`-%bb7rX4Q+kq@;Gwj^*wqxgPBwln)"
-    "Q7TuJ3Ohi}&!%l+Qc3&&%G6Y6^yp0h<IYA!xfOY<z8z)`fW|$S0Y7q*t^8bXbnKB=CxKGV|Dvvu7!FfsFb6D2SI)A+be6T5l"
-    "nKb3^RonH_x*Va4`J+YZj$b=9TiJAMJcCk7{ue@4ZP(aOKC>Qqni)DgC^QI7qJh#6mxw?-uhQgYG_-qg9G6};(d)q23=v0<|"
-    "o{b=#=R=yRG7*r0R5xlsp6b6Hx08Pbr+@Ra~@Pmaix|mo^6;X%D&0giicXq~Q4nl9U1cBvHF-`NIR+5hCEGqp!p44w|C(9QL"
-    "aWul)s-14@<!rDQ0J#bPD%*P#oSX>B>NTb~7oYH`!bN%6xUdbhy~P(a}%5O-23TH!Y_@Hed9wdYKz3e)#MOfXg{hJZUhBdCj"
-    "Zt2Eh)kx&8X)>dJ@O!&i9nb)K#agO^!Jx!xvh=pzgzs+z(%^K>hW#y1HyVP1(=b|)LAE`!4XW1y2MxXjcwY)h8E!eR_(2!%z"
-    "_6*CMuGf|ZLbX-z;lWK0Dm&k5+Ow;MjpSBJY=zxc$A<2$8n@DKKy87D{;y4m)cn-YK-pIeMOE3B&}d2SMHs~fdDE`^2w0_s1"
-    "Cv9}5#tU!oLyXqJd%~{{NW@U%CGvSbq$_E3Ym(!OP}LG*-Wy~jg9|#LMeUovnfk@o`+YYlkmSzK7K%<1bATLRd=F+9RV-Wk^"
-    "HcfqmXp)SQ9n_{QO)HEgqA6k@fl8-R`SU88<4s@2j0IDA;Wxj*-@4IB{!Sk}O^+p7Qk@rhx=yqh-QA&U%6ydwW(cccLYvP-Q"
-    "mE;r3Cf{<5cKdT5|eF6#l?l{PnDErUYe2URvw+v+4LV^QUV%-+?(ZJehrC{YN1EI-Fb7}Ez5Gf<_{!1*D$fz{y5rsy8m?$`)"
-    "&b}hn9<LiW`ORD)jLhY2Q2mtqd7=Byc(%=2!@lcCxE$n%7yEBI>wq42{%2`EJE`j)cMOzUv0Aj2^tp4%S(TAhAfp!5{sfp0H"
-    "XqW8bWqoF`BpxvcimJ*^FEl;$q%RpzZhnv>V7AG0&+XjOU|WhfwX`YEyppE%(3Gn=KrpO`R4Y4m&ynQuc!zEirg7-C6t;OV="
-    "K25hxkL*&J~9+XpFe;6>^I%`{*A+6MdJOxFbLSUWaKFCX+Bzs?)cvp{n^Do_v%&si>i>LXLtAKolD=mNh^t1des9*%&uMUd2"
-    "jDQU9opb7{7}S%6_@A^YGHsA4Ye3d#IN%Vl7ctS*EuYf&?#~X=9!WS~F`ecdnpcRA5=>sg9$n5RGD4lv}iFH7``@K(s9pZP!"
-    "0!jt)tCfwv712j?=m5vdMt>yUpk{D-+3#>2_I=0W$_>=}MqH@`>LT4qj6iw515hvEW1PpW}m@h4%?hJ__Dj70)l@b4mUzA!t"
-    "BFfrmW#zJ)QlfHEdS|J6RiYHDslsk0cKq2~iu4*J$*T>scx7FB=lVU_4aA8`&Wzas3uW^vVrFj_BLx;N~C2L-)(<c#HcZb{V"
-    "eeuUR8G?C%J2x(HAE^6S@+YSYGxW&k5ZY@L?+y>-?QM<nitmG-({-H33(L4z=jx8~sy>xoTlC=^?+vZ>4s5hlFVM<_c6z%XY"
-    "OdNM0rLu8qo^DlI0~h*jSb^PdP-VJc-2!UpaW)=%T}(9jrO^g&K~#?48Ac6^yw^f0gFlU#2DB_5h54@EBZ?J%E#OpOV`5!8L"
-    "HhXGi<HW_@Y9s7JWcol201nB$qMZ9l+AeUtf|!Fej8ydQQ?A$SHjL02B4)bG1M$FICMl0pbu(Xk~PAKl09c=Xi(NN<uMGzV)"
-    "eqdK*xlFOMn6GWUk`hUz9J2;-RdB}vPd%5-O{+vowLoPqKXW$i(JAmFDj_T}^DW?yV=c?qbnAsRE{97VF%$U@D#ebg&F4<fh"
-    "Cep>N#dnR?qm(4USBRzUX%zuHO(#3EO7zn3;eyaxTutEBR9L9mq8lP0t*NSv7oq^XZrek3-Y$N<!WwRT!ZXE~d@{I$dr*Po&"
-    "waWWj=%^L#anS!x7xMnDS+)*_?eHhiRq*QAIXpRGGaKwL@IQ87uZH!6BWH$D*X*FtKhr4b(?w@A1j_(F&`}~D)bD^jp$3TK$"
-    ");QLZlN(=7&FJx49Npu-)(IUAVb%Xmv0dmfrA;HmUSEB3&1dnUFEF*@KCvy{X56oZyjwp3&?Jy$uuj3F#)+=9sJdz%GAf~Q)"
-    "g81K%@s=YP%DrCSR{^9I9ooW)L@M87((h3`Wy02kI6tmPE#41e)&z&%fzlr1?QzX1;I}Gy~E%!u*7o1TcuMzS>Iq7+rm}?6%"
-    "s@kl5*b5t`>}D^ZiShM}jbxOIw>k^sNqfQMIZ)On8PW&Rd%(uRDqK3+ITT3EnhkcA^Z3s4xsTNDDGk3cFfMII*Ts?Xv5=jfW"
-    "RV_~5|KWpqhXPpdhV+7CL_wfjraaLSC{FNrUa6Vn3_!vCrcK+V!ZFdp`LJnb}^xKc%T{?q>GMFHxyar|M(<!8>Oi0sCCn4Lp"
-    "=qx1*K7Ia(njK~sg&;$jB|^iAER)(#sC1r8DTbj|2L~A5W)c#mVHg1;-Zch&GrSJ{8M&()3dGj0=kDKcJy0TKloClWJ+Bt`T"
-    "pf4)_7idd>DVrxwQIX8--C;^`gVh<m{>QFFf2;b=N-4N5uc)<F5*$o#$i*xLAr!0vAV^OKI*bQNZHZ6=cmfOTt&c2o4)MyS("
-    "jV&jp(l5l|dIsvriWC)(_>9-KGa6dUV+uHu5Yi{UVg^34>xkhTZMVEnvMo-`(6n51Z~m78d<DETCAn8Sn4+`1=+`M}Hb?MCE"
-    "$@(Zatl`fpx|@C$$B^F5?lI5uvD3Iq8@h0YAWuqZ#gGFSWx^br*^g(m3FN5A}fatc)U`px0nqwjzC@!fy@`S|^ZkDq?}d~*8"
-    "bFMs{{m%qis(O6tuUM0VMom{8c^dEUq&Tek+?tkz0ws&@4?0x(4yUk7*Y2hFp!N#z+TTNmV@%0#ZVD#{DqTJbFp`T4QH&LwO"
-    "heSQZVY<J+4MXjw8#~^sSGy1S{{AjT8OS$!FCbz2A=%&G1AxiK-j1Juvhe`~u7e^Rg?qbw`JSLp1-|1~;LA<3<7y$qUTbpJo"
-    "?Nsik5IY*PDT9;VeUiO&+2f|YY3_8l9k>))IHTmlAyk)H5kGQ-P`q}T3k0iwH^yK>Xk)r83ba=KD(Tgci#4ixRfFZnr1mn<X"
-    "v*{K2DSAY$Ah?(y2Y$FP4C2{|-$8iMOceq7KhEk~M<ZT}Yw1)CdBf7dhp)!tnQQ2-&89rNIatEl(4hF&lFkDeNpgCm&B(irX"
-    "(<Y;2Su@Z<CLi)yIR?Onc{X))Ns%!tSFqzO>n(-TJ{pX(hOF!6Vg(Nw<s35MZNukccYu?`mz7Aj&#i5dDWgExh5ZK|y>Q!EA"
-    "!1~Q166i20_AdLw;Z^}{Wz4YW&lI11#Fi7OKR2*?lmz&$?&$nOfZQ|q3xpKVP%s028gMxchqAicr=@^%4Le|}V9nD$Bn5qlZ"
-    "73J%>hOvzz#S8Iq1bv*SK6cLj`}Nk};;rAiTgbT1JC{J~V&tOhm2I;=y%M=_Zt+jT604j-2UmPND$!_@q-5*i=!3Ac1b_O=l"
-    "A@ppInXqSuUo(S4m9sO&o-aIpUyL%zI+ot`_s|g6l7e7qyPd={gYps@kMCv>Gf`qq{ypRu_i@MddnYeZhG30?U7R1lS&m&Dh"
-    "1Pt+&V_~orZ2K+4t^4hWtGb-HiDA-b3L}bX158gpR%4jg5&?J^aE>LDOxBJQt@slsp%wyM^O|A~cu=#s)Z0yRCC=eTb}PZ$t"
-    "%pp^ILb9s)XG2rE{!7%DHJN?#zKDb_NSZ7&>=q3chb&i`_XY?hD2`*=EqdB$6yO0e3xPSW5v3SIYq0D=VFtp"
-)
-DROPZONE_CSS = (
-    "c-o~`-EONm5WYW8fld`EsX_`#NV=ev&I9b;th5(<>A*m&0!FrJ)1tiljtv1rAwN2bBH1v^?>C>vzuw?8<|G4Q6+{S{C$>CtR"
-    "wl>FnN_SHA(fxL6G%>S5i_3odX*9h|IN2faax==&TP3igxzsrXK|M7mPWf)dH&V8B~luJP4h?mxx*LJL{X*!l>Sawgd~NzyE"
-    "waJk5~9&JuZJ<MVu91EQe*gvYx90JK2JMVSfDs;}LKhpLDXT=*tdM8orT33RPHg!MI;AnoHmlQmC|%iy$UtDyQVs4x<z#F<h"
-    "Dy>C}ERU)7%bZgH{%!?IXBIgq)tRKL~hB4{GxB%-D8z2X#PG`EjHlcV%q533UtB#KlL*0||AEF|F)BGZ>DqM}I2r=O!tUpnF"
-    ">v5)K>c;gj*|CxfX{hAW(>ApZ@<#pmc0SPB*lawa8AA-t6kP)8H+}}WEIpZJc^`VrK<yFX1%p%Q?z^M#kmdke2&v3v>nbI8E"
-    "*9Q{5CD?>{<U5wrq*W)O&EL>|!Qq|4M}<*JidbwMm#pa3z)>}5!f<!EzGRr@$^-k5vhXb^n4prf+~<J(Lf>KBm|y4r3!5{7l"
-    "Ttq6m0HF$h09*QqnS#w5vp>4a63`(!F<o30ATqPMbQvgeeB#c6oDi(6&)u`f2)0Jb7}bY6vy$MpY?2Nf~a%Zn73AIVb!6IE7"
-    "WTa8Rm8bf&=83&`=0d90R_)H7cu1dec->OKmWMka41&#@K-?Z?7TXku3LQFUVOtfx+zGW7dsia?KwLjp`2?$)m#E3^9E&w=K"
-    "<JtGbYxx!GWDG}b#_nstaL2V{^^LV%rv&ZH2_sa`Wf(QBo@s+$Yh9XTNL2ex-p!2PC6p*Y9Gsrool3AVuW0G9cKlj1=QO^r}"
-    "PZXnt=lDhW1<>lYe_>kt;j<dY{QR-1Iawg}sD~raLp%vXL1>soq-%wsdSS{m}efW^3v=CGT?UN&oBFG=Kpj}?x4}-hYy&aO<"
-    "#yBJ$Yqf>!X6tGCv1pc5=q@%4wtUIwuQ&?@-zOKxyH>iIlsiTrVcwu=Grhj_klyqd=ldb@Knc2t?qD&U^D+$a1h$N|jh*;bk"
-    "sNhtH#Wiw%L5JV1AI~7^VNQ@sKniSOLs9Gey1$~=d4b<Ue#8*ar0h#m#Owj63jTRK+kZaITdVp#~u>(sn8MYrK+Cem=nhJ8B"
-    "SBHW;8{J_IlsW54PsU`pHD)dt|Cq=}&NRXVjK>Pwt9b2`ccX`k-zQ>TNrKdUu|P^^z$M5Dm>6mT=q;?-WglX?pWS*RwXuiWD"
-    "S_t8{{~L18N_AYvLNn)do0FZ%jBH132&^O)v%nAF#uD<v3-*qrf#F__%~l;X8}E)A~1D(h}ot<k4n-awb@%>v#W?6U_b=MuE"
-    "ults!&G#mhjuI^hhbb@Zco|(1OudUUlt)z{!{w<<>fP4n`q#MZA9~lQnUrAT(L4ipr+4*K0Hd@BO(L+y%`T9((Gizk};5s{J"
-    "H%Rttckpb@d*sR+pYX=|X(IyjLOFpXccb*z<mNh82ew}1K8Z1Iy!B!Dc-8y)GiWdRdKBEX4KRpMo7#<yL2V8+w#G#U0CXmzv"
-    "UiuDc1VTiA1}{OsI256{7s4iGx_g7fBlKskuUAlITT`*k-~a@`SCvscdB*"
+HASH_WASM_VERSION = "4.12.0"
+HASH_WASM_SOURCE = "npm hash-wasm@4.12.0 (github.com/Daninet/hash-wasm), tarball sha256 1db32a125fb46177932ec8ac438d3cd8214ebdfaccb5d6611b657d88eb586f92"
+HASH_WASM_LICENCE = "MIT; Copyright (c) 2020 Dani Biró"
+HASH_WASM_SHA256_JS = (
+    "c-qBWYg6LPw*J0<1!L{9;DuMYi#p7l?pz>Tq5)BKYHFX5gb;}dLXeB&e?Mz=cMzS+Yxb8jRZNmjXZ2dox^}1I@n4_*mHI0+F"
+    "&C4+SLWg&m7YY=Y;kscyjrb}g4x6U;>Zdgj%TJdHC^X;*D-^SrL9a#HUlq3y?KZY|Kod>6D*umSG$7i<A43@(|8$JkrxJOlG"
+    "8HJ2jS@6v7&=|J=)BiaGY}1vv3|Q4i68Of$faFz_AZL#Wx>9d+9r0wY2D!IXj5Sy;9&$9Uk)Ik@;YM<)`Uy2jaPd?=be6mQI"
+    "uUuZD5`aAf*d6L0bL_4JJV__1*OapnkRMv?1eclzVU^GoI>9YMcb`c*=ZZwbOLqPYh$o<EuMl$LYr&w=^ioE<DCX0cK|$k}F"
+    "Oo*j^ex*Zt`fqzsndM+XA@h$vF16mqH8kcH>tlTCc3MGaH=L3ZpibUMo3lh|*F_v1?h>nQ@oynqU5w|hAxsFDqR)x6aq7U><"
+    "^|X06>`C^`-NW4wXb@k!9qQpQ?=Q`vL5LCY>%#TwuA%1d3?fO>$;2v7#=QrBd3&=WloZ4>wr{I?{&v{&2^qxn<=dO}y?wKu*"
+    "o^_9?(FJXQ3t*2)2sgVOeHI&9VlUw8kD+Z+6h2j!=Mt8EqSF)DV)=$qPQBNv`o~7=8}=_c0$ikDS=0WtQoAI`d7!J%CYgd+}"
+    "<B=dg00Cs<;9P>7qokQi~ug^Tv&PSsjPr&7w-EbX@IMyzWh}7`8{_4Zyjz<RTwW@=xZnTe%4Q&@LHIorh)i;(m5q3}(X`r+F"
+    "%9M&79(-q*s;O;!iix9zb}h~)X=BsvBpNBZhg^9-ePveG0nEH}n^l#R?t4W937R3lO}7IKm)kqpuz8fgT^)#+MuHJ$0LugEe"
+    "{I%G=eihxWH3lGqNeuhhw=}2>RRW_hKugF$kQ8m({F3>YQr2%72h>J9JN|mV&Mj#vG6@h+Deou#cw?H%W$Ogv0B`wp-6C#I%"
+    "^)=K-M$hmcJ75YIE@8BwKd7o9NjG5x22&-3k8gTNqq|R|iO<sp(4Sg5A&ZViu908akVpgWar$JRev6Wua6&wy8pG2^%^is6h"
+    "|6RcGzeg70Kd?;H`feo2b}Pk)j|Tg#IOkI8^A*z_*xSgc?K(e)Qm1*rV`Tw^sY`jz(+>{Iz8yi@R%w@GX}^T$N@UK0XYGeJ$"
+    "WRCi2+t90e^VzUen{1y6&&?L|QF6;kHbB!&3_PNt<Xj%~ffm3AzHlk6nFj7?Zr^5wNpK(YTefq@=(-<<<^b8`gJd;q`@G>f%"
+    "wh12{^qbRlVy(VOHMUYBLr8Yr6G1U{y4oO0TDuhG2QSe^zvv+-T94?ceW&G_=0@$>QcJvKg7`1o+#jo*|snUAl(9Y4Q6z8;U"
+    "Sit&|X<KOY|r(*o+>-Z$u_)RhXG}-tQW{+~oLR@vGgQ?QC10D1XKSDw>aXkt3C6N|?UZqmAx6z0X$2-njAMW)gMJv!eX{y}W"
+    "8`3t6O37kJy$DC-ZJ@b6<4t;N8?Albq@8U<kKA972a<>fSz$bM1rOal9=geRDDd&`6ONDZ0(2-zT8rz@f1^Wbu&+Zu*5Rem^"
+    "Gg~zrE*|z@kmN{aJ=I@c**pjG(z;JOTYnquYfqfaaOd7A=1J2mS}Iq?Fw)2iT2*EeahPVqP@RsFLF6`NgFUZY444ks<J01+!"
+    "JzMGdbxsmlKX$&dQ@kg}%L&M-(P2c`Ga3mzBh_s@&#oguZWtz76n+9{e<p>qOu>5##k>EFXT?+y_Mrq9O)Ks6&W{Ql8Q72-+"
+    "P%y9;!$;iq%j1wp$YXhR&Qs5hPaR$lm4Uij9e$JzlO)(%I}Zu550U)}Yeu=a-N-`Mr{dHX=L590P2Zx=q@h<$nz@peJKv7^6"
+    "c7&Jv3Y{qer<0=W+B_TV?eG9(}E_+4DUg5H%+|-62Wi%B*QxP;JuuBzwN}k!&m9VL+*ruA?25r%9@7lQyI-=d#wHFz!J5H-2"
+    "XfZyKN15}e3m$c$AIM`AbWcwi9!-HqGseTCXp5YG5t|hen^hQ(jX7Xr_QaSyG3EfqbWDsVY+PTA>x*%LHiei%*L+-|&t|MoP"
+    "i5_z(5Dvb)8jE(6Z+I*eR|x!G{L{N;~#9BMvQ;Z@rBSe<G%@ZtpWcHu3J;^Zwmfx;N64Y9rsbeKNb8_pe-SG6HZ&`wjp$@0P"
+    "QB~m+NCFXb%N#^u-bU2Ap<J(C!IrP#-g(Pq|D28*PWpHEVAPY+5^P?s&VvrnSR{`%+6_)7oLfeW@+zw|DfpFSP~z_KrUHrM9"
+    "5o-qGjywgtZJ7+)^?SjavWvZLGq+6I?h_zaDG2IWS-DR4g&v8X9xQ3K*o3x5jpfvNC;Y3u_X-o6m+i(NbSrAV|#yY>f0>yFc"
+    "^2wIF!<k4k3q8^Y(IC37>z$4TPQib8s5qNZVctFgPbjH6XFwq1iEf^2S)VR%gVoXnr>BE>2{3d){RgA0haV79Y3CHHKt1a}|"
+    "j`exZ?WHU9*^Tvi&wZ&Y^x2K|dCz^REBNom{NJN(&$v#7&$orocL4h?@ZaV>KNI}V1pf=*eGR{m^Dpv@B=U>|z9^#%Hly7V*"
+    "t7&T=!<RmwKz5pg7$-;jlTE@KcCYUIa3lj6Mazvzma$x>j-Q*J8XEK(FHd84jb-Ey1+)?VZ(h%7ue`KY`8D!g1)|^&wc4a(7"
+    ")Kx=e~3y=wIyUhwg<$@|sk3I}({_bm2DoIA1Aa?G5!==N9HV-bG$90gDr(ca2z_7=~T4^6dT;?_V}%6zh&M%=@(a0y{6U^U7"
+    "9}qqQa%wt!jFoHlMtRd0avG0LAGu;;-CV7`Jm`~-3~=%?(;po7akX<!|V*B2$IS>y`RfjVPW!rDU}Vl0QmR<gH1yXV=(76n="
+    "c=iNZs#!cwSIA4{cEz~F{;BPL}qb93IxjbDaPjN=K$BsM?pw6APm<(H#VT!eP-bES~*6K~H!yzsNmMagGYs3?dO}nH&8s<%@"
+    "P%C6jucg3zE+h*N=h-;lyVMBKXkvZ2Mj0--45vbdQz1ihG|`{h1Z3#-Db<uNj<@DVmC4$KaiJEwV)YB^w}kvaes>{Wxo{){h"
+    "Mfep5R3!!R`68<yl#k&{L4eupYabmVEn_8^FMCfue&vvJ85k;FK>2T1D>IPxiw_-AqQ}47(E?vgZcfegm@aDPZ@Q}=G&);^C"
+    "h-Zj<X_gR$`oI+AupEf}gkx#I=EQ0eGehwe_0mqgMfJ)>J7WHft(@kC{Ln_|iF+hD*^Ni2Wxlub;-vTjv4nK_WWhj`X=6R8|"
+    "`{xel*{4mp-ePhiO~QxG%S`~zlp_t(LKo`TLL#7qX9<R-&R{}X1t8-W?bG8KKp!xc1$*~E3hKU~^>hvk4_sR}IB7)y6#>OR&"
+    "_t{Y>i|1*}P{fgz_16Ve)Ud^1~I*sflz>-A!SgH)mKiQvkd9pBFv_B&WmPzgJv@@^x2KdV4HUVZk`@^*b%I7PZ3-QKPVLWJ4"
+    "-`S<gvAh;oUdMKsEgwHN9OQSC1WU;EF6#LfZDY?a?>LrIf#o!gMUGz6D;3~Z(TK9clJq&2Fc)>$T$E!;V=QG{i+f-(vjIFKm"
+    "g=8k=IKS}>AtzfbuyO#E&@yN1$E8lC=AP%z_JzFAIt?c8S&J}%B2BfcDLp8w;7wiam)%aW;CBIPRGEPBw>DP;hX`U0XYJd%_"
+    "CS`%!{~~7ntGPhhbJ@^8}^OV&Z_u#HmZ6hLD90Q2$I$p6f1!oR_hjlkm85JghMM0Ye#OgJ-}F^fkke$*BrC)mTpOYg`M{S{k"
+    "Wg>;;}#E^Ki*eIchG%h_0#M_JNf_#=iW+ZyeR3{{37lXEKMoW{1%<Lg5c#g)+ZG0rpjRc0HC$Wuz3r>w2Kcq9_XA2EdAP+@D"
+    "0%r^4OHe_KNa%>wAt2~&4d#Xfwz%ydj!giJ0#z0^;h%q}k^`<AQ7Q;UQW}3ik2<KNY9|1XBSAjUGc(^`Hh8i_o1+k<m_8&4V"
+    "sm-y3qlj6Lp53{^TBDH&%R7#xJ9Sl%1+i3_pZN?+Nnk0(SlZjG)pCF_Ymfv>j8}*y*klWMMl6RGpU0YP9?P-p#aI?+&4*}(G"
+    "0RGVr7p1SYZPpQ*`JT?eU4d6VAhK5uOB`I)B(O4{Un&33j0HwE3<iLgRk}2d>+|F-SrSl1>--}xm}9*uf*}+DR$R2wF>;2Nw"
+    "91PEW!4{URsD{AKN94WlLb$im}{uvoM*1+%$2MU^x(2_AquR80V>u?LCgADzH>zEStyKVbv)zfB86;xK_ik)G%JP5HpEk*5a"
+    "6nIIqNUeta=>J9Z8IB@t%AmvPNdlSm)ruz+_Mr{+rNYa4t+q#~9*i?8XJY)yw_c@<;1uC|@|5Nh_xGzpgGE-s>NVEhNY{UI*"
+    ")){oO7w+qA%<ic7U^UaW9=dg7#E~E6uE{d^_=_t$9pM0!x+Mb5^P6h1(<pBOIHXmxO8Fow-UC5&E+Xel&k2O@^-kf5N1-n3;"
+    "&=%I1qe)3+7%{sL`JW8-?E+%ygwIi19@Ck}bS4cF>1^5UENZxxkFkX3Z21E@`%dKSkLs*eJZa8Y{Ou>n*)yKAc`mzRG2>6U?"
+    "C!!Wx27t$4a5-XE8G_UQ0Fk)03Bdl+RtU+S0-Cq=a}_l%nBFg>=APV+Q!E*8wkv<a6N*pr%MLQWvva%We~5l{akj%ZAKS1qs"
+    "KOL;+x)<@>r4pOIy@GQ)U|s%is^W%&hjka;3~;Ndhcy1ePE4vxyyO(~{3)#>cTV1(qN6vq^rOy~g<;<e~(ai8>o|nG~{I*6F"
+    "icHcOPttfy|(qL|BWlVGU|yZmS_tF_GKG=O?`VkE(GD6srsE^FL}CykRa@CG$e0xW%j<p*=wU0`g=YnV%GcZuvz%vms(b$Kp"
+    "(;&E}2C@#*l?KEm)E(?=jd7CUQHq`2g=Z=f4E=_=CFIik1%j7ZaQeKxPu)kumxaf!Nt1Zi!|5Yxz(qxFKvc~*O=YF<M<Y%|{"
+    "x23T{xy>Y~e;$(6jN6OqWXbYxn553RO;$5D3R$b|lVZX-3+*MV8Alg)wXQ2CowG385H(|mzpq$`_3?#R9}hvcJp8tXaaz)3o"
+    "ysVmjI|QZ?;)>X4wNmH1G|ZGV6$Dg=oDE!u}M-l`MhrWXb!ZpgWBmz<@S`I)_h1-Yt~M)m6dVF?djvS=54ZCv$>p%s#B~Rnu"
+    "%)7o~Si-_I?T9lXS#8n2vY{(?);A+{oX-M8XatVFxqdslevuXa_JSm&M#%*uj9e_e6UyZolRBF=h4vwN4WIcv{bfD#|J)nY+"
+    "?xw|4TzK7LzoUadm&4r`>*e>LC2xVmp2zlp1$VyhBN{@Z!gM=`4&A1_rl-}jPWwicKf?qwq^l4YOmN7Uq65?gMeEq~l5QBMi"
+    "{@rLgy{2(ugTg$w^l?rSRCc$@4Py8L9*#9Gm{XY`$A=~Vo`>*$axUucN$t%BGBdeYUGz?~3&uAYvh$r9QsVOYi$GUF`-M6?5"
+    "zL3G+&#4q;$j35xWW{8V#k*r!ygQao`P@L}@6s>C`^Ag+{UZ7x#21v|pX-cqv+`u0@Hqp<jMk&>b}Y6(R-!WMRf=_nx#^#4k"
+    "0M!Yggq_r9Vy0_yofJ(5nomyZyDnuk0TQiM<ybU5S(wZ7^ybdUZ+3B$W6_<*<x)Av0FBA{K(_u<GxZ})3iQN)AZQ0_|DH*Zm"
+    "6p%<CU7_?*Z9<TVfckBJjJ$eU>EXiG8vf(A7fXQi}V4LB71^(!4P|-CBbN0nCWq>=uC&wm+9l3EQ8^_LqwD-U|1Rf^Owo=?Q"
+    "2`d9g<|kNZirE-@C^Pw%;TivGp+x4O{gDKhTsrQrJ})KeDlh<j0)|2Loy^QTr`>_wdr1NZByY#bt?-XKpH3hrq=#yzcKKdWR"
+    "6{YS9xme?08*^)xpUf4n77VP2?W-2AP!fWH*wf63syuDUjv~lBV(qv;X`EVb$LfXb9%Iwj$g?rUTY_FOTA@Agv*lP>l8ynZJ"
+    "doFR0jKcR7>TbKn?Ug9Tq^Qj{8sYl{>D#@Y`}^nM9@{?${<cJaLyUSD?<sqCT)}t8F6Dbal{b4E$(y~OJ09>|x{!r*T$Cljp"
+    "1WPlVD=VmxV<Hip(OUYBk#rJyx;EeK1j@a)ZgP>O3ZtHkN0hI-n)CeYl(Sh{@&ueFWLKkX}6!7aDQ>xzDAX9n7{A#a#OySo8"
+    ">aX_j1!Wd$}oGV~mihUB(~tgPPEDZ%s9%;SkybpJ;4vrK<RTU{*PPnAJx4>2WbT&bQ}_@^NiyUTkan0{Btzy8u^wzp(a0IU7"
+    "{l>iohb##45>yuDYa_M`Mrf?VFiZw+`XG-gh9Rlc~IRm`TH?`$gbr~9xvKAlysj|EMG)9l<n-I>~PTPi%=-$|9)Cdlg}qk3|"
+    "20`ZOFcMgaH#8yN|K{*Ng_QLJZCVpx{>IXUeh~?~{W)*6-eOf+vIgdYJNm2YrC+Fs9=6UW!%XyFroK@QW@gwclFX!Qdw{S9<"
+    "^y>#NO3uhU@1C~s1DI&OdG^xuC~(#hTxVV^GqNUl$AJG{UUt3h{oc`J9<Kh_-NQEaLCrZivctgns-(%$lj$#=%voBii}Re8@"
+    "`6QV1{V9U=c{%G5~SSpn~!uzTFbm-G8q`w3DQ>1&b)Z(G_BJkb2jrg2*Qsa-@Zc!CPfB2zx?9MqyBO>n>&kzV=MD{I6pjm*K"
+    "lt6=3<djo~;mgnlG&=oTowPiMKd<SVqn|2K5LY3jHT1oq6#?YYKgQCrXieI#d7h{BkaIvG?5TDVHIQJyB9Y5TVTE_8S1AFVC"
+    "c|p(wVun8h#)+LV9G^b~q_Djy$qp#23LF&R=?ed9U4&3WOxo}&^48GiG<R0JU$dx7cun`aG#L?&K1K_kHzS-<LupJ;u>|9*L"
+    "Q<pp-Q`pOSyoK()L2TR}oRIdXj#t~hP$Id)+c*uo@W(}<ddgN@leFYYv1XgG}^RI~Kn-<pXeBVa#8#j(cx==YJnQWST`BMD>"
+    "|CJ7Fna`igKd@bcb`9G#-Y&2R>Ide*ku@>r5>O{mI-mKwkk5tngZ#VZ*D+1*vfN^5J%2t18^d!2&Xv#ZxsuKDn{HkErhNbM<"
+    "xBaTe52Xy_qzM#^sAc<&fIL6bL+?#bjbaD^F?U4AI-hMJsN|0CBcpG7zP)K<#1wvt*->E&Ksu>7VObi*CDS4Wif&v#=$Zg*A"
+    "6o0uc0S3@PepD=5uqC){aI@Q#m-<M9#%{yl^78@SVVoCg8#2v~}byxH{4Pe@%wOWXL`l5|cRxGOQz~0|c)<XO)~BUUURW7Tn"
+    "l_EGncAv;bli7#n^Fm_k549b{h4eh-xx+CFla*#S5Ie{AOT`T?Pmtf-Bq)@paU`o*Qu>t7A7Z-%#b=EwpcbSK{Z)PD%V+2ec"
+    ">EuU8F%{E^smdcgtN$oUye30AJ-!WLMR5Lr%C1ASbvo3UUPQZdU-}HSCAerxV^6CWGu(PNANRQOCde@95M`J$(@<%6?zh0Hi"
+    "A93q(i!i-|I-p-C-`u|o-wzMd+TZm;?zOELw?Tx}USO2mD}fw+FPN4&kG(M#PlIy}JX6co%Q4$-ee;d%OQ>bO=Zv2kvju3je"
+    "r_&8v;A{(Df9iDf=}1o&!3Aw3~>FNk_BN{8wMhSg(U0Cm*W17(xC<I)gRT;q0QRk06>L<OZ7svR4eCXCasd2vt!qsy{hDKKN"
+    "fx<z3>Rd;)uczM*UL(?R+n;?|kCM84*ac4<mn*`N?kgZl=6NDhQ+00upmLj~pAS1D3l|PVnT-!{EUQA~0)V306JMqcYe$b1C"
+    ";od_#Qn;5>x$jc}yQk?TaL=2CI5OaF>oDgWtfcS`P4J_8z&k9N71rRaag0R;Xu$M1~6XYsS)%&TF8l^>xmqQULSh~H<=Jl{c"
+    "6n;(H+izgu|yu3}?b7VTEd+v(XeNw!3iaav{ayk6QIl~HxdYUk$U_AnQ$>&~WZbCKrA1(0E2VWppi7@ub_*pT_nT>=qDGMqA"
+    "(8b6BmvBHO@Nfo{kj7_Y4?%AMH`%#ni~|K{TP#N=_pY3ll``l_H1<G+K|nL_Ssd`e=`LZsWYVlo!jSep8vUhZAVz@+)1BDAk"
+    ";(R4XA%8gCgA{R%<nl;u_8iF4@Ph{->?Al75K-G=+k-pWZg{bIR#E$a*qh?&$;1ijL+wC{<M0wAJIQcEb?sYkLQb($I3mf`D"
+    "e>qI0xq34TIvr8M|0m^UW+eINLG@_>?~%%^h=k&hCwTbLtdFq9?yvu&(Ig^)K4zdZkc2Jbc8w^!~ZhUdKGhr~TY-y~YViwJZ"
+    "kUm!&sXg<?%yTXPG03O;v%iCOXoJq)Ka-16<%?@9fgY8p-?3JHku_20yRbLFRCpCdVm`3yYw49?bN{m+mwCAXS;krTH7B=tP"
+    "n6}MNylnhTOd?fbBZrt1=Ce`=04yzR2G2GwpfB?sy{|CY7#|5KMW1@SbS)T<t?#O3hj$8lPCbux39LDqS`~*8NF9}j%0D*br"
+    "#2#agBWErgCS?XY7m7XW;7`KzBNkCW77PAYekT!x;&&2(SHUzFBHO$6a+dC#_U)gph!b^Oa(?+z*rjwVyeXt~ip6%^k$(PMz"
+    "*75r-Gl0NFEP7dRBx^!twTIY2RZ&1CV(ww6n3r*r!P4_H0?7@V4Hq3!+qsE^E2l79AFBFI99X(Z1=jSTqkhmCZ@#ECdIY0Lz"
+    "?~pX@wze*UMQ2(EFVQ0jDueFb}YQ;_ZK_X{Q!QGR1qP(wt4;=ikrvOA6!IBA0R@dH?%4CiRl}Usn3Q`=cUQ48INr!8?xeT#u"
+    "h#_2hz{+|Tj-bN5wU6l)|_Z)o4#??477bNf01TX}npI@=8(;?So&)Pqcgpx|AS%7Yqzp&gvk3J6x_B8AZ*ast!_D9Q^ktDBK"
+    "G@*VcqSyJA^%y+O{G1($Stg5iSH&Qus{?43(9L*^iW=&xRORD@!4*bqq`sl#B1P6Ea^V}A1yv`+1_z(--P5NNstPgU=Yr({V"
+    "jp)cjne|iZmEr+mh8EY!KqL2>-B3cFwazrQI>5<qd40+9n94Xj2PHu2h@5_tz?|W=*x!|!k7+koDvGroR#A{67F^gABaS4`E"
+    "RtcsO7GnUUgFs1vOA(;aoHUa?7$JB4&%WIT6d8T$`a;9++F$e%mew;BU~+E;k#NEq}WxdxLe?1i!)$m{13&vnaF@vP<+UsYU"
+    "UTw2^RnouH;Zr{t>Z^1CGrb9@9wfd`AxMAYbWiZXZ}cA+6T6oO-k~Ctw6Ygnw*FD2Dpy9x?6r>qOe#^50Kg@XrRZB|%{3{9p"
+    "eEnXRDG"
 )
 FAVICON_PNG = (
     "c-rd>@N?(olHy`uVBq!ia0vp^3LwnE1|*BCs=ffJa!(h>kcwMxuRC%bP~c%XuxEk(w>R5w&tAbIo$8x)vq8Pnx<gJW=<3u@Z"
@@ -6282,129 +8090,897 @@ FAVICON_PNG = (
 )
 # <<< vendored assets
 
+# The hashing worker (pyfiledrop's own code; hash-wasm, vendored above, does the hashing).
+HASHER_WORKER_JS = r"""// pyfiledrop's hashing worker.  A "parts" job: the upload's id from a few sampled blocks, then each part's
+// sha256, in order; a "whole" job: the whole file's sha256 (the page runs the two in two workers, so the part
+// hashes that sending waits for get a core of their own).  hash-wasm (MIT) does the hashing: the page may be
+// on plain HTTP, where browsers offer no crypto.subtle.
+"use strict";
+importScripts("{{hash_wasm}}");
+var SAMPLE = 64 * 1024, BLOCK = 8 * 1024 * 1024;
+var idQueue = [], hashQueue = [], running = false, cancelled = {};
+var hashers = Promise.all([hashwasm.createSHA256(), hashwasm.createSHA256()]);
+
+function read(file, start, end) {
+  return file.slice(start, end).arrayBuffer().then(function (buffer) { return new Uint8Array(buffer); });
+}
+function post(job, kind, value, index) {
+  postMessage({ job: job.job, kind: kind, value: value, index: index });
+}
+function label(job) {
+  return "pyfiledrop-1|" + job.file.size + "|" + job.path + "|" + job.file.lastModified + "|" + job.partSize + "|";
+}
+
+// Who the file is, without reading it all: its size, name, time and part size, and three sampled blocks.
+function fingerprint(job, hasher) {
+  var file = job.file, size = file.size, middle = Math.max(0, Math.floor(size / 2) - SAMPLE / 2);
+  var blocks = [[0, SAMPLE], [middle, middle + SAMPLE], [Math.max(0, size - SAMPLE), size]];
+  hasher.init();
+  hasher.update(label(job));
+  return blocks.reduce(function (done, block) {
+    return done.then(function () { return read(file, block[0], Math.min(size, block[1])); })
+      .then(function (bytes) { hasher.update(bytes); });
+  }, Promise.resolve()).then(function () { return hasher.digest("hex"); });
+}
+
+// A file of one part under 64 KiB is read once, for its id, its part and its whole hash.
+function smallFile(job, hasher) {
+  return read(job.file, 0, job.file.size).then(function (bytes) {
+    hasher.init();
+    hasher.update(bytes);
+    var whole = hasher.digest("hex");
+    hasher.init();
+    hasher.update(label(job));
+    hasher.update(bytes);
+    post(job, "id", hasher.digest("hex"));
+    post(job, "part", whole, 0);
+    post(job, "whole", whole);
+    post(job, "done");
+  });
+}
+
+// Ids first: a file waits for its id before anything of it is sent, and the id is quick to make.
+function drainIds() {
+  if (!idQueue.length) return Promise.resolve();
+  var job = idQueue.shift();
+  return hashers.then(function (pair) {
+    if (job.small) return smallFile(job, pair[1]);
+    return fingerprint(job, pair[1]).then(function (id) { post(job, "id", id); });
+  }).catch(function (e) { fail(job, e); }).then(drainIds);
+}
+
+function eachBlock(job, size, hasher, each) {
+  var file = job.file, count = Math.max(1, Math.ceil(file.size / size)), index = 0;
+  function next() {
+    if (cancelled[job.job] || index >= count) return null;
+    var start = index * size;
+    return drainIds().then(function () { return read(file, start, Math.min(file.size, start + size)); })
+      .then(function (bytes) { each(bytes, index); index += 1; return next(); });
+  }
+  return next();
+}
+
+function hashParts(job, hasher) {
+  return eachBlock(job, job.partSize, hasher, function (bytes, index) {
+    hasher.init();
+    hasher.update(bytes);
+    post(job, "part", hasher.digest("hex"), index);
+  });
+}
+
+function hashWhole(job, hasher) {
+  hasher.init();
+  return eachBlock(job, BLOCK, hasher, function (bytes) { hasher.update(bytes); }).then(function () {
+    if (!cancelled[job.job]) post(job, "whole", hasher.digest("hex"));
+  });
+}
+
+function fail(job, error) {
+  post(job, "error", String((error && error.message) || error));
+}
+
+function pump() {
+  if (running) return;
+  running = true;
+  drainIds().then(function () {
+    var job = hashQueue.shift();
+    if (!job) return null;
+    return hashers.then(function (pair) { return (job.mode === "whole" ? hashWhole : hashParts)(job, pair[0]); })
+      .then(function () { if (!cancelled[job.job]) post(job, "done"); }, function (e) { fail(job, e); })
+      .then(function () { delete cancelled[job.job]; });
+  }).then(function () {
+    running = false;
+    if (idQueue.length || hashQueue.length) pump();
+  });
+}
+
+onmessage = function (event) {
+  var job = event.data;
+  if (job.cancel) { cancelled[job.cancel] = true; return; }
+  job.small = job.mode === "parts" && job.file.size <= job.partSize && job.file.size <= SAMPLE;
+  if (job.mode === "parts") idQueue.push(job);
+  if (!job.small) hashQueue.push(job);
+  pump();
+};
+"""
+
 INDEX_HTML = r"""<!doctype html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="color-scheme" content="light dark">
 <title>pyfiledrop</title>
 <link rel="icon" type="image/png" href="/favicon.ico">
-<link rel="stylesheet" href="{{dropzone_css}}">
-<script src="{{dropzone_js}}"></script>
 <script id="pyfiledrop-config" type="application/json">{{config_json}}</script>
 <style>
-  :root { --accent: #0e7c86; --bad: #b3261e; --fg: #1b1f23; --muted: #5f6b76; --line: #d6dde3; }
+  :root { --accent: #0e7c86; --bad: #b3261e; --good: #2e7d32; --fg: #1b1f23; --muted: #5f6b76; --line: #d6dde3;
+          --bg: #f6f8fa; --card: #fff; --soft: #e6f4f5; --badbg: #fdf3f2; }
+  @media (prefers-color-scheme: dark) {
+    :root { --accent: #4fc3cf; --bad: #ff8a80; --good: #81c784; --fg: #e6e9ec; --muted: #a0abb5; --line: #3a434c;
+            --bg: #15191d; --card: #1e2428; --soft: #1d3336; --badbg: #3a2220; }
+  }
   * { box-sizing: border-box; }
   body { margin: 0; font: 16px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: var(--fg);
-         background: #f6f8fa; }
+         background: var(--bg); }
   main { max-width: 820px; margin: 0 auto; padding: 16px; }
   h1 { font-size: 1.4rem; margin: 8px 0 4px; }
-  h2 { font-size: 1.15rem; margin: 24px 0 8px; display: flex; align-items: center; gap: 12px; }
+  h2 { font-size: 1.15rem; margin: 24px 0 8px; display: flex; align-items: center; gap: 12px; flex-wrap: wrap; }
   .hint { color: var(--muted); margin: 0 0 12px; font-size: .95rem; }
-  #dropper.dropzone { min-height: 180px; border: 3px dashed var(--accent); border-radius: 14px; background: #fff;
-         padding: 12px; cursor: pointer; }
-  #dropper.dropzone:focus-visible { outline: 4px solid #ffbf47; outline-offset: 2px; }
-  #dropper.dz-drag-hover { background: #e6f4f5; }
-  #dropper .dz-message { margin: 2.2em 0; font-size: 1.15rem; text-align: center; }
-  #dropper.dz-started .dz-message { display: block; margin: .6em 0 1em; }  /* still the tap target for more */
-  #dropper .dz-message button { font: inherit; border: 0; background: none; color: var(--accent); padding: 0; }
-  #dropper .dz-message strong { display: block; font-size: 1.3rem; }
-  #dropper .dz-preview { display: block; margin: 8px 0; min-height: 0; width: auto; }
-  #dropper .dz-preview.dz-image-preview { background: none; }
-  .pf-file { border: 1px solid var(--line); border-radius: 10px; padding: 10px 12px; background: #fbfcfd;
-         cursor: default; }
-  .pf-row { display: flex; justify-content: space-between; gap: 12px; flex-wrap: wrap; }
-  .pf-name { font-weight: 600; overflow-wrap: anywhere; min-width: 0; }
+  #dropper { border: 3px dashed var(--accent); border-radius: 14px; background: var(--card); padding: 24px 12px;
+             text-align: center; }
+  #dropper.pf-hover { background: var(--soft); }
+  #dropper p { margin: 0 0 12px; font-size: 1.15rem; }
+  button { font: inherit; font-size: .95rem; padding: 8px 16px; border-radius: 8px; border: 1px solid var(--line);
+           background: var(--card); color: var(--fg); cursor: pointer; min-height: 44px; }
+  button.pf-main { background: var(--accent); color: var(--card); border-color: var(--accent); font-weight: 600; }
+  button:focus-visible { outline: 3px solid #ffbf47; outline-offset: 2px; }
+  .pf-inputs { position: absolute; width: 1px; height: 1px; overflow: hidden; clip-path: inset(50%); }
+  #overall { min-height: 1.5em; margin: 12px 0 4px; font-variant-numeric: tabular-nums; }
+  #connection { color: var(--bad); font-weight: 600; margin: 4px 0; }
+  #connection:empty, #notice:empty { display: none; }
+  .pf-tools { display: flex; gap: 8px; flex-wrap: wrap; }
+  .pf-center { justify-content: center; }
+  #queue { list-style: none; padding: 0; margin: 8px 0 0; }
+  .pf-file { display: grid; grid-template-columns: minmax(0, 1fr) auto; gap: 2px 12px; padding: 8px 10px;
+             border: 1px solid var(--line); border-radius: 10px; background: var(--card); margin: 6px 0; }
+  .pf-file .pf-name { font-weight: 600; overflow-wrap: anywhere; min-width: 0; }
+  .pf-file progress { grid-column: 1 / -1; width: 100%; height: 8px; accent-color: var(--accent); }
+  .pf-file .pf-status { overflow-wrap: anywhere; min-width: 0; }
+  .pf-file .pf-action { grid-row: 1; grid-column: 2; min-height: 36px; padding: 4px 12px; }
+  .pf-file .pf-error { grid-column: 1 / -1; color: var(--bad); font-weight: 600; overflow-wrap: anywhere; }
+  .pf-file .pf-error:empty { display: none; }
+  .pf-file.pf-failed { border-color: var(--bad); background: var(--badbg); }
+  .pf-file.pf-done progress { accent-color: var(--good); }
   .pf-meta { color: var(--muted); font-size: .9rem; font-variant-numeric: tabular-nums; }
-  .pf-bar { height: 8px; border-radius: 4px; background: #e4e9ee; overflow: hidden; margin: 8px 0 4px; }
-  .pf-bar > span { display: block; height: 100%; width: 0; background: var(--accent); }
-  .dz-success .pf-bar > span { background: #2e7d32; }
-  .dz-error .pf-file { border-color: var(--bad); background: #fdf3f2; }
-  .dz-error .pf-bar > span { background: var(--bad); }
-  .pf-error { color: var(--bad); font-weight: 600; }
-  .pf-error:empty { display: none; }
-  #overall { min-height: 1.5em; color: var(--muted); margin: 8px 0 0; font-variant-numeric: tabular-nums; }
+  #queue-more { color: var(--muted); }
   #uploaded { list-style: none; padding: 0; margin: 0; }
   #uploaded li { padding: 8px 0; border-bottom: 1px solid var(--line); display: flex; gap: 8px;
-         justify-content: space-between; flex-wrap: wrap; }
-  #uploaded li .pf-name { font-weight: 400; }
+                 justify-content: space-between; flex-wrap: wrap; }
+  #uploaded .pf-name { overflow-wrap: anywhere; min-width: 0; }
   #uploaded li.pf-gone .pf-name { text-decoration: line-through; color: var(--muted); }
   #uploaded a { color: var(--accent); }
-  button.pf-clear { font: inherit; font-size: .9rem; padding: 6px 14px; border-radius: 8px;
-         border: 1px solid var(--line); background: #fff; cursor: pointer; min-height: 40px; }
   .pf-empty { color: var(--muted); }
+  .pf-sr { position: absolute; width: 1px; height: 1px; overflow: hidden; clip-path: inset(50%); }
   footer { color: var(--muted); font-size: .8rem; margin: 32px 0 8px; }
 </style>
 </head>
 <body>
 <main>
   <h1>pyfiledrop</h1>
-  <h2 id="upload-heading">Upload new files</h2>
-  <p class="hint" id="limits"></p>
-  <div id="dropper" class="dropzone" role="button" tabindex="0" aria-labelledby="upload-heading"
-       aria-describedby="drop-instructions">
-    <div class="dz-message" id="drop-instructions"><strong>Drop files here</strong>or click / tap here to choose
-      files</div>
-  </div>
-  <p id="overall" role="status" aria-live="polite"></p>
-  <h2>Uploaded <button type="button" class="pf-clear" id="clear">Clear</button></h2>
-  <ul id="uploaded" aria-live="polite"></ul>
-  <p class="pf-empty" id="uploaded-empty">Nothing uploaded from this browser yet.</p>
+  <section aria-labelledby="upload-heading">
+    <h2 id="upload-heading">Upload new files</h2>
+    <p class="hint" id="limits"></p>
+    <div id="dropper">
+      <p>Drop files or folders here</p>
+      <div class="pf-tools pf-center">
+        <button type="button" class="pf-main" id="choose-files">Choose files</button>
+        <button type="button" id="choose-folder">Choose a folder</button>
+      </div>
+      <div class="pf-inputs">
+        <input type="file" id="file-input" multiple tabindex="-1" aria-label="Files to upload">
+        <input type="file" id="folder-input" webkitdirectory tabindex="-1" aria-label="A folder to upload">
+      </div>
+    </div>
+    <p id="overall"></p>
+    <p id="connection" role="alert"></p>
+    <p id="notice" class="hint" role="status"></p>
+    <p id="announce" class="pf-sr" role="status" aria-live="polite"></p>
+    <div class="pf-tools">
+      <button type="button" id="cancel-all" hidden>Cancel all</button>
+      <button type="button" id="retry-failed" hidden>Retry failed</button>
+    </div>
+    <ul id="queue" aria-label="Files in this upload"></ul>
+    <p id="queue-more"></p>
+  </section>
+  <section aria-labelledby="uploaded-heading">
+    <h2 id="uploaded-heading">Uploaded <button type="button" id="clear">Clear</button></h2>
+    <ul id="uploaded"></ul>
+    <p class="pf-empty" id="uploaded-empty">Nothing uploaded from this browser yet.</p>
+  </section>
   <footer>pyfiledrop {{version}}</footer>
 </main>
-<template id="preview-template">
-  <div class="dz-preview dz-file-preview">
-    <div class="pf-file">
-      <div class="pf-row"><span class="pf-name" data-dz-name></span><span class="pf-meta pf-size"></span></div>
-      <div class="pf-bar" role="progressbar" aria-valuemin="0" aria-valuemax="100" aria-valuenow="0"><span
-        data-dz-uploadprogress></span></div>
-      <div class="pf-row"><span class="pf-meta pf-status">Waiting…</span><span class="pf-meta pf-eta"></span></div>
-      <div class="pf-error" data-dz-errormessage role="alert"></div>
-    </div>
-  </div>
-</template>
 <script>
 (function () {
   "use strict";
   var cfg = JSON.parse(document.getElementById("pyfiledrop-config").textContent);
   var STORE_KEY = "pyfiledrop.uploaded.v1";
-  var listEl = document.getElementById("uploaded");
-  var emptyEl = document.getElementById("uploaded-empty");
-  var overallEl = document.getElementById("overall");
+  var MIB = 1024 * 1024;
+  var SLOTS = cfg.parallel;           // requests at once (6: every connection a browser opens to one host)
+  var GIVE_UP_MS = 15 * 60 * 1000;    // a file fails after this long without a part getting through
+  var SHOWN_ROWS = 60;                // rows in the list of files in progress; the rest are counted
+  var $ = function (id) { return document.getElementById(id); };
 
+  // ---- numbers as people read them ----
+  // Powers of 1024 with at most 4 significant digits, as the console prints them ("5 MiB", "976.6 KiB").
   function human(bytes) {
-    var units = ["B", "KB", "MB", "GB", "TB"], i = 0;
-    while (bytes >= 1000 && i < units.length - 1) { bytes /= 1000; i++; }
-    return (i === 0 ? bytes : bytes.toFixed(bytes < 10 ? 1 : 0)) + " " + units[i];
+    var units = ["B", "KiB", "MiB", "GiB", "TiB"], i = 0;
+    bytes = Math.max(0, bytes || 0);
+    while (bytes >= 1024 && i < units.length - 1) { bytes /= 1024; i++; }
+    return (i === 0 ? String(Math.round(bytes)) : String(Number(bytes.toPrecision(4)))) + " " + units[i];
   }
   function duration(seconds) {
     if (!isFinite(seconds) || seconds < 0) return "";
-    seconds = Math.round(seconds);
+    seconds = Math.max(1, Math.round(seconds));
     if (seconds < 60) return seconds + " s";
     if (seconds < 3600) return Math.floor(seconds / 60) + " min " + (seconds % 60) + " s";
     return Math.floor(seconds / 3600) + " h " + Math.floor((seconds % 3600) / 60) + " min";
   }
+  function count(n, one, many) { return n.toLocaleString("en") + " " + (n === 1 ? one : many); }
 
-  document.getElementById("limits").textContent =
-    "Up to " + human(cfg.maxFileSizeBytes) + " per file." +
-    (cfg.allowDownloads ? " Uploaded files can be downloaded again from this page." : "");
+  // Speed over the last few seconds of samples, so it is right at 100 KB/s and at 1 GB/s alike.
+  function Meter() { this.samples = []; }
+  Meter.prototype.add = function (total) {
+    var now = performance.now();
+    this.samples.push([now, total]);
+    while (this.samples.length > 2 && now - this.samples[0][0] > 5000) this.samples.shift();
+  };
+  Meter.prototype.speed = function () {
+    var s = this.samples;
+    if (s.length < 2) return 0;
+    var span = s[s.length - 1][0] - s[0][0];
+    return span >= 800 ? (s[s.length - 1][1] - s[0][1]) * 1000 / span : 0;
+  };
 
-  // ---- the "Uploaded" list: what the server confirmed, kept in this browser (per server) ----
+  // Parts: at most cfg.chunkSize, halved (to 1 MiB) until a file has 24 of them, so six are in flight and
+  // the end of a file never crawls on one connection.  Only the size decides it: a reload picks the same.
+  function partSizeFor(size) {
+    var part = cfg.chunkSize;
+    while (part > MIB && size < part * 24) part = Math.max(MIB, Math.ceil(part / 2));
+    return Math.min(part, Math.max(1, size));
+  }
+
+  // ---- hashing, in workers: a file's part hashes in one, its whole hash in the other ----
+  var workers = [], jobs = {}, nextJob = 1, SMALL = 64 * 1024;
+  function hashWorkers() {
+    while (workers.length < 2) {
+      var worker = new Worker(cfg.workerUrl);
+      worker.load = 0;
+      worker.onmessage = function (event) {
+        var job = jobs[event.data.job];
+        if (job) job.upload.hashed(event.data, job);
+      };
+      workers.push(worker);
+    }
+    return workers[0].load <= workers[1].load ? [workers[0], workers[1]] : [workers[1], workers[0]];
+  }
+  function startJob(upload, worker, mode) {
+    var job = { id: nextJob++, upload: upload, worker: worker, mode: mode };
+    jobs[job.id] = job;
+    upload.jobs.push(job);
+    worker.load += upload.size + 1;
+    worker.postMessage({ job: job.id, mode: mode, file: upload.file, path: upload.path, partSize: upload.partSize });
+  }
+  function startHashing(upload) {
+    var pair = hashWorkers();
+    upload.jobs = [];
+    startJob(upload, pair[0], "parts");
+    if (upload.size > upload.partSize || upload.size > SMALL) startJob(upload, pair[1], "whole");
+  }
+  function endJob(job, cancel) {
+    if (!jobs[job.id]) return;
+    delete jobs[job.id];
+    job.worker.load -= job.upload.size + 1;
+    if (cancel) job.worker.postMessage({ cancel: job.id });
+  }
+  function stopHashing(upload) {
+    (upload.jobs || []).forEach(function (job) { endJob(job, true); });
+  }
+
+  // ---- one file ----
+  var uploads = [], changed = true;
+  function Upload(file, path) {
+    this.file = file;
+    this.name = file.name;
+    this.path = path || file.name;
+    this.size = file.size;
+    this.partSize = partSizeFor(file.size);
+    this.parts = Math.max(1, Math.ceil(file.size / this.partSize));
+    this.state = "queued";     // queued, checking, sending, done, failed, cancelled
+    this.message = "";
+    this.reset();
+  }
+  Upload.prototype.reset = function () {
+    this.id = null;
+    this.hashes = [];
+    this.whole = null;
+    this.todo = null;          // part indexes still to send, in order
+    this.acked = 0;            // bytes the server confirmed
+    this.inFlight = {};        // index -> request
+    this.failures = 0;
+    this.lastGood = Date.now();
+    this.meter = new Meter();
+    this.result = null;
+    this.claimed = false;
+    this.sent = 0;             // bytes put on the wire, retries included
+    this.skipped = null;       // parts the server had, not yet checked against this file's part hashes
+    this.toVerify = {};
+    this.verifying = false;
+  };
+  Upload.prototype.active = function () { return this.state === "queued" || this.state === "checking" || this.state === "sending"; };
+  Upload.prototype.partLength = function (index) {
+    return Math.max(0, Math.min(this.partSize, this.size - index * this.partSize));
+  };
+  Upload.prototype.bytesDone = function () {
+    if (this.state === "done") return this.size;
+    var loaded = 0, flights = this.inFlight;
+    Object.keys(flights).forEach(function (k) { loaded += flights[k].loaded; });
+    return Math.min(this.size, this.acked + loaded);
+  };
+  Upload.prototype.hashed = function (message, job) {
+    if (message.kind === "done") return endJob(job, false);
+    if (message.kind === "id") {
+      this.id = (this.idPrefix || "pf-") + message.value.slice(0, 40);
+      statusQueue.push(this);
+      askStatusSoon();
+    } else if (message.kind === "part") {
+      this.hashes[message.index] = message.value;
+      verifySkipped(this, message.index);
+      schedule();
+    } else if (message.kind === "whole") {
+      this.whole = message.value;
+      this.wholeKnown();
+    } else {
+      this.fail("The browser could not read this file (" + message.value + ").");
+    }
+  };
+  Upload.prototype.wholeKnown = function () {
+    if (this.state === "done") return this.checkResult();
+    if (cfg.claims && this.parts > 1 && this.active() && !this.claimed) claimContent(this);
+  };
+  Upload.prototype.fail = function (message) {
+    if (!this.active()) return;
+    this.abortAll();
+    stopHashing(this);
+    this.state = "failed";
+    this.message = message;
+    finished(this);
+  };
+  Upload.prototype.abortAll = function () {
+    var flights = this.inFlight;
+    this.inFlight = {};
+    Object.keys(flights).forEach(function (k) { flights[k].xhr.abort(); });
+  };
+
+  // ---- talking to the server ----
+  // A browser opens six connections to a host and the parts may hold them all: a question to the server
+  // (status, "do you have this content?", cancel) takes one back from the part with the least progress
+  // (sent again later), and parts use five while it waits.
+  var asking = 0;
+  function postJson(path, body, patient) {   // patient: waits for the next free connection, takes none back
+    asking += 1;
+    if (busy >= SLOTS && !patient) preemptOne();
+    return rawPostJson(path, body).then(function (value) { asked(); return value; },
+                                        function (error) { asked(); throw error; });
+  }
+  function asked() { asking -= 1; schedule(); }
+  function preemptOne() {
+    var least = null;
+    uploads.forEach(function (u) {
+      Object.keys(u.inFlight).forEach(function (k) {
+        var flight = u.inFlight[k];
+        if (!least || flight.loaded < least.loaded) least = flight;
+      });
+    });
+    if (least) { least.preempted = true; least.xhr.abort(); }
+  }
+  // Behind --password a logged-in browser echoes its login's CSRF cookie (pyfiledrop_csrf) in X-CSRF-Token:
+  // another site can send the cookie but cannot read it.  A 401 means the login ended: the page shows the form.
+  function csrfHeaders(headers) {
+    var match = document.cookie.match(new RegExp("(?:^|;\\s*)" + cfg.csrfCookie + "=([^;]*)"));
+    if (match) headers[cfg.csrfHeader] = decodeURIComponent(match[1]);
+    return headers;
+  }
+  function loginEnded(status) {
+    if (status === 401) location.reload();
+    return status === 401;
+  }
+  function rawPostJson(path, body) {
+    return fetch(path, { method: "POST", cache: "no-store", body: JSON.stringify(body),
+                         headers: csrfHeaders({ "Content-Type": "application/json" }) }).then(function (response) {
+      if (loginEnded(response.status)) return new Promise(function () {});
+      if (response.ok) return response.json();
+      return response.text().then(function (text) {
+        var error = new Error(text.trim() || ("The server answered " + response.status + "."));
+        error.status = response.status;
+        throw error;
+      });
+    });
+  }
+
+  // What the server already has of each new upload: one request for many files (a 2,000-file drop asks twice).
+  var statusQueue = [], statusTimer = null;
+  function askStatusSoon() {
+    if (!statusTimer) statusTimer = setTimeout(askStatus, 30);
+  }
+  function askStatus() {
+    statusTimer = null;
+    var batch = statusQueue.splice(0, 1000).filter(function (u) { return u.active(); });
+    if (statusQueue.length) askStatusSoon();
+    if (!batch.length) return;
+    batch.forEach(function (u) { u.state = "checking"; });
+    postJson("/api/uploads/status", { ids: batch.map(function (u) { return u.id; }) }).then(function (reply) {
+      batch.forEach(function (u) { applyStatus(u, reply.uploads[u.id]); });
+      schedule();
+    }, function (error) {
+      if (error.status && error.status < 500) batch.forEach(function (u) { u.fail(error.message); });
+      else { link.down(); batch.forEach(function (u) { statusQueue.push(u); }); }
+    });
+  }
+  function applyStatus(upload, info) {
+    if (!upload.active() || !info) return;
+    if (info.complete) return upload.completed(info, true);
+    var missing = null;
+    if (!info.gone && info.missing_chunks) {
+      missing = info.missing_chunks.slice();
+      var last = missing.length ? missing[missing.length - 1] + 1 : upload.parts;
+      if (missing.length >= 1000) for (var i = last; i < upload.parts; i++) missing.push(i);
+    }
+    var todo = missing || range(upload.parts), inFlight = upload.inFlight, wanted = {};
+    todo.forEach(function (index) { wanted[index] = true; });
+    upload.todo = todo.filter(function (index) { return !inFlight[index]; });
+    upload.acked = 0;
+    upload.skipped = {};
+    for (var p = 0; p < upload.parts; p++) {
+      if (wanted[p] || inFlight[p]) continue;
+      upload.acked += upload.partLength(p);
+      upload.skipped[p] = true;
+      verifySkipped(upload, p);
+    }
+    upload.state = "sending";
+    changed = true;
+  }
+
+  // Parts the server already has are not sent again, but each is checked against this file's own part hash
+  // as soon as that is known (up to 64 a request): a partial upload of another file under the same id (same
+  // name, size, time and sampled blocks) is found, and this file starts again under an id of its own.
+  function verifySkipped(upload, index) {
+    if (!upload.skipped || !upload.skipped[index] || upload.hashes[index] === undefined) return;
+    delete upload.skipped[index];
+    upload.toVerify[index] = upload.hashes[index];
+    if (!upload.verifying) sendVerify(upload);
+  }
+  function sendVerify(upload) {
+    var keys = Object.keys(upload.toVerify).slice(0, 64), parts = {}, id = upload.id;
+    if (!keys.length || !upload.active() || !id) return;
+    keys.forEach(function (k) { parts[k] = upload.toVerify[k]; delete upload.toVerify[k]; });
+    upload.verifying = true;
+    postJson("/api/uploads/" + encodeURIComponent(id) + "/verify", { parts: parts }, true).then(function (reply) {
+      upload.verifying = false;
+      if (upload.id !== id) return;
+      if (reply.mismatched.length) return restartUnderNewId(upload);
+      sendVerify(upload);
+    }, function (error) {
+      upload.verifying = false;
+      if (error.status && error.status < 500) return;   // stored or gone meanwhile: the status says which
+      keys.forEach(function (k) { upload.toVerify[k] = parts[k]; });
+      setTimeout(function () { sendVerify(upload); }, 2000);
+    });
+  }
+  function range(n) { var out = []; for (var i = 0; i < n; i++) out.push(i); return out; }
+
+  // The link: down after a request found no server; one probe with backoff until it answers, then every
+  // upload asks again what the server has (it may have restarted) and goes on.
+  var link = {
+    isDown: false, since: 0, delay: 0, timer: null,
+    down: function () {
+      if (!this.isDown) { this.isDown = true; this.since = Date.now(); this.delay = 500; changed = true; }
+      if (!this.timer) this.timer = setTimeout(this.probe.bind(this), this.delay * (0.75 + Math.random() / 2));
+    },
+    probe: function () {
+      var self = this, waiting = uploads.filter(function (u) { return u.active() && u.id; });
+      self.timer = null;
+      postJson("/api/uploads/status", { ids: waiting.slice(0, 1000).map(function (u) { return u.id; }) })
+        .then(function (reply) {
+          self.isDown = false;
+          changed = true;
+          waiting.slice(0, 1000).forEach(function (u) { applyStatus(u, reply.uploads[u.id]); u.lastGood = Date.now(); });
+          if (statusQueue.length) askStatusSoon();
+          schedule();
+        }, function () {
+          self.delay = Math.min(15000, self.delay * 2);
+          waiting.forEach(function (u) {
+            if (Date.now() - u.lastGood > GIVE_UP_MS) u.fail("No connection to the server for 15 minutes.");
+          });
+          self.down();
+        });
+    }
+  };
+
+  // ---- sending parts: the earliest files first, up to SLOTS requests in all ----
+  var busy = 0, scheduled = false;
+  function schedule() {
+    if (scheduled) return;
+    scheduled = true;
+    Promise.resolve().then(function () { scheduled = false; fill(); });
+  }
+  function fill() {
+    if (link.isDown) return;
+    for (var i = 0; i < uploads.length && busy < SLOTS; i++) {
+      var upload = uploads[i];
+      if (upload.state !== "sending" || !upload.todo) continue;
+      while (busy < SLOTS - (asking ? 1 : 0) && upload.todo.length && upload.hashes[upload.todo[0]] !== undefined) {
+        sendPart(upload, upload.todo.shift());
+      }
+      if (!upload.todo.length && !Object.keys(upload.inFlight).length && !upload.result) askResult(upload);
+    }
+    changed = true;
+  }
+  function partForm(upload, index) {
+    var start = index * upload.partSize, form = new FormData();
+    var fields = {
+      dzuuid: upload.id, dzchunkindex: index, dztotalfilesize: upload.size, dzchunksize: upload.partSize,
+      dztotalchunkcount: upload.parts, dzchunkbyteoffset: start, dzchunksha256: upload.hashes[index],
+      dzmtime: upload.file.lastModified
+    };
+    if (upload.path !== upload.name) fields.dzrelpath = upload.path;
+    Object.keys(fields).forEach(function (k) { form.append(k, String(fields[k])); });
+    form.append("file", upload.file.slice(start, start + upload.partLength(index)), upload.name);
+    return form;
+  }
+  function sendPart(upload, index) {
+    var xhr = new XMLHttpRequest(), flight = { xhr: xhr, loaded: 0 };
+    upload.inFlight[index] = flight;
+    busy += 1;
+    xhr.open("POST", "/upload");
+    var csrf = csrfHeaders({});
+    Object.keys(csrf).forEach(function (name) { xhr.setRequestHeader(name, csrf[name]); });
+    var watchdog = null;
+    function arm() {
+      clearTimeout(watchdog);
+      watchdog = setTimeout(function () { xhr.abort(); partEnded(upload, index, flight, 0, "stalled"); }, cfg.timeoutMs);
+    }
+    xhr.upload.onprogress = function (event) {
+      var grown = event.loaded - flight.loaded;
+      flight.loaded = event.loaded;
+      upload.sent += grown;
+      arm();
+      changed = true;
+    };
+    xhr.onload = function () {
+      clearTimeout(watchdog);
+      if (!loginEnded(xhr.status)) partEnded(upload, index, flight, xhr.status, xhr.responseText);
+    };
+    xhr.onerror = xhr.onabort = function () { clearTimeout(watchdog); partEnded(upload, index, flight, 0, ""); };
+    arm();
+    xhr.send(partForm(upload, index));
+  }
+  function retryLater(upload, index, delay) {
+    setTimeout(function () {
+      if (!upload.active() || !upload.todo) return;
+      upload.todo.unshift(index);
+      schedule();
+    }, delay * (0.75 + Math.random() / 2));
+  }
+  function partEnded(upload, index, flight, status, text) {
+    if (flight.ended) return;
+    flight.ended = true;
+    busy -= 1;
+    changed = true;
+    if (upload.inFlight[index] !== flight) return schedule();   // cancelled, or stored meanwhile
+    delete upload.inFlight[index];
+    if (status === 200) return partStored(upload, index, text);
+    if (flight.preempted) {
+      upload.todo.unshift(index);
+      return schedule();
+    }
+    if (status === 0) {
+      upload.todo.unshift(index);
+      link.down();
+      return schedule();
+    }
+    if (status >= 500 && status !== 507 && Date.now() - upload.lastGood < GIVE_UP_MS) {
+      retryLater(upload, index, 1000 * Math.min(30, 1 << Math.min(5, upload.failures++)));
+      return schedule();
+    }
+    upload.failures += 1;
+    if (status === 460 && /received before/.test(text)) return restartUnderNewId(upload);
+    if ((status === 460 || status === 408 || status === 409 || status === 429) && upload.failures < 10) {
+      retryLater(upload, index, status === 460 ? 50 : 1000 * upload.failures);
+      return schedule();
+    }
+    if (status === 404 && upload.failures < 3) { statusQueue.push(upload); askStatusSoon(); return; }
+    upload.fail((text || "").trim() || ("The server answered " + status + "."));
+    schedule();
+  }
+  function partStored(upload, index, text) {
+    var reply = null;
+    try { reply = JSON.parse(text); } catch (e) { /* answered below */ }
+    upload.acked += upload.partLength(index);
+    upload.lastGood = Date.now();
+    upload.failures = 0;
+    if (reply && reply.complete) upload.completed(reply, false);
+    schedule();
+  }
+  // Another file with this one's name, size, time and sampled blocks left a partial upload under the same id:
+  // this file goes on under an id of its own.
+  function restartUnderNewId(upload) {
+    upload.abortAll();
+    stopHashing(upload);
+    upload.idPrefix = "pf-" + Math.random().toString(36).slice(2, 10) + "-";
+    var prefix = upload.idPrefix;
+    upload.reset();
+    upload.idPrefix = prefix;
+    upload.state = "queued";
+    startHashing(upload);
+  }
+  function askResult(upload) {
+    upload.result = "asking";
+    fetch("/api/uploads/" + encodeURIComponent(upload.id), { cache: "no-store" })
+      .then(function (r) { return r.ok ? r.json() : null; })
+      .then(function (info) {
+        if (info && info.complete) return upload.completed(info, false);
+        upload.result = null;
+        statusQueue.push(upload);
+        askStatusSoon();
+      }, function () { upload.result = null; link.down(); });
+  }
+  function claimContent(upload) {
+    upload.claimed = true;
+    postJson("/api/uploads/" + encodeURIComponent(upload.id) + "/content", {
+      sha256: upload.whole, name: upload.name, path: upload.path, size: upload.size,
+      chunk_size: upload.partSize, mtime: upload.file.lastModified
+    }).then(function (reply) {
+      if (reply.complete && upload.active()) upload.completed(reply, true);
+    }, function () { /* the parts go on: this only spares sending them */ });
+  }
+  Upload.prototype.completed = function (info, early) {
+    if (!this.active()) return;
+    this.abortAll();
+    this.result = info;
+    this.early = early;
+    this.state = "done";
+    this.jobs.forEach(function (job) { if (job.mode === "parts") endJob(job, true); });
+    finished(this);
+    this.checkResult();
+  };
+  Upload.prototype.checkResult = function () {
+    if (!this.whole || !this.result || this.checked) return;
+    this.checked = true;
+    changed = true;
+    if (this.result.sha256 === this.whole) return;
+    this.state = "failed";
+    this.message = "The server's copy differs from this file (sha256 " + this.result.sha256 + ").";
+    this.idPrefix = "pf-" + Math.random().toString(36).slice(2, 10) + "-";   // a Retry goes under a new id
+    totals.done -= 1;
+    totals.failed += 1;
+  };
+  Upload.prototype.cancel = function () {
+    if (!this.active()) return;
+    this.abortAll();
+    stopHashing(this);
+    this.state = "cancelled";
+    finished(this);
+    if (this.id) sendCancel(this.id, 3);
+  };
+  function sendCancel(id, tries) {
+    postJson("/api/uploads/" + encodeURIComponent(id) + "/cancel", {}).catch(function (error) {
+      if (!error.status && tries > 1) setTimeout(function () { sendCancel(id, tries - 1); }, 2000);
+    });
+  }
+  Upload.prototype.retry = function () {
+    if (this.final || (this.state !== "failed" && this.state !== "cancelled")) return;
+    totals[this.state === "failed" ? "failed" : "cancelled"] -= 1;
+    this.reset();
+    this.state = "queued";
+    this.message = "";
+    this.checked = false;
+    startHashing(this);
+    changed = true;
+  };
+
+  // ---- what was given: files, folders ----
+  var totals = { given: 0, done: 0, failed: 0, cancelled: 0 };
+  function add(file, path) {
+    var upload = new Upload(file, path);
+    uploads.push(upload);
+    totals.given += 1;
+    if (file.size > cfg.maxFileSizeBytes) {
+      var size = human(file.size), limit = human(cfg.maxFileSizeBytes);
+      if (size === limit) { size = file.size + " bytes"; limit = cfg.maxFileSizeBytes + " bytes"; }
+      upload.final = true;   // a retry would get the same answer: no Retry button
+      upload.fail("Too large: " + size + ". This server accepts up to " + limit + " per file.");
+    } else {
+      startHashing(upload);
+    }
+    changed = true;
+  }
+  function finished(upload) {
+    totals[upload.state === "done" ? "done" : upload.state === "failed" ? "failed" : "cancelled"] += 1;
+    if (upload.state === "done") remember(upload);
+    changed = true;
+    renderSoon();
+    announceSoon();
+  }
+  var renderPending = false;
+  function renderSoon() {   // an outcome shows at the next frame, not at the next tick of the clock
+    if (renderPending) return;
+    renderPending = true;
+    requestAnimationFrame(function () { renderPending = false; changed = false; render(); });
+  }
+  function addList(files) {
+    for (var i = 0; i < files.length; i++) add(files[i], files[i].webkitRelativePath || files[i].name);
+    wakeLock.update();
+  }
+  // A dropped folder: walked with the entries API, each file with its path in the folder.
+  function walk(entry, path, found) {
+    if (entry.isFile) {
+      return new Promise(function (resolve) {
+        entry.file(function (file) { found.push([file, path + file.name]); resolve(); }, function () { resolve(); });
+      });
+    }
+    if (!entry.isDirectory) return Promise.resolve();
+    var reader = entry.createReader(), children = [];
+    return new Promise(function (resolve) {
+      (function more() {
+        reader.readEntries(function (batch) {
+          if (!batch.length) return resolve();
+          children = children.concat(Array.prototype.slice.call(batch));
+          more();
+        }, function () { resolve(); });
+      })();
+    }).then(function () {
+      return children.reduce(function (done, child) {
+        return done.then(function () { return walk(child, path + entry.name + "/", found); });
+      }, Promise.resolve());
+    });
+  }
+  function dropped(dataTransfer) {
+    var items = dataTransfer.items, entries = [];
+    for (var i = 0; items && i < items.length; i++) {
+      var entry = items[i].webkitGetAsEntry && items[i].webkitGetAsEntry();
+      if (entry) entries.push(entry);
+    }
+    if (!entries.length) return addList(dataTransfer.files);
+    var found = [];
+    entries.reduce(function (done, entry) { return done.then(function () { return walk(entry, "", found); }); },
+                   Promise.resolve()).then(function () {
+      found.forEach(function (pair) { add(pair[0], pair[1]); });
+      wakeLock.update();
+    });
+  }
+
+  // ---- the list of files in progress: failures first, then what is moving; the rest counted ----
+  var queueEl = $("queue"), moreEl = $("queue-more"), overallEl = $("overall"), linkEl = $("connection");
+  var ORDER = { failed: 0, sending: 1, checking: 2, queued: 3, done: 4, cancelled: 5 };
+  function statusText(u) {
+    if (u.state === "failed") return "Failed";
+    if (u.state === "cancelled") return "Cancelled";
+    if (u.state === "done") {
+      var stored = u.result && u.result.name && u.result.name !== u.path ? " as " + u.result.name : "";
+      var how = u.early ? "Already on the server" + (u.result.same_as ? " (same content as " + u.result.same_as + ")" : "")
+        + ": nothing more sent" : "Uploaded";
+      var check = u.checked ? " · sha256 checked: " + u.whole.slice(0, 16) + "… here and on the server" : " · checking…";
+      return how + stored + check;
+    }
+    if (u.state !== "sending") return u.state === "checking" ? "Checking the server…" : "Waiting…";
+    if (link.isDown) return "Connection lost, retrying…";
+    var done = u.bytesDone(), speed = u.meter.speed();
+    var text = Math.floor(100 * done / Math.max(1, u.size)) + "% · " + human(done) + " of " + human(u.size);
+    return speed ? text + " · " + human(speed) + "/s · " + duration((u.size - done) / speed) + " left" : text;
+  }
+  function rowFor(u) {
+    if (u.row) return u.row;
+    var li = document.createElement("li"), name = document.createElement("span");
+    li.className = "pf-file";
+    name.className = "pf-name";
+    name.textContent = u.path;
+    var bar = document.createElement("progress");
+    bar.max = 100;
+    bar.setAttribute("aria-label", u.path);
+    var status = document.createElement("span"), error = document.createElement("span");
+    status.className = "pf-meta pf-status";
+    error.className = "pf-error";
+    var button = document.createElement("button");
+    button.type = "button";
+    button.className = "pf-action";
+    button.addEventListener("click", function () { if (u.active()) u.cancel(); else u.retry(); schedule(); });
+    li.append(name, bar, status, error, button);
+    u.row = { li: li, bar: bar, status: status, error: error, button: button };
+    return u.row;
+  }
+  function paintRow(u) {
+    var row = rowFor(u);
+    row.li.className = "pf-file pf-" + u.state;
+    row.bar.value = Math.floor(100 * u.bytesDone() / Math.max(1, u.size));
+    row.status.textContent = statusText(u);
+    row.error.textContent = u.state === "failed" ? u.message : "";
+    var label = u.active() ? "Cancel" : u.state === "done" || u.final ? "" : "Retry";
+    row.button.hidden = !label;
+    row.button.textContent = label;
+    row.button.setAttribute("aria-label", label + " " + u.path);
+    return row.li;
+  }
+  function render() {
+    var shown = uploads.slice().sort(function (a, b) { return ORDER[a.state] - ORDER[b.state]; }).slice(0, SHOWN_ROWS);
+    var wanted = shown.map(paintRow);
+    wanted.forEach(function (li, i) { if (queueEl.children[i] !== li) queueEl.insertBefore(li, queueEl.children[i] || null); });
+    while (queueEl.children.length > wanted.length) queueEl.removeChild(queueEl.lastChild);
+    var hidden = uploads.length - shown.length;
+    moreEl.textContent = hidden > 0 ? "and " + count(hidden, "more file", "more files") + " (counted above)" : "";
+    renderOverall();
+  }
+  var overallMeter = new Meter();
+  function renderOverall() {
+    var active = uploads.filter(function (u) { return u.active(); });
+    var sent = 0, total = 0;
+    uploads.forEach(function (u) { if (u.state !== "cancelled") { total += u.size; sent += u.bytesDone(); } });
+    overallMeter.add(uploads.reduce(function (n, u) { return n + u.sent; }, 0));
+    var text = totals.given ? totals.done.toLocaleString("en") + " of " + count(totals.given, "file", "files") +
+      " uploaded" : "";
+    if (totals.failed) text += ", " + totals.failed + " failed";
+    if (totals.cancelled) text += ", " + totals.cancelled + " cancelled";
+    var speed = overallMeter.speed();
+    if (active.length) {
+      text += " · " + human(sent) + " of " + human(total);
+      if (speed && !link.isDown) text += " · " + human(speed) + "/s · " + duration((total - sent) / speed) + " left";
+    }
+    overallEl.textContent = text;
+    linkEl.textContent = link.isDown ? "Connection lost, retrying… (the upload goes on by itself when the server is back)" : "";
+    $("cancel-all").hidden = !active.length;
+    $("retry-failed").hidden = !uploads.some(function (u) { return u.state === "failed" && !u.final; });
+  }
+  setInterval(function () {
+    uploads.forEach(function (u) { if (u.state === "sending") u.meter.add(u.bytesDone()); });
+    if (changed || uploads.some(function (u) { return u.state === "sending"; })) { changed = false; render(); }
+  }, 250);
+  // Screen readers hear the outcome, not every tick of the progress.
+  var announceTimer = null;
+  function announceSoon() {
+    clearTimeout(announceTimer);
+    announceTimer = setTimeout(function () {
+      var active = uploads.some(function (u) { return u.active(); });
+      $("announce").textContent = active ? "" : totals.done.toLocaleString("en") + " of " +
+        count(totals.given, "file", "files") +
+        " uploaded" + (totals.failed ? ", " + totals.failed + " failed" : "") + ".";
+      wakeLock.update();
+    }, 1000);
+  }
+
+  // ---- the "Uploaded" list: what the server confirmed, kept in this browser ----
+  var listEl = $("uploaded"), emptyEl = $("uploaded-empty"), HISTORY = 500;
   function loadEntries() {
     try { var v = JSON.parse(localStorage.getItem(STORE_KEY) || "[]"); return Array.isArray(v) ? v : []; }
     catch (e) { return []; }
   }
-  function saveEntries(entries) {
-    try { localStorage.setItem(STORE_KEY, JSON.stringify(entries.slice(-500))); } catch (e) { /* private mode */ }
+  var entries = loadEntries(), saveTimer = null;
+  function writeEntries() {
+    clearTimeout(saveTimer);
+    saveTimer = null;
+    try { localStorage.setItem(STORE_KEY, JSON.stringify(entries.slice(-HISTORY))); } catch (e) { /* private mode */ }
   }
+  function saveEntries() {   // at once when nothing else is going on; among 2,000 small files, now and then
+    if (!uploads.some(function (u) { return u.active(); })) return writeEntries();
+    if (!saveTimer) saveTimer = setTimeout(writeEntries, 1000);
+  }
+  window.addEventListener("pagehide", function () { if (saveTimer) writeEntries(); });
   function renderEntry(entry) {
-    var li = document.createElement("li");
+    var li = document.createElement("li"), name;
     li.dataset.id = entry.id;
-    var name;
     if (cfg.allowDownloads) {
       name = document.createElement("a");
       name.href = "/download/" + encodeURIComponent(entry.id);
-      name.setAttribute("download", entry.name);
+      name.setAttribute("download", entry.name.split("/").pop());
     } else {
       name = document.createElement("span");
     }
@@ -6413,16 +8989,23 @@ INDEX_HTML = r"""<!doctype html>
     var meta = document.createElement("span");
     meta.className = "pf-meta";
     meta.textContent = human(entry.size);
-    li.appendChild(name);
-    li.appendChild(meta);
+    li.append(name, meta);
     return li;
   }
-  function renderList() {
-    var entries = loadEntries();
-    listEl.textContent = "";
-    entries.slice().reverse().forEach(function (e) { listEl.appendChild(renderEntry(e)); });
-    emptyEl.hidden = entries.length > 0;
-    return entries;
+  function showEntry(entry) {
+    listEl.insertBefore(renderEntry(entry), listEl.firstChild);
+    while (listEl.children.length > HISTORY) listEl.removeChild(listEl.lastChild);
+    emptyEl.hidden = true;
+  }
+  function remember(upload) {
+    var r = upload.result;
+    entries = entries.filter(function (e) { return e.id !== r.id; });
+    entries.push({ id: r.id, name: r.name, size: r.size, sha256: r.sha256, at: Date.now() });
+    if (entries.length > HISTORY * 2) entries = entries.slice(-HISTORY);
+    var old = listEl.querySelector('li[data-id="' + CSS.escape(r.id) + '"]');
+    if (old) old.remove();
+    showEntry(entries[entries.length - 1]);
+    saveEntries();
   }
   function markGone(id) {
     var li = listEl.querySelector('li[data-id="' + CSS.escape(id) + '"]');
@@ -6433,192 +9016,461 @@ INDEX_HTML = r"""<!doctype html>
     note.textContent = "no longer on the server";
     li.appendChild(note);
     var link = li.querySelector("a");
-    if (link) { link.removeAttribute("href"); }
+    if (link) link.removeAttribute("href");
   }
-  function checkEntries(entries) {
-    entries.forEach(function (e) {
-      fetch("/api/uploads/" + encodeURIComponent(e.id), { cache: "no-store" }).then(function (r) {
-        if (r.status === 404) { markGone(e.id); return null; }
-        return r.ok ? r.json() : null;
-      }).then(function (info) {
-        if (info && info.complete && !info.available) markGone(e.id);
-      }).catch(function () {});
-    });
+  function checkEntries() {   // one request for all of them
+    var ids = entries.slice(-HISTORY).map(function (e) { return e.id; });
+    if (!ids.length) return;
+    postJson("/api/uploads/status", { ids: ids }).then(function (reply) {
+      ids.forEach(function (id) {
+        var info = reply.uploads[id];
+        if (info && (info.gone || (info.complete && !info.available))) markGone(id);
+      });
+    }, function () {});
   }
-  function addEntry(result) {
-    var entries = loadEntries().filter(function (e) { return e.id !== result.id; });
-    entries.push({ id: result.id, name: result.name, size: result.size, sha256: result.sha256, at: Date.now() });
-    saveEntries(entries);
-    renderList();
-  }
-  document.getElementById("clear").addEventListener("click", function () {
-    saveEntries([]);
-    renderList();
-  });
-  checkEntries(renderList());
-
-  // ---- Dropzone ----
-  Dropzone.autoDiscover = false;
-  var template = document.getElementById("preview-template").innerHTML;
-  var dz = new Dropzone("#dropper", {
-    url: "/upload",
-    paramName: "file",
-    chunking: true,
-    forceChunking: cfg.forceChunking,
-    chunkSize: cfg.chunkSize,
-    parallelChunkUploads: cfg.parallelChunks > 1 ? cfg.parallelChunks : false,
-    parallelUploads: cfg.parallelFiles,
-    retryChunks: true,
-    retryChunksLimit: 3,
-    timeout: cfg.timeoutMs,
-    maxFilesize: null,  // checked to the byte in accept, with a message in the units the page shows
-    accept: function (file, done) {
-      if (file.size <= cfg.maxFileSizeBytes) return done();
-      var size = human(file.size), limit = human(cfg.maxFileSizeBytes);
-      if (size === limit) { size = file.size + " bytes"; limit = cfg.maxFileSizeBytes + " bytes"; }
-      done("Too large: " + size + ". This server accepts up to " + limit + " per file.");
-    },
-    createImageThumbnails: false,
-    previewTemplate: template,
-    dictResponseError: "The server answered {{statusCode}}.",
-    // Chunks of one file may finish in any order, so the last response to arrive is not always the one that
-    // completed the file: ask the server what it stored.
-    chunksUploaded: function (file, done) {
-      fetch("/api/uploads/" + encodeURIComponent(file.upload.uuid), { cache: "no-store" })
-        .then(function (r) { return r.ok ? r.json() : r.text().then(function (t) { throw new Error(t); }); })
-        .then(function (info) {
-          if (!info.complete) throw new Error("The server has not stored this file.");
-          file.pfResult = info;
-          done();
-        })
-        .catch(function (err) { dz._errorProcessing([file], String(err.message || err)); });
-    }
+  entries.slice(-HISTORY).forEach(showEntry);
+  emptyEl.hidden = entries.length > 0;
+  checkEntries();
+  $("clear").addEventListener("click", function () {
+    entries = [];
+    saveEntries();
+    listEl.textContent = "";
+    emptyEl.hidden = false;
   });
 
-  // A refusal (400, 413, ...) gets the same answer every time: fail at once instead of sending the chunk
-  // again retryChunksLimit times. Timeouts, dropped connections, 408, 409, 429 and 5xx are still retried.
-  var handleUploadError = dz._handleUploadError;
-  if (typeof handleUploadError === "function") {
-    dz._handleUploadError = function (files, xhr, response) {
-      var status = xhr ? xhr.status : 0;
-      if (status >= 400 && status < 500 && [408, 409, 429].indexOf(status) < 0 && files[0].upload.chunked) {
-        var chunk = dz._getChunk(files[0], xhr);
-        if (chunk) chunk.retries = Infinity;
+  // ---- the page's controls ----
+  var fileInput = $("file-input"), folderInput = $("folder-input"), dropper = $("dropper");
+  [fileInput, folderInput].forEach(function (input) {
+    input.addEventListener("change", function () { addList(input.files); input.value = ""; });
+  });
+  $("choose-files").addEventListener("click", function () { fileInput.click(); });
+  $("choose-folder").addEventListener("click", function () { folderInput.click(); });
+  $("cancel-all").addEventListener("click", function () {
+    uploads.forEach(function (u) { u.cancel(); });
+  });
+  $("retry-failed").addEventListener("click", function () {
+    uploads.forEach(function (u) { if (u.state === "failed") u.retry(); });
+  });
+  document.addEventListener("dragover", function (event) {
+    event.preventDefault();
+    dropper.classList.add("pf-hover");
+  });
+  document.addEventListener("dragleave", function (event) {
+    if (!event.relatedTarget) dropper.classList.remove("pf-hover");
+  });
+  document.addEventListener("drop", function (event) {
+    event.preventDefault();
+    dropper.classList.remove("pf-hover");
+    if (event.dataTransfer) dropped(event.dataTransfer);
+  });
+  document.addEventListener("keydown", function (event) {   // Escape: cancel the file whose row has focus
+    if (event.key !== "Escape") return;
+    uploads.forEach(function (u) { if (u.row && u.row.li.contains(document.activeElement)) u.cancel(); });
+  });
+  window.addEventListener("beforeunload", function (event) {
+    if (!uploads.some(function (u) { return u.active(); })) return;
+    event.preventDefault();
+    event.returnValue = "";
+  });
+
+  // ---- phones: the screen stays on while uploading (where allowed), and a paused page says so ----
+  var wakeLock = {
+    lock: null,
+    update: function () {
+      var want = uploads.some(function (u) { return u.active(); });
+      if (want && !this.lock && navigator.wakeLock && document.visibilityState === "visible") {
+        var self = this;
+        self.lock = "asking";
+        navigator.wakeLock.request("screen").then(function (lock) {
+          self.lock = lock;
+          lock.addEventListener("release", function () { self.lock = null; });
+        }, function () { self.lock = null; });
+      } else if (!want && this.lock && this.lock.release) {
+        this.lock.release();
       }
-      return handleUploadError.call(this, files, xhr, response);
-    };
+    }
+  };
+  var hiddenSince = 0;
+  document.addEventListener("visibilitychange", function () {
+    if (document.visibilityState === "hidden") { hiddenSince = Date.now(); return; }
+    var away = Date.now() - hiddenSince, active = uploads.some(function (u) { return u.active(); });
+    $("notice").textContent = active && hiddenSince && away > 5000 ?
+      "The browser paused the uploads while this page was in the background; they go on now." : "";
+    if (link.isDown) { clearTimeout(link.timer); link.timer = null; link.probe(); }
+    schedule();
+    wakeLock.update();
+  });
+
+  var limits = "Up to " + human(cfg.maxFileSizeBytes) + " per file.";
+  $("limits").textContent = limits + (cfg.allowDownloads ? " Uploaded files can be downloaded again from this page." : "");
+  window.pyfiledrop = { uploads: uploads, totals: totals, link: link, ready: true };
+})();
+</script>
+</body>
+</html>
+"""
+
+
+LOGIN_HTML = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="referrer" content="no-referrer">
+<title>pyfiledrop: log in</title>
+<link rel="icon" href="/favicon.ico">
+<style>
+  body { font: 16px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #1d2329; background: #f6f8fa;
+         margin: 0; display: flex; min-height: 100vh; align-items: center; justify-content: center; }
+  form { background: #fff; border: 1px solid #d5dbe1; border-radius: 12px; padding: 24px; width: min(360px, 90vw); }
+  h1 { font-size: 1.3rem; margin: 0 0 12px; }
+  label { display: block; margin: 0 0 6px; }
+  input[type=password] { font: inherit; width: 100%; box-sizing: border-box; padding: 10px; border-radius: 8px;
+         border: 1px solid #b8c2cc; }
+  button { font: inherit; margin-top: 14px; padding: 10px 18px; border-radius: 8px; border: 0; background: #0b63c5;
+         color: #fff; cursor: pointer; min-height: 44px; }
+  #message { color: #b3261e; min-height: 1.5em; margin: 0 0 8px; }
+</style>
+</head>
+<body>
+<form method="post" action="/login">
+  <h1>pyfiledrop</h1>
+  <p id="message" role="alert">{{message}}</p>
+  <label for="password">Password</label>
+  <input type="password" id="password" name="password" autocomplete="current-password" autofocus required>
+  <input type="hidden" name="next" value="{{next}}">
+  <button type="submit">Log in</button>
+</form>
+</body>
+</html>
+"""
+
+FILES_HTML = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="referrer" content="no-referrer">
+<title>pyfiledrop: files</title>
+<link rel="icon" href="/favicon.ico">
+<style>
+  :root { --line: #d5dbe1; --muted: #5b6670; --accent: #0b63c5; --bad: #b3261e; }
+  body { font: 15px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #1d2329; margin: 0;
+         background: #fff; }
+  header, main { padding: 0 16px; }
+  header { display: flex; gap: 16px; align-items: center; flex-wrap: wrap; border-bottom: 1px solid var(--line); }
+  header h1 { font-size: 1.25rem; margin: 12px 0; }
+  header a, header button.link { color: var(--accent); background: none; border: 0; font: inherit; cursor: pointer; }
+  .bar { display: flex; gap: 8px; flex-wrap: wrap; align-items: center; margin: 12px 0; }
+  .bar input, .bar select, button { font: inherit; padding: 6px 10px; border-radius: 8px; border: 1px solid var(--line);
+         background: #fff; min-height: 36px; }
+  button { cursor: pointer; }
+  button.danger { color: var(--bad); }
+  label.button { padding: 6px 10px; border-radius: 8px; border: 1px solid var(--line); cursor: pointer; }
+  #crumbs button, #subfolders button { border: 0; color: var(--accent); padding: 4px 6px; min-height: 0; }
+  #crumbs button[aria-current] { color: inherit; font-weight: 600; }
+  table { border-collapse: collapse; width: 100%; font-variant-numeric: tabular-nums; }
+  th, td { text-align: left; padding: 6px 8px; border-bottom: 1px solid var(--line); vertical-align: top; }
+  th { font-weight: 600; font-size: .85rem; color: var(--muted); position: sticky; top: 0; background: #fff; }
+  td.name { word-break: break-all; min-width: 12em; }
+  td .folder { color: var(--muted); }
+  td.sha { font-family: ui-monospace, monospace; font-size: .8rem; }
+  td.bad { color: var(--bad); font-weight: 600; }
+  td.actions { white-space: nowrap; }
+  td.actions a, td.actions button { margin-right: 6px; }
+  #message { min-height: 1.5em; color: var(--muted); }
+  #message.error { color: var(--bad); }
+  .table-wrap { overflow-x: auto; }
+</style>
+</head>
+<body>
+<header>
+  <h1>pyfiledrop: files</h1>
+  <a href="/">Upload page</a>
+  <form method="post" action="/logout" id="logout" hidden><button type="submit" class="link">Log out</button></form>
+</header>
+<main>
+  <div class="bar" id="folderbar">
+    <span>Folder:</span>
+    <span id="crumbs"></span>
+    <span id="subfolders"></span>
+    <button type="button" id="new-folder">New folder</button>
+    <button type="button" id="rename-folder">Rename folder</button>
+    <button type="button" id="delete-folder" class="danger">Delete folder</button>
+    <label class="button" id="upload-label">Upload here<input type="file" id="upload-here" multiple hidden></label>
+  </div>
+  <div class="bar">
+    <input type="search" id="filter" placeholder="Filter by name" aria-label="Filter by name">
+    <select id="state" aria-label="State">
+      <option value="">Every state</option><option value="stored">Stored</option>
+      <option value="receiving">Receiving</option><option value="abandoned">Abandoned</option>
+      <option value="expired">Expired</option><option value="deleted">Deleted</option>
+      <option value="failed">Failed</option>
+    </select>
+    <select id="sort" aria-label="Sort by">
+      <option value="newest">Newest first</option><option value="oldest">Oldest first</option>
+      <option value="name">By name</option><option value="size">Largest first</option>
+    </select>
+    <button type="button" id="refresh">Refresh</button>
+    <button type="button" id="cleanup" class="danger">Remove abandoned and expired</button>
+  </div>
+  <p id="message" role="status"></p>
+  <div class="table-wrap">
+  <table id="uploads">
+    <thead><tr><th>Name</th><th>Size</th><th>SHA-256</th><th>From</th><th>Uploaded</th><th>Completed</th>
+      <th>Expires</th><th>State</th><th>In storage</th><th>Actions</th></tr></thead>
+    <tbody></tbody>
+  </table>
+  </div>
+  <p><button type="button" id="more" hidden>Show more</button></p>
+</main>
+<script>
+(function () {
+  "use strict";
+  var config = {{config_json}};
+  var view = { folder: null, next: null, pages: 0, timer: null, loads: 0 };
+  var $ = function (id) { return document.getElementById(id); };
+  var tbody = $("uploads").tBodies[0];
+
+  function say(text, isError) {
+    $("message").textContent = text;
+    $("message").className = isError ? "error" : "";
   }
 
-  function previewPart(file, selector) { return file.previewElement && file.previewElement.querySelector(selector); }
-
-  var batch = { bytes: 0, files: 0, done: 0, failed: 0, started: 0 };
-  function updateOverall() {
-    var active = dz.files.filter(function (f) { return f.status === Dropzone.UPLOADING || f.status === Dropzone.QUEUED; });
-    if (!active.length && !batch.files) { overallEl.textContent = ""; return; }
-    var sent = 0, total = 0;
-    dz.files.forEach(function (f) {
-      if (f.pfBatch !== batch.id) return;
-      total += f.size;
-      sent += f.status === Dropzone.SUCCESS ? f.size : ((f.upload && f.upload.bytesSent) || 0);
+  function api(method, url, body) {
+    var headers = { "Accept": "application/json" };
+    headers[config.csrfHeader] = config.csrf;
+    if (body !== undefined) headers["Content-Type"] = "application/json";
+    return fetch(url, { method: method, headers: headers, credentials: "same-origin",
+                        body: body === undefined ? undefined : JSON.stringify(body) }).then(function (response) {
+      if (response.status === 401) { location.reload(); throw new Error("Logged out: log in again."); }
+      if (!response.ok) return response.text().then(function (text) { throw new Error(text.trim()); });
+      return response.json();
     });
-    var elapsed = (Date.now() - batch.started) / 1000;
-    var speed = elapsed > 0.5 ? sent / elapsed : 0;
-    var text = batch.done + " of " + batch.files + (batch.files === 1 ? " file" : " files") + " uploaded";
-    if (batch.failed) text += ", " + batch.failed + " failed";
-    if (active.length) {
-      text += " · " + human(sent) + " of " + human(total);
-      if (speed > 0) text += " · " + human(speed) + "/s · " + duration((total - sent) / speed) + " left";
-    }
-    overallEl.textContent = text;
   }
 
-  dz.on("addedfile", function (file) {
-    if (!dz.getActiveFiles().some(function (f) { return f !== file && f.pfBatch === batch.id; }) &&
-        batch.done + batch.failed >= batch.files) {
-      batch = { id: Date.now() + Math.random(), bytes: 0, files: 0, done: 0, failed: 0, started: Date.now() };
-    }
-    file.pfBatch = batch.id;
-    batch.files += 1;
-    var size = previewPart(file, ".pf-size");
-    if (size) size.textContent = human(file.size);  // the units of the "Uploaded" list, as text
-    updateOverall();
-  });
-  // The timeout is for a request that makes no progress, not for one that takes long: chunks in flight
-  // share the link, so on a slow one (or with two files at once) a healthy chunk may need longer than the
-  // timeout in all. Each byte sent or received re-arms the watchdog; a stalled request is retried.
-  function watchdog(xhr) {
-    if (!xhr || !cfg.timeoutMs || xhr.pfWatched) return;
-    xhr.pfWatched = true;
-    xhr.timeout = 0;
-    var timer = null;
-    function arm() {
-      clearTimeout(timer);
-      timer = setTimeout(function () {
-        if (xhr.readyState === 4) return;
-        var onTimeout = xhr.ontimeout;
-        xhr.abort();
-        if (onTimeout) onTimeout.call(xhr);
-      }, cfg.timeoutMs);
-    }
-    ["progress", "load"].forEach(function (type) { xhr.upload.addEventListener(type, arm); });
-    xhr.addEventListener("progress", arm);
-    xhr.addEventListener("loadend", function () { clearTimeout(timer); });
-    arm();
+  function size(bytes) {
+    if (bytes === null || bytes === undefined) return "?";
+    var units = ["bytes", "KiB", "MiB", "GiB", "TiB"], value = bytes, unit = 0;
+    while (value >= 1024 && unit < units.length - 1) { value /= 1024; unit += 1; }
+    return unit === 0 ? bytes + " bytes" : value.toFixed(value < 10 ? 1 : 0) + " " + units[unit];
   }
 
-  dz.on("sending", function (file, xhr) {
-    watchdog(xhr);
-    if (!file.pfStarted) file.pfStarted = Date.now();
-    var status = previewPart(file, ".pf-status");
-    if (status && status.textContent === "Waiting…") status.textContent = "Uploading…";
-  });
-  dz.on("uploadprogress", function (file, progress, bytesSent) {
-    var bar = previewPart(file, ".pf-bar");
-    if (bar) bar.setAttribute("aria-valuenow", String(Math.floor(progress)));
-    var elapsed = (Date.now() - (file.pfStarted || Date.now())) / 1000;
-    var speed = elapsed > 0.3 ? bytesSent / elapsed : 0;
-    var status = previewPart(file, ".pf-status");
-    var eta = previewPart(file, ".pf-eta");
-    if (status) status.textContent = Math.floor(progress) + "% · " + human(bytesSent) + (speed ? " · " + human(speed) + "/s" : "");
-    if (eta) eta.textContent = speed ? duration((file.size - bytesSent) / speed) + " left" : "";
-    updateOverall();
-  });
-  dz.on("success", function (file, response) {
-    var result = file.pfResult || (response && response.files ? response.files[0] : response);
-    if (result && result.id) addEntry(result);
-    var status = previewPart(file, ".pf-status");
-    if (status) {
-      status.textContent = result && result.name && result.name !== file.name ? "Uploaded, stored as " + result.name
-        : "Uploaded";
+  function when(iso) { return iso ? new Date(iso).toLocaleString() : "\\u2014"; }
+
+  function cell(row, text, className, title) {
+    var td = row.insertCell();
+    td.textContent = text;
+    if (className) td.className = className;
+    if (title) td.title = title;
+    return td;
+  }
+
+  function stateText(entry) {
+    if (entry.state === "receiving" && entry.size) {
+      return "receiving " + Math.floor(100 * entry.received / entry.size) + "%";
     }
-    var eta = previewPart(file, ".pf-eta");
-    if (eta) eta.textContent = "";
-    var bar = previewPart(file, ".pf-bar > span");
-    if (bar) bar.style.width = "100%";
-    batch.done += 1;
-    updateOverall();
-  });
-  dz.on("error", function (file, message) {
-    if (file.pfFailed) return;
-    file.pfFailed = true;
-    var text = typeof message === "string" ? message : (message && message.error) || "Upload failed.";
-    var box = previewPart(file, "[data-dz-errormessage]");
-    if (box) box.textContent = text.trim();
-    var status = previewPart(file, ".pf-status");
-    if (status) status.textContent = "Failed";
-    var eta = previewPart(file, ".pf-eta");
-    if (eta) eta.textContent = "";
-    batch.failed += 1;
-    updateOverall();
-  });
-  var dropper = document.getElementById("dropper");
-  dropper.addEventListener("keydown", function (event) {
-    if ((event.key === "Enter" || event.key === " ") && event.target === dropper) {
-      event.preventDefault();
-      dz.hiddenFileInput.click();
+    return entry.state;
+  }
+
+  function storageText(entry) {
+    if (entry.state === "stored") return entry.exists ? "yes" : entry.changed ? "changed by hand" : "missing";
+    if (entry.state === "receiving" || entry.state === "abandoned") return entry.exists ? "partial" : "\\u2014";
+    return "\\u2014";
+  }
+
+  function button(parent, label, action, danger) {
+    var b = document.createElement("button");
+    b.type = "button";
+    b.textContent = label;
+    if (danger) b.className = "danger";
+    b.addEventListener("click", action);
+    parent.appendChild(b);
+  }
+
+  function remove(entry, question) {
+    if (!confirm(question)) return;
+    api("DELETE", "/api/uploads/" + encodeURIComponent(entry.id)).then(function () {
+      say("Removed " + entry.name + ".");
+      reload();
+    }, function (error) { say(error.message, true); });
+  }
+
+  function addRow(entry) {
+    var row = tbody.insertRow();
+    row.dataset.id = entry.id;
+    row.dataset.state = entry.state;
+    var name = row.insertCell();
+    name.className = "name";
+    if (entry.folder) {
+      var folder = document.createElement("span");
+      folder.className = "folder";
+      folder.textContent = entry.folder + "/";
+      name.appendChild(folder);
     }
+    name.appendChild(document.createTextNode(entry.name));
+    cell(row, size(entry.size));
+    cell(row, entry.sha256 ? entry.sha256.slice(0, 12) + "\\u2026" : "\\u2014", "sha", entry.sha256 || "");
+    cell(row, entry.client);
+    cell(row, when(entry.created), "", entry.created);
+    cell(row, when(entry.completed), "", entry.completed || "");
+    cell(row, when(entry.expires), "", entry.expires || "");
+    cell(row, stateText(entry), "state");
+    var exists = storageText(entry);
+    cell(row, exists, "exists" + (exists === "missing" || exists === "changed by hand" ? " bad" : ""), entry.reason);
+    var actions = row.insertCell();
+    actions.className = "actions";
+    if (entry.state === "stored" && entry.exists) {
+      var link = document.createElement("a");
+      link.href = "/api/uploads/" + encodeURIComponent(entry.id) + "/file";
+      link.textContent = "Download";
+      link.setAttribute("download", entry.name);
+      actions.appendChild(link);
+    }
+    if (entry.state === "stored") {
+      button(actions, "Delete", function () { remove(entry, "Delete " + entry.name + " from the server?"); }, true);
+    } else if (entry.state === "receiving" || entry.state === "abandoned") {
+      button(actions, "Remove", function () { remove(entry, "Remove the incomplete upload " + entry.name + "?"); }, true);
+    }
+  }
+
+  function query(cursor) {
+    var params = new URLSearchParams({ detail: "1", sort: $("sort").value, limit: "100" });
+    if ($("state").value) params.set("state", $("state").value);
+    if ($("filter").value) params.set("q", $("filter").value);
+    if (view.folder !== null) params.set("folder", view.folder);
+    if (cursor) params.set("cursor", cursor);
+    return "/api/uploads?" + params.toString();
+  }
+
+  function load(cursor) {
+    var ticket = ++view.loads;   // a reply to a load that a newer one replaced (typing, another folder) is dropped
+    return api("GET", query(cursor)).then(function (data) {
+      if (ticket !== view.loads) return;
+      if (!cursor) { tbody.textContent = ""; view.pages = 0; }
+      data.uploads.forEach(addRow);
+      view.pages += 1;
+      view.next = data.next;
+      $("more").hidden = !data.next;
+      document.body.dataset.loaded = String(Date.now());
+      if (!tbody.rows.length) say("No uploads here.");
+      else if (!$("message").classList.contains("error")) say(tbody.rows.length + (data.next ? "+" : "") + " shown.");
+      clearTimeout(view.timer);
+      if (view.pages === 1 && tbody.querySelector("tr[data-state=receiving]")) view.timer = setTimeout(reload, 5000);
+    }, function (error) { say(error.message, true); });
+  }
+
+  function reload() { return load(null); }
+
+  function folderJoin(name) { return view.folder ? view.folder + "/" + name : name; }
+
+  function showFolders() {
+    var crumbs = $("crumbs"), subs = $("subfolders");
+    crumbs.textContent = "";
+    subs.textContent = "";
+    var all = document.createElement("button");
+    all.type = "button";
+    all.textContent = "All uploads";
+    if (view.folder === null) all.setAttribute("aria-current", "true");
+    all.addEventListener("click", function () { openFolder(null); });
+    crumbs.appendChild(all);
+    var parts = view.folder === null ? null : view.folder ? view.folder.split("/") : [];
+    if (parts !== null) {
+      ["storage"].concat(parts).forEach(function (part, index) {
+        var path = parts.slice(0, index).join("/");
+        crumbs.appendChild(document.createTextNode(" / "));
+        var b = document.createElement("button");
+        b.type = "button";
+        b.textContent = part;
+        if (index === parts.length) b.setAttribute("aria-current", "true");
+        b.addEventListener("click", function () { openFolder(path); });
+        crumbs.appendChild(b);
+      });
+    }
+    var here = view.folder || "";
+    $("rename-folder").disabled = $("delete-folder").disabled = !view.folder;
+    api("GET", "/api/folders" + (here ? "?path=" + encodeURIComponent(here) : "")).then(function (data) {
+      data.folders.forEach(function (name) {
+        var b = document.createElement("button");
+        b.type = "button";
+        b.className = "subfolder";
+        b.textContent = name + "/";
+        b.addEventListener("click", function () { openFolder(folderJoin(name)); });
+        subs.appendChild(b);
+      });
+    }, function (error) { say(error.message, true); });
+  }
+
+  function openFolder(path) {
+    view.folder = path;
+    showFolders();
+    reload();
+  }
+
+  function folderAction(promise, done) {
+    promise.then(function (data) { done(data); }, function (error) { say(error.message, true); });
+  }
+
+  $("new-folder").addEventListener("click", function () {
+    var name = prompt("Name of the new folder:");
+    if (!name) return;
+    folderAction(api("POST", "/api/folders", { path: folderJoin(name) }), function (data) {
+      say("Created " + data.path + ".");
+      openFolder(data.path);
+    });
   });
-  window.pyfiledrop = { dropzone: dz };
+  $("rename-folder").addEventListener("click", function () {
+    var parts = view.folder.split("/"), name = prompt("New name of the folder:", parts[parts.length - 1]);
+    if (!name) return;
+    var to = parts.slice(0, -1).concat([name]).join("/");
+    folderAction(api("POST", "/api/folders/rename", { path: view.folder, to: to }), function (data) {
+      say("Renamed to " + data.path + ".");
+      openFolder(data.path);
+    });
+  });
+  $("delete-folder").addEventListener("click", function () {
+    if (!confirm("Delete the empty folder " + view.folder + "?")) return;
+    var parent = view.folder.split("/").slice(0, -1).join("/");
+    folderAction(api("DELETE", "/api/folders?path=" + encodeURIComponent(view.folder)), function () {
+      say("Deleted the folder.");
+      openFolder(parent);
+    });
+  });
+  $("cleanup").addEventListener("click", function () {
+    if (!confirm("Remove every abandoned upload's partial file, and every stored file past its expiry?")) return;
+    api("POST", "/api/cleanup", {}).then(function (data) {
+      say("Removed " + data.abandoned + " abandoned and " + data.expired + " expired.");
+      reload();
+    }, function (error) { say(error.message, true); });
+  });
+  function putFile(file) {
+    var path = (view.folder ? view.folder + "/" : "") + file.name;
+    var headers = {};
+    headers[config.csrfHeader] = config.csrf;
+    return fetch("/upload/" + path.split("/").map(encodeURIComponent).join("/"),
+                 { method: "PUT", headers: headers, credentials: "same-origin", body: file }).then(function (response) {
+      if (!response.ok) return response.text().then(function (text) { throw new Error(file.name + ": " + text.trim()); });
+    });
+  }
+  $("upload-here").addEventListener("change", function () {
+    var files = Array.prototype.slice.call(this.files), input = this;
+    say("Uploading " + files.length + " file(s) to " + (view.folder || "the top folder") + "\u2026");
+    files.reduce(function (previous, file) { return previous.then(function () { return putFile(file); }); },
+                 Promise.resolve()).then(function () {
+      say("Uploaded " + files.length + " file(s).");
+      input.value = "";
+      reload();
+    }, function (error) { say(error.message, true); input.value = ""; reload(); });
+  });
+  var typing = null;
+  $("filter").addEventListener("input", function () { clearTimeout(typing); typing = setTimeout(reload, 250); });
+  $("state").addEventListener("change", reload);
+  $("sort").addEventListener("change", reload);
+  $("refresh").addEventListener("click", reload);
+  $("more").addEventListener("click", function () { if (view.next) load(view.next); });
+  $("logout").hidden = !config.loggedIn;
+  showFolders();
+  reload();
 })();
 </script>
 </body>

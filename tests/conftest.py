@@ -170,15 +170,16 @@ def encode_multipart(fields: dict, files, *, files_first: bool = False) -> tuple
 
 
 @contextlib.contextmanager
-def running_server(tmp_path: Path, *, limits: pyfiledrop.ServerLimits | None = None, **options):
-    """pyfiledrop in this process on port 0, with its own storage and chunks folders (and ``limits``)."""
+def running_server(tmp_path: Path, *, limits: pyfiledrop.ServerLimits | None = None, clock=None, **options):
+    """pyfiledrop in this process on port 0, with its own storage and chunks folders (and ``limits``; ``clock``
+    for the engine and the login checks)."""
     storage, chunks = tmp_path / "storage", tmp_path / "chunks"
     storage.mkdir(exist_ok=True)
     chunks.mkdir(exist_ok=True)
     options.setdefault("min_free", 0)
     config = pyfiledrop.Config(host="127.0.0.1", port=0, storage=storage, chunks=chunks, quiet=True, **options)
     events: list = []
-    engine = pyfiledrop.open_engine(config, events=events.append)
+    engine = pyfiledrop.open_engine(config, events=events.append, **({"clock": clock} if clock else {}))
     app = pyfiledrop.create_app(config, engine)
     server = pyfiledrop.make_server(app, "127.0.0.1", 0, limits=limits or pyfiledrop.ServerLimits())
     stop = threading.Event()

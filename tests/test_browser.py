@@ -1,7 +1,7 @@
 """The page in a real browser: Playwright (sync API) driving Debian's Chromium against an in-process pyfiledrop.
 
 Never downloads a browser: it uses /usr/bin/chromium and skips with a clear reason when that is missing.
-Every wait is on Dropzone's own state or on the DOM, with generous timeouts; no fixed sleeps, no timing asserts.
+Every wait is on the page's own state (window.pyfiledrop) or on the DOM, with generous timeouts; no fixed sleeps, no timing asserts.
 """
 from __future__ import annotations
 
@@ -11,36 +11,19 @@ import threading
 from pathlib import Path
 
 import pytest
+from browserkit import BROWSER_MARKS, browser  # noqa: F401 (a fixture)
 from conftest import ROOT, sha256
 
 import pyfiledrop
 
-CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = ROOT / "artifacts"
 WAIT_MS = 120_000  # a shared 2-core machine may be slow; waits end as soon as the state is reached
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is not installed (apt-get install chromium)"),
-]
+pytestmark = BROWSER_MARKS
 
-sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright for Python is not installed (pip install playwright)")
-
-LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-               "--disable-component-update", "--disable-sync"]
 
 
 # -- fixtures ---------------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def browser():
-    with sync_api.sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=LAUNCH_ARGS)
-        try:
-            yield chromium
-        finally:
-            chromium.close()
-
 
 @pytest.fixture
 def new_page(browser):
@@ -90,7 +73,7 @@ def memory_file(name: str, data: bytes) -> dict:
 
 # wait_for_function gets functions, never expression strings: the page's CSP has no 'unsafe-eval', and Playwright
 # polls an expression with eval, so a string works only when it happens to be true at the first look.
-PAGE_READY = "() => Boolean(window.pyfiledrop && window.pyfiledrop.dropzone)"
+PAGE_READY = "() => Boolean(window.pyfiledrop && window.pyfiledrop.ready)"
 
 
 def open_page(page, server):
@@ -105,17 +88,20 @@ def reload(page):
 
 
 def add_files(page, files):
-    page.set_input_files("input.dz-hidden-input", files)
+    page.set_input_files("input[type=file]", files)   # the first: the files input, as an outside suite finds it
 
 
 def wait_finished(page, count: int):
-    """Until Dropzone holds ``count`` files and each is a success or an error; their statuses."""
+    """Until the page holds ``count`` files and each is done, failed or cancelled; their states."""
     page.wait_for_function(
         """count => {
-            const files = window.pyfiledrop.dropzone.files;
-            return files.length >= count && files.every(f => f.status === "success" || f.status === "error");
+            const files = window.pyfiledrop.uploads;
+            const rows = document.querySelectorAll("#queue li");
+            const shown = [...rows].every(row => /pf-(done|failed|cancelled)/.test(row.className));
+            return files.length >= count && files.every(f => !f.active()) && shown
+                && rows.length === Math.min(files.length, 60);
         }""", arg=count, timeout=WAIT_MS)
-    return page.evaluate("window.pyfiledrop.dropzone.files.map(f => [f.name, f.status])")
+    return page.evaluate("window.pyfiledrop.uploads.map(f => [f.name, f.state])")
 
 
 def assert_stored(server, name: str, data: bytes):
@@ -139,7 +125,7 @@ def uploaded_names(page) -> list[str]:
 # -- 1. uploads of every shape ------------------------------------------------------------------------------------
 
 def test_large_file_in_parallel_chunks(make_server, page, tmp_path):
-    server = make_server(chunk_size=4 * 1024 * 1024, parallel_chunks=3)
+    server = make_server(chunk_size=4 * 1024 * 1024)
     data = payload(25 * 1000 * 1000, seed=1)
     source = tmp_path / "big.bin"
     source.write_bytes(data)
@@ -156,11 +142,11 @@ def test_large_file_in_parallel_chunks(make_server, page, tmp_path):
     page.on("requestfailed", lambda request: in_flight.discard(request))
     open_page(page, server)
     add_files(page, [str(source)])
-    assert wait_finished(page, 1) == [["big.bin", "success"]]
+    assert wait_finished(page, 1) == [["big.bin", "done"]]
     assert_stored(server, "big.bin", data)
     assert len(chunk_posts) >= pyfiledrop.chunk_count(len(data), 4 * 1024 * 1024)
-    assert most_in_flight[0] >= 2  # chunks of one file really went in parallel
-    assert page.locator("#dropper .dz-preview.dz-success").count() == 1
+    assert most_in_flight[0] >= 3  # parts of one file really went in parallel (up to six)
+    assert page.locator("#queue li.pf-done").count() == 1
     assert uploaded_names(page) == ["big.bin"]
     assert not page.errors
 
@@ -176,7 +162,7 @@ def test_small_empty_and_several_files(make_server, page):
     wait_finished(page, 2)
     add_files(page, [memory_file(name, files[name]) for name in ("a.txt", "b.txt", "c.txt")])
     statuses = wait_finished(page, 5)
-    assert sorted(statuses) == sorted([name, "success"] for name in files)
+    assert sorted(statuses) == sorted([name, "done"] for name in files)
     for name, data in files.items():
         assert_stored(server, name, data)
     assert sorted(uploaded_names(page)) == sorted(files)
@@ -189,15 +175,15 @@ def test_markup_in_a_file_name_is_shown_as_text(make_server, page):
     data = b"not markup"
     open_page(page, server)
     add_files(page, [memory_file(name, data)])
-    assert wait_finished(page, 1) == [[name, "success"]]
+    assert wait_finished(page, 1) == [[name, "done"]]
     stored = pyfiledrop.sanitize_filename(name)
     assert_stored(server, stored, data)
-    assert page.locator("#dropper .pf-name").first.text_content() == name
-    assert page.locator("#dropper .pf-status").first.text_content() == "Uploaded, stored as " + stored
+    assert page.locator("#queue .pf-name").first.text_content() == name
+    assert page.locator("#queue .pf-status").first.text_content().startswith("Uploaded as " + stored)
     assert uploaded_names(page) == [stored]
     reload(page)
     assert uploaded_names(page) == [stored]
-    assert page.locator("main img, #dropper img, #uploaded img").count() == 0
+    assert page.locator("main img").count() == 0
     assert page.dialogs == []
     assert not page.errors
 
@@ -207,7 +193,7 @@ def test_unicode_names(make_server, page):
     files = {"café.txt": "café".encode(), "文件.txt": "文件".encode(), "😀.txt": "😀".encode()}
     open_page(page, server)
     add_files(page, [memory_file(name, data) for name, data in files.items()])
-    assert sorted(wait_finished(page, 3)) == sorted([name, "success"] for name in files)
+    assert sorted(wait_finished(page, 3)) == sorted([name, "done"] for name in files)
     for name, data in files.items():
         assert_stored(server, name, data)
     assert sorted(uploaded_names(page)) == sorted(files)
@@ -223,13 +209,13 @@ def test_slow_network_does_not_time_out_queued_chunks(make_server, page, tmp_pat
     open_page(page, server)
     throttle(page, 2 * 1024 * 1024)
     add_files(page, [str(source)])
-    assert wait_finished(page, 1) == [["slow.bin", "success"]], page.locator("#dropper .pf-error").all_text_contents()
+    assert wait_finished(page, 1) == [["slow.bin", "done"]], page.locator("#queue .pf-error").all_text_contents()
     assert_stored(server, "slow.bin", data)
 
 
 def test_slow_link_shared_by_two_files(make_server, page, tmp_path):
-    # Six chunks in flight share 1 MiB/s: each needs ~6 s in all, twice the timeout, yet never stalls.
-    server = make_server(timeout_ms=3000, chunk_size=1_000_000, parallel_chunks=3)
+    # Six parts in flight share 1 MiB/s: each needs ~6 s in all, twice the timeout, yet never stalls.
+    server = make_server(timeout_ms=3000, chunk_size=1_000_000)
     files = {f"share{i}.bin": payload(6 * 1000 * 1000, seed=40 + i) for i in range(2)}
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
@@ -237,8 +223,8 @@ def test_slow_link_shared_by_two_files(make_server, page, tmp_path):
     throttle(page, 1024 * 1024)
     add_files(page, [str(tmp_path / name) for name in files])
     statuses = wait_finished(page, 2)
-    assert sorted(statuses) == sorted([name, "success"] for name in files), \
-        page.locator("#dropper .pf-error").all_text_contents()
+    assert sorted(statuses) == sorted([name, "done"] for name in files), \
+        page.locator("#queue .pf-error").all_text_contents()
     for name, data in files.items():
         assert_stored(server, name, data)
 
@@ -258,7 +244,7 @@ def test_stalled_chunk_request_is_retried(make_server, page, monkeypatch):
     try:
         open_page(page, server)
         add_files(page, [memory_file("stalled.txt", b"stalled once")])
-        assert wait_finished(page, 1) == [["stalled.txt", "success"]]
+        assert wait_finished(page, 1) == [["stalled.txt", "done"]]
         assert len(calls) >= 2
         assert_stored(server, "stalled.txt", b"stalled once")
     finally:
@@ -274,7 +260,7 @@ def test_page_only_talks_to_its_server(make_server, page):
     open_page(page, server)
     page.wait_for_load_state("networkidle")
     add_files(page, [memory_file("x.txt", b"x" * 1000)])
-    assert wait_finished(page, 1) == [["x.txt", "success"]]
+    assert wait_finished(page, 1) == [["x.txt", "done"]]
     reload(page)
     page.wait_for_load_state("networkidle")
     assert requests
@@ -338,9 +324,27 @@ def test_uploaded_list_survives_reload_and_marks_gone_files(make_server, page):
     assert page.locator("#uploaded-empty").is_visible()
 
 
+def test_opening_the_page_asks_once_for_every_remembered_file(make_server, page):
+    server = make_server()
+    open_page(page, server)
+    add_files(page, [memory_file("real.txt", b"real")])
+    wait_finished(page, 1)
+    remembered = page.evaluate("JSON.parse(localStorage.getItem('pyfiledrop.uploaded.v1'))")
+    made_up = [{"id": f"pf-{i:040}", "name": f"old {i}.txt", "size": i, "sha256": "", "at": 0} for i in range(499)]
+    page.evaluate("entries => localStorage.setItem('pyfiledrop.uploaded.v1', JSON.stringify(entries))",
+                  made_up + remembered)
+    asked = []
+    page.on("request", lambda r: asked.append(r.url) if "/api/uploads" in r.url else None)
+    reload(page)
+    page.locator("#uploaded li.pf-gone").nth(498).wait_for()
+    assert asked == [server.url + "/api/uploads/status"]
+    assert page.locator("#uploaded li").count() == 500
+    assert page.locator("#uploaded li:not(.pf-gone) .pf-name").all_text_contents() == ["real.txt"]
+
+
 def failed_once(page, message_part: str):
     """One failed preview, its error visible without hovering, nothing added to the list."""
-    errors = page.locator("#dropper .dz-preview.dz-error")
+    errors = page.locator("#queue li.pf-failed")
     assert errors.count() == 1
     box = errors.locator(".pf-error")
     assert box.is_visible()
@@ -355,8 +359,9 @@ def test_file_over_the_limit_fails_in_the_page(make_server, page):
     server = make_server(max_size_mb=1)
     open_page(page, server)
     add_files(page, [memory_file("huge.bin", payload(1024 * 1024 + 1, seed=8))])
-    assert wait_finished(page, 1) == [["huge.bin", "error"]]
+    assert wait_finished(page, 1) == [["huge.bin", "failed"]]
     failed_once(page, "Too large")
+    assert page.locator("#queue .pf-action:visible, #retry-failed:visible").count() == 0   # no Retry: same answer
     assert list(server.storage.iterdir()) == []
 
 
@@ -371,12 +376,12 @@ def test_server_413_is_shown_once(make_server, page):
 
     page.route(server.url + "/", lie_about_the_limit)
     posts = []
-    page.on("request", lambda r: posts.append(r.url) if r.method == "POST" else None)
+    page.on("request", lambda r: posts.append(r.url) if r.url.endswith("/upload") else None)
     open_page(page, server)
     add_files(page, [memory_file("toolarge.bin", payload(2 * 1024 * 1024, seed=9))])
-    assert wait_finished(page, 1) == [["toolarge.bin", "error"]]
+    assert wait_finished(page, 1) == [["toolarge.bin", "failed"]]
     failed_once(page, "File too large")
-    assert len(posts) == 1, posts  # a refusal is not retried
+    assert len(posts) <= 2, posts  # a refusal is not retried: each of the two parts went once at most
     assert list(server.storage.iterdir()) == []
 
 
@@ -388,10 +393,10 @@ def test_server_400_is_shown_once(make_server, page, monkeypatch):
 
     monkeypatch.setattr(server.engine, "put", refuse)
     posts = []
-    page.on("request", lambda r: posts.append(r.url) if r.method == "POST" else None)
+    page.on("request", lambda r: posts.append(r.url) if r.url.endswith("/upload") else None)
     open_page(page, server)
     add_files(page, [memory_file("refused.txt", b"refused")])
-    assert wait_finished(page, 1) == [["refused.txt", "error"]]
+    assert wait_finished(page, 1) == [["refused.txt", "failed"]]
     failed_once(page, "The test server refuses this chunk.")
     assert len(posts) == 1, posts
 
@@ -401,42 +406,37 @@ def test_server_400_is_shown_once(make_server, page, monkeypatch):
 RECORD_PROGRESS = """() => {
     window.pfSamples = [];
     const record = () => {
-        const preview = document.querySelector("#dropper .dz-preview");
-        if (preview) {
+        const row = document.querySelector("#queue li");
+        if (row) {
             window.pfSamples.push({
-                now: Number(preview.querySelector(".pf-bar").getAttribute("aria-valuenow")),
-                width: preview.querySelector("[data-dz-uploadprogress]").style.width,
-                status: preview.querySelector(".pf-status").textContent,
-                eta: preview.querySelector(".pf-eta").textContent,
+                now: row.querySelector("progress").value,
+                status: row.querySelector(".pf-status").textContent,
                 overall: document.getElementById("overall").textContent,
             });
         }
     };
-    new MutationObserver(record).observe(document.getElementById("dropper"),
+    new MutationObserver(record).observe(document.querySelector("main"),
         {subtree: true, attributes: true, childList: true, characterData: true});
 }"""
 
 
 def test_progress_moves_with_bytes_sent(make_server, page):
-    # One chunk only: every value between 0 and 100 comes from bytes in flight, not from finished chunks.
     server = make_server(chunk_size=16 * 1024 * 1024)
     data = payload(3 * 1000 * 1000, seed=10)
     open_page(page, server)
     page.evaluate(RECORD_PROGRESS)
     throttle(page, 1024 * 1024)
     add_files(page, [memory_file("progress.bin", data)])
-    assert wait_finished(page, 1) == [["progress.bin", "success"]]
+    assert wait_finished(page, 1) == [["progress.bin", "done"]]
     assert_stored(server, "progress.bin", data)
     samples = page.evaluate("window.pfSamples")
     between = sorted({s["now"] for s in samples if 0 < s["now"] < 100})
     assert len(between) >= 3, between
-    widths = {s["width"] for s in samples if s["width"] not in ("", "0%", "100%")}
-    assert len(widths) >= 3, widths
-    assert any("/s" in s["status"] for s in samples), samples[-5:]
-    assert any(s["eta"].endswith("left") for s in samples), samples[-5:]
-    bar = page.locator("#dropper .pf-bar")
-    assert bar.get_attribute("aria-valuenow") == "100"
-    assert page.locator("#dropper [data-dz-uploadprogress]").evaluate("e => e.style.width") == "100%"
+    assert any("/s" in s["status"] and s["status"].endswith("left") for s in samples), samples[-5:]
+    assert not [s for s in samples if "NaN" in s["status"] + s["overall"]], samples[-5:]
+    page.wait_for_function("() => document.querySelector('#queue .pf-status').textContent.includes('sha256 checked')")
+    assert sha256(data)[:16] in page.locator("#queue .pf-status").text_content()
+    assert page.locator("#queue progress").evaluate("e => e.value") == 100
 
 
 def test_overall_line_for_a_batch(make_server, page):
@@ -446,31 +446,88 @@ def test_overall_line_for_a_batch(make_server, page):
     page.evaluate(RECORD_PROGRESS)
     throttle(page, 2 * 1024 * 1024)
     add_files(page, [memory_file(name, data) for name, data in files.items()])
-    assert sorted(wait_finished(page, 3)) == sorted([name, "success"] for name in files)
+    assert sorted(wait_finished(page, 3)) == sorted([name, "done"] for name in files)
     overall = [s["overall"] for s in page.evaluate("window.pfSamples")]
     assert any("of 3 files uploaded" in text and "/s" in text and "left" in text for text in overall), overall[-5:]
     page.wait_for_function("() => document.getElementById('overall').textContent.startsWith('3 of 3 files uploaded')")
+    # a screen reader hears the outcome once, in a polite live region, not every tick of the progress
+    page.wait_for_function("() => document.getElementById('announce').textContent === '3 of 3 files uploaded.'")
+    assert page.locator("#announce").get_attribute("aria-live") == "polite"
     for name, data in files.items():
         assert_stored(server, name, data)
 
 
-# -- 6. phone and desktop -----------------------------------------------------------------------------------------
+def test_small_sizes_are_whole_bytes(make_server, page):
+    server = make_server()
+    open_page(page, server)
+    add_files(page, [memory_file("tiny.txt", b"x" * 59)])
+    wait_finished(page, 1)
+    assert page.locator("#uploaded .pf-meta").first.text_content() == "59 B"
+
+
+# -- 6. cancel and retry ------------------------------------------------------------------------------------------
+
+def test_cancel_stops_the_upload_and_removes_its_partial_file(make_server, page, tmp_path):
+    server = make_server(chunk_size=1024 * 1024)
+    source = tmp_path / "cancel.bin"
+    source.write_bytes(payload(30 * 1000 * 1000, seed=11))
+    open_page(page, server)
+    throttle(page, 2 * 1024 * 1024)
+    add_files(page, [str(source)])
+    page.wait_for_function("() => window.pyfiledrop.uploads[0].acked > 0")
+    page.get_by_role("button", name="Cancel cancel.bin").click()
+    assert wait_finished(page, 1) == [["cancel.bin", "cancelled"]]
+    deadline = threading.Event()
+    for _ in range(200):
+        if not [name for name in os.listdir(server.chunks) if name.endswith(".part")]:
+            break
+        deadline.wait(0.05)
+    assert [name for name in os.listdir(server.chunks) if name.endswith(".part")] == []
+    upload_id = page.evaluate("window.pyfiledrop.uploads[0].id")
+    assert server.engine.info(upload_id).state is pyfiledrop.State.DELETED
+    assert list(server.storage.iterdir()) == []
+    assert "1 cancelled" in page.locator("#overall").text_content()
+    page.get_by_role("button", name="Retry cancel.bin").wait_for()
+
+
+def test_a_failed_file_offers_retry(make_server, page, monkeypatch):
+    server = make_server()
+    put = server.engine.put
+
+    def refuse(*args, **kwargs):
+        raise pyfiledrop.BadRequest("The test server refuses this chunk.")
+
+    monkeypatch.setattr(server.engine, "put", refuse)
+    open_page(page, server)
+    add_files(page, [memory_file("again.txt", b"again")])
+    assert wait_finished(page, 1) == [["again.txt", "failed"]]
+    monkeypatch.setattr(server.engine, "put", put)
+    page.get_by_role("button", name="Retry again.txt").click()
+    assert wait_finished(page, 1) == [["again.txt", "done"]]
+    assert_stored(server, "again.txt", b"again")
+    page.wait_for_function("() => document.getElementById('overall').textContent === '1 of 1 file uploaded'")
+
+
+# -- 7. phone and desktop -----------------------------------------------------------------------------------------
+
+LONG_NAME = "holiday-photos-from-the-seaside-2024-all-of-them-in-one-archive-and-then-some-more.zip"
+
 
 def populate(page, server):
     """A page with something in it to look at: a batch of two finished uploads and one refused file."""
     open_page(page, server)
-    add_files(page, [memory_file("holiday-photos-from-the-seaside-2024-all-of-them-in-one-archive.zip",
-                                 payload(300_000, seed=30)),
+    add_files(page, [memory_file(LONG_NAME, payload(300_000, seed=30)),
                      memory_file("notes.txt", b"notes"),
                      memory_file("too-big.iso", payload(1536 * 1024, seed=31))])
     wait_finished(page, 3)
     page.wait_for_function("() => document.getElementById('overall').textContent === '2 of 3 files uploaded, 1 failed'")
 
 
-@pytest.mark.parametrize("width,height,label", [(390, 844, "phone"), (1280, 800, "desktop")])
-def test_layout(make_server, new_page, width, height, label):
+@pytest.mark.parametrize("width,height,label,scheme", [(360, 740, "phone", "light"), (1280, 800, "desktop", "light"),
+                                                       (360, 740, "phone-dark", "dark")])
+def test_layout(make_server, new_page, width, height, label, scheme):
     server = make_server(max_size_mb=1, allow_downloads=True)
-    page = new_page(viewport={"width": width, "height": height})
+    page = new_page(viewport={"width": width, "height": height}, color_scheme=scheme)
     populate(page, server)
     page.evaluate("document.activeElement && document.activeElement.blur()")
     overflow = page.evaluate("[document.documentElement.scrollWidth, document.documentElement.clientWidth]")
@@ -478,37 +535,39 @@ def test_layout(make_server, new_page, width, height, label):
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / f"page-{label}-{width}.png"), full_page=True)
 
-    # With files in it, the drop area still says what it is and stays a big target for choosing more.
-    message = page.locator("#dropper .dz-message")
-    assert message.is_visible()
-    box = message.bounding_box()
-    assert box["height"] >= 44 and box["width"] >= min(width - 60, 300), box
-    for selector in ("body", "#dropper .dz-message", "#dropper .pf-name", "#uploaded .pf-name", ".dz-error .pf-error"):
+    # With files in it, the drop area still says what it is and its buttons stay big targets.
+    button = page.get_by_role("button", name="Choose files")
+    box = button.bounding_box()
+    assert box["height"] >= 44 and box["width"] >= 100, box
+    for selector in ("body", "#dropper p", "#queue .pf-name", "#uploaded .pf-name", ".pf-failed .pf-error"):
         size = page.locator(selector).first.evaluate("e => parseFloat(getComputedStyle(e).fontSize)")
         assert size >= 14, (selector, size)
-    assert page.locator("#dropper .dz-error .pf-error").is_visible()
+    assert page.locator("#queue .pf-failed .pf-error").is_visible()
+    background = page.evaluate("getComputedStyle(document.body).backgroundColor")
+    dark = sum(int(n) for n in background[background.index("(") + 1:-1].split(",")[:3]) < 3 * 96
+    assert dark == (scheme == "dark"), background
     with page.expect_file_chooser(timeout=15_000) as chooser:
-        page.locator("#dropper .dz-message").click()
+        button.click()
     assert chooser.value.is_multiple()
 
 
-# -- 7. keyboard and screen readers -------------------------------------------------------------------------------
+# -- 8. keyboard and screen readers -------------------------------------------------------------------------------
 
-def test_keyboard_and_accessible_name(make_server, page):
+def test_keyboard_and_accessible_names(make_server, page):
     server = make_server()
     open_page(page, server)
-    dropper = page.get_by_role("button", name="Upload new files")
-    assert dropper.get_attribute("id") == "dropper"
     for _ in range(10):
         page.keyboard.press("Tab")
-        if page.evaluate("document.activeElement.id") == "dropper":
+        if page.evaluate("document.activeElement.id") == "choose-files":
             break
-    assert page.evaluate("document.activeElement.id") == "dropper"
+    assert page.evaluate("document.activeElement.id") == "choose-files"
     with page.expect_file_chooser(timeout=15_000) as chooser:
         page.keyboard.press("Enter")
     chooser.value.set_files([memory_file("keyboard.txt", b"typed")])
-    assert wait_finished(page, 1) == [["keyboard.txt", "success"]]
+    assert wait_finished(page, 1) == [["keyboard.txt", "done"]]
     assert_stored(server, "keyboard.txt", b"typed")
-    page.locator("#dropper").focus()
+    assert page.get_by_role("progressbar", name="keyboard.txt").count() == 1
+    assert page.locator("[role=button] #queue, [role=button] progress").count() == 0   # no cards in a button
+    page.get_by_role("button", name="Choose a folder").focus()
     with page.expect_file_chooser(timeout=15_000):
         page.keyboard.press(" ")

@@ -56,6 +56,8 @@ def test_build_the_executable_and_smoke_test_it(tmp_path):
     assert executable.is_file()
     assert f"smoke: {executable.name} passed" in result.stdout
     assert "stored in app/storage/" in result.stdout.replace("\\", "/")
+    assert "smoke: --tls made a certificate, kept it for the next start" in result.stdout
+    assert "took an upload over HTTPS" in result.stdout
     # the smoke test also passes on its own, on the file just built
     result = subprocess.run([sys.executable, str(ROOT / "build.py"), "--smoke-only", str(executable)],
                             capture_output=True, text=True, timeout=300)

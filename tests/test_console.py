@@ -56,6 +56,14 @@ def interrupt(process: subprocess.Popen, output: Output) -> str:
 
 # -- banner ---------------------------------------------------------------------------------------------------
 
+def test_retired_dropzone_options_say_so_at_start(tmp_path):
+    with cli_server([*folders(tmp_path), "--dz-cdn", "https://cdn.example", "--dz-version", "5.9.3"]) as (process, _):
+        output = Output(process)
+        output.wait_for(lambda text: "Press Ctrl+C to stop." in text)
+        text = interrupt(process, output)
+    assert "--dz-cdn and --dz-version are retired" in text and "ignored" in text
+
+
 def test_banner_shows_version_folders_limits_every_url_and_a_qr_code(tmp_path):
     with cli_server(["--host", "0.0.0.0", *folders(tmp_path), "--max-size", "123"]) as (process, port):
         output = Output(process)
@@ -88,7 +96,7 @@ def test_no_qr_leaves_the_code_out(tmp_path):
 
 def test_without_segno_the_qr_code_is_left_out_with_a_warning(tmp_path):
     program = (f"import runpy, sys; sys.modules['segno'] = None; sys.argv = {['pyfiledrop', *folders(tmp_path)]!r}"
-               f" + ['--host', '127.0.0.1', '-p', sys.argv[1]]; runpy.run_path({str(ROOT / 'pyfiledrop.py')!r},"
+               f" + ['--host', '0.0.0.0', '-p', sys.argv[1]]; runpy.run_path({str(ROOT / 'pyfiledrop.py')!r},"
                " run_name='__main__')")
     process = subprocess.Popen([sys.executable, "-c", program, str(free_port())], stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -123,8 +131,8 @@ def test_one_line_per_stored_file_and_no_access_log(tmp_path):
         text = interrupt(process, output)
     stored = [line for line in text.splitlines() if re.match(r"\d\d:\d\d:\d\d stored ", line)]
     assert len(stored) == 1, text
-    assert re.fullmatch(r'\d\d:\d\d:\d\d stored "report\.pdf" 100\.0 KB in [0-9.]+ s \([0-9.]+ MB/s\) '
-                        rf'sha256 {sha256(data)} from 127\.0\.0\.1', stored[0]), stored[0]
+    assert re.fullmatch(r'\d\d:\d\d:\d\d stored "report\.pdf" 97\.66 KiB in [0-9.]+ s \([0-9.]+ MiB/s\) '
+                        rf'sha256 {sha256(data)[:12]}\u2026 from 127\.0\.0\.1', stored[0]), stored[0]
     assert reply["sha256"] == sha256(data)
     assert "POST" not in text and "GET" not in text and "receiving" not in text
     assert text.splitlines()[-1] == "Stopped. 1 file(s) stored this session."
@@ -159,7 +167,7 @@ def test_progress_lines_for_a_slow_upload_are_throttled(tmp_path):
     # first after 2 s, then at most one a second: a bound from the client's own clock, which runs longer
     assert len(progress) <= elapsed - 2 + 1, (elapsed, progress)
     for line in progress:
-        assert re.fullmatch(r'\d\d:\d\d:\d\d receiving "slow\.bin" \d{1,2}% of 192\.0 KB, [0-9.]+ MB/s.*', line), line
+        assert re.fullmatch(r'\d\d:\d\d:\d\d receiving "slow\.bin" \d{1,2}% of 187\.5 KiB, [0-9.]+ MiB/s.*', line), line
     assert text.index(" receiving ") < text.index(" stored ")
 
 
@@ -294,7 +302,7 @@ def test_terminal_progress_redraws_one_status_line():
     drawn = out.getvalue()
     assert "\n" not in drawn
     assert 1 <= drawn.count("receiving") <= 3, drawn   # from 2 s on, once a second
-    assert re.search(r'\rreceiving "big\.iso" \d+% of 50\.0 MB, [0-9.]+ MB/s, \d+ s left\Z', drawn), drawn
+    assert re.search(r'\rreceiving "big\.iso" \d+% of 47\.68 MiB, [0-9.]+ MiB/s, \d+ s left\Z', drawn), drawn
     console.write("a log line")  # clears the status line, prints, draws it again below
     assert re.match(r"\r +\ra log line\nreceiving [^\r\n]+\Z", out.getvalue()[len(drawn):])
     stored = pyfiledrop.UploadInfo(id="a", name="big.iso", size=50_000_000, part_size=1, client="", created=started,

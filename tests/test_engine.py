@@ -346,11 +346,11 @@ class LedgerThatFailsOnce(Ledger):
 
     failed = False
 
-    def save(self, *infos):
+    def save(self, *infos, **options):
         if not self.failed and any(info.state is State.STORED for info in infos):
             LedgerThatFailsOnce.failed = True
             raise OSError(28, "No space left on device")
-        return super().save(*infos)
+        return super().save(*infos, **options)
 
 
 def test_a_failed_record_of_completion_is_retried_without_a_second_copy(tmp_path):

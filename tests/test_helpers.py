@@ -153,7 +153,7 @@ def test_parse_args_keeps_the_original_options(tmp_path):
     assert (config.port, config.max_size_bytes, config.timeout_ms, config.chunk_size) == (8080, 5 * 2 ** 20, 1000, 1000)
     assert config.parallel_chunks == 1 and not config.force_chunking and config.allow_downloads
     assert config.storage == (tmp_path / "s").resolve()
-    assert pyfiledrop.dropzone_urls(config)[0] == "https://cdn.example/5.9.3/min/dropzone.min.js"
+    assert (config.dz_cdn, config.dz_version) == ("https://cdn.example", "5.9.3")   # retired, still accepted
 
 
 @pytest.mark.parametrize("size, shown", [(4 * 2 ** 20, "4 MiB"), (8 * 2 ** 20, "8 MiB"), (1_000_000, "976.6 KiB"),

@@ -44,15 +44,19 @@ def test_page_is_self_contained(server):
     for ref in references:
         status, headers, asset = server.request("GET", ref)
         assert status == 200 and len(asset) > 100, ref
-    js = next(r for r in references if r.endswith(".js"))
-    assert b"Dropzone" in server.request("GET", js)[2]
+    config = json.loads(re.search(r'id="pyfiledrop-config" type="application/json">([^<]*)<', page).group(1))
+    status, headers, worker = server.request("GET", config["workerUrl"])
+    assert status == 200 and headers["Content-Type"].startswith("application/javascript")
+    hash_wasm = re.search(rb'importScripts\("([^"]+)"\)', worker).group(1).decode()
+    status, _, library = server.request("GET", hash_wasm)
+    assert status == 200 and b"hash-wasm" in library and b"createSHA256" in library
 
 
-def test_cdn_option_points_the_page_at_the_cdn(make_server):
+def test_retired_cdn_options_load_nothing_from_a_cdn(make_server):
     running = make_server(dz_cdn="https://cdn.example.org/dropzone", dz_version="6.3.5")
     status, headers, body = running.request("GET", "/")
-    assert 'src="https://cdn.example.org/dropzone/6.3.5/dropzone-min.js"' in body.decode()
-    assert "https://cdn.example.org" in headers["Content-Security-Policy"]
+    assert status == 200 and "cdn.example.org" not in body.decode()
+    assert "cdn.example.org" not in headers["Content-Security-Policy"]
 
 
 def test_index_override_is_served(make_server, tmp_path):

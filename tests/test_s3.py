@@ -602,34 +602,31 @@ def test_downloads_stream_from_the_store_with_range(nodes, s3, bucket):
 
 # -- the page ----------------------------------------------------------------------------------------------------
 
-CHROMIUM = "/usr/bin/chromium"
-
-
 @pytest.mark.browser
-@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is not installed (apt-get install chromium)")
+@pytest.mark.skipif(not os.path.exists("/usr/bin/chromium"), reason="/usr/bin/chromium is not installed")
 def test_the_page_in_chromium_stores_byte_identical_objects(nodes, s3, bucket, tmp_path):
-    sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright for Python is not installed")
+    browserkit = pytest.importorskip("browserkit", reason="Playwright for Python is not installed")
     node, = nodes(chunk_size=5 * MIB, parallel_chunks=3)
     files = {"big.bin": os.urandom(17 * MIB + 3), "small.txt": b"hello\n", "empty.txt": b""}
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                             args=["--no-sandbox", "--disable-gpu", "--no-first-run"])
+    with browserkit.sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=browserkit.CHROMIUM, headless=True,
+                                             args=browserkit.LAUNCH_ARGS)
         try:
             page = browser.new_page()
             page.set_default_timeout(120_000)
             page.goto(f"http://127.0.0.1:{node.port}/")
-            page.wait_for_function("() => Boolean(window.pyfiledrop && window.pyfiledrop.dropzone)")
-            page.set_input_files("input.dz-hidden-input", [str(tmp_path / name) for name in files])
+            page.wait_for_function("() => Boolean(window.pyfiledrop && window.pyfiledrop.ready)")
+            page.set_input_files("input[type=file]", [str(tmp_path / name) for name in files])
             page.wait_for_function("""count => {
-                const files = window.pyfiledrop.dropzone.files;
-                return files.length >= count && files.every(f => f.status === "success" || f.status === "error");
+                const files = window.pyfiledrop.uploads;
+                return files.length >= count && files.every(f => !f.active());
             }""", arg=len(files))
-            statuses = page.evaluate("window.pyfiledrop.dropzone.files.map(f => [f.name, f.status])")
+            statuses = page.evaluate("window.pyfiledrop.uploads.map(f => [f.name, f.state])")
         finally:
             browser.close()
-    assert sorted(statuses) == sorted([name, "success"] for name in files)
+    assert sorted(statuses) == sorted([name, "done"] for name in files)
     for name, data in files.items():
         assert stored(s3, bucket, name) == data
     assert user_objects(s3, bucket) == sorted(files) and not multipart_uploads(s3, bucket)

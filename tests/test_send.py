@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+import pyfiledrop
 from conftest import ROOT, cli_server, running_server
 
 
@@ -168,3 +169,21 @@ def test_files_that_do_not_make_it_are_named_and_the_exit_status_says_so(make_se
 def test_a_wrong_address_is_one_clear_line(tmp_path):
     result = send([str(ROOT / "README.md"), "--to", "ftp://host/x", "--state", str(tmp_path / "s.json")])
     assert result.returncode == 2 and "expected an http:// or https:// address" in result.stderr
+
+
+def test_to_an_https_server_with_its_own_certificate_the_fingerprint_is_what_is_trusted(tmp_path):
+    folders = ["-s", str(tmp_path / "storage"), "-c", str(tmp_path / "chunks"), "--min-free", "0", "-q", "--tls"]
+    source = tmp_path / "secret.txt"
+    source.write_bytes(b"over https")
+    with cli_server(folders) as (process, port):
+        wait_until(lambda: (tmp_path / "chunks" / pyfiledrop.TLS_CERT_NAME).exists())
+        fingerprint = pyfiledrop.certificate_fingerprint(tmp_path / "chunks" / pyfiledrop.TLS_CERT_NAME)
+        to = ["--to", f"https://127.0.0.1:{port}", "--state", str(tmp_path / "state.json")]
+        untrusted = send([str(source), *to])
+        assert untrusted.returncode == 1 and "give --fingerprint" in untrusted.stderr
+        wrong = send([str(source), *to, "--fingerprint", "00" * 32])
+        assert wrong.returncode == 1 and "another fingerprint" in wrong.stderr
+        assert not (tmp_path / "storage" / "secret.txt").exists()
+        trusted = send([str(source), *to, "--fingerprint", fingerprint.lower()])
+        assert trusted.returncode == 0, trusted.stderr
+    assert (tmp_path / "storage" / "secret.txt").read_bytes() == b"over https"

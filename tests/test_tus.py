@@ -327,3 +327,13 @@ def test_a_file_stored_under_the_same_name_with_the_same_content_is_not_sent_aga
     (server.storage / "f" / "same.txt").write_bytes(b"edited")   # changed by hand: no longer the same file
     changed_size, _ = create(server, len(data), metadata)
     assert changed_size != first
+
+
+def test_x_http_method_override_is_the_method(server):
+    upload_id, _ = create(server, 4, f"filename {b64('o.txt')}")
+    status, headers, _ = server.request("POST", f"/tus/{upload_id}", b"abcd", {
+        **V, "X-HTTP-Method-Override": "PATCH", "Upload-Offset": "0",
+        "Content-Type": "application/offset+octet-stream"})
+    assert status == 204 and headers["Upload-Offset"] == "4"
+    assert (server.storage / "o.txt").read_bytes() == b"abcd"
+    assert server.request("POST", f"/tus/{upload_id}", None, {**V, "X-HTTP-Method-Override": "GET"})[0] == 400
