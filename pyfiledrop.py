@@ -357,6 +357,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
         s3 = parse_s3_url(args.s3, args.s3_region) if args.s3 else None
     except ValueError as error:
         parser.error(f"--s3: {error}")
+    if s3 is not None and args.expire_after is not None:
+        parser.error("--expire-after does not work with --s3 yet (set an expiry rule on the bucket instead)")
     return Config(
         host=args.host,
         port=args.port,
@@ -2193,6 +2195,8 @@ def storage_presence(backend: LocalBackend, info: UploadInfo, mark: tuple[int, i
     """Whether a stored upload's file is still there as stored: "present", "missing" (removed by hand),
     "changed" (modified or replaced by hand: another size, or another inode or mtime than recorded when it was
     stored), or "" for an upload not stored."""
+    if hasattr(backend, "presence"):  # an object store: the object's own metadata says
+        return backend.presence(info)
     if info.state is not State.STORED or not info.stored_name:
         return ""
     try:
@@ -2546,6 +2550,16 @@ class ObjectStore:
             for page in pages:
                 yield from page.get("Contents", ())
 
+    def folders(self, prefix: str) -> list[str]:
+        """The names of the "folders" directly under ``prefix`` (common prefixes), hidden ones left out."""
+        names = []
+        with self.guarded("list folders"):
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix,
+                                                                          Delimiter="/")
+            for page in pages:
+                names += [item["Prefix"][len(prefix):].rstrip("/") for item in page.get("CommonPrefixes", ())]
+        return sorted(name for name in names if name and not name.startswith("."))
+
     # -- streams ----------------------------------------------------------------------------------------------
     def put_stream(self, key: str, body: _StreamBody, **extra) -> str:
         with self.guarded("save bytes"):
@@ -2777,6 +2791,9 @@ class S3Engine:
         self._whole: dict[str, _S3Upload] = {}    # uploads of one request in flight on this node
         self._busy: dict[str, int] = {}           # uploads with a request running on this node (not to expire)
         self._hashing: set[str] = set()
+        # One merge of a part at a time on this node: two requests that both found a part whole (the page sends
+        # small parts six at a time) would otherwise both read its staged objects while the first removes them.
+        self._merging = [threading.Lock() for _ in range(64)]
         self._settled: dict[str, _S3Upload] = {}  # records read that no longer change, by their ETag
         self._receiving: dict[str, _S3Upload] = {}  # records read of uploads receiving (their fixed fields)
         self._parts_seen: dict[str, dict[int, dict]] = {}  # whole parts seen of those uploads
@@ -2899,11 +2916,19 @@ class S3Engine:
         for number in range(MAX_NAME_ATTEMPTS):
             candidate = f"{folder}/{numbered_name(leaf, number)}" if folder else numbered_name(leaf, number)
             if self.store.put_if(self._claim_key(candidate), upload_id.encode()) is None:
+                if self._claimed_by(candidate) == upload_id:
+                    return candidate  # this upload's first requests on two nodes at once: one name for both
                 continue  # another upload still receiving holds it
             if self.store.head(self.store.key(candidate)) is None:
                 return candidate
             self.store.delete(self._claim_key(candidate))
         raise Conflict("Too many files with this name already.")
+
+    def _claimed_by(self, name: str) -> str | None:
+        try:
+            return b"".join(self.store.read(self._claim_key(name))).decode("utf-8", "replace")
+        except UploadError:   # dropped meanwhile
+            return None
 
     def _begin(self, key: str, upload_id: str) -> str:
         with self.store.guarded("start an upload"):
@@ -2956,7 +2981,12 @@ class S3Engine:
         if saved:
             self._remember(upload)
             return info
-        self._release(upload)  # another node created it at the same moment: its record counts
+        # Another node created it at the same moment: its record counts, and what it staged (its claim too, if it
+        # is this name); only this node's own multipart upload goes.
+        winner = self._load(upload_id)
+        self._release_multipart(upload)
+        if winner is None or winner.key != upload.key:
+            self.store.delete(self._claim_key(upload.key))
         return self.create(upload_id, name, size=size, part_size=part_size, client=client, mtime=mtime)
 
     # -- what arrived -----------------------------------------------------------------------------------------
@@ -3137,19 +3167,20 @@ class S3Engine:
         bytes never wait in a node between requests).  A merge that fails is done again by a later one."""
         merged = {}
         for number in sorted(numbers):
-            segments = []
-            for item in self.store.listing(self._staged_prefix(upload.info.id, number)):
-                span = _staged_span(item["Key"])
-                if span is not None and item["Size"] == span[1] - span[0]:
-                    segments.append((*span, item["Key"]))
-            part_start, part_end = upload.part_span(number)
-            if not _covers(((low, high) for low, high, _ in segments), part_start, part_end):
-                continue
-            try:
-                merged[number] = self._merge(upload, number, segments)
-            except (UploadError, NoSuchUpload) as error:
-                log.info("merging part %d of %s failed (done again later): %s", number, upload.info.name,
-                         getattr(error, "message", error))
+            with self._merging[hash((upload.info.id, number)) % 64]:  # listed inside: a merge just done left none
+                segments = []
+                for item in self.store.listing(self._staged_prefix(upload.info.id, number)):
+                    span = _staged_span(item["Key"])
+                    if span is not None and item["Size"] == span[1] - span[0]:
+                        segments.append((*span, item["Key"]))
+                part_start, part_end = upload.part_span(number)
+                if not _covers(((low, high) for low, high, _ in segments), part_start, part_end):
+                    continue
+                try:
+                    merged[number] = self._merge(upload, number, segments)
+                except (UploadError, NoSuchUpload) as error:
+                    log.info("merging part %d of %s failed (done again later): %s", number, upload.info.name,
+                             getattr(error, "message", error))
         return merged
 
     def _merge(self, upload: _S3Upload, number: int, segments: list[tuple[int, int, str]]) -> str:
@@ -3471,6 +3502,81 @@ class S3Engine:
                 self.store.put_if(self.store.meta(f"sha256/{info.sha256}-{info.size}/{info.id}"), b"")
 
 
+    def session_key(self) -> bytes:
+        """The key that signs login cookies, one for every node: ``.pyfiledrop/session.json``, written once with
+        If-None-Match (two nodes starting at once: the first one's key counts, the other reads it)."""
+        key = self.store.meta("session.json")
+        for _ in range(3):
+            found = self.store.get_json(key)
+            if found is not None and re.fullmatch(r"[0-9a-f]{64}", str(found[0].get("key"))):
+                return bytes.fromhex(found[0]["key"])
+            made = os.urandom(32)
+            if self.store.put_if(key, json.dumps({"key": made.hex()}).encode(),
+                                 etag=found[1] if found else None) is not None:
+                return made
+        raise StorageFailure("The login key in the object store cannot be read or written.")
+
+    # -- what main's routes ask: part checks, content, the files page ------------------------------------------
+    def received_part_matches(self, upload_id: str, start: int, end: int, sha256: bytes) -> bool:
+        """As ``Engine.received_part_matches`` where the bytes can be read back: staged objects.  Bytes already in
+        whole S3 parts cannot be (S3 reads no part of an open multipart upload), so they are not judged (True); a
+        part sent again with a checksum replaces them only if the new bytes match it."""
+        upload = self._load(upload_id, cached=True)
+        if upload is None or upload.ephemeral or upload.info.state is not State.RECEIVING:
+            return True
+        info, _, staged = self._received(upload)
+        if info.state is not State.RECEIVING or range_holes(info.received, start, end):
+            return True
+        pieces = sorted((span, item["Key"]) for item in staged
+                        if (span := _staged_span(item["Key"])) and span[0] < end and span[1] > start)
+        if not _covers((span for span, _ in pieces), start, end):
+            return True
+        hasher, position = hashlib.sha256(), start
+        try:
+            for (low, high), key in pieces:
+                if high > position:
+                    for block in self.store.read(key, position - low, min(high, end) - low):
+                        hasher.update(block)
+                    position = min(high, end)
+        except UploadError:  # merged into its part meanwhile: no longer readable, not judged
+            return True
+        return hmac.compare_digest(hasher.digest(), sha256)
+
+    def find_content(self, sha256: str, size: int) -> UploadInfo | None:
+        """Dedup at finish is off with an object store (S3 has no links): never a match."""
+        return None
+
+    def complete_by_content(self, upload_id: str, sha256: str) -> UploadInfo | None:
+        """Nothing is stored by content with an object store: the upload goes on (``find_content``)."""
+        return None
+
+    def delete(self, upload_id: str) -> UploadInfo:
+        """As ``Engine.delete``: a receiving upload is aborted; a stored one's object is removed (only if it is
+        still the one this upload stored: its metadata says so), then its record says deleted."""
+        info = self.info(upload_id)
+        if info.state is State.RECEIVING:
+            info = self.abort(upload_id, "deleted on the files page")
+        if info.state is not State.STORED:
+            return info
+        key = self.store.key(info.stored_name)
+        head = self.store.head(key)
+        if head is not None and head.get("Metadata", {}).get("pyfiledrop-id") != info.id:
+            raise Conflict("Another object is at that name in the store now, so it was left in place.")
+        index = [self.store.meta(f"sha256/{info.sha256}-{info.size}/{info.id}")] if info.sha256 else []
+        self.store.delete(*([key] if head is not None else []), *index)
+        self.checkpoint("removed")  # a stop here leaves a stored record of a missing object: deleting again ends it
+        changed = self._change(upload_id, lambda current: dataclasses.replace(
+            current.info, state=State.DELETED, updated=self.clock(), reason="deleted on the files page")
+            if current.info.state is State.STORED else None)
+        return changed.info if changed else self.info(upload_id)
+
+
+class NotWithObjectStore(UploadError):
+    """What needs a local folder or ledger (folders of the files page, renames) refused under ``--s3``."""
+
+    status = 501
+
+
 class S3Records:
     """What the adapters ask of the ledger, answered from the records in the store."""
 
@@ -3485,6 +3591,24 @@ class S3Records:
                 found.append(upload.info)
         return sorted(found, key=lambda info: info.created, reverse=True)
 
+    def select(self, where: str, arguments: Mapping, order: str = "created DESC, id DESC",
+               limit: int = 100) -> list[UploadInfo]:
+        """As ``Ledger.select``, over a snapshot of every record in the store (an in-memory SQLite of the
+        ledger's schema), so the files page's filters, orders and pages are the same SQL as with a folder."""
+        snapshot = Ledger(":memory:")
+        try:
+            snapshot.save(*(self.engine._received(upload)[0] for upload in self.engine._records()))
+            return snapshot.select(where, arguments, order, limit)
+        finally:
+            snapshot.close()
+
+    def marks(self, upload_ids: Iterable[str]) -> dict[str, tuple[int, int, int, int]]:
+        """No inode marks in a store: an object's metadata names its upload instead (``S3Files.presence``)."""
+        return {}
+
+    def rename_folder(self, old: str, new: str) -> int:
+        raise NotWithObjectStore("Folders cannot be renamed with --s3.")
+
     def close(self) -> None:
         """Nothing to close: every record is in the store."""
 
@@ -3493,7 +3617,29 @@ class S3Files:
     """What the adapters ask of the backend about stored files: there, their size, a download with Range."""
 
     def __init__(self, engine: S3Engine):
+        self.engine = engine
         self.store = engine.store
+
+    def part_stat(self, upload_id: str) -> dict | None:
+        """Something (its record) while an upload can still receive, as a partial file's stat is; else None."""
+        upload = self.engine._load(upload_id, cached=True)
+        return None if upload is None or upload.info.state is not State.RECEIVING else {"id": upload_id}
+
+    def presence(self, info: UploadInfo) -> str:
+        """As ``storage_presence``: "present", "missing", "changed" (another object at the name, or another
+        size), "" for an upload not stored."""
+        if info.state is not State.STORED or not info.stored_name:
+            return ""
+        head = self.store.head(self.store.key(info.stored_name))
+        if head is None:
+            return "missing"
+        if head.get("Metadata", {}).get("pyfiledrop-id") != info.id or head["ContentLength"] != info.size:
+            return "changed"
+        return "present"
+
+    def folders(self, path: str) -> list[str]:
+        """The folders directly in ``path`` ("a/b" or ""), from the store's common prefixes."""
+        return self.store.folders(self.store.key(path + "/" if path else ""))
 
     def stored_exists(self, stored_name: str) -> bool:
         return self.store.head(self.store.key(stored_name)) is not None
@@ -4812,8 +4958,9 @@ def _login_routes(app: bottle.Bottle, auth: Authenticator | None, events: Callab
 def _authenticator(config: Config, engine: Engine) -> Authenticator | None:
     if config.password is None and config.admin_password is None:
         return None
-    return Authenticator(config.password, config.admin_password, load_session_key(config.chunks),
-                         clock=engine.clock)
+    # With --s3 every node signs and checks login cookies with one key, kept in the store.
+    key = engine.session_key() if hasattr(engine, "session_key") else load_session_key(config.chunks)
+    return Authenticator(config.password, config.admin_password, key, clock=engine.clock)
 
 
 ###############################################################################
@@ -5248,6 +5395,8 @@ def _folder_on_disk(engine: Engine, path: str) -> Path:
 
 
 def list_folders(engine: Engine, path: str) -> dict:
+    if hasattr(engine.backend, "folders"):  # an object store: its common prefixes
+        return {"path": path, "folders": engine.backend.folders(path)}
     folder = _folder_on_disk(engine, path)
     try:
         with os.scandir(folder) as entries:
@@ -5262,6 +5411,9 @@ def list_folders(engine: Engine, path: str) -> dict:
 
 def change_folder(engine: Engine, action: str, path: str, to: str = "") -> dict:
     """Create, rename (its stored uploads' records follow) or delete (only when empty) a storage folder."""
+    if not hasattr(engine.backend, "storage"):  # an object store has no folders of its own, only names
+        done = {"create": "created", "rename": "renamed", "delete": "deleted"}[action]
+        raise NotWithObjectStore(f"Folders cannot be {done} with --s3.")
     folder = _folder_on_disk(engine, path)
     try:
         if action == "create":
@@ -8756,6 +8908,7 @@ INDEX_HTML = r"""<!doctype html>
   };
   Upload.prototype.checkResult = function () {
     if (!this.whole || !this.result || this.checked) return;
+    if (this.result.sha256 == null) return this.askHashLater(1000);   // --s3: hashed once stored, in the background
     this.checked = true;
     changed = true;
     if (this.result.sha256 === this.whole) return;
@@ -8764,6 +8917,21 @@ INDEX_HTML = r"""<!doctype html>
     this.idPrefix = "pf-" + Math.random().toString(36).slice(2, 10) + "-";   // a Retry goes under a new id
     totals.done -= 1;
     totals.failed += 1;
+  };
+  Upload.prototype.askHashLater = function (wait) {
+    var upload = this;
+    if (this.askingHash || wait > 64000) return;
+    this.askingHash = true;
+    setTimeout(function () {
+      postJson("/api/uploads/status", { ids: [upload.id] }).then(function (reply) {
+        var status = reply.uploads && reply.uploads[upload.id];
+        upload.askingHash = false;
+        if (status && status.sha256) {
+          upload.result.sha256 = status.sha256;
+          upload.checkResult();
+        } else if (status && status.complete) upload.askHashLater(wait * 2);
+      }, function () { upload.askingHash = false; upload.askHashLater(wait * 2); });
+    }, wait);
   };
   Upload.prototype.cancel = function () {
     if (!this.active()) return;
