@@ -2369,6 +2369,7 @@ def _v1_state(record: dict, clock: Callable[[], float]) -> UploadInfo:
 #     .pyfiledrop/staged/ID/PART/START-END bytes of a part not yet whole (S3 parts are 5 MiB at least)
 #     .pyfiledrop/claims/NAME              a name taken by an upload still receiving
 #     .pyfiledrop/sha256/SHA-SIZE/ID       stored content by hash (a tus sender's re-run skips what is there)
+#     .pyfiledrop/session.json             the key signing login cookies, the same on every node
 # What arrived is never written down separately: it is ListParts (entries for a re-sent part grouped by part
 # number) plus the staged objects, listed in that order.
 

@@ -717,6 +717,27 @@ def test_the_files_api_lists_deletes_and_cleans_up_from_the_store(nodes, s3, buc
     assert status == 200 and body == data
 
 
+def test_a_login_on_one_node_holds_on_the_other(nodes, tmp_path):
+    admin = pyfiledrop.PasswordHash.of(ADMIN)
+    # each node with a chunks folder of its own: the key that signs cookies is the store's, not a folder's
+    (first,), (second,) = (nodes(admin_password=admin, chunks=tmp_path / name) for name in ("one", "two"))
+    connection = http.client.HTTPConnection("127.0.0.1", first.port, timeout=60)
+    try:
+        connection.request("POST", "/login", body=f"password={ADMIN}".encode(),
+                           headers={"Content-Type": "application/x-www-form-urlencoded"})
+        response = connection.getresponse()
+        response.read()
+        cookies = [line.split(";", 1)[0] for line in response.msg.get_all("Set-Cookie") or ()]
+    finally:
+        connection.close()
+    session = [cookie for cookie in cookies if cookie.startswith(pyfiledrop.SESSION_COOKIE + "=")]
+    assert session, cookies
+    assert second.request("GET", "/api/uploads")[0] == 401
+    status, _, body = second.request("GET", "/api/uploads", None, {"Cookie": session[0]})
+    assert status == 200 and json.loads(body)["uploads"] == []
+    assert not any(path.exists() for path in (tmp_path / "one", tmp_path / "two"))   # nothing kept on a node
+
+
 @pytest.mark.parametrize("method, path, payload, message", [
     ("POST", "/api/folders", {"path": "new"}, b"Folders cannot be created with --s3."),
     ("POST", "/api/folders/rename", {"path": "photos", "to": "pictures"}, b"Folders cannot be renamed with --s3."),
