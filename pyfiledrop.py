@@ -58,7 +58,8 @@ __version__ = "1.2.0"
 __all__ = [
     "Config", "parse_args", "main", "serve", "create_app", "open_engine", "make_server", "ServerLimits", "Engine",
     "EngineLimits", "Ledger", "LocalBackend", "BackendConstraints", "UploadInfo", "State", "Progress", "Stored",
-    "Refused", "Notice", "NoteReceived", "Note", "TextBoard", "UploadError", "BadRequest", "Forbidden", "NotFound", "Conflict", "Superseded",
+    "Refused", "Notice", "NoteReceived", "Note", "TextBoard", "UploadError", "S3Engine", "S3Location", "parse_s3_url",
+    "ServiceUnavailable", "BadRequest", "Forbidden", "NotFound", "Conflict", "Superseded",
     "ChecksumMismatch", "TooLarge", "InsufficientStorage", "StorageFailure", "ClientDisconnected", "Console",
     "sanitize_filename", "sanitize_relative_path", "split_folder", "numbered_name", "chunk_count", "chunk_length",
     "add_range", "range_holes", "prefix_end", "multipart_parts", "FormField", "FilePart",
@@ -146,6 +147,7 @@ class Config:
     verbose: bool = False
     qr: bool = True
     open_browser: bool = False
+    s3: S3Location | None = None       # --s3: every byte and record in this object store, nothing on this node
     password: PasswordHash | None = None        # --password: uploading and the page (the admin one also works)
     admin_password: PasswordHash | None = None  # --admin-password: also /files and the /api/uploads list
     expire_after_s: float | None = None         # --expire-after: stored files are removed this long after
@@ -324,6 +326,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("-v", "--verbose", action="store_true", help="also log every HTTP request")
     add("--no-qr", action="store_true", help="do not draw a QR code of the address")
     add("--open", action="store_true", help="open the page in the default browser")
+    add("--s3", metavar="URL",
+        help="store in an S3-compatible object store instead of folders: http(s)://HOST[:PORT]/BUCKET[/PREFIX] "
+             "(credentials from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile; needs boto3)")
+    add("--s3-region", metavar="REGION", help="the store's region (default: AWS_REGION, else us-east-1)")
     add("--password", action="store_true",
         help=f"ask for a password (or read ${PASSWORD_ENV}) that the page and uploading need")
     add("--admin-password", action="store_true",
@@ -353,6 +359,12 @@ def parse_args(argv: list[str] | None = None) -> Config:
         parser.error("--admin-password must differ from --password (else every uploader is an admin)")
     if index is None and (_program_dir() / "index.html").is_file():
         index = _program_dir() / "index.html"
+    try:
+        s3 = parse_s3_url(args.s3, args.s3_region) if args.s3 else None
+    except ValueError as error:
+        parser.error(f"--s3: {error}")
+    if s3 is not None and args.expire_after is not None:
+        parser.error("--expire-after does not work with --s3 yet (set an expiry rule on the bucket instead)")
     return Config(
         host=args.host,
         port=args.port,
@@ -377,6 +389,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
         verbose=args.verbose,
         qr=not args.no_qr,
         open_browser=args.open,
+        s3=s3,
         password=password,
         admin_password=admin_password,
         expire_after_s=args.expire_after,
@@ -2282,6 +2295,8 @@ def storage_presence(backend: LocalBackend, info: UploadInfo, mark: tuple[int, i
     """Whether a stored upload's file is still there as stored: "present", "missing" (removed by hand),
     "changed" (modified or replaced by hand: another size, or another inode or mtime than recorded when it was
     stored), or "" for an upload not stored."""
+    if hasattr(backend, "presence"):  # an object store: the object's own metadata says
+        return backend.presence(info)
     if info.state is not State.STORED or not info.stored_name:
         return ""
     try:
@@ -2441,6 +2456,1332 @@ def _v1_state(record: dict, clock: Callable[[], float]) -> UploadInfo:
     return UploadInfo(id=str(record["id"]), name=str(record["name"]), size=size, part_size=part_size,
                       client=str(record.get("client", "")), created=float(record["started"]), updated=clock(),
                       received=received)
+
+
+###############################################################################
+# Object store: S3 backend and engine #########################################
+###############################################################################
+# ``--s3 URL``: every byte and every record lives in an S3-compatible store, so any number of identical nodes
+# behind a load balancer serve the same uploads and a node keeps nothing between requests.  In the store, under
+# the URL's prefix:
+#     NAME, a/b/NAME                       stored files (each one a completed multipart upload)
+#     .pyfiledrop/uploads/ID.json          the record of an upload (written with If-None-Match / If-Match)
+#     .pyfiledrop/staged/ID/PART/START-END bytes of a part not yet whole (S3 parts are 5 MiB at least)
+#     .pyfiledrop/claims/NAME              a name taken by an upload still receiving
+#     .pyfiledrop/sha256/SHA-SIZE/ID       stored content by hash (a tus sender's re-run skips what is there)
+#     .pyfiledrop/session.json             the key signing login cookies, the same on every node
+# What arrived is never written down separately: it is ListParts (entries for a re-sent part grouped by part
+# number) plus the staged objects, listed in that order.
+
+S3_META = ".pyfiledrop/"
+S3_MIN_PART = 5 * MIB                 # S3's smallest part, but for the last one
+S3_MAX_PARTS = 10_000
+S3_PART = 8 * MIB                     # the part grid of uploads that bring no grid of their own (tus, PUT)
+# A file of one request with a known length streams into parts with nothing buffered, and each part ends with a
+# wait for the store's answer: bigger parts wait less often (a body of unknown length keeps S3_PART, since it
+# is buffered a part at a time).
+S3_STREAMED_PART = 64 * MIB
+S3_HASH_BLOCK = 1 * MIB
+
+
+class ServiceUnavailable(UploadError):
+    status = 503
+    headers = {"Retry-After": "5"}
+
+
+@dataclasses.dataclass(frozen=True)
+class S3Location:
+    """``--s3 URL``: http(s)://HOST[:PORT]/BUCKET[/PREFIX]."""
+
+    endpoint: str
+    bucket: str
+    prefix: str                       # "" or ending in "/"
+    region: str
+
+    @property
+    def on_aws(self) -> bool:
+        return urlsplit(self.endpoint).hostname.endswith(".amazonaws.com")
+
+    def __str__(self) -> str:
+        return f"{self.endpoint}/{self.bucket}/{self.prefix}"
+
+
+def parse_s3_url(text: str, region: str | None = None) -> S3Location:
+    """The store behind ``--s3``; ValueError with a reason for a URL that names none."""
+    parts = urlsplit(text.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"expected http(s)://HOST[:PORT]/BUCKET[/PREFIX], got {text!r}")
+    if parts.query or parts.fragment or parts.username:
+        raise ValueError("the URL names the endpoint, bucket and prefix only (credentials come from the "
+                         "environment: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, or a profile)")
+    bucket, _, prefix = unquote_to_bytes(parts.path).decode("utf-8", "replace").strip("/").partition("/")
+    if not re.fullmatch(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]", bucket):
+        raise ValueError(f"no bucket name in {text!r} (http(s)://HOST[:PORT]/BUCKET[/PREFIX])")
+    prefix = "/".join(part for part in prefix.split("/") if part)
+    if any(part in (".", "..") or part.startswith(".pyfiledrop") for part in prefix.split("/")):
+        raise ValueError(f"the prefix {prefix!r} may not contain '.', '..' or .pyfiledrop")
+    aws_region = re.fullmatch(r"s3[.-]([a-z0-9-]+)\.amazonaws\.com", parts.hostname)
+    region = region or os.environ.get("AWS_REGION") or (aws_region.group(1) if aws_region else "us-east-1")
+    return S3Location(f"{parts.scheme}://{parts.netloc}", bucket, prefix + "/" if prefix else "", region)
+
+
+class S3StartError(RuntimeError):
+    """The store cannot be used: one line for the console, and the start ends (exit status 2)."""
+
+
+def open_object_store(location: S3Location, *, pool: int = 64) -> ObjectStore:
+    """A client for the store, checked with HeadBucket; S3StartError with one clear line otherwise."""
+    try:
+        import boto3
+        import botocore.config
+        import botocore.exceptions
+    except ImportError:
+        raise S3StartError("--s3 needs boto3: pip install 'pyfiledrop[s3]' (or pip install boto3)") from None
+    config = botocore.config.Config(
+        region_name=location.region, max_pool_connections=pool, connect_timeout=5, read_timeout=60,
+        retries={"max_attempts": 3, "mode": "standard"}, tcp_keepalive=True,
+        # Bodies stream from the request: nothing to hash in advance or to rewind (TLS and the part's own
+        # checks guard them on the way), and no checksum trailers a store may not know.
+        request_checksum_calculation="when_required", response_checksum_validation="when_required",
+        s3={"addressing_style": "virtual" if location.on_aws else "path", "payload_signing_enabled": False})
+    client = boto3.session.Session().client("s3", endpoint_url=location.endpoint, config=config)
+    store = ObjectStore(location, client, botocore.exceptions)
+    store.check()
+    return store
+
+
+class ObjectStore:
+    """The bucket under its prefix, through one thread-safe boto3 client; the store's failures as UploadErrors
+    (503 while it cannot be reached, so a client retries and the upload resumes once it is back)."""
+
+    def __init__(self, location: S3Location, client, exceptions):
+        self.location = location
+        self.bucket = location.bucket
+        self.client = client
+        self.errors = exceptions
+
+    def key(self, name: str) -> str:
+        return self.location.prefix + name
+
+    def meta(self, name: str) -> str:
+        return self.location.prefix + S3_META + name
+
+    def check(self) -> None:
+        where = f"bucket {self.bucket!r} at {self.location.endpoint}"
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except self.errors.NoCredentialsError:
+            raise S3StartError("no credentials for the object store: set AWS_ACCESS_KEY_ID and "
+                               "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)") from None
+        except self.errors.ClientError as error:
+            code = str(error.response.get("Error", {}).get("Code", ""))
+            if code in ("404", "NoSuchBucket"):
+                raise S3StartError(f"no {where}") from None
+            if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+                raise S3StartError(f"the object store refused these credentials for {where}") from None
+            raise S3StartError(f"the object store answered {code} for {where}") from None
+        except self.errors.BotoCoreError as error:
+            raise S3StartError(f"cannot reach the object store at {self.location.endpoint}: {error}") from None
+
+    @contextlib.contextmanager
+    def guarded(self, what: str):
+        """Store failures as a client should see them: what failed, never the store's own words or keys."""
+        try:
+            yield
+        except self.errors.ClientError as error:
+            status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 500)
+            code = error.response.get("Error", {}).get("Code", "")
+            log.warning("the object store refused to %s: %s %s", what, status, code)
+            if status >= 500 or code in ("SlowDown", "ServiceUnavailable", "RequestTimeout"):
+                raise ServiceUnavailable("The object store is busy or unavailable; try again shortly.") from None
+            raise StorageFailure("The object store refused to save the file.") from None
+        except self.errors.BotoCoreError as error:
+            log.warning("the object store could not %s: %s", what, error)
+            raise ServiceUnavailable("The object store cannot be reached; try again shortly.") from None
+
+    def code(self, error) -> str:
+        return str(error.response.get("Error", {}).get("Code", "")) if isinstance(error, self.errors.ClientError) else ""
+
+    # -- small objects --------------------------------------------------------------------------------------
+    def get_json(self, key: str) -> tuple[dict, str, float] | None:
+        """(object, ETag, last modified) of a small JSON object, None when there is none."""
+        try:
+            with self.guarded("read a record"):
+                try:
+                    reply = self.client.get_object(Bucket=self.bucket, Key=key)
+                except self.errors.ClientError as error:
+                    if self.code(error) in ("NoSuchKey", "404"):
+                        return None
+                    raise
+                return json.loads(reply["Body"].read()), reply["ETag"], reply["LastModified"].timestamp()
+        except ValueError:
+            raise StorageFailure("A record in the object store is damaged.") from None
+
+    def put_if(self, key: str, body: bytes, *, etag: str | None = None, **extra) -> str | None:
+        """Write ``key`` only if it is still as read (``etag``), or absent (None); its new ETag, or None when the
+        condition failed (another node wrote it first)."""
+        condition = {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}
+        with self.guarded("write a record"):
+            try:
+                return self.client.put_object(Bucket=self.bucket, Key=key, Body=body, **condition, **extra)["ETag"]
+            except self.errors.ClientError as error:
+                if self.code(error) in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+                    return None
+                raise
+
+    def head(self, key: str) -> dict | None:
+        with self.guarded("look up a file"):
+            try:
+                return self.client.head_object(Bucket=self.bucket, Key=key)
+            except self.errors.ClientError as error:
+                if self.code(error) in ("404", "NoSuchKey", "NotFound"):
+                    return None
+                raise
+
+    def delete(self, *keys: str) -> None:
+        with self.guarded("remove an object"):
+            for start in range(0, len(keys), 1000):
+                objects = [{"Key": key} for key in keys[start:start + 1000]]
+                self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": objects, "Quiet": True})
+
+    def listing(self, prefix: str) -> Iterator[dict]:
+        """Every object under ``prefix`` (Key, Size, LastModified), page after page."""
+        with self.guarded("list objects"):
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
+            for page in pages:
+                yield from page.get("Contents", ())
+
+    def folders(self, prefix: str) -> list[str]:
+        """The names of the "folders" directly under ``prefix`` (common prefixes), hidden ones left out."""
+        names = []
+        with self.guarded("list folders"):
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix,
+                                                                          Delimiter="/")
+            for page in pages:
+                names += [item["Prefix"][len(prefix):].rstrip("/") for item in page.get("CommonPrefixes", ())]
+        return sorted(name for name in names if name and not name.startswith("."))
+
+    # -- streams ----------------------------------------------------------------------------------------------
+    def put_stream(self, key: str, body: _StreamBody, **extra) -> str:
+        with self.guarded("save bytes"):
+            try:
+                return self.client.put_object(Bucket=self.bucket, Key=key, Body=body, ContentLength=body.length,
+                                              **extra)["ETag"]
+            except Exception:
+                body.raise_own()
+                raise
+
+    def upload_part(self, key: str, upload: str, number: int, body: _StreamBody) -> str:
+        with self.guarded("save bytes"):
+            try:
+                return self.client.upload_part(Bucket=self.bucket, Key=key, UploadId=upload, PartNumber=number,
+                                               Body=body, ContentLength=body.length)["ETag"]
+            except Exception:
+                body.raise_own()
+                raise
+
+    def parts(self, key: str, upload: str, after: int = 0) -> dict[int, dict] | None:
+        """The parts of a multipart upload numbered above ``after``, by number, each {"Size", "ETag", "Modified"}
+        (a part sent twice is listed twice by some stores: the last entry counts); None when the upload is gone
+        (completed or aborted)."""
+        found: dict[int, dict] = {}
+        with self.guarded("list parts"):
+            try:
+                pages = self.client.get_paginator("list_parts").paginate(Bucket=self.bucket, Key=key, UploadId=upload,
+                                                                         PartNumberMarker=after)
+                for page in pages:
+                    for part in page.get("Parts", ()):
+                        found[part["PartNumber"]] = {"Size": part["Size"], "ETag": part["ETag"],
+                                                     "Modified": part["LastModified"].timestamp()}
+            except self.errors.ClientError as error:
+                if self.code(error) in ("NoSuchUpload", "404"):
+                    return None
+                raise
+        return found
+
+    def read(self, key: str, start: int = 0, end: int | None = None) -> Iterator[bytes]:
+        """The bytes [start, end) of an object, a block at a time."""
+        with self.guarded("read a file"):
+            span = f"bytes={start}-{'' if end is None else end - 1}"
+            body = self.client.get_object(Bucket=self.bucket, Key=key, Range=span)["Body"]
+            try:
+                yield from body.iter_chunks(S3_HASH_BLOCK)
+            finally:
+                body.close()
+
+
+class _StreamBody:
+    """``length`` bytes of a request as a file-like body for boto3, read from the request's pieces as the store
+    takes them: a bounded buffer, never the part.  A body of unknown length (``known`` False) is read into memory
+    first, a part at most, since a part's size is sent before it.
+
+    ``last``: these bytes end what the request announced, so before the final block goes out the request is
+    checked for bytes beyond (TooManyBytes) and for its checksum (``check``: hasher, expected): a bad request
+    then leaves no part.  The request may end early (the client vanished): ``raise_own`` raises that error, not
+    the store client's complaint that it cannot rewind the stream to retry."""
+
+    def __init__(self, source: _Pieces, length: int, *, known: bool = True, last: bool = False,
+                 check: tuple = (None, None)):
+        self.source = source
+        self.error: BaseException | None = None
+        self.sent = 0
+        self.last = last and known
+        self.check = check
+        self.length, self._buffer = length, None
+        if not known:
+            self._buffer = source.take(length)
+            self.length = len(self._buffer)
+
+    def read(self, size: int = -1):
+        """Up to ``size`` bytes, or more: the store client sends whatever it gets, and asked 16 KiB at a time
+        it would spend a Python call on each.  A view of the request's buffer, valid until the next read."""
+        left = self.length - self.sent
+        want = left if size is None or size < 0 else min(max(size, READ_BLOCK), left)
+        if want <= 0:
+            return b""
+        try:
+            block = self._next(want)
+            self.sent += len(block)
+            if self.last and self.sent == self.length:
+                block = bytes(block)  # the look beyond reads the next piece into the same buffer
+                self._check_end()
+        except BaseException as error:
+            self.error = error
+            raise
+        return block
+
+    def _next(self, want: int):
+        if self._buffer is not None:
+            return memoryview(self._buffer)[self.sent:self.sent + want]
+        block = self.source.read(want)
+        if not block:
+            raise ClientDisconnected("The request body ended before the bytes it announced.")
+        return block
+
+    def _check_end(self) -> None:
+        try:
+            extra = self.source.extra()
+            if extra:
+                raise TooManyBytes("The request carries more bytes than it announced.", extra)
+            if self.check[0] is not None:
+                _verify(*self.check)
+        except UploadError as error:
+            self.error = error
+            raise
+
+    def raise_own(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+
+class _Pieces:
+    """A request's pieces (memoryviews valid until the next) read as bytes, any amount at a time; hashed as
+    they pass by the hashers given (the request's checksum, the file's sha256 when the bytes come in order)."""
+
+    def __init__(self, pieces: Iterable, hashers: Iterable = ()):
+        self._pieces = iter(pieces)
+        self._left = memoryview(b"")
+        self.hashers = [hasher for hasher in hashers if hasher is not None]
+        self.count = 0
+
+    def read(self, size: int) -> memoryview:
+        """A view valid until the next read."""
+        while not self._left:
+            piece = next(self._pieces, None)
+            if piece is None:
+                return b""
+            self._left = memoryview(piece)
+        block = self._left[:size]
+        self._left = self._left[len(block):]
+        for hasher in self.hashers:
+            hasher.update(block)
+        self.count += len(block)
+        return block
+
+    def take(self, size: int) -> bytearray:
+        """Up to ``size`` bytes (fewer only at the end of the body)."""
+        taken = bytearray()
+        while len(taken) < size and (block := self.read(size - len(taken))):
+            taken += block
+        return taken
+
+    def extra(self) -> int:
+        """How many bytes wait beyond what was read (a request that carries more than it announced)."""
+        return len(self.read(MAX_FIELD_BYTES))
+
+
+def s3_part_size(size: int | None, part_size: int, max_size: int) -> int:
+    """The upload's S3 part grid: a whole number of the client's parts (so none straddles two S3 parts), at
+    least S3's minimum, few enough for S3's 10,000 parts; S3_PART for uploads without a grid of their own."""
+    if part_size >= (size or max_size) or part_size == 1:  # one request per file, or tus: no client grid
+        return max(S3_PART, -(-(size or max_size) // S3_MAX_PARTS // MIB) * MIB)
+    multiple = max(-(-S3_MIN_PART // part_size), -(-(size or 0) // (part_size * S3_MAX_PARTS)))
+    return part_size * multiple
+
+
+@dataclasses.dataclass
+class _S3Upload:
+    """An upload's record in the store (or, for an upload of one request, only in this node's memory)."""
+
+    info: UploadInfo
+    key: str                          # the claimed stored name (under the prefix)
+    grid: int                         # S3 part size of this upload
+    multipart: str | None = None      # the S3 upload id; None until the first bytes of a one-request upload
+    etag: str | None = None           # of the record as last read or written
+    ephemeral: bool = False
+    parts: dict = dataclasses.field(default_factory=dict)   # one-request uploads: number -> ETag
+    hasher: object = None             # one-request uploads: the file's sha256, as the bytes pass in order
+
+    def to_json(self) -> bytes:
+        info = {field.name: getattr(self.info, field.name) for field in dataclasses.fields(UploadInfo)}
+        info.update(state=self.info.state.value, received=None)
+        return json.dumps({"info": info, "key": self.key, "grid": self.grid, "multipart": self.multipart},
+                          separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, data: dict, etag: str) -> _S3Upload:
+        values = dict(data["info"], received=())
+        values["state"] = State(values["state"])
+        return cls(UploadInfo(**values), str(data["key"]), int(data["grid"]), data.get("multipart"), etag)
+
+    def part_span(self, number: int) -> tuple[int, int]:
+        """Bytes [start, end) of S3 part ``number`` (from 1)."""
+        start = (number - 1) * self.grid
+        return start, min(start + self.grid, self.info.size if self.info.size is not None else 1 << 62)
+
+
+def _staged_span(key: str) -> tuple[int, int] | None:
+    """[start, end) of a staged object from its key (``.../PART/START-END``)."""
+    match = re.search(r"/([0-9]{1,19})-([0-9]{1,19})\Z", key)
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def _covers(spans: Iterable[tuple[int, int]], start: int, end: int) -> bool:
+    ranges: Ranges = ()
+    for low, high in spans:
+        ranges = add_range(ranges, low, high)
+    return not range_holes(ranges, start, end)
+
+
+class NoSuchUpload(Exception):
+    """The multipart upload is gone: completed or removed by another request."""
+
+
+class S3Engine:
+    """The engine's calls (create, put, offset, info, finish, abort, expire, list) over an object store, for the
+    protocol adapters exactly as ``Engine`` serves them; nothing is kept on this node between requests.
+
+    One upload is one S3 multipart upload at its final name, claimed when the upload is created.  Bytes stream
+    from the request into UploadPart where a request brings a whole part, else into a staged object, merged into
+    its part once the part is whole.  An upload of one request (PUT, a form's file, a one-chunk upload) is only
+    in this node's memory until it is stored, and its sha256 is computed as its bytes pass; an upload of many
+    requests is hashed by reading the stored object once, in the background (its sha256 is null until then).
+    """
+
+    def __init__(self, store: ObjectStore, limits: EngineLimits, *, clock: Callable[[], float] = time.time,
+                 events: Callable[[EngineEvent], None] = lambda e: None,
+                 checkpoint: Callable[[str], None] = lambda step: None):
+        self.store = store
+        self.limits = limits
+        self.clock = clock
+        self.events = events
+        self.checkpoint = checkpoint
+        self.ledger = S3Records(self)
+        self.backend = S3Files(self)
+        self._lock = threading.Lock()
+        self._whole: dict[str, _S3Upload] = {}    # uploads of one request in flight on this node
+        self._busy: dict[str, int] = {}           # uploads with a request running on this node (not to expire)
+        self._hashing: set[str] = set()
+        # One merge of a part at a time on this node: two requests that both found a part whole (the page sends
+        # small parts six at a time) would otherwise both read its staged objects while the first removes them.
+        self._merging = [threading.Lock() for _ in range(64)]
+        self._settled: dict[str, _S3Upload] = {}  # records read that no longer change, by their ETag
+        self._receiving: dict[str, _S3Upload] = {}  # records read of uploads receiving (their fixed fields)
+        self._parts_seen: dict[str, dict[int, dict]] = {}  # whole parts seen of those uploads
+        self.stored_count = 0
+        self.recovered = 0
+
+    # -- keys, records --------------------------------------------------------------------------------------
+    def _record_key(self, upload_id: str) -> str:
+        return self.store.meta(f"uploads/{upload_id}.json")
+
+    def _staged_prefix(self, upload_id: str, number: int | None = None) -> str:
+        return self.store.meta(f"staged/{upload_id}/" + ("" if number is None else f"{number:05d}/"))
+
+    def _claim_key(self, name: str) -> str:
+        return self.store.meta(f"claims/{name}")
+
+    def _load(self, upload_id: str, cached: bool = False) -> _S3Upload | None:
+        """The upload's record as the store has it; ``cached``: as this node last read it while it was receiving
+        (what create and put need of it never changes; a put to an upload that ended finds out from the store)."""
+        whole = self._whole.get(upload_id) or (self._receiving.get(upload_id) if cached else None)
+        if whole is not None:
+            return whole
+        found = self.store.get_json(self._record_key(upload_id))
+        if found is None:
+            return None
+        data, etag, _ = found
+        try:
+            upload = _S3Upload.from_json(data, etag)
+        except (KeyError, TypeError, ValueError):
+            raise StorageFailure("A record in the object store is damaged.") from None
+        self._remember(upload)
+        return upload
+
+    def _remember(self, upload: _S3Upload) -> None:
+        with self._lock:
+            if upload.info.state is not State.RECEIVING:
+                self._receiving.pop(upload.info.id, None)
+                self._parts_seen.pop(upload.info.id, None)
+                return
+            if len(self._receiving) > 10_000:  # a cache: forgetting costs a look-up
+                self._receiving.clear()
+                self._parts_seen.clear()
+            self._receiving[upload.info.id] = upload
+
+    def _known_parts(self, upload: _S3Upload, fresh: bool = False) -> dict[int, dict] | None:
+        """The upload's whole parts: those this node saw before (a part never goes while its upload lives) and
+        those listed after the first one it has not seen (PartNumberMarker), so a listing stays short however
+        many parts the upload has.  ``fresh``: every part listed again (completion needs the last ETag of a part
+        sent twice)."""
+        with self._lock:
+            seen = {} if fresh else dict(self._parts_seen.get(upload.info.id, {}))
+        first_unseen = 1
+        while first_unseen in seen:
+            first_unseen += 1
+        listed = self.store.parts(self.store.key(upload.key), upload.multipart, after=first_unseen - 1)
+        if listed is None:
+            return None
+        for number, part in listed.items():
+            start, end = upload.part_span(number)
+            if part["Size"] == end - start:
+                seen[number] = part
+        with self._lock:
+            if upload.info.id in self._receiving:
+                self._parts_seen[upload.info.id] = seen
+        return seen
+
+    def _saw_part(self, upload: _S3Upload, number: int, size: int, etag: str) -> None:
+        with self._lock:  # a new dict: other requests may be going through the one there now
+            if upload.info.id in self._receiving:
+                seen = dict(self._parts_seen.get(upload.info.id, {}))
+                seen[number] = {"Size": size, "ETag": etag, "Modified": self.clock()}
+                self._parts_seen[upload.info.id] = seen
+
+    def _save(self, upload: _S3Upload) -> bool:
+        """Write the record unless another node changed it since it was read (then False)."""
+        etag = self.store.put_if(self._record_key(upload.info.id), upload.to_json(), etag=upload.etag,
+                                 ContentType="application/json")
+        if etag is None:
+            return False
+        upload.etag = etag
+        return True
+
+    def _change(self, upload_id: str, change: Callable[[_S3Upload], UploadInfo | None]) -> _S3Upload | None:
+        """Apply ``change`` to the record (None: leave it) and write it; read again and retried when another
+        node wrote it first, so two nodes never lose each other's change."""
+        for _ in range(20):
+            upload = self._load(upload_id)
+            if upload is None:
+                return None
+            info = change(upload)
+            if info is None:
+                return upload
+            upload.info = info
+            if self._save(upload):
+                self._remember(upload)
+                return upload
+        raise ServiceUnavailable("The upload's record keeps changing; try again.")
+
+    @contextlib.contextmanager
+    def _running(self, upload_id: str):
+        with self._lock:
+            self._busy[upload_id] = self._busy.get(upload_id, 0) + 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._busy[upload_id] -= 1
+                if not self._busy[upload_id]:
+                    del self._busy[upload_id]
+
+    # -- names ----------------------------------------------------------------------------------------------
+    def _claim_name(self, upload_id: str, name: str) -> str:
+        """The first free name of ``name``'s numbered series, claimed for this upload until it is stored.
+
+        The claim is written with If-None-Match: * before the object is looked for, and dropped only after the
+        object exists, so at every moment a name in use has its object or its claim: two nodes never pick the
+        same name, and a name with an object is never picked (CompleteMultipartUpload also says If-None-Match).
+        """
+        folder, leaf = split_folder(name)
+        for number in range(MAX_NAME_ATTEMPTS):
+            candidate = f"{folder}/{numbered_name(leaf, number)}" if folder else numbered_name(leaf, number)
+            if self.store.put_if(self._claim_key(candidate), upload_id.encode()) is None:
+                if self._claimed_by(candidate) == upload_id:
+                    return candidate  # this upload's first requests on two nodes at once: one name for both
+                continue  # another upload still receiving holds it
+            if self.store.head(self.store.key(candidate)) is None:
+                return candidate
+            self.store.delete(self._claim_key(candidate))
+        raise Conflict("Too many files with this name already.")
+
+    def _claimed_by(self, name: str) -> str | None:
+        try:
+            return b"".join(self.store.read(self._claim_key(name))).decode("utf-8", "replace")
+        except UploadError:   # dropped meanwhile
+            return None
+
+    def _begin(self, key: str, upload_id: str) -> str:
+        with self.store.guarded("start an upload"):
+            return self.store.client.create_multipart_upload(
+                Bucket=self.store.bucket, Key=self.store.key(key), ContentType="application/octet-stream",
+                Metadata={"pyfiledrop-id": upload_id})["UploadId"]
+
+    def _release(self, upload: _S3Upload, *, abort: bool = True) -> None:
+        """What an upload holds in the store besides its record: its multipart upload, staged parts, claim (the
+        claim last: a leftover of a stop in between is found by the claim, see ``_sweep``)."""
+        if abort:
+            self._release_multipart(upload)
+        if not upload.ephemeral:
+            staged = [item["Key"] for item in self.store.listing(self._staged_prefix(upload.info.id))]
+            self.store.delete(*staged)
+        self.store.delete(self._claim_key(upload.key))
+
+    # -- create -----------------------------------------------------------------------------------------------
+    def create(self, upload_id: str, name: str, *, size: int | None, part_size: int, client: str,
+               ephemeral: bool = False, fresh: bool = False, mtime: float | None = None) -> UploadInfo:
+        """As ``Engine.create``; two nodes creating the same id at once end up with the one record written first."""
+        if size is not None and size > self.limits.max_size:
+            raise TooLarge(f"File too large: {size} bytes; this server accepts up to {self.limits.max_size} "
+                           "bytes per file.")
+        # Read afresh (put then uses what this read): an upload that ended on another node starts again here,
+        # as with a folder, instead of being taken for one still receiving.
+        existing = None if fresh else self._load(upload_id)
+        if existing is not None and existing.info.state in (State.RECEIVING, State.STORED):
+            _check_same(existing.info, name, size, part_size)
+            return existing.info
+        now = self.clock()
+        info = UploadInfo(id=upload_id, name=name, size=size, part_size=part_size, client=client, created=now,
+                          updated=now, mtime=mtime)
+        grid = s3_part_size(size, part_size, self.limits.max_size)
+        if ephemeral and size is not None:
+            grid = max(grid, S3_STREAMED_PART)
+        if ephemeral:
+            upload = _S3Upload(info, "", grid, ephemeral=True, hasher=hashlib.sha256(),
+                               etag=existing.etag if existing else None)
+            with self._lock:
+                self._whole[upload_id] = upload
+            return info
+        upload = _S3Upload(info, self._claim_name(upload_id, name), grid, etag=existing.etag if existing else None)
+        try:
+            upload.multipart = self._begin(upload.key, upload_id)
+            saved = self._save(upload)
+        except BaseException:
+            self._release(upload)
+            raise
+        if saved:
+            self._remember(upload)
+            return info
+        # Another node created it at the same moment: its record counts, and what it staged (its claim too, if it
+        # is this name); only this node's own multipart upload goes.
+        winner = self._load(upload_id)
+        self._release_multipart(upload)
+        if winner is None or winner.key != upload.key:
+            self.store.delete(self._claim_key(upload.key))
+        return self.create(upload_id, name, size=size, part_size=part_size, client=client, mtime=mtime)
+
+    # -- what arrived -----------------------------------------------------------------------------------------
+    def _received(self, upload: _S3Upload, *, staged: bool = True,
+                  fresh: bool = False) -> tuple[UploadInfo, dict[int, dict], list[dict]]:
+        """The upload with what arrived, from the store: (info, parts by number, staged objects).  Staged objects
+        are listed before the parts: one merged and removed meanwhile is then among the parts.  ``staged``
+        False: they are not looked for (after a chunk request on a grid where chunks are whole parts)."""
+        info = upload.info
+        if upload.ephemeral or info.state is not State.RECEIVING:
+            return info, {}, []
+        staged = list(self.store.listing(self._staged_prefix(info.id))) if staged else []
+        parts = self._known_parts(upload, fresh)
+        if parts is None:
+            return self._multipart_gone(upload), {}, []
+        received, updated = (), info.updated
+        for number, part in parts.items():
+            start, end = upload.part_span(number)
+            if part["Size"] == end - start:
+                received = add_range(received, start, end)
+            updated = max(updated, part["Modified"])
+        for item in staged:
+            span = _staged_span(item["Key"])
+            if span is not None and item["Size"] == span[1] - span[0]:
+                received = add_range(received, *span)
+            updated = max(updated, item["LastModified"].timestamp())
+        return dataclasses.replace(info, received=received, updated=updated), parts, staged
+
+    def _multipart_gone(self, upload: _S3Upload) -> UploadInfo:
+        """The record says receiving but its multipart upload is gone: completed by a node that stopped before
+        recording it (the object says so in its metadata), else removed."""
+        head = self.store.head(self.store.key(upload.key))
+        if head is not None and head.get("Metadata", {}).get("pyfiledrop-id") == upload.info.id:
+            return self._stored(upload, None).info
+        changed = self._change(upload.info.id, lambda current: dataclasses.replace(
+            current.info, state=State.FAILED, updated=self.clock(), reason="its multipart upload disappeared")
+            if current.info.state is State.RECEIVING else None)
+        return changed.info if changed else upload.info
+
+    # -- info, list, offset ------------------------------------------------------------------------------------
+    def info(self, upload_id: str) -> UploadInfo:
+        upload = self._load(upload_id) if is_valid_id(upload_id) else None
+        if upload is None:
+            raise NotFound("No such upload.")
+        info = self._received(upload)[0]
+        if info.state is State.STORED and info.sha256 is None:
+            self._hash_later(upload)  # its node stopped before the hash was done: any node takes it up
+        return info
+
+    def offset(self, upload_id: str) -> int:
+        info = self.info(upload_id)
+        return info.size or 0 if info.state is State.STORED else prefix_end(info.received)
+
+    def list(self, limit: int = 100, offset: int = 0) -> list[UploadInfo]:
+        """Uploads, newest first, from the records in the store (every node lists every upload)."""
+        uploads = sorted(self._records(), key=lambda upload: upload.info.created, reverse=True)
+        return [self._received(upload)[0] for upload in uploads[offset:offset + limit]]
+
+    def _records(self) -> list[_S3Upload]:
+        """Every record; those that no longer change are read once per node (known by their ETag)."""
+        found = []
+        for item in self.store.listing(self.store.meta("uploads/")):
+            cached = self._settled.get(item["ETag"])
+            upload = cached or self._load(item["Key"].rsplit("/", 1)[-1][:-len(".json")])
+            if upload is None:
+                continue
+            if upload.info.state is not State.RECEIVING and (upload.info.sha256 or upload.info.state is not State.STORED):
+                if len(self._settled) > 100_000:  # a cache: forgetting costs a read
+                    self._settled.clear()
+                self._settled[upload.etag] = upload
+            found.append(upload)
+        return found
+
+    receive_whole = Engine.receive_whole   # create, put, declare_size, finish: the same calls here
+
+    def check_space(self, needed: int) -> None:
+        """The store's capacity is its own business: it answers a write it cannot take."""
+
+    def read(self, upload_id: str) -> Iterator[memoryview]:
+        raise BadRequest("With an object store, send the chunk fields before the file in the form.")
+
+    # -- put --------------------------------------------------------------------------------------------------
+    def put(self, upload_id: str, offset: int, pieces: Iterable, *, length: int | None = None,
+            atomic: bool = False, checksum: tuple[str, bytes] | None = None,
+            keep_if_empty: bool = False) -> UploadInfo:
+        """As ``Engine.put``.  Every part is all or nothing (a request that breaks off keeps the parts it brought
+        whole); with ``checksum`` no byte counts unless the request's bytes have that hash."""
+        check = _checksum_hasher(checksum)
+        upload = self._load(upload_id, cached=True)
+        if upload is None:
+            raise NotFound("No such upload.")
+        with self._running(upload_id):
+            if upload.ephemeral:
+                return self._put_whole(upload, offset, pieces, length, (check, checksum))
+            if upload.info.state is not State.RECEIVING:
+                return self._answer_settled(upload, pieces, (check, checksum))
+            size = upload.info.size
+            end = offset + length if length is not None else size
+            if offset < 0 or size is None or offset > size or end > size:
+                raise BadRequest("Those bytes lie past the end of the file.")
+            source = _Pieces(pieces, [check])
+            staged: list[str] = []
+            try:
+                self._write_range(upload, offset, end, source, length is not None, (check, checksum), staged)
+                if check is not None:
+                    _verify(check, checksum)
+            except (ChecksumMismatch, TooManyBytes):
+                self.store.delete(*staged)  # none of this request counts
+                raise
+            except NoSuchUpload:
+                return self._answer_settled(upload, pieces, (None, None))
+            finally:
+                try:
+                    self._merge_whole_parts(upload, {self._number_of(key) for key in staged})
+                except UploadError as error:  # done again by a later request, or by finish
+                    log.info("merging parts of %s failed: %s", upload.info.name, error.message)
+            info = self._received(upload, staged=bool(staged) or upload.grid != upload.info.part_size)[0]
+            if info.state not in (State.RECEIVING, State.STORED):
+                raise NotFound(f"{_GONE[info.state]} Start it again.")
+            return info
+
+    def _answer_settled(self, upload: _S3Upload, pieces: Iterable, check) -> UploadInfo:
+        """A request for an upload that is stored (answered as it is, its bytes read and dropped) or ended."""
+        info = upload.info
+        if info.state is State.RECEIVING and not upload.ephemeral:
+            info = self._received(self._load(info.id) or upload)[0]
+        if info.state is not State.STORED:
+            raise NotFound(f"{_GONE[info.state]} Start it again.")
+        _drain(pieces)
+        if check[0] is not None:
+            _verify(*check)
+        return info
+
+    @staticmethod
+    def _number_of(staged_key: str) -> int:
+        return int(staged_key.rsplit("/", 2)[-2])
+
+    def _write_range(self, upload: _S3Upload, start: int, end: int, source: _Pieces, known: bool, check,
+                     staged: list[str]) -> None:
+        """Bytes [start, end) of the request into the store, part by part: straight into UploadPart where the
+        request brings the part whole, else as a staged object.  With a checksum, only a request within one part
+        goes straight in (its last block is checked before it is sent, so a bad one leaves no part)."""
+        one_part = start // upload.grid == max(start, end - 1) // upload.grid
+        position = start
+        while position < end:
+            number = position // upload.grid + 1
+            part_start, part_end = upload.part_span(number)
+            stop = min(end, part_end)
+            body = _StreamBody(source, stop - position, known=known, last=stop == end, check=check)
+            if not body.length:
+                return
+            if (position, stop) == (part_start, part_end) and body.length == stop - position and \
+                    (check[0] is None or (one_part and known)):
+                self._saw_part(upload, number, body.length, self._upload_part(upload, number, body))
+            else:
+                key = self._staged_prefix(upload.info.id, number) + f"{position:015d}-{position + body.length:015d}"
+                self.store.put_stream(key, body)
+                staged.append(key)
+            position += body.length
+            self._progress(upload, position - start)
+            if body.length < stop - position:
+                return  # a body of unknown length ended
+
+    def _upload_part(self, upload: _S3Upload, number: int, body: _StreamBody) -> str:
+        try:
+            return self.store.upload_part(self.store.key(upload.key), upload.multipart, number, body)
+        except StorageFailure:
+            if self.store.parts(self.store.key(upload.key), upload.multipart) is None:
+                raise NoSuchUpload() from None  # completed or removed by another request meanwhile
+            raise
+
+    def _progress(self, upload: _S3Upload, sent: int) -> None:
+        info = upload.info
+        self.events(Progress(info.id, info.name, info.received_bytes + sent, info.size, info.created))
+
+    def _merge_whole_parts(self, upload: _S3Upload, numbers: Iterable[int]) -> dict[int, dict]:
+        """Send each of these parts that is whole in staged objects as one S3 part, read back from them (their
+        bytes never wait in a node between requests).  A merge that fails is done again by a later one."""
+        merged = {}
+        for number in sorted(numbers):
+            with self._merging[hash((upload.info.id, number)) % 64]:  # listed inside: a merge just done left none
+                segments = []
+                for item in self.store.listing(self._staged_prefix(upload.info.id, number)):
+                    span = _staged_span(item["Key"])
+                    if span is not None and item["Size"] == span[1] - span[0]:
+                        segments.append((*span, item["Key"]))
+                part_start, part_end = upload.part_span(number)
+                if not _covers(((low, high) for low, high, _ in segments), part_start, part_end):
+                    continue
+                try:
+                    merged[number] = self._merge(upload, number, segments)
+                except (UploadError, NoSuchUpload) as error:
+                    log.info("merging part %d of %s failed (done again later): %s", number, upload.info.name,
+                             getattr(error, "message", error))
+        return merged
+
+    def _merge(self, upload: _S3Upload, number: int, segments: list[tuple[int, int, str]]) -> str:
+        part_start, part_end = upload.part_span(number)
+
+        def blocks() -> Iterator[bytes]:
+            position = part_start
+            for start, end, key in sorted(segments):
+                if end > position:
+                    yield from self.store.read(key, position - start, end - start)
+                    position = end
+
+        etag = self._upload_part(upload, number, _StreamBody(_Pieces(blocks()), part_end - part_start))
+        self.store.delete(*(key for _, _, key in segments))  # after the part: its bytes are always somewhere
+        return etag
+
+    def _put_whole(self, upload: _S3Upload, offset: int, pieces: Iterable, length: int | None, check) -> UploadInfo:
+        """An upload of one request: its bytes in order, part after part, hashed as they pass."""
+        if upload.info.state is State.STORED:
+            return self._answer_settled(upload, pieces, check)
+        position = upload.info.received_bytes
+        if offset != position or position % upload.grid:
+            raise BadRequest("The bytes of a file sent in one request arrive in order.")
+        end = offset + length if length is not None else None
+        source = _Pieces(pieces, [upload.hasher, check[0]])
+        while end is None or position < end:
+            want = upload.grid if end is None else min(upload.grid, end - position)
+            if end is None and position + want > self.limits.max_size:
+                want = self.limits.max_size - position + 1  # one byte more tells a file too large
+            body = _StreamBody(source, want, known=end is not None, last=end is not None and position + want == end,
+                               check=check)
+            if not body.length:
+                break
+            if position + body.length > self.limits.max_size:
+                raise TooLarge(f"File too large: this server accepts up to {self.limits.max_size} bytes per file.")
+            if upload.multipart is None:
+                upload.key = self._claim_name(upload.info.id, upload.info.name)
+                upload.multipart = self._begin(upload.key, upload.info.id)
+            upload.parts[position // upload.grid + 1] = self._upload_part(upload, position // upload.grid + 1, body)
+            position += body.length
+            upload.info = dataclasses.replace(upload.info, received=((0, position),), updated=self.clock())
+            self._progress(upload, 0)
+            if body.length < want:
+                break
+        return upload.info
+
+
+    # -- finish, end, expire ------------------------------------------------------------------------------
+    def finish(self, upload_id: str) -> UploadInfo:
+        """As ``Engine.finish``: the multipart upload completed at its claimed name, exactly once (a second node
+        finishing at the same moment finds the object its own and answers the same)."""
+        upload = self._load(upload_id)
+        if upload is None:
+            raise NotFound("No such upload.")
+        if upload.ephemeral:
+            return self._finish_whole(upload)
+        info, parts, staged = self._received(upload, fresh=True)
+        if info.state is State.STORED:
+            return info
+        if info.state is not State.RECEIVING:
+            raise NotFound(f"{_GONE[info.state]} Start it again.")
+        if not info.fully_received:
+            raise Conflict("The upload is not complete: parts are missing.")
+        etags = {number: part["ETag"] for number, part in parts.items()}
+        missing = [number for number in range(1, -(-(info.size or 0) // upload.grid) + 1) if number not in etags]
+        etags.update(self._merge_whole_parts(upload, missing))
+        if any(number not in etags for number in missing):
+            raise ServiceUnavailable("The object store did not take the last parts; try again shortly.")
+        self.checkpoint("merged")
+        self._complete(upload, etags)
+        self.checkpoint("completed")
+        return self._stored(upload, None).info
+
+
+    def _complete(self, upload: _S3Upload, etags: dict[int, str]) -> None:
+        """CompleteMultipartUpload with If-None-Match: * (an object that appeared at the name is never replaced);
+        an empty file, which has no part, is a PutObject with the same condition."""
+        key, store = self.store.key(upload.key), self.store
+        with store.guarded("store the file"):
+            try:
+                if not etags:
+                    store.client.put_object(Bucket=store.bucket, Key=key, Body=b"", IfNoneMatch="*",
+                                            ContentType="application/octet-stream",
+                                            Metadata={"pyfiledrop-id": upload.info.id})
+                    self._release_multipart(upload)
+                else:
+                    store.client.complete_multipart_upload(
+                        Bucket=store.bucket, Key=key, UploadId=upload.multipart, IfNoneMatch="*",
+                        MultipartUpload={"Parts": [{"PartNumber": n, "ETag": e} for n, e in sorted(etags.items())]})
+                return
+            except store.errors.ClientError as error:
+                code = store.code(error)
+                if code not in ("NoSuchUpload", "PreconditionFailed", "404", "412"):
+                    raise
+        head = store.head(key)
+        if head is not None and head.get("Metadata", {}).get("pyfiledrop-id") == upload.info.id:
+            return  # completed by another request meanwhile
+        if code in ("PreconditionFailed", "412"):
+            raise Conflict(f'Another program put a file at "{upload.key}" in the object store meanwhile; '
+                           "this upload is kept, unfinished.")
+        raise NotFound("That upload was removed meanwhile. Start it again.")
+
+
+    def _release_multipart(self, upload: _S3Upload) -> None:
+        if not upload.multipart:
+            return
+        with self.store.guarded("remove an upload"):
+            try:
+                self.store.client.abort_multipart_upload(Bucket=self.store.bucket, Key=self.store.key(upload.key),
+                                                         UploadId=upload.multipart)
+            except self.store.errors.ClientError as error:
+                if self.store.code(error) not in ("NoSuchUpload", "404"):
+                    raise
+
+
+    def _stored(self, upload: _S3Upload, sha256: str | None) -> _S3Upload:
+        """Record an upload whose object is complete as stored; then its claim and staged leftovers go."""
+        now = self.clock()
+        was_stored = []
+
+        def change(current: _S3Upload) -> UploadInfo | None:
+            if current.info.state is State.STORED:
+                was_stored.append(True)
+                return None
+            size = current.info.size if current.info.size is not None else upload.info.size
+            return dataclasses.replace(current.info, state=State.STORED, size=size, sha256=sha256,
+                                       stored_name=current.key, finished=now, updated=now,
+                                       received=((0, size),) if size else ())
+
+        if upload.ephemeral:
+            upload.info = change(upload) or upload.info
+            saved = self._save(upload) or self._save(dataclasses.replace(upload, etag=self._record_etag(upload)))
+            if not saved:
+                raise ServiceUnavailable("The upload's record could not be written; try again.")
+            with self._lock:
+                self._whole.pop(upload.info.id, None)
+        else:
+            upload = self._change(upload.info.id, change) or upload
+        if was_stored:
+            return upload
+        self._release(upload, abort=False)
+        with self._lock:
+            self.stored_count += 1
+        self.events(Stored(upload.info))
+        if sha256 is None:
+            self._hash_later(upload)
+        else:
+            self._index(upload.info)
+        return upload
+
+
+    def _record_etag(self, upload: _S3Upload) -> str | None:
+        """The ETag of the record now under the upload's id (an earlier upload that used the same id and ended)."""
+        found = self.store.get_json(self._record_key(upload.info.id))
+        return found[1] if found else None
+
+
+    def _finish_whole(self, upload: _S3Upload) -> UploadInfo:
+        info = upload.info
+        if info.state is State.STORED:
+            return info
+        if info.size is None or not info.fully_received:
+            raise Conflict("The upload is not complete: parts are missing.")
+        if upload.multipart is None:  # an empty file: no part was sent, so no name was claimed yet
+            upload.key = self._claim_name(info.id, info.name)
+        self._complete(upload, upload.parts)
+        return self._stored(upload, upload.hasher.hexdigest()).info
+
+
+    def abort(self, upload_id: str, reason: str = "cancelled") -> UploadInfo:
+        """As ``Engine.abort``: the record says deleted first, then the multipart upload is aborted, so
+        ListMultipartUploads keeps nothing of it (a stop in between is swept by its claim)."""
+        upload = self._load(upload_id)
+        if upload is None:
+            raise NotFound("No such upload.")
+        if upload.ephemeral:
+            self.discard(upload_id)
+            return dataclasses.replace(upload.info, state=State.DELETED, reason=reason)
+        return self._end(upload, State.DELETED, reason).info
+
+
+    def _end(self, upload: _S3Upload, state: State, reason: str) -> _S3Upload:
+        ended = self._change(upload.info.id, lambda current: dataclasses.replace(
+            current.info, state=state, updated=self.clock(), reason=reason)
+            if current.info.state is State.RECEIVING else None) or upload
+        if ended.info.state is state:
+            self._release(ended)
+        return ended
+
+
+    def discard(self, upload_id: str) -> None:
+        """Forget an upload of one request that will not go on: its multipart upload and claim go."""
+        with self._lock:
+            upload = self._whole.pop(upload_id, None)
+        if upload is not None and upload.info.state is not State.STORED and upload.multipart:
+            self._release(upload)
+
+
+    def declare_size(self, upload_id: str, size: int) -> UploadInfo:
+        upload = self._load(upload_id)
+        if upload is None:
+            raise NotFound("No such upload.")
+        if size > self.limits.max_size:
+            raise TooLarge(f"File too large: this server accepts up to {self.limits.max_size} bytes per file.")
+        info = upload.info
+        if info.size is not None and info.size != size:
+            raise BadRequest("The upload's size was given before, and differently.")
+        if info.received and info.received[-1][1] > size:
+            raise BadRequest("More bytes were received than that size.")
+        if not upload.ephemeral:
+            return info
+        upload.info = dataclasses.replace(info, size=size, part_size=max(1, size))
+        return upload.info
+
+
+    def expire(self, now: float | None = None) -> int:
+        """Uploads untouched for ``partial_ttl`` (by the times of their parts in the store) end as expired; then
+        what was left behind by stopped nodes goes (see ``_sweep``)."""
+        now = self.clock() if now is None else now
+        cutoff = now - self.limits.partial_ttl
+        receiving: dict[str, _S3Upload] = {}
+        ended: set[str] = set()
+        removed = 0
+        for upload in self._records():
+            if upload.info.state is not State.RECEIVING:
+                ended.add(upload.info.id)
+                continue
+            info = self._received(upload)[0]
+            if info.state is State.RECEIVING and info.updated < cutoff and upload.info.id not in self._busy:
+                self._end(upload, State.EXPIRED, "untouched for too long")
+                ended.add(upload.info.id)
+                removed += 1
+            elif info.state is State.RECEIVING:
+                receiving[upload.info.id] = upload
+            else:
+                ended.add(upload.info.id)
+        self._sweep(receiving, ended, cutoff)
+        if removed:
+            self.events(Notice(f"removed {removed} unfinished upload(s) untouched for "
+                               f"{self.limits.partial_ttl / 3600:g} hours"))
+        return removed
+
+
+    def _sweep(self, receiving: dict[str, _S3Upload], ended: set[str], cutoff: float) -> None:
+        """Leftovers of nodes that stopped mid-way: staged objects of uploads that ended (or of none, untouched
+        since ``cutoff``: an upload created since the records were listed may be staging now), and claims (with
+        the multipart uploads at their names) untouched since ``cutoff`` that belong to no upload receiving."""
+        staged_prefix = self.store.meta("staged/")
+        leftovers = []
+        for item in self.store.listing(staged_prefix):
+            owner = item["Key"][len(staged_prefix):].split("/", 1)[0]
+            if owner in ended or (owner not in receiving and item["LastModified"].timestamp() < cutoff):
+                leftovers.append(item["Key"])
+        self.store.delete(*leftovers)
+        with self._lock:
+            whole = list(self._whole.values())
+        live = {upload.multipart for upload in (*receiving.values(), *whole)}
+        claims = self.store.meta("claims/")
+        for item in self.store.listing(claims):
+            if item["LastModified"].timestamp() >= cutoff:
+                continue
+            name = item["Key"][len(claims):]
+            if any(upload.key == name for upload in receiving.values()):
+                continue
+            if self._abort_stale_multiparts(self.store.key(name), live, cutoff):
+                self.store.delete(item["Key"])
+
+    def _abort_stale_multiparts(self, key: str, live: set, cutoff: float) -> bool:
+        """Abort the multipart uploads at ``key`` that no upload receiving owns and no part touched since
+        ``cutoff``; False if one of them is still in use (its claim then stays)."""
+        store = self.store
+        with store.guarded("list uploads"):
+            pages = store.client.get_paginator("list_multipart_uploads").paginate(Bucket=store.bucket, Prefix=key)
+            uploads = [item for page in pages for item in page.get("Uploads", ()) if item["Key"] == key]
+        idle = True
+        for item in uploads:
+            if item["UploadId"] in live:
+                idle = False
+                continue
+            parts = store.parts(key, item["UploadId"]) or {}
+            touched = max([item["Initiated"].timestamp(), *(part["Modified"] for part in parts.values())])
+            if touched >= cutoff:
+                idle = False
+                continue
+            self._release_multipart(_S3Upload(None, key[len(store.location.prefix):], 1, item["UploadId"]))
+        return idle
+
+
+    def _hash_later(self, upload: _S3Upload) -> None:
+        """The sha256 of a stored upload of many requests: one read of the object, in the background."""
+        with self._lock:
+            if upload.info.id in self._hashing:
+                return
+            self._hashing.add(upload.info.id)
+        threading.Thread(target=self._hash_stored, args=(upload,), name="pyfiledrop-s3-hash", daemon=True).start()
+
+
+    def _hash_stored(self, upload: _S3Upload) -> None:
+        try:
+            digest = hashlib.sha256()
+            for block in self.store.read(self.store.key(upload.key)):
+                digest.update(block)
+            sha256 = digest.hexdigest()
+            changed = self._change(upload.info.id, lambda current: dataclasses.replace(current.info, sha256=sha256)
+                                   if current.info.state is State.STORED and current.info.sha256 is None else None)
+            if changed is not None:
+                self._index(changed.info)
+        except Exception as error:  # the next look at the upload, on any node, tries again
+            log.warning("hashing %s in the object store failed: %s", upload.info.name, error)
+        finally:
+            with self._lock:
+                self._hashing.discard(upload.info.id)
+
+
+    def _index(self, info: UploadInfo) -> None:
+        """A marker by content, so a sender's re-run finds the file stored (``S3Records.stored_with``)."""
+        if info.sha256:
+            with contextlib.suppress(UploadError):
+                self.store.put_if(self.store.meta(f"sha256/{info.sha256}-{info.size}/{info.id}"), b"")
+
+
+    def session_key(self) -> bytes:
+        """The key that signs login cookies, one for every node: ``.pyfiledrop/session.json``, written once with
+        If-None-Match (two nodes starting at once: the first one's key counts, the other reads it)."""
+        key = self.store.meta("session.json")
+        for _ in range(3):
+            found = self.store.get_json(key)
+            if found is not None and re.fullmatch(r"[0-9a-f]{64}", str(found[0].get("key"))):
+                return bytes.fromhex(found[0]["key"])
+            made = os.urandom(32)
+            if self.store.put_if(key, json.dumps({"key": made.hex()}).encode(),
+                                 etag=found[1] if found else None) is not None:
+                return made
+        raise StorageFailure("The login key in the object store cannot be read or written.")
+
+    # -- what main's routes ask: part checks, content, the files page ------------------------------------------
+    def received_part_matches(self, upload_id: str, start: int, end: int, sha256: bytes) -> bool:
+        """As ``Engine.received_part_matches`` where the bytes can be read back: staged objects.  Bytes already in
+        whole S3 parts cannot be (S3 reads no part of an open multipart upload), so they are not judged (True); a
+        part sent again with a checksum replaces them only if the new bytes match it."""
+        upload = self._load(upload_id, cached=True)
+        if upload is None or upload.ephemeral or upload.info.state is not State.RECEIVING:
+            return True
+        info, _, staged = self._received(upload)
+        if info.state is not State.RECEIVING or range_holes(info.received, start, end):
+            return True
+        pieces = sorted((span, item["Key"]) for item in staged
+                        if (span := _staged_span(item["Key"])) and span[0] < end and span[1] > start)
+        if not _covers((span for span, _ in pieces), start, end):
+            return True
+        hasher, position = hashlib.sha256(), start
+        try:
+            for (low, high), key in pieces:
+                if high > position:
+                    for block in self.store.read(key, position - low, min(high, end) - low):
+                        hasher.update(block)
+                    position = min(high, end)
+        except UploadError:  # merged into its part meanwhile: no longer readable, not judged
+            return True
+        return hmac.compare_digest(hasher.digest(), sha256)
+
+    def find_content(self, sha256: str, size: int) -> UploadInfo | None:
+        """Dedup at finish is off with an object store (S3 has no links): never a match."""
+        return None
+
+    def complete_by_content(self, upload_id: str, sha256: str) -> UploadInfo | None:
+        """Nothing is stored by content with an object store: the upload goes on (``find_content``)."""
+        return None
+
+    def delete(self, upload_id: str) -> UploadInfo:
+        """As ``Engine.delete``: a receiving upload is aborted; a stored one's object is removed (only if it is
+        still the one this upload stored: its metadata says so), then its record says deleted."""
+        info = self.info(upload_id)
+        if info.state is State.RECEIVING:
+            info = self.abort(upload_id, "deleted on the files page")
+        if info.state is not State.STORED:
+            return info
+        key = self.store.key(info.stored_name)
+        head = self.store.head(key)
+        if head is not None and head.get("Metadata", {}).get("pyfiledrop-id") != info.id:
+            raise Conflict("Another object is at that name in the store now, so it was left in place.")
+        index = [self.store.meta(f"sha256/{info.sha256}-{info.size}/{info.id}")] if info.sha256 else []
+        self.store.delete(*([key] if head is not None else []), *index)
+        self.checkpoint("removed")  # a stop here leaves a stored record of a missing object: deleting again ends it
+        changed = self._change(upload_id, lambda current: dataclasses.replace(
+            current.info, state=State.DELETED, updated=self.clock(), reason="deleted on the files page")
+            if current.info.state is State.STORED else None)
+        return changed.info if changed else self.info(upload_id)
+
+
+class NotWithObjectStore(UploadError):
+    """What needs a local folder or ledger (folders of the files page, renames) refused under ``--s3``."""
+
+    status = 501
+
+
+class S3Records:
+    """What the adapters ask of the ledger, answered from the records in the store."""
+
+    def __init__(self, engine: S3Engine):
+        self.engine = engine
+
+    def stored_with(self, sha256: str, size: int, limit: int = 100) -> list[UploadInfo]:
+        found = []
+        for item in self.engine.store.listing(self.engine.store.meta(f"sha256/{sha256}-{size}/")):
+            upload = self.engine._load(item["Key"].rsplit("/", 1)[-1])
+            if upload is not None and upload.info.state is State.STORED and len(found) < limit:
+                found.append(upload.info)
+        return sorted(found, key=lambda info: info.created, reverse=True)
+
+    def select(self, where: str, arguments: Mapping, order: str = "created DESC, id DESC",
+               limit: int = 100) -> list[UploadInfo]:
+        """As ``Ledger.select``, over a snapshot of every record in the store (an in-memory SQLite of the
+        ledger's schema), so the files page's filters, orders and pages are the same SQL as with a folder."""
+        snapshot = Ledger(":memory:")
+        try:
+            snapshot.save(*(self.engine._received(upload)[0] for upload in self.engine._records()))
+            return snapshot.select(where, arguments, order, limit)
+        finally:
+            snapshot.close()
+
+    def marks(self, upload_ids: Iterable[str]) -> dict[str, tuple[int, int, int, int]]:
+        """No inode marks in a store: an object's metadata names its upload instead (``S3Files.presence``)."""
+        return {}
+
+    def rename_folder(self, old: str, new: str) -> int:
+        raise NotWithObjectStore("Folders cannot be renamed with --s3.")
+
+    def close(self) -> None:
+        """Nothing to close: every record is in the store."""
+
+
+class S3Files:
+    """What the adapters ask of the backend about stored files: there, their size, a download with Range."""
+
+    def __init__(self, engine: S3Engine):
+        self.engine = engine
+        self.store = engine.store
+
+    def part_stat(self, upload_id: str) -> dict | None:
+        """Something (its record) while an upload can still receive, as a partial file's stat is; else None."""
+        upload = self.engine._load(upload_id, cached=True)
+        return None if upload is None or upload.info.state is not State.RECEIVING else {"id": upload_id}
+
+    def presence(self, info: UploadInfo) -> str:
+        """As ``storage_presence``: "present", "missing", "changed" (another object at the name, or another
+        size), "" for an upload not stored."""
+        if info.state is not State.STORED or not info.stored_name:
+            return ""
+        head = self.store.head(self.store.key(info.stored_name))
+        if head is None:
+            return "missing"
+        if head.get("Metadata", {}).get("pyfiledrop-id") != info.id or head["ContentLength"] != info.size:
+            return "changed"
+        return "present"
+
+    def folders(self, path: str) -> list[str]:
+        """The folders directly in ``path`` ("a/b" or ""), from the store's common prefixes."""
+        return self.store.folders(self.store.key(path + "/" if path else ""))
+
+    def stored_exists(self, stored_name: str) -> bool:
+        return self.store.head(self.store.key(stored_name)) is not None
+
+    def stored_size(self, stored_name: str) -> int | None:
+        head = self.store.head(self.store.key(stored_name))
+        return None if head is None else head["ContentLength"]
+
+    def download_response(self, info: UploadInfo, range_header: str | None) -> bottle.HTTPResponse:
+        """The stored object, streamed from the store; one byte range (``Range``) answered with 206."""
+        key = self.store.key(info.stored_name)
+        head = self.store.head(key)
+        if head is None:
+            raise NotFound("That file is no longer on the server.")
+        size = head["ContentLength"]
+        spans = list(bottle.parse_range_header(range_header, size)) if range_header else []
+        if range_header and range_header.startswith("bytes=") and not spans:
+            response = plain_response(416, "That range is not in the file.")
+            response.set_header("Content-Range", f"bytes */{size}")
+            return response
+        start, end = spans[0] if spans else (0, size)
+        response = bottle.HTTPResponse(self.store.read(key, start, end) if end > start else b"",
+                                       status=206 if spans else 200)
+        response.set_header("Content-Length", str(end - start))
+        if spans:
+            response.set_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
+        response.set_header("Accept-Ranges", "bytes")
+        response.set_header("Content-Type", "application/octet-stream")
+        response.set_header("Last-Modified", formatdate(head["LastModified"].timestamp(), usegmt=True))
+        response.set_header("Content-Disposition", content_disposition(info.stored_name))
+        response.set_header("X-Content-Type-Options", "nosniff")
+        response.set_header("Content-Security-Policy", "sandbox; default-src 'none'")
+        return response
+
+
+def open_s3_engine(config: Config, *, events: Callable[[EngineEvent], None] = lambda event: None,
+                   checkpoint: Callable[[str], None] = lambda step: None) -> S3Engine:
+    """The engine over the object store of ``--s3``; S3StartError when it cannot be used."""
+    store = open_object_store(config.s3)
+    limits = EngineLimits(config.max_size_bytes, 0, config.partial_ttl_seconds)
+    return S3Engine(store, limits, events=events, checkpoint=checkpoint)
 
 
 ###############################################################################
@@ -3718,8 +5059,9 @@ def _login_routes(app: bottle.Bottle, auth: Authenticator | None, events: Callab
 def _authenticator(config: Config, engine: Engine) -> Authenticator | None:
     if config.password is None and config.admin_password is None:
         return None
-    return Authenticator(config.password, config.admin_password, load_session_key(config.chunks),
-                         clock=engine.clock)
+    # With --s3 every node signs and checks login cookies with one key, kept in the store.
+    key = engine.session_key() if hasattr(engine, "session_key") else load_session_key(config.chunks)
+    return Authenticator(config.password, config.admin_password, key, clock=engine.clock)
 
 
 ###############################################################################
@@ -3785,7 +5127,10 @@ def page_assets() -> dict[str, tuple[bytes, str]]:
 
 def open_engine(config: Config, *, events: Callable[[EngineEvent], None] = lambda event: None,
                 checkpoint: Callable[[str], None] = lambda step: None, clock: Callable[[], float] = time.time) -> Engine:
-    """The engine over ``config``'s folders: its ledger opened (and migrated), disk and ledger reconciled."""
+    """The engine over ``config``'s folders: its ledger opened (and migrated), disk and ledger reconciled; with
+    ``config.s3`` the engine over that object store instead."""
+    if config.s3 is not None:
+        return open_s3_engine(config, events=events, checkpoint=checkpoint)
     warn = lambda text: events(Notice(text, True))  # noqa: E731
     backend = LocalBackend(config.storage, config.chunks, checkpoint=checkpoint, warn=warn)
     min_free = config.min_free if config.min_free is not None else default_min_free(backend.total_space())
@@ -3855,6 +5200,8 @@ def create_app(config: Config, engine: Engine) -> bottle.Bottle:
 
 def text_board(config: Config, engine: Engine) -> TextBoard:
     """The notes and shared text over the engine's ledger; --share-text replaces what an earlier start kept."""
+    if not isinstance(engine.ledger, Ledger):  # --s3: nodes keep nothing, and the store holds no notes
+        return StatelessTextBoard(config.share_text)
     board = TextBoard(engine.ledger, clock=engine.clock, events=engine.events, check_space=engine.check_space)
     if config.share_text is not None:
         board.share(config.share_text, None)
@@ -3941,6 +5288,8 @@ def stored_file_response(engine: Engine, upload_id: str) -> bottle.HTTPResponse:
     info = engine.info(upload_id) if is_valid_id(upload_id) else None
     if info is None or info.state is not State.STORED:
         raise NotFound("No such file.")
+    if hasattr(engine.backend, "download_response"):  # an object store: streamed from there
+        return engine.backend.download_response(info, bottle.request.environ.get("HTTP_RANGE"))
     path = engine.backend.stored_path(info.stored_name)
     response = bottle.static_file(path.name, root=str(path.parent), mimetype="application/octet-stream")
     if response.status_code >= 400:
@@ -4165,6 +5514,8 @@ def _folder_on_disk(engine: Engine, path: str) -> Path:
 
 
 def list_folders(engine: Engine, path: str) -> dict:
+    if hasattr(engine.backend, "folders"):  # an object store: its common prefixes
+        return {"path": path, "folders": engine.backend.folders(path)}
     folder = _folder_on_disk(engine, path)
     try:
         with os.scandir(folder) as entries:
@@ -4179,6 +5530,9 @@ def list_folders(engine: Engine, path: str) -> dict:
 
 def change_folder(engine: Engine, action: str, path: str, to: str = "") -> dict:
     """Create, rename (its stored uploads' records follow) or delete (only when empty) a storage folder."""
+    if not hasattr(engine.backend, "storage"):  # an object store has no folders of its own, only names
+        done = {"create": "created", "rename": "renamed", "delete": "deleted"}[action]
+        raise NotWithObjectStore(f"Folders cannot be {done} with --s3.")
     folder = _folder_on_disk(engine, path)
     try:
         if action == "create":
@@ -4533,6 +5887,22 @@ class TextBoard:
         return self.shared()
 
 
+class StatelessTextBoard:
+    """Text both ways under ``--s3``: no notes (a node keeps nothing), and only the ``--share-text`` it was
+    started with (give every node the same one); changing it from /files is refused."""
+
+    def __init__(self, text: str | None):
+        self.text, self.started = text or None, time.time()
+
+    def _refuse(self, *args, **kwargs):
+        raise NotWithObjectStore("Notes and shared text from /files are not kept with --s3; use --share-text.")
+
+    receive = page = delete = share = _refuse
+
+    def shared(self) -> dict:
+        return {"text": self.text, "updated": iso_time(self.started) if self.text else None}
+
+
 class TooManyNotes(UploadError):
     status = 429
 
@@ -4822,8 +6192,10 @@ def banner(config: Config, urls: list[str], tls: TLSIdentity | None = None, shar
     ttl = f"{config.partial_ttl_hours:g} h"
     lines = [
         f"pyfiledrop {__version__}",
-        f"  saving to      {config.storage}",
-        f"  partial files  {config.chunks} (unfinished uploads, removed after {ttl} untouched)",
+        *([f"  saving to      {config.storage}",
+           f"  partial files  {config.chunks} (unfinished uploads, removed after {ttl} untouched)"]
+          if config.s3 is None else
+          [f"  saving to      {config.s3} (unfinished uploads removed after {ttl} untouched)"]),
         f"  limits         files up to {binary_size(config.max_size_bytes)}; "
         f"chunks of {binary_size(config.chunk_size)}, "
         f"{config.parallel_chunks} at a time; {config.timeout_ms / 1000:g} s per chunk",
@@ -6593,7 +7965,8 @@ def serve(config: Config, engine: Engine, server, *, stop: threading.Event | Non
     urls = page_urls(config.host, server.server_address[1], scheme="https" if tls else "http")
     try:  # from here on Ctrl+C ends with the last line, even while the banner is being printed
         if not config.quiet:
-            _print_banner(config, urls, console, tls, (engine.ledger.setting(SHARED_TEXT_KEY) or ("",))[0])
+            kept = engine.ledger.setting(SHARED_TEXT_KEY) if isinstance(engine.ledger, Ledger) else None
+            _print_banner(config, urls, console, tls, (kept or (config.share_text or "",))[0])
         for warning in warnings:  # after the banner, so the first line says what is starting
             log.warning("%s", warning)
         server.serve(stop)
@@ -7154,15 +8527,20 @@ def _main(argv: list[str] | None) -> int:
     if config.dz_cdn or config.dz_version:
         log.warning("--dz-cdn and --dz-version are retired: the page has its own uploader and loads nothing from "
                     "a CDN; they are ignored")
-    for path, what in ((config.storage, "storage"), (config.chunks, "chunks")):
+    # With --s3 nothing is kept on a node: no folders, but --tls's made certificate, which is this node's own.
+    folders = ((config.storage, "storage"), (config.chunks, "chunks")) if config.s3 is None else \
+        ((config.chunks, "chunks"),) if config.tls and config.cert is None else ()
+    for path, what in folders:
         problem = _prepare_folder(path, what)
         if problem:
             return _fail(problem)
     warnings = option_warnings(config)
-    if os.stat(config.storage).st_dev != os.stat(config.chunks).st_dev:
+    if config.s3 is None and os.stat(config.storage).st_dev != os.stat(config.chunks).st_dev:
         warnings.append("the storage and chunks folders are on different disks: each finished file will be copied")
     try:
         engine = open_engine(config, events=console.handle)
+    except S3StartError as error:
+        return _fail(str(error))
     except (sqlite3.Error, OSError, RuntimeError) as error:
         return _fail(f"cannot open the upload ledger in {config.chunks}: {error}")
     try:
@@ -7990,6 +9368,7 @@ INDEX_HTML = r"""<!doctype html>
   };
   Upload.prototype.checkResult = function () {
     if (!this.whole || !this.result || this.checked) return;
+    if (this.result.sha256 == null) return this.askHashLater(1000);   // --s3: hashed once stored, in the background
     this.checked = true;
     changed = true;
     if (this.result.sha256 === this.whole) return;
@@ -7998,6 +9377,21 @@ INDEX_HTML = r"""<!doctype html>
     this.idPrefix = "pf-" + Math.random().toString(36).slice(2, 10) + "-";   // a Retry goes under a new id
     totals.done -= 1;
     totals.failed += 1;
+  };
+  Upload.prototype.askHashLater = function (wait) {
+    var upload = this;
+    if (this.askingHash || wait > 64000) return;
+    this.askingHash = true;
+    setTimeout(function () {
+      postJson("/api/uploads/status", { ids: [upload.id] }).then(function (reply) {
+        var status = reply.uploads && reply.uploads[upload.id];
+        upload.askingHash = false;
+        if (status && status.sha256) {
+          upload.result.sha256 = status.sha256;
+          upload.checkResult();
+        } else if (status && status.complete) upload.askHashLater(wait * 2);
+      }, function () { upload.askingHash = false; upload.askHashLater(wait * 2); });
+    }, wait);
   };
   Upload.prototype.cancel = function () {
     if (!this.active()) return;
