@@ -326,6 +326,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("-v", "--verbose", action="store_true", help="also log every HTTP request")
     add("--no-qr", action="store_true", help="do not draw a QR code of the address")
     add("--open", action="store_true", help="open the page in the default browser")
+    _add_store_and_access_options(add)
+    return parser
+
+
+def _add_store_and_access_options(add: Callable) -> None:
+    """Where files go besides the folders, who may do what, and how long stored files and texts stay."""
     add("--s3", metavar="URL",
         help="store in an S3-compatible object store instead of folders: http(s)://HOST[:PORT]/BUCKET[/PREFIX] "
              "(credentials from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile; needs boto3)")
@@ -340,7 +346,6 @@ def build_parser() -> argparse.ArgumentParser:
     add("--expire-after", type=_time_span, metavar="TIME",
         help="remove stored files this long after they were stored (units s, m, h, d: 7d); "
              "their records stay, as expired")
-    return parser
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
