@@ -2,6 +2,7 @@
 
 A test module takes what it needs: ``from browserkit import BROWSER_MARKS, browser, sync_api`` (importing this
 skips the module, with the reason, where Playwright is missing); ``pytestmark = BROWSER_MARKS``."""
+import contextlib
 import os
 
 import pytest
@@ -18,11 +19,18 @@ BROWSER_MARKS = [
 sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright for Python is not installed (pip install playwright)")
 
 
+@contextlib.contextmanager
+def chromium(*extra_args: str):
+    """Chromium launched with LAUNCH_ARGS and ``extra_args``, closed at the end."""
+    with sync_api.sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=[*LAUNCH_ARGS, *extra_args])
+        try:
+            yield launched
+        finally:
+            launched.close()
+
+
 @pytest.fixture(scope="module")
 def browser():
-    with sync_api.sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=LAUNCH_ARGS)
-        try:
-            yield chromium
-        finally:
-            chromium.close()
+    with chromium() as launched:
+        yield launched

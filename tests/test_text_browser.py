@@ -5,24 +5,18 @@ API in a secure context and by selecting and execCommand("copy") over plain HTTP
 Every wait is on the DOM with generous timeouts; no fixed sleeps, no timing assertions."""
 from __future__ import annotations
 
-import os
 
 import pytest
 
+from browserkit import BROWSER_MARKS, chromium
+
 import pyfiledrop
 
-CHROMIUM = "/usr/bin/chromium"
 WAIT_MS = 30_000
 ADMIN = "text page admin"
 LAN_NAME = "pyfiledrop.test"   # resolved to 127.0.0.1 by the browser, but not "localhost": no secure context
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is not installed (apt-get install chromium)"),
-]
-sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright for Python is not installed")
-LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-               "--disable-component-update", "--disable-sync", f"--host-resolver-rules=MAP {LAN_NAME} 127.0.0.1"]
+pytestmark = BROWSER_MARKS
 HOSTILE = '<img src=x onerror="window.owned=1"><script>window.owned=2</script> \x1b[2J &amp; \u202egpj.exe'
 
 
@@ -33,12 +27,8 @@ def admin_hash():
 
 @pytest.fixture(scope="module")
 def browser():
-    with sync_api.sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=LAUNCH_ARGS)
-        try:
-            yield chromium
-        finally:
-            chromium.close()
+    with chromium(f"--host-resolver-rules=MAP {LAN_NAME} 127.0.0.1") as launched:
+        yield launched
 
 
 @pytest.fixture
