@@ -3,6 +3,7 @@ import hashlib
 import os
 import sqlite3
 import threading
+import time
 import uuid
 
 import pytest
@@ -253,3 +254,39 @@ def test_abort_of_a_stored_upload_changes_nothing(tmp_path):
     info = store(engine, "kept.txt")
     assert engine.abort(info.id).state is State.STORED
     assert (engine.backend.storage / "kept.txt").exists()
+
+
+# -- the ledger's shared commits ------------------------------------------------------------------------------
+
+def _record(upload_id: str, name: str | None = "a.txt") -> pyfiledrop.UploadInfo:
+    return pyfiledrop.UploadInfo(id=upload_id, name=name, size=1, part_size=1, client="192.0.2.1", created=1.0,
+                                 updated=1.0)
+
+
+def test_saves_that_wait_for_a_commit_share_the_next_and_a_failing_one_fails_alone(tmp_path):
+    ledger = Ledger(tmp_path / Ledger.FILENAME)
+    results: dict[str, object] = {}
+
+    def save(upload_id: str, name: str | None) -> None:
+        try:
+            ledger.save(_record(upload_id, name), mark=(1, 2, 3, 4) if upload_id.endswith("3") else None)
+            results[upload_id] = "saved"
+        except sqlite3.Error as error:
+            results[upload_id] = error
+
+    with ledger._lock:  # a commit in progress: every save below waits for the next one
+        threads = [threading.Thread(target=save, args=(f"up{n}", None if n == 5 else f"f{n}.txt"))
+                   for n in range(8)]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 10
+        while len(ledger._waiting) < 8 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(ledger._waiting) == 8
+    for thread in threads:
+        thread.join(10)
+    assert isinstance(results.pop("up5"), sqlite3.IntegrityError)  # name NOT NULL: that save alone fails
+    assert results == {f"up{n}": "saved" for n in range(8) if n != 5}
+    assert ledger.get("up5") is None and ledger.get("up7").name == "f7.txt"
+    assert ledger.marks(["up3", "up4"]) == {"up3": (1, 2, 3, 4)}
+    ledger.close()
