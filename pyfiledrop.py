@@ -3961,11 +3961,23 @@ class _BodyReader:
         return count
 
 
+_PLAIN_FORM_TYPE_RE = re.compile(r"multipart/form-data;[ \t]*boundary=([0-9A-Za-z_\-.]{1,70})\Z")
+
+
+def multipart_boundary(content_type: str) -> str:
+    """The boundary of a multipart/form-data Content-Type ("" for any other type), as werkzeug reads it: one
+    match for the form browsers and curl send."""
+    plain = _PLAIN_FORM_TYPE_RE.match(content_type)
+    if plain is not None:
+        return plain.group(1)
+    mimetype, options = parse_options_header(content_type)
+    return options.get("boundary", "") if mimetype == "multipart/form-data" else ""
+
+
 def multipart_parts(environ: dict, length: int | None) -> Iterator[FormField | FilePart]:
     """Stream a multipart/form-data body part by part; a file part's data is read as the caller consumes it."""
-    mimetype, options = parse_options_header(environ.get("CONTENT_TYPE", ""))
-    boundary = options.get("boundary", "")
-    if mimetype != "multipart/form-data" or not boundary or len(boundary) > 200:
+    boundary = multipart_boundary(environ.get("CONTENT_TYPE", ""))
+    if not boundary or len(boundary) > 200:
         raise BadRequest("Expected a multipart/form-data body with a file part.")
     try:
         boundary_bytes = boundary.encode("latin-1")
@@ -4010,8 +4022,29 @@ def _at(buffer, offset: int, prefix: bytes) -> bool:
 
 _PART_HEADER_LIMIT = 16 * 1024
 _MAX_PADDING = 64
+# The header block every browser and curl sends for a form part: one Content-Disposition with a quoted name
+# and maybe a quoted filename (no backslash, quote, line break or % inside: browsers percent-encode the first
+# three, and werkzeug decodes that), then
+# lines such as Content-Type.  Read with one match; anything else (folded lines, filename*=, escapes, a second
+# disposition) goes through werkzeug as before.
+_PLAIN_DISPOSITION_RE = re.compile(
+    rb'content-disposition:[ \t]*form-data;[ \t]*name="([^"\\\r\n%]*)"(?:;[ \t]*filename="([^"\\\r\n%]*)")?[ \t]*'
+    rb'(?:\r\n(?!content-disposition)[!-9;-~][ -~\t]*)*\Z', re.IGNORECASE)
+
+
 def _part_names(raw: bytes) -> tuple[str, str | None]:
     """(name, filename or None) from a part's header block, as werkzeug's decoder reads it."""
+    plain = _PLAIN_DISPOSITION_RE.match(raw)
+    if plain is not None:
+        try:
+            name, filename = plain.group(1).decode(), plain.group(2)
+            return name, None if filename is None else filename.decode()
+        except UnicodeDecodeError:
+            raise BadRequest(_MALFORMED) from None
+    return _part_names_in_full(raw)
+
+
+def _part_names_in_full(raw: bytes) -> tuple[str, str | None]:
     try:
         lines = re.sub(rb"\r\n[ \t]+", b" ", raw).split(b"\r\n")
         disposition = ""

@@ -138,3 +138,51 @@ def test_an_unread_file_part_is_skipped_over():
     environ = {"wsgi.input": io.BytesIO(body), "CONTENT_TYPE": "multipart/form-data; boundary=b"}
     seen = [(type(part).__name__, part.name) for part in multipart_parts(environ, len(body))]
     assert seen == [("FilePart", "file"), ("FormField", "after")]
+
+
+# -- the one-match readings of common headers give what werkzeug gives -----------------------------------------
+
+def _random_part_header(rng) -> bytes:
+    starts = ['Content-Disposition: form-data; name="', 'content-disposition:form-data;name="',
+              'CONTENT-DISPOSITION: form-data;  name="', 'Content-Disposition: form-data; name="x"; filename="',
+              'Content-Disposition: attachment; name="', ' Content-Disposition: form-data; name="']
+    pieces = ['a', 'Z', ' ', ';', '"', '\\', '%22', '%', '\u00e9', '\t', '\r\n', '\r\n ', '=', '*', "'", 'filename',
+              'name', '\r\nContent-Type: text/plain', '\r\nContent-Disposition: form-data; name="b"', '\x00', '\xff',
+              '\r\n\tx']
+    raw = rng.choice(starts) + "".join(rng.choice(pieces) for _ in range(rng.randint(0, 6)))
+    if rng.random() < 0.5:
+        raw += '"'
+    if rng.random() < 0.4:
+        raw += '; filename="' + "".join(rng.choice(pieces) for _ in range(rng.randint(0, 5))) + '"'
+    if rng.random() < 0.3:
+        raw += rng.choice(['\r\nContent-Type: application/octet-stream', '\r\n content-type: x', '\r\nX-A: b', ' ',
+                           '\r\ncontent-disposition: form-data; name="q"'])
+    return raw.encode("utf-8") if rng.random() < 0.9 else raw.encode("latin-1", "replace")
+
+
+def _outcome(function, value):
+    try:
+        return function(value)
+    except pyfiledrop.BadRequest as error:
+        return "refused", error.message
+
+
+def test_part_headers_read_in_one_match_give_what_werkzeug_gives():
+    rng = random.Random(20261202)
+    headers = [_random_part_header(rng) for _ in range(30000)]
+    assert sum(bool(pyfiledrop._PLAIN_DISPOSITION_RE.match(raw)) for raw in headers) > 1000  # the shortcut ran
+    for raw in headers:
+        assert _outcome(pyfiledrop._part_names, raw) == _outcome(pyfiledrop._part_names_in_full, raw), raw
+
+
+def test_the_boundary_read_in_one_match_is_what_werkzeug_reads():
+    from werkzeug.http import parse_options_header
+    rng = random.Random(7)
+    starts = ["multipart/form-data; boundary=", "Multipart/Form-Data;boundary=", "multipart/form-data;  boundary=",
+              "multipart/mixed; boundary=", "multipart/form-data; charset=x; boundary=", "multipart/form-data;boundary="]
+    pieces = list("aZ09'()+_,-./:=? ;\"\\\t%\u00e9") + ["----WebKitFormBoundary", "\r\n", "a", "-", "_", "."]
+    for _ in range(30000):
+        content_type = rng.choice(starts) + "".join(rng.choice(pieces) for _ in range(rng.randint(0, 8)))
+        mimetype, options = parse_options_header(content_type)
+        expected = options.get("boundary", "") if mimetype == "multipart/form-data" else ""
+        assert pyfiledrop.multipart_boundary(content_type) == expected, content_type
