@@ -1229,7 +1229,7 @@ class LocalBackend:
         while view:
             view = view[os.write(fd, view):]
 
-    MAP_WINDOW = 8 * MIB
+    MAP_WINDOW = 1 * MIB   # mapped pages count in the resident size while mapped: keep the window small
 
     def hash_range(self, hasher, fd: int, start: int, end: int) -> None:
         """Feed bytes [start, end) of the open partial file to ``hasher``: mapped, so the hash reads them
@@ -8078,6 +8078,19 @@ def _print_banner(config: Config, urls: list[str], console: Console, tls: TLSIde
         log.warning(no_qr)
 
 
+def return_freed_memory() -> None:
+    """Hand the C heap's free pages back to the system (glibc only).  Running this script compiles its half a
+    megabyte of source, and the memory the compiler frees stays with the process (about 16 MiB, a third of
+    the server's resident size) until malloc_trim returns it."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim): nothing to hand back
+        pass
+
+
 def serve(config: Config, engine: Engine, server, *, stop: threading.Event | None = None,
           console: Console | None = None, tls: TLSIdentity | None = None, warnings: Iterable[str] = ()) -> int:
     """Serve until ``stop`` is set or Ctrl+C; expires stale partial uploads at start and periodically.
@@ -8641,6 +8654,7 @@ def _disable_quick_edit() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return_freed_memory()  # first: what compiling this script freed is one block yet, not strewn with live data
     arguments = sys.argv[1:] if argv is None else argv
     if arguments[:1] == ["send"]:
         return send_main(arguments[1:])
