@@ -2472,6 +2472,7 @@ def _v1_state(record: dict, clock: Callable[[], float]) -> UploadInfo:
 #     NAME, a/b/NAME                       stored files (each one a completed multipart upload)
 #     .pyfiledrop/uploads/ID.json          the record of an upload (written with If-None-Match / If-Match)
 #     .pyfiledrop/staged/ID/PART/START-END bytes of a part not yet whole (S3 parts are 5 MiB at least)
+#     .pyfiledrop/staged/ID/PART/merging   the claim of the node merging that part's pieces into it
 #     .pyfiledrop/claims/NAME              a name taken by an upload still receiving
 #     .pyfiledrop/sha256/SHA-SIZE/ID       stored content by hash (a tus sender's re-run skips what is there)
 #     .pyfiledrop/session.json             the key signing login cookies, the same on every node
@@ -2487,6 +2488,13 @@ S3_PART = 8 * MIB                     # the part grid of uploads that bring no g
 # is buffered a part at a time).
 S3_STREAMED_PART = 64 * MIB
 S3_HASH_BLOCK = 1 * MIB
+
+
+def s3_merge_claim_ttl(part_size: int) -> float:
+    """Seconds after which a claim on merging a part of ``part_size`` bytes counts as left by a node that stopped
+    mid-merge, so another node may take it over: a minute, and a second more per MiB (a merge reads the part once
+    and sends it once, far faster on a working store).  Too early costs only a merge done twice, never bytes."""
+    return 60.0 + part_size / MIB
 
 
 class ServiceUnavailable(UploadError):
@@ -2630,8 +2638,19 @@ class ObjectStore:
             try:
                 return self.client.put_object(Bucket=self.bucket, Key=key, Body=body, **condition, **extra)["ETag"]
             except self.errors.ClientError as error:
-                if self.code(error) in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
-                    return None
+                if self.code(error) in ("PreconditionFailed", "412", "ConditionalRequestConflict", "NoSuchKey"):
+                    return None  # (NoSuchKey: If-Match on an object removed meanwhile, as AWS answers it)
+                raise
+
+    def delete_if(self, key: str, etag: str) -> bool:
+        """Remove ``key`` only if it is still as written (``etag``); False when it is not, or gone."""
+        with self.guarded("remove an object"):
+            try:
+                self.client.delete_object(Bucket=self.bucket, Key=key, IfMatch=etag)
+                return True
+            except self.errors.ClientError as error:
+                if self.code(error) in ("PreconditionFailed", "412", "ConditionalRequestConflict", "NoSuchKey", "404"):
+                    return False
                 raise
 
     def head(self, key: str) -> dict | None:
@@ -2915,6 +2934,10 @@ class S3Engine:
 
     def _claim_key(self, name: str) -> str:
         return self.store.meta(f"claims/{name}")
+
+    def _merge_claim_key(self, upload_id: str, number: int) -> str:
+        """Among the part's staged objects (no span in its name), so whatever removes those removes it too."""
+        return self._staged_prefix(upload_id, number) + "merging"
 
     def _load(self, upload_id: str, cached: bool = False) -> _S3Upload | None:
         """The upload's record as the store has it; ``cached``: as this node last read it while it was receiving
@@ -3268,26 +3291,67 @@ class S3Engine:
         info = upload.info
         self.events(Progress(info.id, info.name, info.received_bytes + sent, info.size, info.created))
 
-    def _merge_whole_parts(self, upload: _S3Upload, numbers: Iterable[int]) -> dict[int, dict]:
+    def _merge_whole_parts(self, upload: _S3Upload, numbers: Iterable[int]) -> dict[int, str]:
         """Send each of these parts that is whole in staged objects as one S3 part, read back from them (their
-        bytes never wait in a node between requests).  A merge that fails is done again by a later one."""
+        bytes never wait in a node between requests).  One merge of a part at a time: on this node a lock, between
+        nodes the part's merge claim (``_claim_part``); a part another node is merging is left to it.  A merge that
+        fails or is left is done again by a later request, or by finish."""
         merged = {}
         for number in sorted(numbers):
             with self._merging[hash((upload.info.id, number)) % 64]:  # listed inside: a merge just done left none
-                segments = []
-                for item in self.store.listing(self._staged_prefix(upload.info.id, number)):
-                    span = _staged_span(item["Key"])
-                    if span is not None and item["Size"] == span[1] - span[0]:
-                        segments.append((*span, item["Key"]))
-                part_start, part_end = upload.part_span(number)
-                if not _covers(((low, high) for low, high, _ in segments), part_start, part_end):
+                if self._whole_segments(upload, number) is None:
+                    continue
+                claim = self._claim_part(upload, number)
+                if claim is None:
                     continue
                 try:
-                    merged[number] = self._merge(upload, number, segments)
+                    self.checkpoint("part-claimed")
+                    # Listed again under the claim: a node that merged the part meanwhile removed its pieces.
+                    segments = self._whole_segments(upload, number)
+                    if segments is not None:
+                        merged[number] = self._merge(upload, number, segments)
                 except (UploadError, NoSuchUpload) as error:
                     log.info("merging part %d of %s failed (done again later): %s", number, upload.info.name,
                              getattr(error, "message", error))
+                finally:
+                    self._release_part_claim(upload, number, claim)
         return merged
+
+    def _whole_segments(self, upload: _S3Upload, number: int) -> list[tuple[int, int, str]] | None:
+        """The staged pieces of part ``number`` as (start, end, key), None unless they cover the whole part."""
+        segments = []
+        for item in self.store.listing(self._staged_prefix(upload.info.id, number)):
+            span = _staged_span(item["Key"])
+            if span is not None and item["Size"] == span[1] - span[0]:
+                segments.append((*span, item["Key"]))
+        part_start, part_end = upload.part_span(number)
+        return segments if _covers(((low, high) for low, high, _ in segments), part_start, part_end) else None
+
+    def _claim_part(self, upload: _S3Upload, number: int) -> str | None:
+        """This node's claim on merging part ``number`` (its ETag), None while another node holds one.
+
+        Written with If-None-Match: *, so of two nodes that find the part whole at once one merges it.  A claim
+        older than ``s3_merge_claim_ttl`` was left by a node that stopped mid-merge: it is overwritten with
+        If-Match: its ETag, so of two nodes taking it over one wins (each claim's body is unique, so is its ETag).
+        """
+        key = self._merge_claim_key(upload.info.id, number)
+        body = json.dumps({"claim": uuid.uuid4().hex, "at": self.clock()}).encode()
+        etag = self.store.put_if(key, body, ContentType="application/json")
+        if etag is not None:
+            return etag
+        held = self.store.head(key)
+        if held is None:  # released meanwhile: the part is merged, or free to merge
+            return self.store.put_if(key, body, ContentType="application/json")
+        if self.clock() - held["LastModified"].timestamp() < s3_merge_claim_ttl(upload.grid):
+            return None
+        log.warning("taking over the merge of part %d of %s from a node that stopped", number, upload.info.name)
+        return self.store.put_if(key, body, etag=held["ETag"], ContentType="application/json")
+
+    def _release_part_claim(self, upload: _S3Upload, number: int, etag: str) -> None:
+        """Remove the claim if it is still this node's (If-Match): one taken over meanwhile stays its new owner's.
+        A claim that cannot be removed now goes stale and is taken over, or goes with the upload's staged objects."""
+        with contextlib.suppress(UploadError):
+            self.store.delete_if(self._merge_claim_key(upload.info.id, number), etag)
 
     def _merge(self, upload: _S3Upload, number: int, segments: list[tuple[int, int, str]]) -> str:
         part_start, part_end = upload.part_span(number)
@@ -3354,7 +3418,7 @@ class S3Engine:
         missing = [number for number in range(1, -(-(info.size or 0) // upload.grid) + 1) if number not in etags]
         etags.update(self._merge_whole_parts(upload, missing))
         if any(number not in etags for number in missing):
-            raise ServiceUnavailable("The object store did not take the last parts; try again shortly.")
+            raise ServiceUnavailable("The last parts are not in the object store yet; try again shortly.")
         self.checkpoint("merged")
         self._complete(upload, etags)
         self.checkpoint("completed")
@@ -3782,11 +3846,12 @@ class S3Files:
 
 
 def open_s3_engine(config: Config, *, events: Callable[[EngineEvent], None] = lambda event: None,
-                   checkpoint: Callable[[str], None] = lambda step: None) -> S3Engine:
+                   checkpoint: Callable[[str], None] = lambda step: None,
+                   clock: Callable[[], float] = time.time) -> S3Engine:
     """The engine over the object store of ``--s3``; S3StartError when it cannot be used."""
     store = open_object_store(config.s3)
     limits = EngineLimits(config.max_size_bytes, 0, config.partial_ttl_seconds)
-    return S3Engine(store, limits, events=events, checkpoint=checkpoint)
+    return S3Engine(store, limits, events=events, checkpoint=checkpoint, clock=clock)
 
 
 ###############################################################################
@@ -5135,7 +5200,7 @@ def open_engine(config: Config, *, events: Callable[[EngineEvent], None] = lambd
     """The engine over ``config``'s folders: its ledger opened (and migrated), disk and ledger reconciled; with
     ``config.s3`` the engine over that object store instead."""
     if config.s3 is not None:
-        return open_s3_engine(config, events=events, checkpoint=checkpoint)
+        return open_s3_engine(config, events=events, checkpoint=checkpoint, clock=clock)
     warn = lambda text: events(Notice(text, True))  # noqa: E731
     backend = LocalBackend(config.storage, config.chunks, checkpoint=checkpoint, warn=warn)
     min_free = config.min_free if config.min_free is not None else default_min_free(backend.total_space())

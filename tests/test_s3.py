@@ -11,6 +11,7 @@ import hashlib
 import http.client
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -501,6 +502,123 @@ def test_a_node_stopped_between_completing_and_recording_is_set_right_by_the_nex
     assert status == 200 and json.loads(body)["complete"] and json.loads(body)["name"] == "late.bin", body
     assert stored(s3, bucket, "late.bin") == data and user_objects(s3, bucket) == ["late.bin"]
     assert [info.state for info in other.engine.list()] == [pyfiledrop.State.STORED]
+
+
+# -- one staged part, two nodes ------------------------------------------------------------------------------------
+
+
+def pyfiledrop_keys(s3, bucket) -> list[str]:
+    """The keys under .pyfiledrop/ besides records and content markers: what uploads hold while receiving."""
+    meta = f"{PREFIX}/.pyfiledrop/"
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=meta)
+    keys = [item["Key"][len(meta):] for page in pages for item in page.get("Contents", ())]
+    return sorted(key for key in keys if not key.startswith(("uploads/", "sha256/")))
+
+
+def staged_of_part(s3, bucket, upload_id, number) -> tuple[list[str], list[str]]:
+    """(staged pieces, anything else) under the part's staged folder."""
+    folder = f"staged/{upload_id}/{number:05d}/"
+    keys = [key[len(folder):] for key in pyfiledrop_keys(s3, bucket) if key.startswith(folder)]
+    pieces = [key for key in keys if re.fullmatch(r"[0-9]+-[0-9]+", key)]
+    return pieces, [key for key in keys if key not in pieces]
+
+
+def listed_parts(s3, bucket, name) -> list[int]:
+    uploads = [u for u in multipart_uploads(s3, bucket) if u["Key"] == f"{PREFIX}/{name}"]
+    return sorted({part["PartNumber"] for upload in uploads
+                   for part in s3.list_parts(Bucket=bucket, Key=upload["Key"],
+                                             UploadId=upload["UploadId"]).get("Parts", [])})
+
+
+def test_two_nodes_finding_the_same_staged_part_whole_merge_it_once(nodes, s3, bucket):
+    """The node that claims a part merges it; the other, finding it whole while the first is paused mid-merge,
+    leaves it alone (it neither reads nor removes its pieces), and its finish answers 503 until the part is in."""
+    paused, resume = threading.Event(), threading.Event()
+
+    def pause_in_the_first_merge(step):
+        if step == "part-claimed" and not paused.is_set():
+            paused.set()
+            resume.wait(60)
+
+    first, = nodes(checkpoint=pause_in_the_first_merge)
+    second, = nodes()
+    data, size = os.urandom(10 * MIB), 1 * MIB   # 1 MiB chunks: two S3 parts of 5 MiB, each staged, then merged
+    upload_id = str(uuid.uuid4())
+
+    def send(node, index):
+        return node.post_chunk(upload_id, index, data[index * size:(index + 1) * size], len(data), size, "twice.bin")
+
+    for index in range(4):
+        assert send(second, index)[0] == 200
+    replies = []
+    merging = threading.Thread(target=lambda: replies.append(send(first, 4)))  # part 1 whole: the first node merges
+    merging.start()
+    try:
+        assert paused.wait(30), "the first node never began merging part 1"
+        status, _, body = send(second, 4)   # the same chunk again, to the other node: part 1 is whole there too
+        assert status == 200 and json.loads(body)["received_chunks"] == 5, body
+        pieces, _ = staged_of_part(s3, bucket, upload_id, 1)
+        assert len(pieces) == 5 and listed_parts(s3, bucket, "twice.bin") == []   # not merged, nothing removed
+        for index in range(5, 9):
+            assert send(second, index)[0] == 200
+        status, headers, body = send(second, 9)   # the last chunk: part 2 merges here; part 1 is being merged
+        assert status == 503 and headers.get("Retry-After"), body
+        assert listed_parts(s3, bucket, "twice.bin") == [2]
+    finally:
+        resume.set()
+        merging.join(60)
+    assert replies and replies[0][0] == 200 and json.loads(replies[0][2])["complete"], replies
+    status, _, body = send(second, 9)   # the client's retry of the 503
+    assert status == 200 and json.loads(body)["complete"] and json.loads(body)["name"] == "twice.bin", body
+    assert stored(s3, bucket, "twice.bin") == data and user_objects(s3, bucket) == ["twice.bin"]
+    assert not multipart_uploads(s3, bucket) and pyfiledrop_keys(s3, bucket) == []
+
+
+KILLED_MID_MERGE = r"""
+import os, signal, sys
+sys.path.insert(0, sys.argv[1])
+import pyfiledrop
+url, upload_id = sys.argv[2], sys.argv[3]
+
+def checkpoint(step):
+    if step == "part-claimed":
+        os.kill(os.getpid(), signal.SIGKILL)   # the node dies holding its claim on part 1
+
+engine = pyfiledrop.open_engine(pyfiledrop.Config(s3=pyfiledrop.parse_s3_url(url), quiet=True), checkpoint=checkpoint)
+data, size = sys.stdin.buffer.read(), 1024 * 1024
+engine.create(upload_id, "stale.bin", size=2 * len(data), part_size=size, client="")
+for offset in range(0, len(data), size):
+    engine.put(upload_id, offset, [data[offset:offset + size]], length=size)
+print("merged without a kill")
+"""
+
+
+@pytest.mark.parametrize("end", ["finished", "cancelled", "expired"])
+def test_a_claim_left_by_a_node_killed_mid_merge_stops_nothing_once_stale(weed, bucket, s3, end):
+    data = os.urandom(10 * MIB)
+    upload_id = str(uuid.uuid4())
+    result = subprocess.run([sys.executable, "-c", KILLED_MID_MERGE, str(ROOT), s3_url(weed, bucket), upload_id],
+                            input=data[:5 * MIB], capture_output=True, timeout=120, env={**os.environ, **weed.env()})
+    assert result.returncode == -9, result.stdout + result.stderr
+    pieces, claim = staged_of_part(s3, bucket, upload_id, 1)
+    assert len(pieces) == 5 and claim, (pieces, claim)   # the dead node's claim is still there
+    later = [0.0]
+    engine = pyfiledrop.open_engine(pyfiledrop.Config(s3=pyfiledrop.parse_s3_url(s3_url(weed, bucket)), quiet=True),
+                                    clock=lambda: time.time() + later[0])
+    if end == "cancelled":
+        engine.abort(upload_id)
+    elif end == "expired":
+        assert engine.expire(now=time.time() + engine.limits.partial_ttl + 60) == 1
+    else:
+        for offset in range(5 * MIB, 10 * MIB, MIB):
+            engine.put(upload_id, offset, [data[offset:offset + MIB]], length=MIB)
+        with pytest.raises(pyfiledrop.ServiceUnavailable):
+            engine.finish(upload_id)   # a fresh claim: its node may still be merging part 1
+        assert listed_parts(s3, bucket, "stale.bin") == [2]
+        later[0] = pyfiledrop.s3_merge_claim_ttl(5 * MIB) + 1   # time passes: the claim is stale, and taken over
+        assert engine.finish(upload_id).state is pyfiledrop.State.STORED
+        assert stored(s3, bucket, "stale.bin") == data and user_objects(s3, bucket) == ["stale.bin"]
+    assert not multipart_uploads(s3, bucket) and pyfiledrop_keys(s3, bucket) == []
 
 
 # -- nothing left behind ------------------------------------------------------------------------------------------
