@@ -6,6 +6,7 @@ one bucket) or as subprocesses where one is killed.  The bucket is read back wit
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import contextlib
 import hashlib
 import http.client
@@ -19,10 +20,11 @@ import sys
 import threading
 import time
 import uuid
+from urllib.parse import quote
 
 import pytest
 
-from conftest import ROOT, chunk_fields, encode_multipart, free_port, http_request, sha256
+from conftest import ROOT, chunk_fields, encode_multipart, free_port, http_request, raw_get, sha256
 from seaweed import SeaweedFS, weed_binary
 
 boto3 = pytest.importorskip("boto3")
@@ -716,6 +718,174 @@ def test_downloads_stream_from_the_store_with_range(nodes, s3, bucket):
     assert status == 206 and body == data[-5:]
     status, headers, _ = node.request("GET", f"/download/{upload_id}", headers={"Range": f"bytes={len(data)}-"})
     assert status == 416 and headers["Content-Range"] == f"bytes */{len(data)}"
+
+
+# -- --share of a key prefix --------------------------------------------------------------------------------------
+
+SHARE_SECRET = b"not for sharing"
+
+
+@pytest.fixture
+def shared_keys(s3, bucket) -> dict[str, bytes]:
+    """Objects under public/ (a subfolder, a colon, markup in a name, hidden ones, a "folder" marker) and around
+    it: a sibling prefix, the bucket's root, the upload prefix's own .pyfiledrop/."""
+    objects = {
+        "public/a.txt": b"alpha",
+        "public/résumé ü.pdf": b"%PDF-" + os.urandom(300_000),
+        "public/sub/b.bin": os.urandom(6 * MIB + 3),   # more than a block: streamed from the store
+        "public/sub/deeper/10:30 c.txt": b"gamma",
+        'public/<img src=x onerror="document.title=1">.txt': b"x",
+        "public/.env": SHARE_SECRET,
+        "public/.hidden/d.txt": SHARE_SECRET,
+        "public/empty-folder/": b"",
+        "publicity/other.txt": SHARE_SECRET,
+        "secret.txt": SHARE_SECRET,
+        f"{PREFIX}/.pyfiledrop/session.json": SHARE_SECRET,
+    }
+    for key, body in objects.items():
+        s3.put_object(Bucket=bucket, Key=key, Body=body)
+    return objects
+
+
+def shared_listing(node) -> dict:
+    status, headers, body = node.request("GET", "/api/shared")
+    assert status == 200 and headers["Content-Type"].startswith("application/json"), body
+    return json.loads(body)
+
+
+def test_share_of_a_key_prefix_lists_its_objects_as_a_shared_folder(nodes, shared_keys):
+    node, = nodes(share_prefix="public/")
+    reply = shared_listing(node)
+    assert [entry["path"] for entry in reply["files"]] == [
+        '<img src=x onerror="document.title=1">.txt', "a.txt", "résumé ü.pdf", "sub/b.bin", "sub/deeper/10:30 c.txt"]
+    assert reply["truncated"] is False
+    entry = next(entry for entry in reply["files"] if entry["path"] == "sub/b.bin")
+    assert entry["size"] == len(shared_keys["public/sub/b.bin"])
+    assert abs(time.mktime(time.strptime(entry["modified"], "%Y-%m-%dT%H:%M:%SZ")) - time.timezone - time.time()) < 120
+    assert pyfiledrop.SHARED_SCRIPT_TAG.encode() in node.request("GET", "/")[2]   # the page lists them
+    assert node.request("GET", "/assets/shared.js")[0] == 200
+    files, truncated = pyfiledrop.SharedPrefix(node.engine.store, "public/").files(limit=2)
+    assert truncated and [entry["path"] for entry in files] == [entry["path"] for entry in reply["files"][:2]]
+
+
+def test_a_shared_object_downloads_byte_identical_with_range_from_the_store(nodes, shared_keys):
+    node, = nodes(share_prefix="public")   # the same prefix as public/
+    data = shared_keys["public/sub/b.bin"]
+    status, headers, body = node.request("GET", "/shared/sub/b.bin")
+    assert status == 200 and body == data
+    assert headers["Accept-Ranges"] == "bytes" and headers["Content-Type"] == "application/octet-stream"
+    assert headers["Content-Disposition"] == "attachment; filename=\"b.bin\"; filename*=UTF-8''b.bin"
+    assert headers["X-Content-Type-Options"] == "nosniff"
+    assert headers["Content-Security-Policy"] == "sandbox; default-src 'none'"
+    start = 5 * MIB - 10   # across the store's own blocks
+    status, headers, body = node.request("GET", "/shared/sub/b.bin", headers={"Range": f"bytes={start}-{start + 99}"})
+    assert status == 206 and body == data[start:start + 100]
+    assert headers["Content-Range"] == f"bytes {start}-{start + 99}/{len(data)}" and headers["Content-Length"] == "100"
+    status, _, body = node.request("GET", "/shared/sub/b.bin", headers={"Range": "bytes=-7"})
+    assert status == 206 and body == data[-7:]
+    status, headers, _ = node.request("GET", "/shared/sub/b.bin", headers={"Range": f"bytes={len(data)}-"})
+    assert status == 416 and headers["Content-Range"] == f"bytes */{len(data)}"
+    status, headers, body = node.request("HEAD", "/shared/sub/b.bin")
+    assert status == 200 and body == b"" and headers["Content-Length"] == str(len(data))
+    status, headers, body = node.request("GET", "/shared/" + quote("résumé ü.pdf"))
+    assert status == 200 and body == shared_keys["public/résumé ü.pdf"]
+    assert headers["Content-Disposition"].endswith("filename*=UTF-8''r%C3%A9sum%C3%A9%20%C3%BC.pdf")
+    assert node.request("GET", "/shared/sub/deeper/" + quote("10:30 c.txt"))[2] == b"gamma"
+
+
+S3_SHARE_ESCAPES = [
+    "/shared/../secret.txt", "/shared/%2e%2e/secret.txt", "/shared/%2E%2E%2Fsecret.txt", "/shared/..%2fsecret.txt",
+    "/shared/sub/../../secret.txt", "/shared/..%5csecret.txt", "/shared/sub%5cb.bin", "/shared//secret.txt",
+    "/shared/%2Fsecret.txt", "/shared/sub%2fb.bin", "/shared/sub%2Fb.bin", "/shared/a.txt%00", "/shared/./a.txt",
+    "/shared/sub//b.bin", "/shared/.env", "/shared/%2eenv", "/shared/.hidden/d.txt", "/shared/sub/",
+    "/shared/empty-folder/", "/shared/%c0%ae%c0%ae/secret.txt", "/shared/%ff%fe",
+    f"/shared/../{PREFIX}/.pyfiledrop/session.json",
+    "/shared/..%2f..%2fincoming%2f.pyfiledrop%2fsession.json", "/shared/" + "a/" * 600 + "x",
+    # outside the prefix, by a path that would be fine inside it: not there
+    "/shared/secret.txt", "/shared/other.txt", "/shared/ity/other.txt", "/shared/public/a.txt",
+]
+
+
+def test_nothing_outside_the_shared_prefix_is_reachable(nodes, shared_keys):
+    node, = nodes(share_prefix="public/")
+    for target in S3_SHARE_ESCAPES:
+        status, headers, body = raw_get(node.port, target)
+        assert status in (400, 404), (target, status, body)
+        assert SHARE_SECRET not in body and b"Traceback" not in body, target
+        assert headers["content-type"][0].startswith("text/plain"), target
+    for outside in ("/shared/secret.txt", "/shared/other.txt", "/shared/ity/other.txt"):
+        assert raw_get(node.port, outside)[0] == 404
+    assert raw_get(node.port, "/shared/a.txt")[2] == b"alpha"   # and it keeps serving
+
+
+@pytest.mark.parametrize("share", [PREFIX, "/"])
+def test_sharing_the_upload_prefix_or_the_bucket_never_reaches_pyfiledrop_s_own_keys(nodes, s3, bucket, share):
+    node, = nodes(share_prefix=pyfiledrop.parse_share_prefix(share))
+    status, _, body = node.request("PUT", "/upload/photo.jpg", b"jpeg")
+    assert status == 200, body
+    upload_id = json.loads(body)["id"]
+    partial = str(uuid.uuid4())
+    assert node.post_chunk(partial, 0, os.urandom(MIB), 3 * MIB, MIB, "partial.bin")[0] == 200   # staged, receiving
+    inside = "" if share == PREFIX else f"{PREFIX}/"
+    assert [entry["path"] for entry in shared_listing(node)["files"]] == [f"{inside}photo.jpg"]
+    assert node.request("GET", f"/shared/{inside}photo.jpg")[2] == b"jpeg"
+    for path in (f".pyfiledrop/uploads/{upload_id}.json", f".pyfiledrop/staged/{partial}/00001/", ".pyfiledrop",
+                 "%2epyfiledrop/uploads/" + upload_id + ".json", "partial.bin"):
+        status, _, body = raw_get(node.port, f"/shared/{inside}{path}")
+        assert status in (400, 404) and upload_id.encode() not in body, (path, status, body)
+
+
+def test_the_listing_steps_over_the_store_s_own_keys_instead_of_paging_through_them(nodes, s3, bucket):
+    """Sharing the uploads' prefix: .pyfiledrop/ holds a record of every upload ever, and is never read."""
+    node, = nodes(share_prefix=PREFIX)
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:   # more than two pages of a listing (1,000 keys each)
+        list(pool.map(lambda index: s3.put_object(Bucket=bucket, Key=f"{PREFIX}/.pyfiledrop/many/{index}", Body=b""),
+                      range(2100)))
+    for name in ("-first.txt", "zz-last.txt"):   # sorted before and after .pyfiledrop/
+        s3.put_object(Bucket=bucket, Key=f"{PREFIX}/{name}", Body=name.encode())
+    listings = []
+    node.engine.store.client.meta.events.register("before-call.s3.ListObjectsV2", lambda **_: listings.append(1))
+    assert [entry["path"] for entry in shared_listing(node)["files"]] == ["-first.txt", "zz-last.txt"]
+    assert len(listings) == 2   # the first page, then on from past .pyfiledrop/
+
+
+def test_share_with_s3_takes_a_key_prefix_and_the_banner_says_so(weed, bucket, s3):
+    s3.put_object(Bucket=bucket, Key="drop/outgoing/menu.pdf", Body=b"menu")
+    with cli_node(weed, bucket, "--share", "/drop/outgoing") as (process, port):
+        assert http_request(port, "GET", "/shared/menu.pdf")[::2] == (200, b"menu")
+        process.kill()
+        output = process.stdout.read()
+    assert f"  sharing        {weed.endpoint}/{bucket}/drop/outgoing/ (1 file, listed on the page for download)" \
+        in output.splitlines()
+    result = subprocess.run([sys.executable, str(ROOT / "pyfiledrop.py"), "--s3", s3_url(weed, bucket), "--share",
+                             "drop/../secret", "--no-qr", "-p", str(free_port())], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "pyfiledrop: error: --share: the key prefix 'drop/../secret' may not contain '.', '..', names starting "
+        "with '.' or '\\'"]
+
+
+@pytest.mark.parametrize("text, prefix", [("public", "public/"), ("/public/", "public/"), ("public//", "public/"),
+                                          ("drop//outgoing", "drop/outgoing/"), ("/", ""), ("", ""),
+                                          ("a b/c:d", "a b/c:d/")])
+def test_a_share_prefix_is_a_folder_of_the_bucket(text, prefix):
+    assert pyfiledrop.parse_share_prefix(text) == prefix
+
+
+def test_a_share_prefix_that_names_a_folder_of_this_machine_is_warned_about(tmp_path):
+    location = pyfiledrop.parse_s3_url("http://127.0.0.1:9/bucket")
+    prefix = pyfiledrop.parse_share_prefix(str(tmp_path))   # --share /tmp/..., as one would without --s3
+    warnings = pyfiledrop.option_warnings(pyfiledrop.Config(s3=location, share_prefix=prefix))
+    assert warnings == [f"--share with --s3 shares the key prefix {prefix} of the bucket, not the folder {tmp_path} "
+                        "of this machine"]
+    assert pyfiledrop.option_warnings(pyfiledrop.Config(s3=location, share_prefix="no/such/folder/here/")) == []
+
+
+@pytest.mark.parametrize("text", ["..", "a/../b", "./a", "incoming/.pyfiledrop", ".hidden/x", "a\\b", "a\x00"])
+def test_a_share_prefix_that_could_reach_hidden_keys_is_refused(text):
+    with pytest.raises(ValueError):
+        pyfiledrop.parse_share_prefix(text)
 
 
 # -- what main added: the page's chunk fields, its resume routes, the files page's API -----------------------------
