@@ -139,6 +139,7 @@ class Config:
     cert: Path | None = None           # HTTPS with this certificate (PEM, chain allowed) and key instead
     key: Path | None = None
     share: Path | None = None          # a folder whose files the page lists for download
+    share_prefix: str | None = None    # --share with --s3: a key prefix of the bucket ("" or ending in "/")
     dz_cdn: str | None = None
     dz_version: str | None = None
     index: Path | None = None
@@ -276,6 +277,9 @@ def option_warnings(config: Config) -> list[str]:
     if config.chunk_size < USEFUL_CHUNK_SIZE:
         warnings.append(f"--chunk-size {binary_size(config.chunk_size)}: uploads will be slow, every chunk costs a "
                         f"request (usable: {binary_size(USEFUL_CHUNK_SIZE)} to {binary_size(MAX_CHUNK_SIZE)})")
+    if config.share_prefix and os.path.isdir("/" + config.share_prefix):  # --share /home/me/Public, as without --s3
+        warnings.append(f"--share with --s3 shares the key prefix {config.share_prefix} of the bucket, not the "
+                        f"folder /{config.share_prefix.rstrip('/')} of this machine")
     return warnings
 
 
@@ -312,8 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
              "(needs the cryptography package)")
     add("--cert", type=Path, metavar="FILE", help="serve HTTPS with this certificate (PEM) and --key")
     add("--key", type=Path, metavar="FILE", help="the private key (PEM, no passphrase) of --cert")
-    add("--share", type=Path, metavar="DIR", help="list the files of DIR (and its subfolders) on the page for "
-                                                  "download")
+    add("--share", metavar="DIR", help="list the files of DIR (and its subfolders) on the page for download; with "
+                                       "--s3, DIR is a key prefix of the bucket (public/, drop/outgoing) whose "
+                                       "objects are listed and streamed from the store")
     add("--dz-cdn", metavar="URL", help="retired in 1.1 (the page has its own uploader): ignored, with a warning")
     add("--dz-version", metavar="V", help="retired in 1.1, as --dz-cdn")
     add("--index", type=Path, metavar="FILE",
@@ -385,7 +390,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
         tls=args.tls or args.cert is not None,
         cert=args.cert.expanduser().resolve() if args.cert else None,
         key=args.key.expanduser().resolve() if args.key else None,
-        share=args.share.expanduser().resolve() if args.share else None,
+        share=Path(args.share).expanduser().resolve() if args.share is not None and s3 is None else None,
+        share_prefix=_share_prefix(parser, args.share) if args.share is not None and s3 is not None else None,
         dz_cdn=args.dz_cdn,
         dz_version=args.dz_version,
         index=index,
@@ -401,6 +407,13 @@ def parse_args(argv: list[str] | None = None) -> Config:
         expire_after_s=args.expire_after,
         share_text=_share_text(parser, args.share_text),
     )
+
+
+def _share_prefix(parser: argparse.ArgumentParser, text: str) -> str:
+    try:
+        return parse_share_prefix(text)
+    except ValueError as error:
+        parser.error(f"--share: {error}")
 
 
 def _share_text(parser: argparse.ArgumentParser, text: str | None) -> str | None:
@@ -422,7 +435,7 @@ def _check_tls_and_share(parser: argparse.ArgumentParser, args: argparse.Namespa
     for option, path in (("--cert", args.cert), ("--key", args.key)):
         if path is not None and not path.expanduser().is_file():
             parser.error(f"{option}: no such file: {path}")
-    if args.share is not None and not args.share.expanduser().is_dir():
+    if args.share is not None and args.s3 is None and not Path(args.share).expanduser().is_dir():
         parser.error(f"--share: no such folder: {args.share}")
 
 
@@ -2550,6 +2563,7 @@ def _v1_state(record: dict, clock: Callable[[], float]) -> UploadInfo:
 #     NAME, a/b/NAME                       stored files (each one a completed multipart upload)
 #     .pyfiledrop/uploads/ID.json          the record of an upload (written with If-None-Match / If-Match)
 #     .pyfiledrop/staged/ID/PART/START-END bytes of a part not yet whole (S3 parts are 5 MiB at least)
+#     .pyfiledrop/staged/ID/PART/merging   the claim of the node merging that part's pieces into it
 #     .pyfiledrop/claims/NAME              a name taken by an upload still receiving
 #     .pyfiledrop/sha256/SHA-SIZE/ID       stored content by hash (a tus sender's re-run skips what is there)
 #     .pyfiledrop/session.json             the key signing login cookies, the same on every node
@@ -2559,12 +2573,20 @@ def _v1_state(record: dict, clock: Callable[[], float]) -> UploadInfo:
 S3_META = ".pyfiledrop/"
 S3_MIN_PART = 5 * MIB                 # S3's smallest part, but for the last one
 S3_MAX_PARTS = 10_000
+S3_MAX_KEY_BYTES = 1024               # S3's longest key, in UTF-8
 S3_PART = 8 * MIB                     # the part grid of uploads that bring no grid of their own (tus, PUT)
 # A file of one request with a known length streams into parts with nothing buffered, and each part ends with a
 # wait for the store's answer: bigger parts wait less often (a body of unknown length keeps S3_PART, since it
 # is buffered a part at a time).
 S3_STREAMED_PART = 64 * MIB
 S3_HASH_BLOCK = 1 * MIB
+
+
+def s3_merge_claim_ttl(part_size: int) -> float:
+    """Seconds after which a claim on merging a part of ``part_size`` bytes counts as left by a node that stopped
+    mid-merge, so another node may take it over: a minute, and a second more per MiB (a merge reads the part once
+    and sends it once, far faster on a working store).  Too early costs only a merge done twice, never bytes."""
+    return 60.0 + part_size / MIB
 
 
 class ServiceUnavailable(UploadError):
@@ -2708,8 +2730,19 @@ class ObjectStore:
             try:
                 return self.client.put_object(Bucket=self.bucket, Key=key, Body=body, **condition, **extra)["ETag"]
             except self.errors.ClientError as error:
-                if self.code(error) in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
-                    return None
+                if self.code(error) in ("PreconditionFailed", "412", "ConditionalRequestConflict", "NoSuchKey"):
+                    return None  # (NoSuchKey: If-Match on an object removed meanwhile, as AWS answers it)
+                raise
+
+    def delete_if(self, key: str, etag: str) -> bool:
+        """Remove ``key`` only if it is still as written (``etag``); False when it is not, or gone."""
+        with self.guarded("remove an object"):
+            try:
+                self.client.delete_object(Bucket=self.bucket, Key=key, IfMatch=etag)
+                return True
+            except self.errors.ClientError as error:
+                if self.code(error) in ("PreconditionFailed", "412", "ConditionalRequestConflict", "NoSuchKey", "404"):
+                    return False
                 raise
 
     def head(self, key: str) -> dict | None:
@@ -2727,10 +2760,12 @@ class ObjectStore:
                 objects = [{"Key": key} for key in keys[start:start + 1000]]
                 self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": objects, "Quiet": True})
 
-    def listing(self, prefix: str) -> Iterator[dict]:
-        """Every object under ``prefix`` (Key, Size, LastModified), page after page."""
+    def listing(self, prefix: str, after: str | None = None) -> Iterator[dict]:
+        """Every object under ``prefix`` (Key, Size, LastModified), page after page; only those after the key
+        ``after`` when it is given."""
         with self.guarded("list objects"):
-            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=prefix, **({"StartAfter": after} if after else {}))
             for page in pages:
                 yield from page.get("Contents", ())
 
@@ -2993,6 +3028,10 @@ class S3Engine:
 
     def _claim_key(self, name: str) -> str:
         return self.store.meta(f"claims/{name}")
+
+    def _merge_claim_key(self, upload_id: str, number: int) -> str:
+        """Among the part's staged objects (no span in its name), so whatever removes those removes it too."""
+        return self._staged_prefix(upload_id, number) + "merging"
 
     def _load(self, upload_id: str, cached: bool = False) -> _S3Upload | None:
         """The upload's record as the store has it; ``cached``: as this node last read it while it was receiving
@@ -3346,26 +3385,67 @@ class S3Engine:
         info = upload.info
         self.events(Progress(info.id, info.name, info.received_bytes + sent, info.size, info.created))
 
-    def _merge_whole_parts(self, upload: _S3Upload, numbers: Iterable[int]) -> dict[int, dict]:
+    def _merge_whole_parts(self, upload: _S3Upload, numbers: Iterable[int]) -> dict[int, str]:
         """Send each of these parts that is whole in staged objects as one S3 part, read back from them (their
-        bytes never wait in a node between requests).  A merge that fails is done again by a later one."""
+        bytes never wait in a node between requests).  One merge of a part at a time: on this node a lock, between
+        nodes the part's merge claim (``_claim_part``); a part another node is merging is left to it.  A merge that
+        fails or is left is done again by a later request, or by finish."""
         merged = {}
         for number in sorted(numbers):
             with self._merging[hash((upload.info.id, number)) % 64]:  # listed inside: a merge just done left none
-                segments = []
-                for item in self.store.listing(self._staged_prefix(upload.info.id, number)):
-                    span = _staged_span(item["Key"])
-                    if span is not None and item["Size"] == span[1] - span[0]:
-                        segments.append((*span, item["Key"]))
-                part_start, part_end = upload.part_span(number)
-                if not _covers(((low, high) for low, high, _ in segments), part_start, part_end):
+                if self._whole_segments(upload, number) is None:
+                    continue
+                claim = self._claim_part(upload, number)
+                if claim is None:
                     continue
                 try:
-                    merged[number] = self._merge(upload, number, segments)
+                    self.checkpoint("part-claimed")
+                    # Listed again under the claim: a node that merged the part meanwhile removed its pieces.
+                    segments = self._whole_segments(upload, number)
+                    if segments is not None:
+                        merged[number] = self._merge(upload, number, segments)
                 except (UploadError, NoSuchUpload) as error:
                     log.info("merging part %d of %s failed (done again later): %s", number, upload.info.name,
                              getattr(error, "message", error))
+                finally:
+                    self._release_part_claim(upload, number, claim)
         return merged
+
+    def _whole_segments(self, upload: _S3Upload, number: int) -> list[tuple[int, int, str]] | None:
+        """The staged pieces of part ``number`` as (start, end, key), None unless they cover the whole part."""
+        segments = []
+        for item in self.store.listing(self._staged_prefix(upload.info.id, number)):
+            span = _staged_span(item["Key"])
+            if span is not None and item["Size"] == span[1] - span[0]:
+                segments.append((*span, item["Key"]))
+        part_start, part_end = upload.part_span(number)
+        return segments if _covers(((low, high) for low, high, _ in segments), part_start, part_end) else None
+
+    def _claim_part(self, upload: _S3Upload, number: int) -> str | None:
+        """This node's claim on merging part ``number`` (its ETag), None while another node holds one.
+
+        Written with If-None-Match: *, so of two nodes that find the part whole at once one merges it.  A claim
+        older than ``s3_merge_claim_ttl`` was left by a node that stopped mid-merge: it is overwritten with
+        If-Match: its ETag, so of two nodes taking it over one wins (each claim's body is unique, so is its ETag).
+        """
+        key = self._merge_claim_key(upload.info.id, number)
+        body = json.dumps({"claim": uuid.uuid4().hex, "at": self.clock()}).encode()
+        etag = self.store.put_if(key, body, ContentType="application/json")
+        if etag is not None:
+            return etag
+        held = self.store.head(key)
+        if held is None:  # released meanwhile: the part is merged, or free to merge
+            return self.store.put_if(key, body, ContentType="application/json")
+        if self.clock() - held["LastModified"].timestamp() < s3_merge_claim_ttl(upload.grid):
+            return None
+        log.warning("taking over the merge of part %d of %s from a node that stopped", number, upload.info.name)
+        return self.store.put_if(key, body, etag=held["ETag"], ContentType="application/json")
+
+    def _release_part_claim(self, upload: _S3Upload, number: int, etag: str) -> None:
+        """Remove the claim if it is still this node's (If-Match): one taken over meanwhile stays its new owner's.
+        A claim that cannot be removed now goes stale and is taken over, or goes with the upload's staged objects."""
+        with contextlib.suppress(UploadError):
+            self.store.delete_if(self._merge_claim_key(upload.info.id, number), etag)
 
     def _merge(self, upload: _S3Upload, number: int, segments: list[tuple[int, int, str]]) -> str:
         part_start, part_end = upload.part_span(number)
@@ -3432,7 +3512,7 @@ class S3Engine:
         missing = [number for number in range(1, -(-(info.size or 0) // upload.grid) + 1) if number not in etags]
         etags.update(self._merge_whole_parts(upload, missing))
         if any(number not in etags for number in missing):
-            raise ServiceUnavailable("The object store did not take the last parts; try again shortly.")
+            raise ServiceUnavailable("The last parts are not in the object store yet; try again shortly.")
         self.checkpoint("merged")
         self._complete(upload, etags)
         self.checkpoint("completed")
@@ -3834,37 +3914,45 @@ class S3Files:
 
     def download_response(self, info: UploadInfo, range_header: str | None) -> bottle.HTTPResponse:
         """The stored object, streamed from the store; one byte range (``Range``) answered with 206."""
-        key = self.store.key(info.stored_name)
-        head = self.store.head(key)
-        if head is None:
+        response = s3_object_response(self.store, self.store.key(info.stored_name), info.stored_name, range_header)
+        if response is None:
             raise NotFound("That file is no longer on the server.")
-        size = head["ContentLength"]
-        spans = list(bottle.parse_range_header(range_header, size)) if range_header else []
-        if range_header and range_header.startswith("bytes=") and not spans:
-            response = plain_response(416, "That range is not in the file.")
-            response.set_header("Content-Range", f"bytes */{size}")
-            return response
-        start, end = spans[0] if spans else (0, size)
-        response = bottle.HTTPResponse(self.store.read(key, start, end) if end > start else b"",
-                                       status=206 if spans else 200)
-        response.set_header("Content-Length", str(end - start))
-        if spans:
-            response.set_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
-        response.set_header("Accept-Ranges", "bytes")
-        response.set_header("Content-Type", "application/octet-stream")
-        response.set_header("Last-Modified", formatdate(head["LastModified"].timestamp(), usegmt=True))
-        response.set_header("Content-Disposition", content_disposition(info.stored_name))
-        response.set_header("X-Content-Type-Options", "nosniff")
-        response.set_header("Content-Security-Policy", "sandbox; default-src 'none'")
         return response
 
 
+def s3_object_response(store: ObjectStore, key: str, name: str, range_header: str | None) -> bottle.HTTPResponse | None:
+    """The object at ``key`` as a download named ``name``, streamed from the store; one byte range (``Range``)
+    answered with 206; None when there is no such object."""
+    head = store.head(key)
+    if head is None:
+        return None
+    size = head["ContentLength"]
+    spans = list(bottle.parse_range_header(range_header, size)) if range_header else []
+    if range_header and range_header.startswith("bytes=") and not spans:
+        response = plain_response(416, "That range is not in the file.")
+        response.set_header("Content-Range", f"bytes */{size}")
+        return response
+    start, end = spans[0] if spans else (0, size)
+    response = bottle.HTTPResponse(store.read(key, start, end) if end > start else b"", status=206 if spans else 200)
+    response.set_header("Content-Length", str(end - start))
+    if spans:
+        response.set_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
+    response.set_header("Accept-Ranges", "bytes")
+    response.set_header("Content-Type", "application/octet-stream")
+    response.set_header("Last-Modified", formatdate(head["LastModified"].timestamp(), usegmt=True))
+    response.set_header("Content-Disposition", content_disposition(name))
+    response.set_header("X-Content-Type-Options", "nosniff")
+    response.set_header("Content-Security-Policy", "sandbox; default-src 'none'")
+    return response
+
+
 def open_s3_engine(config: Config, *, events: Callable[[EngineEvent], None] = lambda event: None,
-                   checkpoint: Callable[[str], None] = lambda step: None) -> S3Engine:
+                   checkpoint: Callable[[str], None] = lambda step: None,
+                   clock: Callable[[], float] = time.time) -> S3Engine:
     """The engine over the object store of ``--s3``; S3StartError when it cannot be used."""
     store = open_object_store(config.s3)
     limits = EngineLimits(config.max_size_bytes, 0, config.partial_ttl_seconds)
-    return S3Engine(store, limits, events=events, checkpoint=checkpoint)
+    return S3Engine(store, limits, events=events, checkpoint=checkpoint, clock=clock)
 
 
 ###############################################################################
@@ -5246,7 +5334,7 @@ def open_engine(config: Config, *, events: Callable[[EngineEvent], None] = lambd
     """The engine over ``config``'s folders: its ledger opened (and migrated), disk and ledger reconciled; with
     ``config.s3`` the engine over that object store instead."""
     if config.s3 is not None:
-        return open_s3_engine(config, events=events, checkpoint=checkpoint)
+        return open_s3_engine(config, events=events, checkpoint=checkpoint, clock=clock)
     warn = lambda text: events(Notice(text, True))  # noqa: E731
     backend = LocalBackend(config.storage, config.chunks, checkpoint=checkpoint, warn=warn)
     min_free = config.min_free if config.min_free is not None else default_min_free(backend.total_space())
@@ -5269,7 +5357,7 @@ def create_app(config: Config, engine: Engine) -> bottle.Bottle:
     _login_routes(app, auth, engine.events)
     _files_routes(app, config, engine)
     _page_routes(app, config)
-    _share_routes(app, config)
+    _share_routes(app, shared_source(config, engine))
 
     def client() -> str:
         return bottle.request.environ.get("REMOTE_ADDR", "")
@@ -5753,7 +5841,10 @@ def render_files_page(config: Config, engine: Engine, environ: dict) -> bottle.H
 ###############################################################################
 # The files of one folder, listed on the page and downloadable.  Nothing outside the folder is reachable: a
 # path is refused unless it is plain names joined by "/" (no "..", ".", empty, hidden, NUL, backslash or colon
-# parts), and what it names, with every symlink resolved, must be a regular file inside the folder's real path.
+# parts, no percent-encoded "/" or "\"), and what it names, with every symlink resolved, must be a regular file
+# inside the folder's real path.  With --s3, --share names a key prefix of the bucket instead: its objects are
+# listed and streamed from the store under the same rules for paths (colons allowed: keys have no drives), and
+# nothing under the store's own .pyfiledrop/ is ever reached.
 
 SHARE_LIST_LIMIT = 10_000      # entries listed at most: a page stays quick, the JSON under a few MB
 SHARED_SCRIPT_TAG = '<script src="/assets/shared.js" defer></script>'
@@ -5761,7 +5852,7 @@ SHARED_SCRIPT_TAG = '<script src="/assets/shared.js" defer></script>'
 
 def with_shared_list(html: str, config: Config) -> str:
     """The page with the shared-files list (its own script, which adds its own section) when --share is on."""
-    if config.share is None or "</body>" not in html:
+    if (config.share is None and config.share_prefix is None) or "</body>" not in html:
         return html
     return html.replace("</body>", SHARED_SCRIPT_TAG + "\n</body>", 1)
 
@@ -5795,14 +5886,23 @@ def _iso_utc(timestamp: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
 
 
-def resolve_shared(root: Path, path: str, real_root: str | None = None) -> str:
-    """The real path of the shared file ``path`` ("folder/name") under ``root``; BadRequest for a path that
-    is no plain relative path, NotFound for anything else that is not a regular file inside the folder."""
+def shared_path_parts(path: str, *, colons: bool = False) -> list[str]:
+    """The names in a shared path ("folder/name"); BadRequest unless they are plain names joined by "/" (no
+    "..", ".", empty parts, NUL or backslash, and no colon unless ``colons``: on a disk it names a drive or a
+    stream), NotFound for a hidden one (a name starting with "."), which is neither listed nor served."""
     parts = path.split("/")
-    if "\x00" in path or "\\" in path or any(part in ("", ".", "..") or ":" in part for part in parts):
+    if "\x00" in path or "\\" in path or any(part in ("", ".", "..") or (":" in part and not colons)
+                                           for part in parts):
         raise BadRequest("Not a path to a shared file.")
     if any(part.startswith(".") for part in parts):
         raise NotFound("No such shared file.")
+    return parts
+
+
+def resolve_shared(root: Path, path: str, real_root: str | None = None) -> str:
+    """The real path of the shared file ``path`` ("folder/name") under ``root``; BadRequest for a path that
+    is no plain relative path, NotFound for anything else that is not a regular file inside the folder."""
+    parts = shared_path_parts(path)
     real_root = real_root or os.path.realpath(root)
     real = os.path.realpath(os.path.join(real_root, *parts))
     if not _inside(real_root, real) or not os.path.isfile(real):
@@ -5824,23 +5924,124 @@ def shared_file_response(root: Path, path: str) -> bottle.HTTPResponse:
     return response
 
 
-def _share_routes(app: bottle.Bottle, config: Config) -> None:
+class SharedFolder:
+    """``--share DIR``: the files of a folder of this machine."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def __str__(self) -> str:
+        return str(self.root)
+
+    def files(self, limit: int = SHARE_LIST_LIMIT) -> tuple[list[dict], bool]:
+        return shared_files(self.root, limit)
+
+    def response(self, path: str, range_header: str | None) -> bottle.HTTPResponse:
+        return shared_file_response(self.root, path)  # bottle's static_file reads the Range itself
+
+
+class SharedPrefix:
+    """``--share PREFIX`` with ``--s3``: the objects under a key prefix of the bucket, listed and streamed from the
+    store (with Range), as a shared folder's files are: the same paths and hidden names; never a key outside the
+    prefix, nor one under the store's own .pyfiledrop/."""
+
+    def __init__(self, store: ObjectStore, prefix: str):
+        self.store = store
+        self.prefix = parse_share_prefix(prefix)   # "" (the whole bucket) or ending in "/", whatever it was given
+
+    def __str__(self) -> str:
+        return f"{self.store.location.endpoint}/{self.store.bucket}/{self.prefix}"
+
+    def files(self, limit: int = SHARE_LIST_LIMIT) -> tuple[list[dict], bool]:
+        """As ``shared_files``: what ``response`` would serve, sorted by path (the store lists keys in order).  A
+        hidden folder is stepped over, not paged through: the store's own .pyfiledrop/, with a record of every
+        upload ever, is one when the uploads' prefix is shared."""
+        found: list[dict] = []
+        after = None
+        while True:
+            for item in self.store.listing(self.prefix, after):
+                path = item["Key"][len(self.prefix):]
+                folders = path.split("/")[:-1]
+                hidden = next((depth for depth, name in enumerate(folders) if name.startswith(".")), None)
+                past = self.prefix + "/".join(folders[:hidden + 1]) + "/\U0010ffff" if hidden is not None else after
+                if past != after:  # a hidden folder's keys sort together: list on from past the last one it can hold
+                    after = past
+                    break
+                try:
+                    self.key(path)
+                except UploadError:  # a "folder" marker (a key ending in "/"), a hidden file, a key too long
+                    continue
+                if len(found) >= limit:
+                    return found, True
+                found.append({"path": path, "size": item["Size"],
+                              "modified": _iso_utc(item["LastModified"].timestamp())})
+            else:
+                return found, False
+
+    def key(self, path: str) -> str:
+        """The key of the shared ``path``; BadRequest for a path that is no plain relative path, NotFound for a
+        hidden one and for what is pyfiledrop's own or longer than a key can be."""
+        shared_path_parts(path, colons=True)
+        try:
+            key = self.prefix + path
+            too_long = len(key.encode("utf-8")) > S3_MAX_KEY_BYTES
+        except UnicodeEncodeError:
+            raise BadRequest("Not a path to a shared file.") from None
+        if too_long or key.startswith(self.store.meta("")):
+            raise NotFound("No such shared file.")
+        return key
+
+    def response(self, path: str, range_header: str | None) -> bottle.HTTPResponse:
+        response = s3_object_response(self.store, self.key(path), path.rsplit("/", 1)[-1], range_header)
+        if response is None:
+            raise NotFound("No such shared file.")
+        response.set_header("Cache-Control", "no-cache")
+        return response
+
+
+def parse_share_prefix(text: str) -> str:
+    """``--share`` with ``--s3``: a key prefix of the bucket, taken as a folder: names joined by "/" and ending in
+    "/" ("public", "/public" and "public/" are one; "/" or "" is the whole bucket); ValueError for a prefix with
+    ".", "..", a hidden name (.pyfiledrop is one), a backslash or NUL."""
+    parts = [part for part in text.strip().split("/") if part]
+    if any(part in (".", "..") or part.startswith(".") or "\\" in part or "\x00" in part for part in parts):
+        raise ValueError(f"the key prefix {text!r} may not contain '.', '..', names starting with '.' or '\\'")
+    return "".join(part + "/" for part in parts)
+
+
+def shared_source(config: Config, engine=None) -> SharedFolder | SharedPrefix | None:
+    """What ``--share`` shares: a folder, or with ``--s3`` a key prefix of the engine's store; None without it."""
+    if config.share_prefix is not None:
+        return SharedPrefix(engine.store, config.share_prefix) if engine is not None else None
+    return SharedFolder(config.share) if config.share is not None else None
+
+
+def _encoded_separator(environ: dict) -> bool:
+    """Whether the path as sent has a percent-encoded "/" or "\\": no shared name holds one, so it can only be a
+    try at another path (the server decodes it into a separator before the route sees it)."""
+    target = environ.get("REQUEST_URI") or environ.get("RAW_URI") or ""
+    return re.search(r"%(2f|5c)", target.split("?", 1)[0], re.IGNORECASE) is not None
+
+
+def _share_routes(app: bottle.Bottle, shared: SharedFolder | SharedPrefix | None) -> None:
     @app.get("/api/shared")
     def shared_list():
-        if config.share is None:
+        if shared is None:
             raise NotFound("Nothing is shared (start the server with --share DIR).")
-        files, truncated = shared_files(config.share)
+        files, truncated = shared.files()
         return _json({"files": files, "truncated": truncated})
 
     @app.get("/shared/<path:path>")
     def shared_download(path):
-        if config.share is None:
+        if shared is None:
             raise NotFound("Nothing is shared (start the server with --share DIR).")
-        return shared_file_response(config.share, path)
+        if _encoded_separator(bottle.request.environ):
+            raise BadRequest("Not a path to a shared file.")
+        return shared.response(path, bottle.request.get_header("Range"))
 
     @app.get("/assets/shared.js")
     def shared_script():
-        if config.share is None:
+        if shared is None:
             return plain_response(404, "Not found.")
         response = bottle.HTTPResponse(SHARED_JS)
         response.content_type = "application/javascript; charset=utf-8"
@@ -6304,7 +6505,9 @@ def page_urls(host: str, port: int, *, scheme: str = "http") -> list[str]:
     return [f"{scheme}://{h}:{port}/" for h in hosts]
 
 
-def banner(config: Config, urls: list[str], tls: TLSIdentity | None = None, shared_text: str | None = None) -> str:
+def banner(config: Config, urls: list[str], tls: TLSIdentity | None = None, shared_text: str | None = None,
+           shared: SharedFolder | SharedPrefix | None = None) -> str:
+    """``shared``: what --share shares (by default the folder of ``config``; a key prefix needs the store)."""
     ttl = f"{config.partial_ttl_hours:g} h"
     lines = [
         f"pyfiledrop {__version__}",
@@ -6319,7 +6522,7 @@ def banner(config: Config, urls: list[str], tls: TLSIdentity | None = None, shar
         f"  access         {access_summary(config)}",
         *expiry_banner_lines(config),
         *tls_banner_lines(tls),
-        *share_banner_lines(config),
+        *share_banner_lines(shared or shared_source(config)),
         *shared_text_banner_lines(config, shared_text),
         *page_banner_lines(config),
         *address_banner_lines(config.host, urls),
@@ -6365,12 +6568,12 @@ def page_banner_lines(config: Config) -> list[str]:
     return [f"  page           {config.index} (--index; the built-in page if it goes away)"]
 
 
-def share_banner_lines(config: Config) -> list[str]:
-    if config.share is None:
+def share_banner_lines(shared: SharedFolder | SharedPrefix | None) -> list[str]:
+    if shared is None:
         return []
-    files, truncated = shared_files(config.share)
+    files, truncated = shared.files()
     count = f"{len(files)}{'+' if truncated else ''} file{'' if len(files) == 1 else 's'}"
-    return [f"  sharing        {config.share} ({count}, listed on the page for download)"]
+    return [f"  sharing        {shared} ({count}, listed on the page for download)"]
 
 
 def shared_text_banner_lines(config: Config, text: str | None) -> list[str]:
@@ -8063,8 +8266,8 @@ def _write_atomically(path: Path, data: bytes) -> None:
 
 
 def _print_banner(config: Config, urls: list[str], console: Console, tls: TLSIdentity | None = None,
-                  shared_text: str | None = None) -> None:
-    text = banner(config, urls, tls, shared_text)
+                  shared_text: str | None = None, shared: SharedFolder | SharedPrefix | None = None) -> None:
+    text = banner(config, urls, tls, shared_text, shared)
     no_qr = None
     if config.qr and not is_loopback(config.host):  # a phone cannot open this machine's loopback address
         try:
@@ -8115,7 +8318,8 @@ def serve(config: Config, engine: Engine, server, *, stop: threading.Event | Non
     try:  # from here on Ctrl+C ends with the last line, even while the banner is being printed
         if not config.quiet:
             kept = engine.ledger.setting(SHARED_TEXT_KEY) if isinstance(engine.ledger, Ledger) else None
-            _print_banner(config, urls, console, tls, (kept or (config.share_text or "",))[0])
+            _print_banner(config, urls, console, tls, (kept or (config.share_text or "",))[0],
+                          shared_source(config, engine))
         for warning in warnings:  # after the banner, so the first line says what is starting
             log.warning("%s", warning)
         server.serve(stop)

@@ -50,6 +50,22 @@ def http_request(port: int, method: str, path: str, body: bytes | None = None, h
         connection.close()
 
 
+def raw_get(port: int, target: str) -> tuple[int, dict, bytes]:
+    """GET with the request target exactly as given (no client normalises it)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10.0) as sock:
+        sock.sendall(f"GET {target} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".encode("latin-1"))
+        data = b""
+        while block := sock.recv(65536):
+            data += block
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers: dict = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers.setdefault(name.strip().lower(), []).append(value.strip())
+    return int(lines[0].split()[1]), headers, body
+
+
 class Output:
     """Collects a process's output lines in a thread, as they come; waits poll for a condition on them."""
 

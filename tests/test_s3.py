@@ -6,11 +6,13 @@ one bucket) or as subprocesses where one is killed.  The bucket is read back wit
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import contextlib
 import hashlib
 import http.client
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -18,10 +20,11 @@ import sys
 import threading
 import time
 import uuid
+from urllib.parse import quote
 
 import pytest
 
-from conftest import ROOT, chunk_fields, encode_multipart, free_port, http_request, sha256
+from conftest import ROOT, chunk_fields, encode_multipart, free_port, http_request, raw_get, sha256
 from seaweed import SeaweedFS, weed_binary
 
 boto3 = pytest.importorskip("boto3")
@@ -503,6 +506,123 @@ def test_a_node_stopped_between_completing_and_recording_is_set_right_by_the_nex
     assert [info.state for info in other.engine.list()] == [pyfiledrop.State.STORED]
 
 
+# -- one staged part, two nodes ------------------------------------------------------------------------------------
+
+
+def pyfiledrop_keys(s3, bucket) -> list[str]:
+    """The keys under .pyfiledrop/ besides records and content markers: what uploads hold while receiving."""
+    meta = f"{PREFIX}/.pyfiledrop/"
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=meta)
+    keys = [item["Key"][len(meta):] for page in pages for item in page.get("Contents", ())]
+    return sorted(key for key in keys if not key.startswith(("uploads/", "sha256/")))
+
+
+def staged_of_part(s3, bucket, upload_id, number) -> tuple[list[str], list[str]]:
+    """(staged pieces, anything else) under the part's staged folder."""
+    folder = f"staged/{upload_id}/{number:05d}/"
+    keys = [key[len(folder):] for key in pyfiledrop_keys(s3, bucket) if key.startswith(folder)]
+    pieces = [key for key in keys if re.fullmatch(r"[0-9]+-[0-9]+", key)]
+    return pieces, [key for key in keys if key not in pieces]
+
+
+def listed_parts(s3, bucket, name) -> list[int]:
+    uploads = [u for u in multipart_uploads(s3, bucket) if u["Key"] == f"{PREFIX}/{name}"]
+    return sorted({part["PartNumber"] for upload in uploads
+                   for part in s3.list_parts(Bucket=bucket, Key=upload["Key"],
+                                             UploadId=upload["UploadId"]).get("Parts", [])})
+
+
+def test_two_nodes_finding_the_same_staged_part_whole_merge_it_once(nodes, s3, bucket):
+    """The node that claims a part merges it; the other, finding it whole while the first is paused mid-merge,
+    leaves it alone (it neither reads nor removes its pieces), and its finish answers 503 until the part is in."""
+    paused, resume = threading.Event(), threading.Event()
+
+    def pause_in_the_first_merge(step):
+        if step == "part-claimed" and not paused.is_set():
+            paused.set()
+            resume.wait(60)
+
+    first, = nodes(checkpoint=pause_in_the_first_merge)
+    second, = nodes()
+    data, size = os.urandom(10 * MIB), 1 * MIB   # 1 MiB chunks: two S3 parts of 5 MiB, each staged, then merged
+    upload_id = str(uuid.uuid4())
+
+    def send(node, index):
+        return node.post_chunk(upload_id, index, data[index * size:(index + 1) * size], len(data), size, "twice.bin")
+
+    for index in range(4):
+        assert send(second, index)[0] == 200
+    replies = []
+    merging = threading.Thread(target=lambda: replies.append(send(first, 4)))  # part 1 whole: the first node merges
+    merging.start()
+    try:
+        assert paused.wait(30), "the first node never began merging part 1"
+        status, _, body = send(second, 4)   # the same chunk again, to the other node: part 1 is whole there too
+        assert status == 200 and json.loads(body)["received_chunks"] == 5, body
+        pieces, _ = staged_of_part(s3, bucket, upload_id, 1)
+        assert len(pieces) == 5 and listed_parts(s3, bucket, "twice.bin") == []   # not merged, nothing removed
+        for index in range(5, 9):
+            assert send(second, index)[0] == 200
+        status, headers, body = send(second, 9)   # the last chunk: part 2 merges here; part 1 is being merged
+        assert status == 503 and headers.get("Retry-After"), body
+        assert listed_parts(s3, bucket, "twice.bin") == [2]
+    finally:
+        resume.set()
+        merging.join(60)
+    assert replies and replies[0][0] == 200 and json.loads(replies[0][2])["complete"], replies
+    status, _, body = send(second, 9)   # the client's retry of the 503
+    assert status == 200 and json.loads(body)["complete"] and json.loads(body)["name"] == "twice.bin", body
+    assert stored(s3, bucket, "twice.bin") == data and user_objects(s3, bucket) == ["twice.bin"]
+    assert not multipart_uploads(s3, bucket) and pyfiledrop_keys(s3, bucket) == []
+
+
+KILLED_MID_MERGE = r"""
+import os, signal, sys
+sys.path.insert(0, sys.argv[1])
+import pyfiledrop
+url, upload_id = sys.argv[2], sys.argv[3]
+
+def checkpoint(step):
+    if step == "part-claimed":
+        os.kill(os.getpid(), signal.SIGKILL)   # the node dies holding its claim on part 1
+
+engine = pyfiledrop.open_engine(pyfiledrop.Config(s3=pyfiledrop.parse_s3_url(url), quiet=True), checkpoint=checkpoint)
+data, size = sys.stdin.buffer.read(), 1024 * 1024
+engine.create(upload_id, "stale.bin", size=2 * len(data), part_size=size, client="")
+for offset in range(0, len(data), size):
+    engine.put(upload_id, offset, [data[offset:offset + size]], length=size)
+print("merged without a kill")
+"""
+
+
+@pytest.mark.parametrize("end", ["finished", "cancelled", "expired"])
+def test_a_claim_left_by_a_node_killed_mid_merge_stops_nothing_once_stale(weed, bucket, s3, end):
+    data = os.urandom(10 * MIB)
+    upload_id = str(uuid.uuid4())
+    result = subprocess.run([sys.executable, "-c", KILLED_MID_MERGE, str(ROOT), s3_url(weed, bucket), upload_id],
+                            input=data[:5 * MIB], capture_output=True, timeout=120, env={**os.environ, **weed.env()})
+    assert result.returncode == -9, result.stdout + result.stderr
+    pieces, claim = staged_of_part(s3, bucket, upload_id, 1)
+    assert len(pieces) == 5 and claim, (pieces, claim)   # the dead node's claim is still there
+    later = [0.0]
+    engine = pyfiledrop.open_engine(pyfiledrop.Config(s3=pyfiledrop.parse_s3_url(s3_url(weed, bucket)), quiet=True),
+                                    clock=lambda: time.time() + later[0])
+    if end == "cancelled":
+        engine.abort(upload_id)
+    elif end == "expired":
+        assert engine.expire(now=time.time() + engine.limits.partial_ttl + 60) == 1
+    else:
+        for offset in range(5 * MIB, 10 * MIB, MIB):
+            engine.put(upload_id, offset, [data[offset:offset + MIB]], length=MIB)
+        with pytest.raises(pyfiledrop.ServiceUnavailable):
+            engine.finish(upload_id)   # a fresh claim: its node may still be merging part 1
+        assert listed_parts(s3, bucket, "stale.bin") == [2]
+        later[0] = pyfiledrop.s3_merge_claim_ttl(5 * MIB) + 1   # time passes: the claim is stale, and taken over
+        assert engine.finish(upload_id).state is pyfiledrop.State.STORED
+        assert stored(s3, bucket, "stale.bin") == data and user_objects(s3, bucket) == ["stale.bin"]
+    assert not multipart_uploads(s3, bucket) and pyfiledrop_keys(s3, bucket) == []
+
+
 # -- nothing left behind ------------------------------------------------------------------------------------------
 
 
@@ -598,6 +718,174 @@ def test_downloads_stream_from_the_store_with_range(nodes, s3, bucket):
     assert status == 206 and body == data[-5:]
     status, headers, _ = node.request("GET", f"/download/{upload_id}", headers={"Range": f"bytes={len(data)}-"})
     assert status == 416 and headers["Content-Range"] == f"bytes */{len(data)}"
+
+
+# -- --share of a key prefix --------------------------------------------------------------------------------------
+
+SHARE_SECRET = b"not for sharing"
+
+
+@pytest.fixture
+def shared_keys(s3, bucket) -> dict[str, bytes]:
+    """Objects under public/ (a subfolder, a colon, markup in a name, hidden ones, a "folder" marker) and around
+    it: a sibling prefix, the bucket's root, the upload prefix's own .pyfiledrop/."""
+    objects = {
+        "public/a.txt": b"alpha",
+        "public/résumé ü.pdf": b"%PDF-" + os.urandom(300_000),
+        "public/sub/b.bin": os.urandom(6 * MIB + 3),   # more than a block: streamed from the store
+        "public/sub/deeper/10:30 c.txt": b"gamma",
+        'public/<img src=x onerror="document.title=1">.txt': b"x",
+        "public/.env": SHARE_SECRET,
+        "public/.hidden/d.txt": SHARE_SECRET,
+        "public/empty-folder/": b"",
+        "publicity/other.txt": SHARE_SECRET,
+        "secret.txt": SHARE_SECRET,
+        f"{PREFIX}/.pyfiledrop/session.json": SHARE_SECRET,
+    }
+    for key, body in objects.items():
+        s3.put_object(Bucket=bucket, Key=key, Body=body)
+    return objects
+
+
+def shared_listing(node) -> dict:
+    status, headers, body = node.request("GET", "/api/shared")
+    assert status == 200 and headers["Content-Type"].startswith("application/json"), body
+    return json.loads(body)
+
+
+def test_share_of_a_key_prefix_lists_its_objects_as_a_shared_folder(nodes, shared_keys):
+    node, = nodes(share_prefix="public/")
+    reply = shared_listing(node)
+    assert [entry["path"] for entry in reply["files"]] == [
+        '<img src=x onerror="document.title=1">.txt', "a.txt", "résumé ü.pdf", "sub/b.bin", "sub/deeper/10:30 c.txt"]
+    assert reply["truncated"] is False
+    entry = next(entry for entry in reply["files"] if entry["path"] == "sub/b.bin")
+    assert entry["size"] == len(shared_keys["public/sub/b.bin"])
+    assert abs(time.mktime(time.strptime(entry["modified"], "%Y-%m-%dT%H:%M:%SZ")) - time.timezone - time.time()) < 120
+    assert pyfiledrop.SHARED_SCRIPT_TAG.encode() in node.request("GET", "/")[2]   # the page lists them
+    assert node.request("GET", "/assets/shared.js")[0] == 200
+    files, truncated = pyfiledrop.SharedPrefix(node.engine.store, "public/").files(limit=2)
+    assert truncated and [entry["path"] for entry in files] == [entry["path"] for entry in reply["files"][:2]]
+
+
+def test_a_shared_object_downloads_byte_identical_with_range_from_the_store(nodes, shared_keys):
+    node, = nodes(share_prefix="public")   # the same prefix as public/
+    data = shared_keys["public/sub/b.bin"]
+    status, headers, body = node.request("GET", "/shared/sub/b.bin")
+    assert status == 200 and body == data
+    assert headers["Accept-Ranges"] == "bytes" and headers["Content-Type"] == "application/octet-stream"
+    assert headers["Content-Disposition"] == "attachment; filename=\"b.bin\"; filename*=UTF-8''b.bin"
+    assert headers["X-Content-Type-Options"] == "nosniff"
+    assert headers["Content-Security-Policy"] == "sandbox; default-src 'none'"
+    start = 5 * MIB - 10   # across the store's own blocks
+    status, headers, body = node.request("GET", "/shared/sub/b.bin", headers={"Range": f"bytes={start}-{start + 99}"})
+    assert status == 206 and body == data[start:start + 100]
+    assert headers["Content-Range"] == f"bytes {start}-{start + 99}/{len(data)}" and headers["Content-Length"] == "100"
+    status, _, body = node.request("GET", "/shared/sub/b.bin", headers={"Range": "bytes=-7"})
+    assert status == 206 and body == data[-7:]
+    status, headers, _ = node.request("GET", "/shared/sub/b.bin", headers={"Range": f"bytes={len(data)}-"})
+    assert status == 416 and headers["Content-Range"] == f"bytes */{len(data)}"
+    status, headers, body = node.request("HEAD", "/shared/sub/b.bin")
+    assert status == 200 and body == b"" and headers["Content-Length"] == str(len(data))
+    status, headers, body = node.request("GET", "/shared/" + quote("résumé ü.pdf"))
+    assert status == 200 and body == shared_keys["public/résumé ü.pdf"]
+    assert headers["Content-Disposition"].endswith("filename*=UTF-8''r%C3%A9sum%C3%A9%20%C3%BC.pdf")
+    assert node.request("GET", "/shared/sub/deeper/" + quote("10:30 c.txt"))[2] == b"gamma"
+
+
+S3_SHARE_ESCAPES = [
+    "/shared/../secret.txt", "/shared/%2e%2e/secret.txt", "/shared/%2E%2E%2Fsecret.txt", "/shared/..%2fsecret.txt",
+    "/shared/sub/../../secret.txt", "/shared/..%5csecret.txt", "/shared/sub%5cb.bin", "/shared//secret.txt",
+    "/shared/%2Fsecret.txt", "/shared/sub%2fb.bin", "/shared/sub%2Fb.bin", "/shared/a.txt%00", "/shared/./a.txt",
+    "/shared/sub//b.bin", "/shared/.env", "/shared/%2eenv", "/shared/.hidden/d.txt", "/shared/sub/",
+    "/shared/empty-folder/", "/shared/%c0%ae%c0%ae/secret.txt", "/shared/%ff%fe",
+    f"/shared/../{PREFIX}/.pyfiledrop/session.json",
+    "/shared/..%2f..%2fincoming%2f.pyfiledrop%2fsession.json", "/shared/" + "a/" * 600 + "x",
+    # outside the prefix, by a path that would be fine inside it: not there
+    "/shared/secret.txt", "/shared/other.txt", "/shared/ity/other.txt", "/shared/public/a.txt",
+]
+
+
+def test_nothing_outside_the_shared_prefix_is_reachable(nodes, shared_keys):
+    node, = nodes(share_prefix="public/")
+    for target in S3_SHARE_ESCAPES:
+        status, headers, body = raw_get(node.port, target)
+        assert status in (400, 404), (target, status, body)
+        assert SHARE_SECRET not in body and b"Traceback" not in body, target
+        assert headers["content-type"][0].startswith("text/plain"), target
+    for outside in ("/shared/secret.txt", "/shared/other.txt", "/shared/ity/other.txt"):
+        assert raw_get(node.port, outside)[0] == 404
+    assert raw_get(node.port, "/shared/a.txt")[2] == b"alpha"   # and it keeps serving
+
+
+@pytest.mark.parametrize("share", [PREFIX, "/"])
+def test_sharing_the_upload_prefix_or_the_bucket_never_reaches_pyfiledrop_s_own_keys(nodes, s3, bucket, share):
+    node, = nodes(share_prefix=pyfiledrop.parse_share_prefix(share))
+    status, _, body = node.request("PUT", "/upload/photo.jpg", b"jpeg")
+    assert status == 200, body
+    upload_id = json.loads(body)["id"]
+    partial = str(uuid.uuid4())
+    assert node.post_chunk(partial, 0, os.urandom(MIB), 3 * MIB, MIB, "partial.bin")[0] == 200   # staged, receiving
+    inside = "" if share == PREFIX else f"{PREFIX}/"
+    assert [entry["path"] for entry in shared_listing(node)["files"]] == [f"{inside}photo.jpg"]
+    assert node.request("GET", f"/shared/{inside}photo.jpg")[2] == b"jpeg"
+    for path in (f".pyfiledrop/uploads/{upload_id}.json", f".pyfiledrop/staged/{partial}/00001/", ".pyfiledrop",
+                 "%2epyfiledrop/uploads/" + upload_id + ".json", "partial.bin"):
+        status, _, body = raw_get(node.port, f"/shared/{inside}{path}")
+        assert status in (400, 404) and upload_id.encode() not in body, (path, status, body)
+
+
+def test_the_listing_steps_over_the_store_s_own_keys_instead_of_paging_through_them(nodes, s3, bucket):
+    """Sharing the uploads' prefix: .pyfiledrop/ holds a record of every upload ever, and is never read."""
+    node, = nodes(share_prefix=PREFIX)
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:   # more than two pages of a listing (1,000 keys each)
+        list(pool.map(lambda index: s3.put_object(Bucket=bucket, Key=f"{PREFIX}/.pyfiledrop/many/{index}", Body=b""),
+                      range(2100)))
+    for name in ("-first.txt", "zz-last.txt"):   # sorted before and after .pyfiledrop/
+        s3.put_object(Bucket=bucket, Key=f"{PREFIX}/{name}", Body=name.encode())
+    listings = []
+    node.engine.store.client.meta.events.register("before-call.s3.ListObjectsV2", lambda **_: listings.append(1))
+    assert [entry["path"] for entry in shared_listing(node)["files"]] == ["-first.txt", "zz-last.txt"]
+    assert len(listings) == 2   # the first page, then on from past .pyfiledrop/
+
+
+def test_share_with_s3_takes_a_key_prefix_and_the_banner_says_so(weed, bucket, s3):
+    s3.put_object(Bucket=bucket, Key="drop/outgoing/menu.pdf", Body=b"menu")
+    with cli_node(weed, bucket, "--share", "/drop/outgoing") as (process, port):
+        assert http_request(port, "GET", "/shared/menu.pdf")[::2] == (200, b"menu")
+        process.kill()
+        output = process.stdout.read()
+    assert f"  sharing        {weed.endpoint}/{bucket}/drop/outgoing/ (1 file, listed on the page for download)" \
+        in output.splitlines()
+    result = subprocess.run([sys.executable, str(ROOT / "pyfiledrop.py"), "--s3", s3_url(weed, bucket), "--share",
+                             "drop/../secret", "--no-qr", "-p", str(free_port())], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "pyfiledrop: error: --share: the key prefix 'drop/../secret' may not contain '.', '..', names starting "
+        "with '.' or '\\'"]
+
+
+@pytest.mark.parametrize("text, prefix", [("public", "public/"), ("/public/", "public/"), ("public//", "public/"),
+                                          ("drop//outgoing", "drop/outgoing/"), ("/", ""), ("", ""),
+                                          ("a b/c:d", "a b/c:d/")])
+def test_a_share_prefix_is_a_folder_of_the_bucket(text, prefix):
+    assert pyfiledrop.parse_share_prefix(text) == prefix
+
+
+def test_a_share_prefix_that_names_a_folder_of_this_machine_is_warned_about(tmp_path):
+    location = pyfiledrop.parse_s3_url("http://127.0.0.1:9/bucket")
+    prefix = pyfiledrop.parse_share_prefix(str(tmp_path))   # --share /tmp/..., as one would without --s3
+    warnings = pyfiledrop.option_warnings(pyfiledrop.Config(s3=location, share_prefix=prefix))
+    assert warnings == [f"--share with --s3 shares the key prefix {prefix} of the bucket, not the folder {tmp_path} "
+                        "of this machine"]
+    assert pyfiledrop.option_warnings(pyfiledrop.Config(s3=location, share_prefix="no/such/folder/here/")) == []
+
+
+@pytest.mark.parametrize("text", ["..", "a/../b", "./a", "incoming/.pyfiledrop", ".hidden/x", "a\\b", "a\x00"])
+def test_a_share_prefix_that_could_reach_hidden_keys_is_refused(text):
+    with pytest.raises(ValueError):
+        pyfiledrop.parse_share_prefix(text)
 
 
 # -- what main added: the page's chunk fields, its resume routes, the files page's API -----------------------------

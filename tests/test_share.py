@@ -7,18 +7,16 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import time
 from pathlib import Path
 from urllib.parse import quote
 
 import pytest
-from conftest import cli_server, running_server
+from conftest import cli_server, raw_get, running_server
 
 import pyfiledrop
 
 SECRET = b"the secret outside the shared folder"
-HANG = 10.0
 
 
 @pytest.fixture
@@ -43,22 +41,6 @@ def shared(tmp_path) -> Path:
         os.symlink(outside, root / "linkdir")
         os.symlink(root / "a.txt", root / "link-in.txt")
     return root
-
-
-def raw_get(port: int, target: str) -> tuple[int, dict, bytes]:
-    """GET with the request target exactly as given (no client normalises it)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=HANG) as sock:
-        sock.sendall(f"GET {target} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".encode("latin-1"))
-        data = b""
-        while block := sock.recv(65536):
-            data += block
-    head, _, body = data.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    headers: dict = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        headers.setdefault(name.strip().lower(), []).append(value.strip())
-    return int(lines[0].split()[1]), headers, body
 
 
 def listing(server) -> dict:
@@ -125,7 +107,8 @@ def test_a_shared_file_downloads_with_its_name_safe_headers_and_ranges(tmp_path,
 ESCAPES = [
     "/shared/../secret.txt", "/shared/%2e%2e/secret.txt", "/shared/%2E%2E%2Fsecret.txt", "/shared/..%2fsecret.txt",
     "/shared/sub/../../secret.txt", "/shared/sub%2f..%2f..%2fsecret.txt", "/shared/sub/..%5c..%5csecret.txt",
-    "/shared/..%5csecret.txt", "/shared//etc/passwd", "/shared/%2Fetc%2Fpasswd", "/shared/%2f%2fetc/passwd",
+    "/shared/..%5csecret.txt", "/shared/sub%2fb.bin", "/shared/sub%2Fdeeper/c.txt", "/shared//etc/passwd",
+    "/shared/%2Fetc%2Fpasswd", "/shared/%2f%2fetc/passwd",
     "/shared/a.txt%00", "/shared/a%00/../../secret.txt", "/shared/%252e%252e/secret.txt", "/shared/./a.txt",
     "/shared/sub//b.bin", "/shared/C:/Windows/win.ini", "/shared/a.txt:stream", "/shared/link-out.txt",
     "/shared/linkdir/secret.txt", "/shared/.env", "/shared/.hidden-folder/d.txt", "/shared/sub/",
