@@ -1888,8 +1888,11 @@ class Engine:
                 rival.fence()
 
     def _receive(self, live: _Live, writer: _Writer, pieces: Iterable) -> None:
+        # An upload of one request writes through the file it was created with: its id was made by the server
+        # and is told to nobody before it is stored, so only this request can end it (and close that file).
+        own = live.fd is None
         try:
-            fd = os.dup(live.fd) if live.fd is not None else self.backend.open_part(live.info.id)
+            fd = self.backend.open_part(live.info.id) if own else live.fd
         except FileNotFoundError:
             if live.info.state is State.STORED:  # completed by another request meanwhile: nothing to write
                 return _drain(pieces)
@@ -1906,7 +1909,8 @@ class Engine:
                     self.check_space(0)
                 self._report_progress(live, writer)
         finally:
-            os.close(fd)
+            if own:
+                os.close(fd)
 
     def _write_piece(self, live: _Live, writer: _Writer, fd: int, piece) -> None:
         count = len(piece)
@@ -6773,6 +6777,8 @@ class Console:
         with self._lock:
             if self._uploads.pop(info.id, None) is not None and self.tty:
                 self._refresh(self.clock(), force=True)
+        if not log.isEnabledFor(logging.INFO):  # --quiet: the line would be made only to be dropped
+            return
         seconds = max((info.finished or 0) - info.created, 1e-6)
         digest = (info.sha256 or "")[:12] + self._ellipsis  # enough to compare by eye; the ledger keeps it all
         self.log_line(f'stored "{info.stored_name}" {binary_size(info.size or 0)} in {seconds:.1f} s '
