@@ -9063,15 +9063,16 @@ FAVICON_PNG = (
 # <<< vendored assets
 
 # The hashing worker (pyfiledrop's own code; hash-wasm, vendored above, does the hashing).
-HASHER_WORKER_JS = r"""// pyfiledrop's hashing worker.  A "parts" job: the upload's id from a few sampled blocks, then each part's
-// sha256, in order; a "whole" job: the whole file's sha256 (the page runs the two in two workers, so the part
-// hashes that sending waits for get a core of their own).  hash-wasm (MIT) does the hashing: the page may be
-// on plain HTTP, where browsers offer no crypto.subtle.
+HASHER_WORKER_JS = r"""// pyfiledrop's hashing worker.  A job: the upload's id from a few sampled blocks, then each part's sha256,
+// in order, and the whole file's sha256 from the same reads (each byte is read from the file once: in
+// Chromium a read goes through the browser process, which costs more than hashing it).  The page keeps two
+// workers, so two files hash at once.  hash-wasm (MIT) does the hashing: the page may be on plain HTTP,
+// where browsers offer no crypto.subtle.
 "use strict";
 importScripts("{{hash_wasm}}");
-var SAMPLE = 64 * 1024, BLOCK = 8 * 1024 * 1024;
+var SAMPLE = 64 * 1024;
 var idQueue = [], hashQueue = [], running = false, cancelled = {};
-var hashers = Promise.all([hashwasm.createSHA256(), hashwasm.createSHA256()]);
+var hashers = Promise.all([hashwasm.createSHA256(), hashwasm.createSHA256(), hashwasm.createSHA256()]);
 
 function read(file, start, end) {
   return file.slice(start, end).arrayBuffer().then(function (buffer) { return new Uint8Array(buffer); });
@@ -9132,18 +9133,16 @@ function eachBlock(job, size, hasher, each) {
   return next();
 }
 
-function hashParts(job, hasher) {
-  return eachBlock(job, job.partSize, hasher, function (bytes, index) {
-    hasher.init();
-    hasher.update(bytes);
-    post(job, "part", hasher.digest("hex"), index);
-  });
-}
-
-function hashWhole(job, hasher) {
-  hasher.init();
-  return eachBlock(job, BLOCK, hasher, function (bytes) { hasher.update(bytes); }).then(function () {
-    if (!cancelled[job.job]) post(job, "whole", hasher.digest("hex"));
+// Each part's hash as soon as it is read (sending waits for it), and the whole hash from the same bytes.
+function hashFile(job, partHasher, wholeHasher) {
+  wholeHasher.init();
+  return eachBlock(job, job.partSize, partHasher, function (bytes, index) {
+    partHasher.init();
+    partHasher.update(bytes);
+    post(job, "part", partHasher.digest("hex"), index);
+    wholeHasher.update(bytes);
+  }).then(function () {
+    if (!cancelled[job.job]) post(job, "whole", wholeHasher.digest("hex"));
   });
 }
 
@@ -9157,7 +9156,7 @@ function pump() {
   drainIds().then(function () {
     var job = hashQueue.shift();
     if (!job) return null;
-    return hashers.then(function (pair) { return (job.mode === "whole" ? hashWhole : hashParts)(job, pair[0]); })
+    return hashers.then(function (three) { return hashFile(job, three[0], three[2]); })
       .then(function () { if (!cancelled[job.job]) post(job, "done"); }, function (e) { fail(job, e); })
       .then(function () { delete cancelled[job.job]; });
   }).then(function () {
@@ -9169,8 +9168,8 @@ function pump() {
 onmessage = function (event) {
   var job = event.data;
   if (job.cancel) { cancelled[job.cancel] = true; return; }
-  job.small = job.mode === "parts" && job.file.size <= job.partSize && job.file.size <= SAMPLE;
-  if (job.mode === "parts") idQueue.push(job);
+  job.small = job.file.size <= job.partSize && job.file.size <= SAMPLE;
+  idQueue.push(job);
   if (!job.small) hashQueue.push(job);
   pump();
 };
@@ -9322,8 +9321,8 @@ INDEX_HTML = r"""<!doctype html>
     return Math.min(part, Math.max(1, size));
   }
 
-  // ---- hashing, in workers: a file's part hashes in one, its whole hash in the other ----
-  var workers = [], jobs = {}, nextJob = 1, SMALL = 64 * 1024;
+  // ---- hashing, in two workers: each file's part hashes and whole hash in the less busy one ----
+  var workers = [], jobs = {}, nextJob = 1;
   function hashWorkers() {
     while (workers.length < 2) {
       var worker = new Worker(cfg.workerUrl);
@@ -9336,18 +9335,12 @@ INDEX_HTML = r"""<!doctype html>
     }
     return workers[0].load <= workers[1].load ? [workers[0], workers[1]] : [workers[1], workers[0]];
   }
-  function startJob(upload, worker, mode) {
-    var job = { id: nextJob++, upload: upload, worker: worker, mode: mode };
-    jobs[job.id] = job;
-    upload.jobs.push(job);
-    worker.load += upload.size + 1;
-    worker.postMessage({ job: job.id, mode: mode, file: upload.file, path: upload.path, partSize: upload.partSize });
-  }
   function startHashing(upload) {
-    var pair = hashWorkers();
-    upload.jobs = [];
-    startJob(upload, pair[0], "parts");
-    if (upload.size > upload.partSize || upload.size > SMALL) startJob(upload, pair[1], "whole");
+    var worker = hashWorkers()[0], job = { id: nextJob++, upload: upload, worker: worker };
+    jobs[job.id] = job;
+    upload.jobs = [job];
+    worker.load += upload.size + 1;
+    worker.postMessage({ job: job.id, file: upload.file, path: upload.path, partSize: upload.partSize });
   }
   function endJob(job, cancel) {
     if (!jobs[job.id]) return;
