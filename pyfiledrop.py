@@ -10084,6 +10084,9 @@ INDEX_HTML = r"""<!doctype html>
 
   var limits = "Up to " + human(cfg.maxFileSizeBytes) + " per file.";
   $("limits").textContent = limits + (cfg.allowDownloads ? " Uploaded files can be downloaded again from this page." : "");
+  // The hashing workers start with the page, not with the first file: loading and compiling hash-wasm takes
+  // a moment that would otherwise come before the first byte is sent.
+  setTimeout(hashWorkers, 0);
   window.pyfiledrop = { uploads: uploads, totals: totals, link: link, ready: true };
 })();
 </script>
