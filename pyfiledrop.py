@@ -55,7 +55,7 @@ from urllib.parse import quote, unquote_to_bytes, urljoin, urlsplit
 import bottle
 from werkzeug.http import parse_options_header
 
-__version__ = "1.2.0"
+__version__ = "1.3.0"
 __all__ = [
     "Config", "parse_args", "main", "serve", "create_app", "open_engine", "make_server", "ServerLimits", "Engine",
     "EngineLimits", "Ledger", "LocalBackend", "BackendConstraints", "UploadInfo", "State", "Progress", "Stored",
