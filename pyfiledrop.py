@@ -1028,8 +1028,13 @@ class Ledger:
                         self._transaction(pending.statements)
                     except (sqlite3.Error, OSError) as own:
                         pending.error = own
-        for pending in batch:
-            pending.done = True
+        except BaseException:  # interrupted while committing: no save of this batch may pass for committed
+            for pending in batch:
+                pending.error = sqlite3.OperationalError("the commit was interrupted")
+            raise
+        finally:
+            for pending in batch:
+                pending.done = True
 
     def _transaction(self, statements: list[tuple[str, tuple]]) -> None:
         if len(statements) == 1:
