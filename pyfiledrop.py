@@ -7651,7 +7651,7 @@ class HTTPServer:
             except ssl.SSLWantReadError:
                 return True
             except ssl.SSLWantWriteError:  # only if the client reads nothing of the handshake it started
-                if not _wait_writable(sock, 1.0):
+                if not wait_ready(sock, 1.0, writable=True):
                     return False
         connection.tls_started = None
         return True
@@ -8045,10 +8045,6 @@ def _recv_head_bytes(sock: socket.socket, limit: int) -> bytes:
     return data
 
 
-def _wait_writable(sock: socket.socket, timeout: float) -> bool:
-    return wait_ready(sock, timeout, writable=True)
-
-
 def wait_ready(sock: socket.socket, timeout: float, writable: bool = False) -> bool:
     """Whether ``sock`` became readable (or writable) within ``timeout`` seconds: poll where there is one
     (select's descriptor limit of 1,024 is below the connections a server holds), select on Windows."""
@@ -8293,9 +8289,10 @@ def _print_banner(config: Config, urls: list[str], console: Console, tls: TLSIde
 
 
 def return_freed_memory() -> None:
-    """Hand the C heap's free pages back to the system (glibc only).  Running this script compiles its half a
-    megabyte of source, and the memory the compiler frees stays with the process (about 16 MiB, a third of
-    the server's resident size) until malloc_trim returns it."""
+    """Hand the C heap's free pages back to the system (glibc only).  Importing this module compiles half a
+    megabyte of source, and the memory the compiler frees stays with the process (about 14 MiB, a third of
+    the server's resident size) until malloc_trim returns it.  (Run as a script, CPython keeps the script's
+    syntax tree until the script ends, so there is less to hand back.)"""
     if not sys.platform.startswith("linux"):
         return
     try:
