@@ -160,7 +160,7 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=None, help="work folder (default: a temporary one)")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="pyfiledrop-s3-bench-", dir=args.dir))
-    store = SeaweedFS(root / "seaweed")
+    store = SeaweedFS(root / "seaweed", small_volumes=False)
     store.start()
     results = []
     try:

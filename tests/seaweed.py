@@ -50,8 +50,9 @@ class SeaweedFS:
     """``weed mini`` on a folder; ``start()`` again on the same folder and ports after ``kill()`` (a store that
     went away and came back)."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, small_volumes: bool = True):
         self.folder = Path(folder)
+        self.small_volumes = small_volumes  # False: SeaweedFS's own volume sizes (the benchmark's few buckets)
         self.data = self.folder / "data"
         self.tmp = self.folder / "tmp"
         self.data.mkdir(parents=True, exist_ok=True)
@@ -70,6 +71,12 @@ class SeaweedFS:
         command = [weed_binary(), "mini", f"-dir={self.data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                    "-master.telemetry=false", "-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0",
                    "-s3.port.lance=0", "-s3.autoCreateBucket=false"]
+        if self.small_volumes:
+            # Each bucket is a collection with volumes of its own, and by default the volume count is the free
+            # disk over a volume's size (64 MiB to 1 GiB): a session of tests, a bucket each, ran out of volumes
+            # ("No writable volumes and no free volumes left": 500 InternalError).  Volumes are sparse files, so
+            # many small ones cost only what is written into them.
+            command += ["-master.volumeSizeLimitMB=64", "-volume.max=2000"]
         for service, port in self.ports.items():
             command += [f"-{service}.port={port}", f"-{service}.port.grpc={port + 10000}"]
         return command
