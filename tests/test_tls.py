@@ -32,6 +32,8 @@ from conftest import (
 )
 
 import pyfiledrop
+from test_connections import read_response
+from test_console import assert_one_line_error
 
 x509 = pytest.importorskip("cryptography.x509")
 from cryptography.hazmat.primitives import hashes, serialization
@@ -88,25 +90,6 @@ def https(port: int, identity, method: str, path: str, body: bytes | None = None
 def tls_socket(port: int, identity) -> ssl.SSLSocket:
     raw = socket.create_connection(("127.0.0.1", port), timeout=HANG)
     return client_context(identity).wrap_socket(raw, server_hostname="127.0.0.1")
-
-
-def read_response(sock) -> tuple[int, dict, bytes]:
-    data = b""
-    while b"\r\n\r\n" not in data:
-        block = sock.recv(65536)
-        if not block:
-            raise ConnectionError(f"closed after {data!r}")
-        data += block
-    head, _, body = data.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
-    length = int(headers.get("content-length", 0))
-    while len(body) < length:
-        block = sock.recv(65536)
-        if not block:
-            break
-        body += block
-    return int(lines[0].split()[1]), headers, body
 
 
 def client_hello() -> bytes:
@@ -167,15 +150,6 @@ def run_cli(args: list[str], cwd: Path, prelude: str = "pass") -> subprocess.Com
                f"runpy.run_path({str(ROOT / 'pyfiledrop.py')!r}, run_name='__main__')")
     return subprocess.run([sys.executable, "-c", program, *args], capture_output=True, text=True, timeout=60,
                           stdin=subprocess.DEVNULL, cwd=cwd)
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
-    assert result.returncode == 2, result
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("pyfiledrop: error: "), result.stderr
-    assert "Traceback" not in result.stderr + result.stdout
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def scheme_app(environ, start_response):
