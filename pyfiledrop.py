@@ -2006,6 +2006,8 @@ class Engine:
             with live.hash_lock:
                 if writer.hash_from <= live.hashed_to < writer.committed_to:
                     live.hasher, live.hashed_to = hasher.copy(), writer.committed_to
+            with live.hash_progress:
+                live.hash_progress.notify_all()
         self._advance_hash(live)
 
     def _settle(self, live: _Live, writer: _Writer, failed: bool) -> None:
@@ -2026,11 +2028,24 @@ class Engine:
 
     def _hold_back(self, live: _Live) -> None:
         """Slow the client to the speed of the hash: while more than HASH_BACKLOG of received bytes wait to be
-        hashed (the parts came faster than one thread hashes them), this reply waits, so completing the file
-        never has much left to hash."""
+        hashed (parts came faster than one thread hashes them, or ahead of a slower part before them), this
+        reply waits, so completing the file never has much left to hash.  It waits only while the hash moves
+        (a client may send the part before them only once these are answered), RIVAL_WAIT_S at most."""
+        deadline = time.monotonic() + RIVAL_WAIT_S
         with live.hash_progress:
-            while prefix_end(live.info.received) - live.hashed_to > HASH_BACKLOG and live.background_hash:
-                live.hash_progress.wait(1.0)
+            while (live.info.received_bytes - live.hashed_to > HASH_BACKLOG and self._hash_moving(live)
+                   and time.monotonic() < deadline):
+                live.hash_progress.wait(STALLED_AFTER_S / 4)
+
+    @staticmethod
+    def _hash_moving(live: _Live) -> bool:
+        """The in-order hash is moving on: a thread hashes received bytes from the file, or a request at the
+        hash's front hashes its bytes as they arrive and moved within the last STALLED_AFTER_S."""
+        if live.background_hash:
+            return True
+        now = time.monotonic()
+        return any(w.hasher is not None and not w.fenced and w.hash_from <= live.hashed_to
+                   and now - w.last_progress < STALLED_AFTER_S for w in tuple(live.writers))
 
     def _forget_if_empty(self, live: _Live) -> None:
         """A failed request leaves nothing behind where nothing of its upload was received: a retry starts it

@@ -2,8 +2,9 @@
 
 Like a browser, each of the ``parallel`` slots keeps one keep-alive ``http.client`` connection and sends one
 chunk at a time; chunks are taken in order, and each is streamed from the file (never the whole file in
-memory).  Every call returns timings; the ``finish_s`` figure is the time from the last byte of the request
-that completed the file being sent to its response arriving: the cost of completing a file.
+memory).  Every call returns timings; the ``finish_s`` figure is the time from the file's last byte being
+sent (by whichever request carried it) to the first reply that says the file is complete: the cost of
+completing a file.
 
     python bench/client.py FILE --port 16273 [--chunk-size N] [--parallel 6]
 """
@@ -34,7 +35,7 @@ class UploadResult:
     size: int
     seconds: float
     reply: dict
-    finish_s: float = 0.0          # last byte of the completing request sent -> its response
+    finish_s: float = 0.0          # the file's last byte sent -> the first reply saying it is complete
     chunk_seconds: list = field(default_factory=list)
 
     @property
@@ -99,8 +100,9 @@ def _pread_into(fd: int, view: memoryview, count: int, offset: int) -> int:
 
 
 def _post_chunk(conn, host: str, fd: int, upload_id: str, filename: str, index: int, total_size: int,
-                chunk_size: int, buffer: bytearray) -> tuple[dict, float, float]:
-    """Send one chunk; (reply, seconds for the whole request, seconds from last byte sent to response)."""
+                chunk_size: int, buffer: bytearray) -> tuple[dict, float, float, float]:
+    """Send one chunk; (reply, seconds for the whole request, when its last byte was sent, when the reply came:
+    ``time.perf_counter()``)."""
     boundary = uuid.uuid4().hex.encode()
     head, length, tail = chunk_request_parts(boundary, upload_id, filename, index, total_size, chunk_size)
     started = time.perf_counter()
@@ -117,7 +119,7 @@ def _post_chunk(conn, host: str, fd: int, upload_id: str, filename: str, index: 
     done = time.perf_counter()
     if response.status != 200:
         raise UploadFailed(f"chunk {index}: HTTP {response.status}: {body[:300]!r}")
-    return json.loads(body), done - started, done - sent
+    return json.loads(body), done - started, sent, done
 
 
 def upload_chunked(host: str, port: int, path: str, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
@@ -130,7 +132,10 @@ def upload_chunked(host: str, port: int, path: str, *, chunk_size: int = DEFAULT
     total = max(1, math.ceil(size / chunk_size))
     next_index = [0]
     lock = threading.Lock()
-    results: dict = {"complete": None, "finish": 0.0, "chunks": [], "error": None}
+    # Completion: from the file's last byte sent (whichever request carried it) to the first reply saying the
+    # file is complete.  Replies of other requests may be held back until then too; timing one of those from
+    # its own last byte would count the time the other requests' bytes took to arrive.
+    results: dict = {"complete": None, "last_sent": 0.0, "completed_at": None, "chunks": [], "error": None}
     fd = os.open(path, os.O_RDONLY)
     slots = min(parallel, total)
     own = connections is None
@@ -147,13 +152,15 @@ def upload_chunked(host: str, port: int, path: str, *, chunk_size: int = DEFAULT
                         return
                     index = next_index[0]
                     next_index[0] += 1
-                reply, seconds, finish = _post_chunk(conns[slot], host, fd, upload_id, filename, index, size,
-                                                     chunk_size, buffer)
+                reply, seconds, sent, done = _post_chunk(conns[slot], host, fd, upload_id, filename, index, size,
+                                                         chunk_size, buffer)
                 with lock:
                     results["chunks"].append(seconds)
+                    results["last_sent"] = max(results["last_sent"], sent)
                     if reply.get("complete"):
                         results["complete"] = reply
-                        results["finish"] = finish
+                        if results["completed_at"] is None or done < results["completed_at"]:
+                            results["completed_at"] = done
         except BaseException as error:  # noqa: BLE001 - reported to the caller
             with lock:
                 results["error"] = error
@@ -179,7 +186,8 @@ def upload_chunked(host: str, port: int, path: str, *, chunk_size: int = DEFAULT
         raise UploadFailed(f"{filename}: {results['error']}") from results["error"]
     if results["complete"] is None:
         raise UploadFailed(f"{filename}: no reply said the upload was complete")
-    return UploadResult(size, seconds, results["complete"], results["finish"], results["chunks"])
+    finish = max(0.0, results["completed_at"] - results["last_sent"])
+    return UploadResult(size, seconds, results["complete"], finish, results["chunks"])
 
 
 def put_file(conn: http.client.HTTPConnection, host: str, url_path: str, path: str,

@@ -205,6 +205,42 @@ def test_a_stalled_request_is_taken_over_at_once_and_its_later_bytes_dropped(tmp
     assert info.sha256 == hashlib.sha256(retry).hexdigest()
 
 
+def test_parts_ahead_of_a_stalled_part_are_answered(tmp_path, monkeypatch):
+    """Replies of parts far ahead of the in-order hash wait for it while it moves (completion then has little
+    left to hash), but not for a part before them whose client stopped sending: the page may send that part
+    again only once the others are answered."""
+    monkeypatch.setattr(pyfiledrop, "HASH_BACKLOG", 1000)
+    monkeypatch.setattr(pyfiledrop, "STALLED_AFTER_S", 0.05)
+    monkeypatch.setattr(pyfiledrop, "RIVAL_WAIT_S", 600.0)  # so only the stall can end the wait
+    engine = make_engine(tmp_path)
+    part = 10_000
+    data = os.urandom(4 * part)
+    engine.create("u1", "f.bin", size=len(data), part_size=part, client="")
+    started, release = threading.Event(), threading.Event()
+
+    def stalled_client():  # part 0: at the hash's front, hashing as it goes, then silent
+        yield data[:part // 2]
+        started.set()
+        release.wait(60)
+        yield data[part // 2:part]
+
+    first = threading.Thread(target=lambda: engine.put("u1", 0, stalled_client(), length=part, atomic=True))
+    first.start()
+    assert started.wait(10)
+    answered = threading.Event()
+    later = threading.Thread(target=lambda: ([engine.put("u1", index * part, pieces(data[index * part:(index + 1) * part]),
+                                                          length=part, atomic=True) for index in (1, 2, 3)],
+                                             answered.set()))
+    later.start()
+    assert answered.wait(30), "parts ahead waited for a part whose client had stopped"
+    release.set()
+    first.join(10)
+    later.join(10)
+    info = engine.finish("u1")
+    assert info.sha256 == hashlib.sha256(data).hexdigest()
+    assert (engine.backend.storage / info.stored_name).read_bytes() == data
+
+
 def test_an_interrupted_request_keeps_what_arrived_unless_atomic(tmp_path):
     engine = make_engine(tmp_path)
     data = os.urandom(1000)
