@@ -237,7 +237,7 @@ def upload_many(host: str, port: int, paths: list[str], *, clients: int, mode: s
                     fd = os.open(path, os.O_RDONLY)
                     try:
                         size = os.fstat(fd).st_size
-                        reply, _, _ = _post_chunk(conn, host, fd, str(uuid.uuid4()), name, 0, size,
+                        reply, *_ = _post_chunk(conn, host, fd, str(uuid.uuid4()), name, 0, size,
                                                   max(size, 1), buffer)
                     finally:
                         os.close(fd)
