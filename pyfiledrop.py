@@ -1157,8 +1157,8 @@ class Ledger:
     @staticmethod
     def _row(info: UploadInfo) -> tuple:
         return (info.id, info.name, info.size, info.part_size, info.client, info.created, info.updated,
-                info.state.value, json.dumps(info.received, separators=(",", ":")), info.sha256, info.stored_name,
-                info.finished, info.reason, info.mtime)
+                info.state.value, _ranges_json(info.received), info.sha256, info.stored_name, info.finished,
+                info.reason, info.mtime)
 
     @staticmethod
     def _info(row: tuple) -> UploadInfo:
@@ -1166,6 +1166,12 @@ class Ledger:
         values["state"] = State(values["state"])
         values["received"] = tuple((int(low), int(high)) for low, high in json.loads(values["received"]))
         return UploadInfo(**values)
+
+
+def _ranges_json(ranges: Ranges) -> str:
+    """``json.dumps(ranges, separators=(",", ":"))`` for (int, int) pairs, without the encoder's set-up: this
+    is written for every record saved."""
+    return "[" + ",".join(f"[{low:d},{high:d}]" for low, high in ranges) + "]"
 
 
 ###############################################################################
@@ -1212,6 +1218,7 @@ class LocalBackend:
                  warn: Callable[[str], None] = lambda text: None):
         self.storage = Path(storage)
         self.chunks = Path(chunks)
+        self._storage = str(self.storage)
         self._chunks = str(self.chunks)
         self._checkpoint = checkpoint
         self._warn = warn
@@ -1331,19 +1338,19 @@ class LocalBackend:
         stays (linked twice) until ``discard``: the engine records the name in between.
         """
         folder, leaf = split_folder(name)
-        directory = self.folder_for(folder)
+        directory = str(self.folder_for(folder)) if folder else self._storage  # plain strings: the hot path
         source = self.part_path(upload_id)
         _set_mtime(source, mtime)   # before the link: the stored file never shows another time
         for number in range(MAX_NAME_ATTEMPTS):
             candidate = numbered_name(leaf, number)
             try:
-                claimed = self._claim(source, directory / candidate)
+                claimed = self._claim(source, os.path.join(directory, candidate))
             except OSError as error:
                 if error.errno != errno.EXDEV:
                     raise
                 source = self._copy_into_storage(upload_id)  # the folders are on different filesystems
                 _set_mtime(source, mtime)
-                claimed = self._claim(source, directory / candidate)
+                claimed = self._claim(source, os.path.join(directory, candidate))
             if claimed:
                 self._checkpoint("linked")
                 return f"{folder}/{candidate}" if folder else candidate
@@ -1363,7 +1370,7 @@ class LocalBackend:
             raise Forbidden(f'The folder "{folder}" leads out of the storage folder.')
         return directory
 
-    def _claim(self, source: str, target: Path) -> bool:
+    def _claim(self, source: str, target: str) -> bool:
         """Link ``source`` as ``target``; False when ``target`` is taken."""
         try:
             os.link(source, target)
@@ -1371,11 +1378,12 @@ class LocalBackend:
         except FileExistsError:
             return False
         except FileNotFoundError:
-            if not os.path.exists(source) or target.parent.exists():
+            parent = Path(target).parent
+            if not os.path.exists(source) or parent.exists():
                 raise
             if not self.storage.exists():
                 self._recreate(self.storage, "storage")
-            target.parent.mkdir(parents=True, exist_ok=True)
+            parent.mkdir(parents=True, exist_ok=True)
             return self._claim(source, target)
         except OSError as error:
             if error.errno in _LINK_FATAL_ERRNOS or error.errno == errno.EXDEV:
@@ -1383,7 +1391,7 @@ class LocalBackend:
             return self._move_without_link(source, target)
 
     @staticmethod
-    def _move_without_link(source: str, target: Path) -> bool:
+    def _move_without_link(source: str, target: str) -> bool:
         """For filesystems without hard links (FAT, exFAT): False when ``target`` is taken.
 
         Known gap: with no link count to show it, a kill between claiming ``target`` (empty) and the replace
@@ -1499,7 +1507,7 @@ class LocalBackend:
     def stored_mark(self, stored_name: str | None) -> tuple[int, int, int, int] | None:
         """(device, inode, size, mtime in ns) of a stored file, or None where it cannot be looked at."""
         try:
-            found = os.lstat(self.storage / stored_name)
+            found = os.lstat(os.path.join(self._storage, stored_name))
         except (OSError, TypeError):
             return None
         return found.st_dev, found.st_ino, found.st_size, found.st_mtime_ns
@@ -5297,8 +5305,11 @@ def _authenticator(config: Config, engine: Engine) -> Authenticator | None:
 ###############################################################################
 
 
+_JSON_ENCODER = json.JSONEncoder(ensure_ascii=False)   # one, not one per reply as json.dumps makes it
+
+
 def _json(data: dict, status: int = 200) -> bottle.HTTPResponse:
-    response = bottle.HTTPResponse(json.dumps(data, ensure_ascii=False), status=status)
+    response = bottle.HTTPResponse(_JSON_ENCODER.encode(data), status=status)
     response.content_type = "application/json; charset=utf-8"
     response.set_header("Cache-Control", "no-store")
     response.set_header("X-Content-Type-Options", "nosniff")
