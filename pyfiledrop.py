@@ -813,7 +813,7 @@ class State(str, enum.Enum):
 
 @dataclasses.dataclass(frozen=True)
 class UploadInfo:
-    """What the ledger knows of one upload; a frozen value, replaced (``dataclasses.replace``) on change."""
+    """What the ledger knows of one upload; a frozen value, replaced (``changed``) on change."""
 
     id: str
     name: str                    # the sanitised name the client gave, with its folders ("a/b/c.txt")
@@ -829,6 +829,15 @@ class UploadInfo:
     finished: float | None = None
     reason: str = ""
     mtime: float | None = None   # the original's modification time, given to the stored file
+
+    def changed(self, **changes) -> UploadInfo:
+        """This record with ``changes``: ``dataclasses.replace`` without its look at every field each time (a
+        record changes with every part received, and twice for each file of one request)."""
+        if not changes.keys() <= _UPLOAD_FIELDS:
+            raise TypeError(f"UploadInfo has no field {sorted(changes.keys() - _UPLOAD_FIELDS)[0]!r}")
+        copy = object.__new__(UploadInfo)
+        copy.__dict__.update(self.__dict__, **changes)
+        return copy
 
     @property
     def received_bytes(self) -> int:
@@ -866,6 +875,8 @@ class UploadInfo:
                     missing.append(index)
         return missing
 
+
+_UPLOAD_FIELDS = frozenset(field.name for field in dataclasses.fields(UploadInfo))
 
 @dataclasses.dataclass(frozen=True)
 class Note:
@@ -1220,6 +1231,7 @@ class LocalBackend:
         self.chunks = Path(chunks)
         self._storage = str(self.storage)
         self._chunks = str(self.chunks)
+        self._part_prefix = os.path.join(self._chunks, "")   # plain strings: the hot path
         self._checkpoint = checkpoint
         self._warn = warn
         self._copies: set[str] = set()          # ids copied into storage from another filesystem
@@ -1228,7 +1240,7 @@ class LocalBackend:
 
     # -- partial files --------------------------------------------------------------------------------------
     def part_path(self, upload_id: str) -> str:
-        return os.path.join(self._chunks, _part_key(upload_id) + ".part")  # plain strings: the hot path
+        return self._part_prefix + _part_key(upload_id) + ".part"
 
     def create_part(self, upload_id: str) -> int:
         """A new empty partial file, open for writing; FileExistsError when one is there already."""
@@ -1762,7 +1774,7 @@ class Engine:
             return None
         upload_id = info.id
         if self.backend.part_stat(upload_id) is None:
-            self._record(dataclasses.replace(info, state=State.FAILED, reason="its partial file disappeared"))
+            self._record(info.changed(state=State.FAILED, reason="its partial file disappeared"))
             return None
         live = _Live(info, ephemeral=False)
         with self._lock:
@@ -2000,7 +2012,7 @@ class Engine:
             with live.lock:
                 if live.info.state is not State.RECEIVING:  # stored meanwhile by another request
                     return
-                info = dataclasses.replace(live.info, updated=self.clock(),
+                info = live.info.changed(updated=self.clock(),
                                            received=add_range(live.info.received, writer.start, writer.position))
                 if not live.ephemeral:
                     self._record(info)
@@ -2065,7 +2077,7 @@ class Engine:
                     return
             self.discard(upload_id)
             if not live.ephemeral:
-                self._record(dataclasses.replace(live.info, state=State.FAILED, updated=self.clock(),
+                self._record(live.info.changed(state=State.FAILED, updated=self.clock(),
                                                  reason="nothing of it arrived"))
 
     # -- the in-order hash ----------------------------------------------------------------------------------
@@ -2145,7 +2157,7 @@ class Engine:
                 raise BadRequest("The upload's size was given before, and differently.")
             if info.received and info.received[-1][1] > size:
                 raise BadRequest("More bytes were received than that size.")
-            info = dataclasses.replace(info, size=size, part_size=max(1, size) if live.ephemeral else info.part_size)
+            info = info.changed(size=size, part_size=max(1, size) if live.ephemeral else info.part_size)
             if not live.ephemeral:
                 self._record(info)
             live.info = info
@@ -2192,7 +2204,7 @@ class Engine:
         now = self.clock()
         with live.lock:  # from now on a late commit of another request sees the upload stored
             receiving = live.info
-            info = live.info = dataclasses.replace(receiving, state=State.STORED, sha256=digest, reason=reason,
+            info = live.info = receiving.changed(state=State.STORED, sha256=digest, reason=reason,
                                                    stored_name=stored_name, finished=now, updated=now)
             try:
                 self._record(info)  # on failure the part stays linked: a retry of finish records the same name
@@ -2274,7 +2286,7 @@ class Engine:
         with live.lock:
             receiving = live.info
             size = receiving.size or 0
-            info = live.info = dataclasses.replace(receiving, state=State.STORED, sha256=sha256, reason=reason,
+            info = live.info = receiving.changed(state=State.STORED, sha256=sha256, reason=reason,
                                                    received=((0, size),), stored_name=stored_name, finished=now,
                                                    updated=now)
             try:
@@ -2334,7 +2346,7 @@ class Engine:
             with live.lock:
                 if live.info.state is State.STORED:
                     return live.info
-                info = live.info = dataclasses.replace(live.info, state=State.DELETED, updated=self.clock(),
+                info = live.info = live.info.changed(state=State.DELETED, updated=self.clock(),
                                                        reason=reason)
             for writer in list(live.writers):
                 writer.fence()
@@ -2364,7 +2376,7 @@ class Engine:
                     continue
                 self._forget(info.id)
                 self.backend.discard(info.id)
-                self._record(dataclasses.replace(info, state=State.EXPIRED, updated=self.clock(),
+                self._record(info.changed(state=State.EXPIRED, updated=self.clock(),
                                                  reason="untouched for too long"))
                 removed += 1
         if removed:
@@ -2383,7 +2395,7 @@ class Engine:
                 try:
                     self._remove_stored(info, State.EXPIRED, "kept for as long as --expire-after says")
                 except Conflict as error:  # changed by hand: no longer only ours to remove
-                    self._record(dataclasses.replace(info, state=State.EXPIRED, updated=self.clock(),
+                    self._record(info.changed(state=State.EXPIRED, updated=self.clock(),
                                                      reason=error.message))
                 removed += 1
         if removed:
@@ -2404,7 +2416,7 @@ class Engine:
             except OSError as error:
                 raise storage_error(error)
         self.checkpoint("removed")   # a stop here leaves a stored record of a missing file: removing it again ends it
-        removed = dataclasses.replace(info, state=state, updated=self.clock(), reason=reason)
+        removed = info.changed(state=state, updated=self.clock(), reason=reason)
         self._record(removed)
         return removed
 
@@ -2495,7 +2507,7 @@ def recover(ledger: Ledger, backend: LocalBackend, clock: Callable[[], float],
         backend.remove_temporary(filename)
     for info in ledger.in_state(State.RECEIVING):
         if backend.part_stat(info.id) is None:
-            ledger.save(dataclasses.replace(info, state=State.FAILED, updated=clock(),
+            ledger.save(info.changed(state=State.FAILED, updated=clock(),
                                             reason="its partial file disappeared"))
             fixed += 1
     if fixed:
@@ -2514,7 +2526,7 @@ def _reconcile_part(ledger: Ledger, backend: LocalBackend, clock: Callable[[], f
         now = clock()
         base = info or UploadInfo(id=upload_id, name=linked, size=size, part_size=max(1, size), client="",
                                   created=now, updated=now)
-        ledger.save(dataclasses.replace(base, size=size, state=State.STORED, received=((0, size),) if size else (),
+        ledger.save(base.changed(size=size, state=State.STORED, received=((0, size),) if size else (),
                                         sha256=backend.hash_stored(linked), stored_name=linked, finished=now,
                                         updated=now))
         backend.discard(upload_id)
@@ -3268,7 +3280,7 @@ class S3Engine:
             if span is not None and item["Size"] == span[1] - span[0]:
                 received = add_range(received, *span)
             updated = max(updated, item["LastModified"].timestamp())
-        return dataclasses.replace(info, received=received, updated=updated), parts, staged
+        return info.changed(received=received, updated=updated), parts, staged
 
     def _multipart_gone(self, upload: _S3Upload) -> UploadInfo:
         """The record says receiving but its multipart upload is gone: completed by a node that stopped before
@@ -3517,7 +3529,7 @@ class S3Engine:
                 upload.multipart = self._begin(upload.key, upload.info.id)
             upload.parts[position // upload.grid + 1] = self._upload_part(upload, position // upload.grid + 1, body)
             position += body.length
-            upload.info = dataclasses.replace(upload.info, received=((0, position),), updated=self.clock())
+            upload.info = upload.info.changed(received=((0, position),), updated=self.clock())
             self._progress(upload, 0)
             if body.length < want:
                 break
@@ -3602,7 +3614,7 @@ class S3Engine:
                 was_stored.append(True)
                 return None
             size = current.info.size if current.info.size is not None else upload.info.size
-            return dataclasses.replace(current.info, state=State.STORED, size=size, sha256=sha256,
+            return current.info.changed(state=State.STORED, size=size, sha256=sha256,
                                        stored_name=current.key, finished=now, updated=now,
                                        received=((0, size),) if size else ())
 
@@ -3654,7 +3666,7 @@ class S3Engine:
             raise NotFound("No such upload.")
         if upload.ephemeral:
             self.discard(upload_id)
-            return dataclasses.replace(upload.info, state=State.DELETED, reason=reason)
+            return upload.info.changed(state=State.DELETED, reason=reason)
         return self._end(upload, State.DELETED, reason).info
 
 
@@ -3688,7 +3700,7 @@ class S3Engine:
             raise BadRequest("More bytes were received than that size.")
         if not upload.ephemeral:
             return info
-        upload.info = dataclasses.replace(info, size=size, part_size=max(1, size))
+        upload.info = info.changed(size=size, part_size=max(1, size))
         return upload.info
 
 
@@ -3780,7 +3792,7 @@ class S3Engine:
             for block in self.store.read(self.store.key(upload.key)):
                 digest.update(block)
             sha256 = digest.hexdigest()
-            changed = self._change(upload.info.id, lambda current: dataclasses.replace(current.info, sha256=sha256)
+            changed = self._change(upload.info.id, lambda current: current.info.changed(sha256=sha256)
                                    if current.info.state is State.STORED and current.info.sha256 is None else None)
             if changed is not None:
                 self._index(changed.info)
