@@ -179,3 +179,17 @@ def test_the_fast_path_for_plain_names_gives_what_the_full_rules_give(monkeypatc
     fast = [sanitize_filename(name) for name in names]
     monkeypatch.setattr(pyfiledrop, "_PLAIN_NAME_RE", re.compile(r"(?!)"))  # never matches: the full rules
     assert [sanitize_filename(name) for name in names] == fast
+
+
+def test_a_changed_record_is_what_dataclasses_replace_gives():
+    import dataclasses
+    info = pyfiledrop.UploadInfo(id="u", name="a.bin", size=10, part_size=5, client="c", created=1.0, updated=2.0)
+    changes = {"state": pyfiledrop.State.STORED, "received": ((0, 10),), "sha256": "ab", "updated": 3.0}
+    changed = info.changed(**changes)
+    assert changed == dataclasses.replace(info, **changes) and changed is not info
+    assert hash(changed) == hash(dataclasses.replace(info, **changes))
+    assert info.state is pyfiledrop.State.RECEIVING and info.received == ()  # the original stays as it was
+    with pytest.raises(TypeError):
+        info.changed(colour="red")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        changed.size = 3
