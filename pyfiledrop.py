@@ -6996,6 +6996,7 @@ _HEAD_END = b"\r\n\r\n"
 HEAD_READ = 8192   # a request head is read this much at a time: little of a body arrives with it, to be copied
 _TOKEN_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _VERSION_RE = re.compile(rb"HTTP/(\d)\.(\d)\Z")
+_BAD_TARGET_RE = re.compile(rb"[\x00-\x20\x7f]")   # a control byte or a space in the request target
 _CHUNK_SIZE_RE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\r\n]*)?\Z")
 _REASONS = {400: "Bad Request", 408: "Request Timeout", 431: "Request Header Fields Too Large",
             500: "Internal Server Error", 501: "Not Implemented", 503: "Service Unavailable",
@@ -7794,7 +7795,7 @@ class HTTPServer:
             return 400, "Malformed request line."
         if match.group(1) != b"1":
             return 400, "Only HTTP/1.0 and HTTP/1.1 are supported."
-        if any(c < 0x21 or c == 0x7f for c in target):
+        if _BAD_TARGET_RE.search(target):
             return 400, "Malformed request target."
         headers = []
         for line in lines[1:]:
