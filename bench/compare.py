@@ -1,0 +1,108 @@
+"""Two pyfiledrop.py side by side on many small files, alternating, so that a slow phase of the machine hits both.
+
+    python bench/compare.py OLD/pyfiledrop.py pyfiledrop.py [--files 1000] [--clients 1,8] [--rounds 3]
+
+Each measurement starts the server afresh (`--host 127.0.0.1 -q --no-qr`, its folders in a temporary one),
+warms it with 50 files, then PUTs the others of 64 KiB (distinct random bytes) over keep-alive connections
+(bench/client.py) and reads, from /proc, the server's CPU (user + system) and its context switches (all its
+threads).  Printed per server, clients and round: files/s, CPU ms per file, context switches per file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import client  # noqa: E402
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _context_switches(pid: int) -> int:
+    total = 0
+    for status in glob.glob(f"/proc/{pid}/task/*/status"):
+        for line in Path(status).read_text().splitlines():
+            if "ctxt_switches" in line:
+                total += int(line.split()[1])
+    return total
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def measure(script: str, paths: list[str], clients: int, folder: Path) -> tuple[float, float, float]:
+    """(files/s, CPU ms per file, context switches per file) of one fresh server of ``script``."""
+    work = Path(tempfile.mkdtemp(dir=folder))
+    (work / "s").mkdir()
+    (work / "c").mkdir()
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, script, "--host", "127.0.0.1", "-p", str(port), "-s", str(work / "s"),
+                               "-c", str(work / "c"), "--no-qr", "-q"], stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise RuntimeError(f"{script} did not start")
+                time.sleep(0.05)
+        client.upload_many("127.0.0.1", port, paths[:50], clients=clients, mode="put")
+        os.sync()
+        cpu, switches, started = _cpu_seconds(server.pid), _context_switches(server.pid), time.monotonic()
+        client.upload_many("127.0.0.1", port, paths[50:], clients=clients, mode="put")
+        seconds = time.monotonic() - started
+        count = len(paths) - 50
+        return (count / seconds, 1000 * (_cpu_seconds(server.pid) - cpu) / count,
+                (_context_switches(server.pid) - switches) / count)
+    finally:
+        server.kill()
+        server.wait()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("scripts", nargs=2, help="the two pyfiledrop.py to compare")
+    parser.add_argument("--files", type=int, default=1000)
+    parser.add_argument("--clients", default="1,8")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args(argv)
+    folder = Path(tempfile.mkdtemp(prefix="pyfiledrop-compare-"))
+    try:
+        sources = folder / "sources"
+        sources.mkdir()
+        paths = []
+        for index in range(args.files + 50):
+            path = sources / f"f{index:05d}.bin"
+            path.write_bytes(os.urandom(65536))
+            paths.append(str(path))
+        for round_number in range(1, args.rounds + 1):
+            for clients in (int(text) for text in args.clients.split(",")):
+                for script in args.scripts:
+                    rate, cpu, switches = measure(script, paths, clients, folder)
+                    print(f"round {round_number}  {clients} client(s)  {script}: {rate:.0f} files/s, "
+                          f"{cpu:.2f} CPU ms per file, {switches:.1f} context switches per file", flush=True)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
