@@ -878,6 +878,7 @@ class UploadInfo:
 
 _UPLOAD_FIELDS = frozenset(field.name for field in dataclasses.fields(UploadInfo))
 
+
 @dataclasses.dataclass(frozen=True)
 class Note:
     """A text sent from the page: kept as it came (shown only as text, never as HTML or raw on a terminal)."""
@@ -2013,7 +2014,7 @@ class Engine:
                 if live.info.state is not State.RECEIVING:  # stored meanwhile by another request
                     return
                 info = live.info.changed(updated=self.clock(),
-                                           received=add_range(live.info.received, writer.start, writer.position))
+                                         received=add_range(live.info.received, writer.start, writer.position))
                 if not live.ephemeral:
                     self._record(info)
                 live.info = info
@@ -2078,7 +2079,7 @@ class Engine:
             self.discard(upload_id)
             if not live.ephemeral:
                 self._record(live.info.changed(state=State.FAILED, updated=self.clock(),
-                                                 reason="nothing of it arrived"))
+                                               reason="nothing of it arrived"))
 
     # -- the in-order hash ----------------------------------------------------------------------------------
     def _advance_hash(self, live: _Live, wait: bool = False) -> None:
@@ -2205,7 +2206,7 @@ class Engine:
         with live.lock:  # from now on a late commit of another request sees the upload stored
             receiving = live.info
             info = live.info = receiving.changed(state=State.STORED, sha256=digest, reason=reason,
-                                                   stored_name=stored_name, finished=now, updated=now)
+                                                 stored_name=stored_name, finished=now, updated=now)
             try:
                 self._record(info)  # on failure the part stays linked: a retry of finish records the same name
             except UploadError:
@@ -2287,8 +2288,8 @@ class Engine:
             receiving = live.info
             size = receiving.size or 0
             info = live.info = receiving.changed(state=State.STORED, sha256=sha256, reason=reason,
-                                                   received=((0, size),), stored_name=stored_name, finished=now,
-                                                   updated=now)
+                                                 received=((0, size),), stored_name=stored_name, finished=now,
+                                                 updated=now)
             try:
                 self._record(info)
             except UploadError:
@@ -2347,7 +2348,7 @@ class Engine:
                 if live.info.state is State.STORED:
                     return live.info
                 info = live.info = live.info.changed(state=State.DELETED, updated=self.clock(),
-                                                       reason=reason)
+                                                     reason=reason)
             for writer in list(live.writers):
                 writer.fence()
             self._forget(upload_id)
@@ -2377,7 +2378,7 @@ class Engine:
                 self._forget(info.id)
                 self.backend.discard(info.id)
                 self._record(info.changed(state=State.EXPIRED, updated=self.clock(),
-                                                 reason="untouched for too long"))
+                                          reason="untouched for too long"))
                 removed += 1
         if removed:
             self._notice(f"removed {removed} unfinished upload(s) untouched for "
@@ -2396,7 +2397,7 @@ class Engine:
                     self._remove_stored(info, State.EXPIRED, "kept for as long as --expire-after says")
                 except Conflict as error:  # changed by hand: no longer only ours to remove
                     self._record(info.changed(state=State.EXPIRED, updated=self.clock(),
-                                                     reason=error.message))
+                                              reason=error.message))
                 removed += 1
         if removed:
             self._notice(f"removed {removed} stored file(s) past --expire-after")
@@ -2508,7 +2509,7 @@ def recover(ledger: Ledger, backend: LocalBackend, clock: Callable[[], float],
     for info in ledger.in_state(State.RECEIVING):
         if backend.part_stat(info.id) is None:
             ledger.save(info.changed(state=State.FAILED, updated=clock(),
-                                            reason="its partial file disappeared"))
+                                     reason="its partial file disappeared"))
             fixed += 1
     if fixed:
         notice(f"set right {fixed} upload record(s) after an unclean stop", False)
@@ -2527,8 +2528,8 @@ def _reconcile_part(ledger: Ledger, backend: LocalBackend, clock: Callable[[], f
         base = info or UploadInfo(id=upload_id, name=linked, size=size, part_size=max(1, size), client="",
                                   created=now, updated=now)
         ledger.save(base.changed(size=size, state=State.STORED, received=((0, size),) if size else (),
-                                        sha256=backend.hash_stored(linked), stored_name=linked, finished=now,
-                                        updated=now))
+                                 sha256=backend.hash_stored(linked), stored_name=linked, finished=now,
+                                 updated=now))
         backend.discard(upload_id)
         return 1
     if info is None or info.state is not State.RECEIVING:
@@ -3615,8 +3616,8 @@ class S3Engine:
                 return None
             size = current.info.size if current.info.size is not None else upload.info.size
             return current.info.changed(state=State.STORED, size=size, sha256=sha256,
-                                       stored_name=current.key, finished=now, updated=now,
-                                       received=((0, size),) if size else ())
+                                        stored_name=current.key, finished=now, updated=now,
+                                        received=((0, size),) if size else ())
 
         if upload.ephemeral:
             upload.info = change(upload) or upload.info
