@@ -141,6 +141,12 @@ def test_large_file_in_parallel_chunks(make_server, page, tmp_path):
     page.on("requestfinished", lambda request: in_flight.discard(request))
     page.on("requestfailed", lambda request: in_flight.discard(request))
     open_page(page, server)
+    # Each request takes 300 ms more, as over a slow link: the parts in flight then overlap however fast this
+    # machine hashes and the server answers (on loopback a part can be answered before the next is hashed).
+    network = page.context.new_cdp_session(page)
+    network.send("Network.enable")
+    network.send("Network.emulateNetworkConditions", {"offline": False, "latency": 300,
+                                                      "downloadThroughput": -1, "uploadThroughput": -1})
     add_files(page, [str(source)])
     assert wait_finished(page, 1) == [["big.bin", "done"]]
     assert_stored(server, "big.bin", data)
