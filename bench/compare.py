@@ -2,7 +2,7 @@
 
     python bench/compare.py OLD/pyfiledrop.py pyfiledrop.py [--files 1000] [--clients 1,8] [--rounds 3]
 
-Each measurement starts the server afresh (`--host 127.0.0.1 -q --no-qr`, its folders in a temporary one),
+Each measurement starts the server afresh as bench/run.py does (its folders in a temporary one),
 warms it with 50 files, then PUTs the others of 64 KiB (distinct random bytes) over keep-alive connections
 (bench/client.py) and reads, from /proc, the server's CPU (user + system) and its context switches (all its
 threads).  Printed per server, clients and round: files/s, CPU ms per file, context switches per file.
@@ -14,8 +14,6 @@ import argparse
 import glob
 import os
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,14 +21,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import client  # noqa: E402
-
-
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+import run  # noqa: E402  (its server runner and its reading of /proc)
 
 
 def _context_switches(pid: int) -> int:
+    """Voluntary and involuntary, summed over every thread (/proc/PID/status counts the first thread only)."""
     total = 0
     for status in glob.glob(f"/proc/{pid}/task/*/status"):
         for line in Path(status).read_text().splitlines():
@@ -39,42 +34,23 @@ def _context_switches(pid: int) -> int:
     return total
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def measure(script: str, paths: list[str], clients: int, folder: Path) -> tuple[float, float, float]:
     """(files/s, CPU ms per file, context switches per file) of one fresh server of ``script``."""
-    work = Path(tempfile.mkdtemp(dir=folder))
-    (work / "s").mkdir()
-    (work / "c").mkdir()
-    port = _free_port()
-    server = subprocess.Popen([sys.executable, script, "--host", "127.0.0.1", "-p", str(port), "-s", str(work / "s"),
-                               "-c", str(work / "c"), "--no-qr", "-q"], stdout=subprocess.DEVNULL)
+    server = type("Compared", (run.PyFileDrop,), {"script": Path(script).resolve()})(Path(tempfile.mkdtemp(dir=folder)))
+    server.start()
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise RuntimeError(f"{script} did not start")
-                time.sleep(0.05)
-        client.upload_many("127.0.0.1", port, paths[:50], clients=clients, mode="put")
+        client.upload_many("127.0.0.1", server.port, paths[:50], clients=clients, mode="put")
         os.sync()
-        cpu, switches, started = _cpu_seconds(server.pid), _context_switches(server.pid), time.monotonic()
-        client.upload_many("127.0.0.1", port, paths[50:], clients=clients, mode="put")
+        pid = server.proc.pid
+        cpu, switches, started = run.cpu_seconds(pid), _context_switches(pid), time.monotonic()
+        client.upload_many("127.0.0.1", server.port, paths[50:], clients=clients, mode="put")
         seconds = time.monotonic() - started
         count = len(paths) - 50
-        return (count / seconds, 1000 * (_cpu_seconds(server.pid) - cpu) / count,
-                (_context_switches(server.pid) - switches) / count)
+        return (count / seconds, 1000 * (run.cpu_seconds(pid) - cpu) / count,
+                (_context_switches(pid) - switches) / count)
     finally:
-        server.kill()
-        server.wait()
-        shutil.rmtree(work, ignore_errors=True)
+        server.stop()
+        shutil.rmtree(server.root.parent, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
