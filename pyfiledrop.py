@@ -898,7 +898,8 @@ _GONE = {State.FAILED: "That upload failed.", State.EXPIRED: "That upload expire
 class _PendingSave:
     """A ``Ledger.save`` waiting for the next commit."""
 
-    statements: list[tuple[str, tuple]]
+    rows: list[tuple]                          # ``Ledger._row`` of each record, in order
+    mark: tuple[int, int, int, int] | None     # the first record's stored file
     done: bool = False
     error: Exception | None = None
 
@@ -954,12 +955,16 @@ class Ledger:
     _COLUMNS = ("id", "name", "size", "part_size", "client", "created", "updated", "state", "received", "sha256",
                 "stored_name", "finished", "reason", "mtime")
     _MARK_COLUMNS = ("mark_device", "mark_inode", "mark_size", "mark_mtime_ns")
+    _STATE_COLUMN = _COLUMNS.index("state")
+    _RECEIVING_KEPT = 4096
 
     def __init__(self, path: Path | str):
         self.path = str(path)
         self._lock = threading.Lock()
         self._waiting: list[_PendingSave] = []   # saves for the next commit (see ``save``)
         self._waiting_lock = threading.Lock()
+        self._receiving: dict[str, tuple] = {}   # id -> row as committed, for records still receiving
+        self._updates: dict[tuple[int, ...], str] = {}
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=2)
         try:
             # Exclusive, taken at once and held: no file locks per transaction, and a second pyfiledrop on the
@@ -1008,14 +1013,7 @@ class Ledger:
         Saves that arrive while another commits wait for the next commit, which takes all of them in one
         transaction: a commit costs the b-tree pages it writes, and records of one moment share most of them
         (the newest end of every index ordered by time).  Each save returns once its rows are committed."""
-        if len(infos) == 1:  # one statement is one transaction
-            statements = [(self._upsert, self._row(infos[0])) if mark is None else
-                          (self._upsert_marked, self._row(infos[0]) + tuple(mark))]
-        else:
-            statements = [(self._upsert, self._row(info)) for info in infos]
-            if mark is not None:
-                statements.append((self._save_mark, (*mark, infos[0].id)))
-        pending = _PendingSave(statements)
+        pending = _PendingSave([self._row(info) for info in infos], mark)
         with self._waiting_lock:
             self._waiting.append(pending)
         with self._lock:
@@ -1030,14 +1028,18 @@ class Ledger:
         with self._waiting_lock:
             batch, self._waiting = self._waiting, []
         try:
-            self._transaction([statement for pending in batch for statement in pending.statements])
+            written: dict[str, tuple | None] = {}
+            self._transaction([statement for pending in batch for statement in self._statements(pending, written)])
+            self._learn(written)
         except (sqlite3.Error, OSError) as error:
             if len(batch) == 1:
                 batch[0].error = error
             else:
                 for pending in batch:
                     try:
-                        self._transaction(pending.statements)
+                        written = {}
+                        self._transaction(self._statements(pending, written))
+                        self._learn(written)
                     except (sqlite3.Error, OSError) as own:
                         pending.error = own
         except BaseException:  # interrupted while committing: no save of this batch may pass for committed
@@ -1048,7 +1050,47 @@ class Ledger:
             for pending in batch:
                 pending.done = True
 
+    def _statements(self, pending: _PendingSave, written: dict[str, tuple | None]) -> list[tuple[str, tuple]]:
+        """What writes ``pending``'s rows.  A record still receiving is saved again and again (a chunk's
+        range, the time): only the columns that changed since its last commit are written, so the indexes of
+        columns that did not change are left alone (an upsert rewrites every index entry: six b-tree pages a
+        commit, against two).  ``written`` collects the rows as these statements leave them (None: forget)."""
+        statements = []
+        for number, row in enumerate(pending.rows):
+            upload_id = row[0]
+            before = written[upload_id] if upload_id in written else self._receiving.get(upload_id)
+            if number == 0 and pending.mark is not None:
+                statements.append((self._upsert_marked, row + tuple(pending.mark)))
+            elif before is None:
+                statements.append((self._upsert, row))
+            else:
+                changed = tuple(index for index in range(1, len(row)) if row[index] != before[index])
+                if changed:
+                    statements.append((self._update_of(changed), tuple(row[index] for index in changed)
+                                       + (upload_id,)))
+            written[upload_id] = row if row[self._STATE_COLUMN] == State.RECEIVING.value else None
+        return statements
+
+    def _update_of(self, columns: tuple[int, ...]) -> str:
+        statement = self._updates.get(columns)
+        if statement is None:
+            assignments = ", ".join(f"{self._COLUMNS[index]} = ?" for index in columns)
+            statement = self._updates[columns] = f"UPDATE uploads SET {assignments} WHERE id = ?"
+        return statement
+
+    def _learn(self, written: dict[str, tuple | None]) -> None:
+        """Committed: remember the rows of records still receiving (a bounded number; a record forgotten is
+        saved whole next time)."""
+        for upload_id, row in written.items():
+            self._receiving.pop(upload_id, None)
+            if row is not None:
+                if len(self._receiving) >= self._RECEIVING_KEPT:
+                    del self._receiving[next(iter(self._receiving))]
+                self._receiving[upload_id] = row
+
     def _transaction(self, statements: list[tuple[str, tuple]]) -> None:
+        if not statements:
+            return
         if len(statements) == 1:
             self._db.execute(*statements[0])
             return
@@ -1119,6 +1161,7 @@ class Ledger:
     def rename_folder(self, old: str, new: str) -> int:
         """Stored uploads under folder ``old`` are now under ``new`` (the folder was renamed on the files page)."""
         with self._lock:
+            self._receiving.clear()  # rows are changed here, not through save
             return self._db.execute(
                 "UPDATE uploads SET stored_name = :new || substr(stored_name, length(:old) + 1) "
                 "WHERE substr(stored_name, 1, length(:old) + 1) = :old || '/'", {"old": old, "new": new}).rowcount

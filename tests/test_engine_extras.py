@@ -290,3 +290,68 @@ def test_saves_that_wait_for_a_commit_share_the_next_and_a_failing_one_fails_alo
     assert ledger.get("up5") is None and ledger.get("up7").name == "f7.txt"
     assert ledger.marks(["up3", "up4"]) == {"up3": (1, 2, 3, 4)}
     ledger.close()
+
+
+def _wal_pages(ledger: Ledger) -> int:
+    return os.path.getsize(ledger.path + "-wal") // (4096 + 24)
+
+
+def test_a_receiving_record_saved_again_writes_only_what_changed(tmp_path):
+    ledger = Ledger(tmp_path / Ledger.FILENAME)
+    info = _record("up0").changed(size=10 ** 9, part_size=10 ** 6, received=())
+    for number in range(50):  # other records around it, so that each index spans pages of its own
+        ledger.save(_record(f"other{number}", f"other{number}.txt"))
+    ledger.save(info)
+    before = _wal_pages(ledger)
+    for chunk in range(1, 21):  # what a chunk changes: the ranges received and the time
+        info = info.changed(received=((0, chunk * 10 ** 6),), updated=1.0 + chunk)
+        ledger.save(info)
+        assert ledger.get("up0") == info
+    # the table's row and the one index of time (uploads_by_state) per commit: not all six b-trees
+    assert (_wal_pages(ledger) - before) / 20 <= 2
+    stored = info.changed(state=State.STORED, sha256="ab" * 32, stored_name="a.txt", finished=30.0)
+    ledger.save(stored, mark=(1, 2, 3, 4))
+    assert ledger.get("up0") == stored and ledger.marks(["up0"]) == {"up0": (1, 2, 3, 4)}
+    ledger.close()
+
+
+def test_a_failed_save_leaves_the_next_one_whole(tmp_path):
+    ledger = Ledger(tmp_path / Ledger.FILENAME)
+    info = _record("up0", "first.txt")
+    ledger.save(info)
+    with pytest.raises(sqlite3.IntegrityError):
+        ledger.save(info.changed(name=None, updated=2.0))  # NOT NULL: nothing of it is committed
+    assert ledger.get("up0") == info
+    renamed = info.changed(name="second.txt")
+    ledger.save(renamed)
+    again = renamed.changed(updated=3.0)
+    ledger.save(again)
+    assert ledger.get("up0") == again
+    ledger.close()
+    reopened = Ledger(tmp_path / Ledger.FILENAME)
+    assert reopened.get("up0") == again
+    reopened.close()
+
+
+def _wait_for(condition) -> bool:
+    deadline = time.monotonic() + 10
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return condition()
+
+
+def test_saves_of_one_record_in_one_commit_end_as_the_last_of_them(tmp_path):
+    ledger = Ledger(tmp_path / Ledger.FILENAME)
+    first = _record("up0", "a.txt")
+    ledger.save(first)
+    # queued in this order behind a commit in progress; the second has the first record's name again
+    versions = [first.changed(name="b.txt", updated=2.0), first.changed(updated=3.0)]
+    threads = [threading.Thread(target=ledger.save, args=(version,)) for version in versions]
+    with ledger._lock:
+        for number, thread in enumerate(threads, 1):
+            thread.start()
+            assert _wait_for(lambda: len(ledger._waiting) == number)
+    for thread in threads:
+        thread.join(10)
+    assert ledger.get("up0") == versions[1]
+    ledger.close()
