@@ -4166,6 +4166,8 @@ def multipart_parts(environ: dict, length: int | None) -> Iterator[FormField | F
     try:
         reader.skip_preamble()
         while True:
+            for name, text in reader.plain_fields():
+                yield FormField(name, text)
             part = reader.next_part()
             if part is None:
                 return
@@ -4206,6 +4208,13 @@ _MAX_PADDING = 64
 _PLAIN_DISPOSITION_RE = re.compile(
     rb'content-disposition:[ \t]*form-data;[ \t]*name="([^"\\\r\n%]*)"(?:;[ \t]*filename="([^"\\\r\n%]*)")?[ \t]*'
     rb'(?:\r\n(?!content-disposition)[!-9;-~][ -~\t]*)*\Z', re.IGNORECASE)
+
+
+# A form field as browsers send it, boundary line to the CRLF that starts the next delimiter: a value of one
+# line after a Content-Disposition with a plain name and nothing else.  Fields of the chunk protocol are read
+# with one match each (seven parts a chunk: the general scanner costs a third of a chunk request's work).
+_PLAIN_FIELD_RE = re.compile(
+    rb'--([0-9A-Za-z_\-.]{1,200})\r\nContent-Disposition: form-data; name="([^"\\\r\n%]*)"\r\n\r\n([^\r\n]*)\r\n')
 
 
 def _part_names(raw: bytes) -> tuple[str, str | None]:
@@ -4288,6 +4297,31 @@ class _MultipartReader:
             self.start = keep
             if skipped > _PART_HEADER_LIMIT or not self._fill():
                 raise BadRequest(_MALFORMED)
+
+    def plain_fields(self) -> list[tuple[str, str]]:
+        """At a boundary: the form fields from here that are plainly written and already in the buffer, read;
+        the reader is then at the boundary after them.  The rest is left to ``next_part``."""
+        fields = []
+        while (match := _PLAIN_FIELD_RE.match(self.buf, self.start, self.end)) is not None:
+            # the value's line must end at the next delimiter, not at a line break inside the value
+            if match.group(1) != self.dash_boundary[2:] or not _at(self.buf, match.end(), self.dash_boundary):
+                break
+            if self.parts >= MAX_FORM_PARTS:
+                raise BadRequest(_MALFORMED)
+            try:
+                name = match.group(2).decode()
+            except UnicodeDecodeError:
+                raise BadRequest(_MALFORMED) from None
+            value = match.group(3)
+            if len(value) > MAX_FIELD_BYTES:
+                raise BadRequest(f"Form field {name!r} is too long.")
+            try:
+                fields.append((name, value.decode("utf-8")))
+            except UnicodeDecodeError:
+                raise BadRequest(f"Form field {name!r} is not UTF-8.") from None
+            self.parts += 1
+            self.start = match.end()
+        return fields
 
     def next_part(self) -> tuple[str, str | None] | None:
         """At a boundary: the next part's (name, filename), its headers read; None at the closing one."""
