@@ -955,7 +955,7 @@ class Ledger:
     _COLUMNS = ("id", "name", "size", "part_size", "client", "created", "updated", "state", "received", "sha256",
                 "stored_name", "finished", "reason", "mtime")
     _MARK_COLUMNS = ("mark_device", "mark_inode", "mark_size", "mark_mtime_ns")
-    _STATE_COLUMN = _COLUMNS.index("state")
+    _STATE_COLUMN, _SHA256_COLUMN = _COLUMNS.index("state"), _COLUMNS.index("sha256")
     _RECEIVING_KEPT = 4096
 
     def __init__(self, path: Path | str):
@@ -983,6 +983,7 @@ class Ledger:
                 raise RuntimeError("another pyfiledrop is using this chunks folder") from None
             raise
         self._migrate()
+        self._contents = self._load_contents()
         placeholders = ", ".join("?" for _ in self._COLUMNS)
         updates = ", ".join(f"{column}=excluded.{column}" for column in self._COLUMNS[1:])
         self._upsert = (f"INSERT INTO uploads ({', '.join(self._COLUMNS)}) VALUES ({placeholders}) "
@@ -1000,6 +1001,36 @@ class Ledger:
             for number in range(version, len(self.MIGRATIONS)):
                 self._db.executescript(f"BEGIN IMMEDIATE; {self.MIGRATIONS[number]} "
                                        f"PRAGMA user_version = {number + 1}; COMMIT;")
+
+    # Which contents may be stored, by 23 bits of their sha256: most files are new, and their look-up for a
+    # stored copy then costs a bit test, not a query (a query also lets another thread take the interpreter
+    # lock).  Anonymous memory: a page counts only once a bit in it is set (1 MiB at most).
+    _CONTENT_BITS = 1 << 23
+
+    def _load_contents(self) -> mmap.mmap:
+        contents = mmap.mmap(-1, self._CONTENT_BITS // 8)
+        with self._lock:
+            for (sha256,) in self._db.execute("SELECT sha256 FROM uploads WHERE state = ? AND sha256 IS NOT NULL",
+                                              (State.STORED.value,)):
+                self._note_content(sha256, contents)
+        return contents
+
+    def _content_bit(self, sha256: str) -> tuple[int, int] | None:
+        try:
+            position = int(sha256[:6], 16) & (self._CONTENT_BITS - 1)
+        except (TypeError, ValueError):
+            return None
+        return position >> 3, 1 << (position & 7)
+
+    def _note_content(self, sha256: str, contents: mmap.mmap) -> None:
+        bit = self._content_bit(sha256)
+        if bit is not None:
+            contents[bit[0]] |= bit[1]
+
+    def may_hold(self, sha256: str) -> bool:
+        """False only when no stored upload has this sha256."""
+        bit = self._content_bit(sha256)
+        return bit is None or bool(self._contents[bit[0]] & bit[1])
 
     @property
     def version(self) -> int:
@@ -1068,7 +1099,10 @@ class Ledger:
                 if changed:
                     statements.append((self._update_of(changed), tuple(row[index] for index in changed)
                                        + (upload_id,)))
-            written[upload_id] = row if row[self._STATE_COLUMN] == State.RECEIVING.value else None
+            state = row[self._STATE_COLUMN]
+            written[upload_id] = row if state == State.RECEIVING.value else None
+            if state == State.STORED.value and row[self._SHA256_COLUMN] is not None:
+                self._note_content(row[self._SHA256_COLUMN], self._contents)  # before the commit: never missed
         return statements
 
     def _update_of(self, columns: tuple[int, ...]) -> str:
@@ -1120,6 +1154,8 @@ class Ledger:
 
     def stored_with(self, sha256: str, size: int, limit: int = 100) -> list[UploadInfo]:
         """Stored uploads with this content (by the index on sha256 and size), the newest stored first."""
+        if not self.may_hold(sha256):
+            return []
         with self._lock:
             rows = self._db.execute(f"SELECT {', '.join(self._COLUMNS)} FROM uploads WHERE sha256 = ? AND size = ? "
                                     "AND state = ? ORDER BY finished DESC LIMIT ?",

@@ -355,3 +355,21 @@ def test_saves_of_one_record_in_one_commit_end_as_the_last_of_them(tmp_path):
         thread.join(10)
     assert ledger.get("up0") == versions[1]
     ledger.close()
+
+
+def test_every_stored_content_is_found_by_its_sha256_before_and_after_a_restart(tmp_path):
+    """Look-ups by content skip the query when a bit filter says no upload has that sha256: it must never say
+    so for one that does (saved in this process, or found in the ledger at start)."""
+    ledger = Ledger(tmp_path / Ledger.FILENAME)
+    digests = [hashlib.sha256(str(number).encode()).hexdigest() for number in range(300)]
+    for number, digest in enumerate(digests):
+        ledger.save(_record(f"up{number}").changed(state=State.STORED, sha256=digest, stored_name=f"{number}.txt",
+                                                   finished=2.0))
+    assert all([info.id for info in ledger.stored_with(digest, 1)] == [f"up{number}"]
+               for number, digest in enumerate(digests))
+    assert ledger.stored_with(hashlib.sha256(b"never stored").hexdigest(), 1) == []
+    ledger.close()
+    reopened = Ledger(tmp_path / Ledger.FILENAME)
+    assert all([info.id for info in reopened.stored_with(digest, 1)] == [f"up{number}"]
+               for number, digest in enumerate(digests))
+    reopened.close()
