@@ -4339,8 +4339,10 @@ class _MultipartReader:
         the reader is then at the boundary after them.  The rest is left to ``next_part``."""
         fields = []
         while (match := _PLAIN_FIELD_RE.match(self.buf, self.start, self.end)) is not None:
-            # the value's line must end at the next delimiter, not at a line break inside the value
-            if match.group(1) != self.dash_boundary[2:] or not _at(self.buf, match.end(), self.dash_boundary):
+            # the value's line must end at the next delimiter (a whole one: "--b7" is no delimiter of "b"), not
+            # at a line break inside the value
+            if (match.group(1) != self.dash_boundary[2:] or not _at(self.buf, match.end(), self.dash_boundary)
+                    or not self._delimiter_ends(match.end() + len(self.dash_boundary))):
                 break
             if self.parts >= MAX_FORM_PARTS:
                 raise BadRequest(_MALFORMED)
