@@ -1028,7 +1028,7 @@ class Ledger:
         if bit is not None:
             contents[bit[0]] |= bit[1]
 
-    def may_hold(self, sha256: str) -> bool:
+    def _may_hold(self, sha256: str) -> bool:
         """False only when no stored upload has this sha256."""
         bit = self._content_bit(sha256)
         return bit is None or bool(self._contents[bit[0]] & bit[1])
@@ -1155,7 +1155,7 @@ class Ledger:
 
     def stored_with(self, sha256: str, size: int, limit: int = 100) -> list[UploadInfo]:
         """Stored uploads with this content (by the index on sha256 and size), the newest stored first."""
-        if not self.may_hold(sha256):
+        if not self._may_hold(sha256):
             return []
         with self._lock:
             rows = self._db.execute(f"SELECT {', '.join(self._COLUMNS)} FROM uploads WHERE sha256 = ? AND size = ? "
