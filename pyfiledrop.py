@@ -983,7 +983,8 @@ class Ledger:
                 raise RuntimeError("another pyfiledrop is using this chunks folder") from None
             raise
         self._migrate()
-        self._contents = self._load_contents()
+        self._contents = mmap.mmap(-1, self._CONTENT_BITS // 8)
+        self._load_contents()
         placeholders = ", ".join("?" for _ in self._COLUMNS)
         updates = ", ".join(f"{column}=excluded.{column}" for column in self._COLUMNS[1:])
         self._upsert = (f"INSERT INTO uploads ({', '.join(self._COLUMNS)}) VALUES ({placeholders}) "
@@ -1008,13 +1009,11 @@ class Ledger:
     # one new file in ten still asks the ledger.
     _CONTENT_BITS = 1 << 20
 
-    def _load_contents(self) -> mmap.mmap:
-        contents = mmap.mmap(-1, self._CONTENT_BITS // 8)
+    def _load_contents(self) -> None:
         with self._lock:
             for (sha256,) in self._db.execute("SELECT sha256 FROM uploads WHERE state = ? AND sha256 IS NOT NULL",
                                               (State.STORED.value,)):
-                self._note_content(sha256, contents)
-        return contents
+                self._note_content(sha256)
 
     def _content_bit(self, sha256: str) -> tuple[int, int] | None:
         try:
@@ -1023,10 +1022,10 @@ class Ledger:
             return None
         return position >> 3, 1 << (position & 7)
 
-    def _note_content(self, sha256: str, contents: mmap.mmap) -> None:
+    def _note_content(self, sha256: str) -> None:
         bit = self._content_bit(sha256)
         if bit is not None:
-            contents[bit[0]] |= bit[1]
+            self._contents[bit[0]] |= bit[1]
 
     def _may_hold(self, sha256: str) -> bool:
         """False only when no stored upload has this sha256."""
@@ -1103,7 +1102,7 @@ class Ledger:
             state = row[self._STATE_COLUMN]
             written[upload_id] = row if state == State.RECEIVING.value else None
             if state == State.STORED.value and row[self._SHA256_COLUMN] is not None:
-                self._note_content(row[self._SHA256_COLUMN], self._contents)  # before the commit: never missed
+                self._note_content(row[self._SHA256_COLUMN])  # before the commit: never missed
         return statements
 
     def _update_of(self, columns: tuple[int, ...]) -> str:
