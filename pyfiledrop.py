@@ -1739,7 +1739,7 @@ class _Live:
     """An upload being received, in memory: its record, the requests writing it, and the in-order hash."""
 
     __slots__ = ("info", "ephemeral", "lock", "changed", "writers", "hash_lock", "hasher", "hashed_to",
-                 "finish_lock", "linked_as", "background_hash", "hash_wanted", "hash_progress", "fd")
+                 "finish_lock", "linked_as", "background_hash", "hash_wanted", "hash_progress", "fd", "write_lock")
 
     def __init__(self, info: UploadInfo, ephemeral: bool, fd: int | None = None):
         self.info = info
@@ -1756,6 +1756,10 @@ class _Live:
         self.background_hash = False    # a thread is hashing received bytes from the file
         self.hash_wanted = False        # more bytes arrived meanwhile: it looks again before it ends
         self.hash_progress = threading.Condition()   # the hash moved on (replies held back wait for it)
+        # One write at a time into the file.  The kernel allows no more anyway (a buffered write holds the
+        # file's inode lock), but a second writer there spins on the CPU while the first copies its bytes; here
+        # it sleeps.
+        self.write_lock = threading.Lock()
 
     def in_flight(self) -> int:
         return sum(max(0, writer.position - writer.committed_to) for writer in tuple(self.writers))
@@ -2033,10 +2037,11 @@ class Engine:
             if writer.fenced:
                 raise Superseded("A newer request took over these bytes of the upload.")
             try:
-                if writer.whole:
-                    self.backend.write_at(fd, piece, position)
-                else:
-                    self._write_holes(writer, fd, piece, position)
+                with live.write_lock:
+                    if writer.whole:
+                        self.backend.write_at(fd, piece, position)
+                    else:
+                        self._write_holes(writer, fd, piece, position)
             except OSError as error:
                 raise storage_error(error)
             writer.position = position + count

@@ -128,6 +128,40 @@ def test_parallel_writers_in_random_pieces_hash_right(tmp_path):
     assert (engine.backend.storage / "p.bin").read_bytes() == data
 
 
+def test_parts_in_parallel_write_into_their_file_one_at_a_time(tmp_path):
+    """The kernel lets one buffered write into a file at a time, and a second writer spins on the CPU
+    meanwhile: the engine queues writers itself.  The first write waits for a second to come in beside it
+    while the second part's request is started."""
+    inside, overlaps, first_inside, second_entered = [], [], threading.Event(), threading.Event()
+
+    class WatchedBackend(LocalBackend):
+        def write_at(self, fd, data, offset):
+            inside.append(offset)
+            if len(inside) > 1:
+                overlaps.append(tuple(inside))
+                second_entered.set()
+            try:
+                if not first_inside.is_set():
+                    first_inside.set()
+                    second_entered.wait(1)  # not a synchronisation: whether the second write comes is the test
+                super().write_at(fd, data, offset)
+            finally:
+                inside.remove(offset)
+
+    storage, chunks = folders(tmp_path)
+    engine = Engine(Ledger(chunks / Ledger.FILENAME), WatchedBackend(storage, chunks), EngineLimits(max_size=MIB))
+    data = os.urandom(128 * 1024)
+    engine.create("one", "one.bin", size=len(data), part_size=64 * 1024, client="")
+    first = threading.Thread(target=engine.put, args=("one", 0, [data[:64 * 1024]]),
+                             kwargs={"length": 64 * 1024, "atomic": True})
+    first.start()
+    assert first_inside.wait(10)
+    engine.put("one", 64 * 1024, [data[64 * 1024:]], length=64 * 1024, atomic=True)
+    first.join(10)
+    assert not overlaps
+    assert engine.finish("one").sha256 == hashlib.sha256(data).hexdigest()
+
+
 def test_duplicates_in_parallel_complete_exactly_once(tmp_path):
     engine = make_engine(tmp_path)
     data = os.urandom(64 * 1024)
