@@ -173,16 +173,51 @@ def own_cpu_seconds() -> float:
     return t.user + t.system + t.children_user + t.children_system
 
 
-class Meter:
-    """Around one measurement: os.sync() first, then server CPU seconds, wall time and peak RSS of it."""
+def recycle_memory(folder: Path, size: int) -> None:
+    """Write about ``size`` bytes into a scratch file and delete it, so that the measurement right after it
+    writes into memory the machine used a moment ago.
 
-    def __init__(self, server: "Server"):
+    This kind of VM hands memory the guest left free for a few seconds back to the host (free page reporting,
+    /sys/module/page_reporting); a write into the page cache that lands on such memory pays, inside its copy,
+    for the host to fault it in again.  Writing 1 GiB cost 2.1 CPU s after 10 s of idling against 0.25 s right
+    after another file of 1 GiB was deleted (bench/README.md, "Memory the host took back"), so a measurement
+    cost what the idle time before it decided.  Capped at a tenth of the available memory: below the kernel's
+    background writeback threshold, the scratch file's pages are dropped with it, never written to disk.
+    """
+    size = min(size + 64 * MIB, available_memory() // 10)
+    path = folder / "recycle-memory.tmp"
+    block = bytes(MIB)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for offset in range(0, size, MIB):
+            os.pwrite(fd, block, offset)
+    finally:
+        os.close(fd)
+        path.unlink()
+
+
+def available_memory() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 1 << 30
+
+
+class Meter:
+    """Around one measurement: os.sync() first, the memory it will write into recycled (``recycle``: how many
+    bytes the measurement stores), then server CPU seconds, wall time and peak RSS of it."""
+
+    def __init__(self, server: "Server", recycle: int = 0):
         self.pid = server.proc.pid
+        self.folder = server.root
+        self.recycle = recycle
         self.cpu = self.seconds = 0.0
         self.peak = 0
 
     def __enter__(self) -> "Meter":
         os.sync()
+        if self.recycle:
+            recycle_memory(self.folder, self.recycle)
         self.peak_reset = reset_peak_rss(self.pid)
         self.sampler = None if self.peak_reset else RssSampler(self.pid)
         if self.sampler:
@@ -409,7 +444,7 @@ class Bench:
     def big_chunked(self, server: PyFileDrop, source: Path, digest: str, chunk: int, parallel: int, key: str):
         size = source.stat().st_size
         try:
-            with Meter(server) as meter:
+            with Meter(server, recycle=size) as meter:
                 result = client.upload_chunked("127.0.0.1", server.port, str(source), chunk_size=chunk,
                                                parallel=parallel, filename="big.bin")
         except client.UploadFailed as error:
@@ -429,7 +464,7 @@ class Bench:
 
     def big_curl(self, server: Server, source: Path, digest: str, key: str) -> None:
         size = source.stat().st_size
-        with Meter(server) as meter:
+        with Meter(server, recycle=size) as meter:
             done = subprocess.run(["curl", "-sS", "-f", "-o", "/dev/null", "-T", str(source),
                                    server.put_url("big.bin")], capture_output=True, text=True)
         if done.returncode:
@@ -445,7 +480,7 @@ class Bench:
     def many(self, server: Server, paths: list[str], digests: dict[str, int], clients: int, key: str,
              mode: str = "put") -> None:
         try:
-            with Meter(server) as meter:
+            with Meter(server, recycle=sum(os.path.getsize(path) for path in paths)) as meter:
                 result = client.upload_many("127.0.0.1", server.port, paths, clients=clients, mode=mode,
                                             put_prefix=server.put_prefix)
         except client.UploadFailed as error:
