@@ -181,10 +181,11 @@ def recycle_memory(folder: Path, size: int) -> None:
     /sys/module/page_reporting); a write into the page cache that lands on such memory pays, inside its copy,
     for the host to fault it in again.  Writing 1 GiB cost 2.1 CPU s after 10 s of idling against 0.25 s right
     after another file of 1 GiB was deleted (bench/README.md, "Memory the host took back"), so a measurement
-    cost what the idle time before it decided.  Capped at a tenth of the available memory: below the kernel's
-    background writeback threshold, the scratch file's pages are dropped with it, never written to disk.
+    cost what the idle time before it decided.  A scratch file larger than the kernel's background writeback
+    threshold (a tenth of the memory) is partly written to disk before it is deleted: only time lost before
+    the measurement, which starts once the deletion (waiting for that writeback) is over.
     """
-    size = min(size + 64 * MIB, available_memory() // 10)
+    size = min(size + 64 * MIB, available_memory() // 2)
     path = folder / "recycle-memory.tmp"
     block = bytes(MIB)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
