@@ -90,14 +90,19 @@ class SeaweedFS:
         self.wait_ready()
 
     def wait_ready(self) -> None:
-        """Until the S3 port answers a bucket listing (polling with a deadline)."""
+        """Until the store serves objects (polling with a deadline): the S3 port answers a bucket listing, and
+        after a restart an object already stored reads back whole (the listing answers first: a read then
+        still failed with 500 InternalError until the volume server was up)."""
         client = self.client()
         deadline = time.monotonic() + READY_TIMEOUT_S
         while True:
             if self.process.poll() is not None:
                 raise RuntimeError(f"weed mini exited: {self.log.read_text(errors='replace')[-3000:]}")
             try:
-                client.list_buckets()
+                for bucket in client.list_buckets().get("Buckets", []):
+                    listing = client.list_objects_v2(Bucket=bucket["Name"], MaxKeys=1).get("Contents", [])
+                    for entry in listing:
+                        client.get_object(Bucket=bucket["Name"], Key=entry["Key"])["Body"].read()
                 return
             except Exception:
                 if time.monotonic() > deadline:
