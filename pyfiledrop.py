@@ -1652,6 +1652,8 @@ class EngineLimits:
     min_free: int = 0                # bytes every filesystem keeps free; uploads that would eat into it get 507
     partial_ttl: float = DEFAULT_PARTIAL_TTL_HOURS * 3600.0   # seconds an unfinished upload may sit untouched
     stored_ttl: float | None = None  # seconds a stored file is kept (--expire-after); None: for good
+    ahead_wait: float = 0.25         # seconds a part ahead of the in-order hash may wait for it (_wait_for_hash)
+    front_stalled: float = 0.05      # ... unless the part before it has not moved for this long
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1708,7 +1710,7 @@ class _Writer:
 
     __slots__ = ("start", "end", "position", "committed_to", "lock", "fenced", "whole", "holes", "hasher",
                  "hash_from", "next_space_check", "next_progress", "last_progress", "atomic", "superseded",
-                 "keep_if_empty")
+                 "keep_if_empty", "turn")
 
     def __init__(self, start: int, end: int | None, holes: list[tuple[int, int | None]]):
         self.start = self.position = self.committed_to = start
@@ -1725,6 +1727,7 @@ class _Writer:
         self.atomic = False
         self.superseded = False          # fenced by a newer request (not by its own failure)
         self.keep_if_empty = False
+        self.turn: threading.Event | None = None   # set while it waits for the hash: set once it has come
 
     def fence(self, superseded: bool = True) -> None:
         with self.lock:
@@ -2009,6 +2012,7 @@ class Engine:
         except OSError as error:
             raise storage_error(error)
         try:
+            self._wait_for_hash(live, writer)
             for piece in pieces:
                 self._write_piece(live, writer, fd, piece)
                 if writer.position - writer.committed_to >= COMMIT_EVERY and not writer.atomic:
@@ -2020,6 +2024,47 @@ class Engine:
         finally:
             if own:
                 os.close(fd)
+
+    def _wait_for_hash(self, live: _Live, writer: _Writer) -> None:
+        """A part ahead of the in-order hash waits, before it reads its first byte, while the part before it
+        moves and brings the hash here (``ahead_wait`` at most).  Its bytes meanwhile wait in the connection's
+        buffers, and once the hash has come they are hashed from memory as they arrive instead of being written,
+        then read back from the file to be hashed.  On a fast link (where the CPU is the limit) parts in flight
+        are so read in order; on a slow one, or when the part before stalls, the wait ends soon and changes
+        little (the connection's buffers go on filling meanwhile)."""
+        if not writer.whole or self.limits.ahead_wait <= 0 or live.hashed_to >= writer.start:
+            return
+        deadline = time.monotonic() + self.limits.ahead_wait
+        turn = writer.turn = threading.Event()   # only this writer is woken when the hash reaches it
+        try:
+            while live.hashed_to < writer.start and not writer.fenced and self._front_moving(live, writer):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                turn.wait(min(remaining, self.limits.front_stalled))
+        finally:
+            writer.turn = None
+            writer.last_progress = time.monotonic()  # waiting for its turn is not stalling
+
+    def _front_moving(self, live: _Live, writer: _Writer) -> bool:
+        """Another request holds the bytes where the hash stands and moved within ``front_stalled`` (or waits
+        for its own turn, which has come), or a thread is hashing received bytes from the file."""
+        if live.background_hash:
+            return True
+        at, stalled = live.hashed_to, time.monotonic() - self.limits.front_stalled
+        return any(w is not writer and not w.fenced and w.start <= at and (w.end is None or at < w.end)
+                   and (w.turn is not None or w.last_progress > stalled) for w in tuple(live.writers))
+
+    @staticmethod
+    def _hash_moved(live: _Live) -> None:
+        """Wake whoever waits for the hash: replies held back, and a part whose turn has come."""
+        at = live.hashed_to
+        for waiting in tuple(live.writers):
+            turn = waiting.turn
+            if turn is not None and waiting.start <= at:
+                turn.set()
+        with live.hash_progress:
+            live.hash_progress.notify_all()
 
     def _write_piece(self, live: _Live, writer: _Writer, fd: int, piece) -> None:
         count = len(piece)
@@ -2111,8 +2156,7 @@ class Engine:
             with live.hash_lock:
                 if writer.hash_from <= live.hashed_to < writer.committed_to:
                     live.hasher, live.hashed_to = hasher.copy(), writer.committed_to
-            with live.hash_progress:
-                live.hash_progress.notify_all()
+            self._hash_moved(live)
         self._advance_hash(live)
 
     def _settle(self, live: _Live, writer: _Writer, failed: bool) -> None:
@@ -2213,8 +2257,7 @@ class Engine:
                         fd = os.open(self.backend.part_path(live.info.id), os.O_RDONLY | getattr(os, "O_BINARY", 0))
                     self._hash_from_file(live.hasher, fd, live.hashed_to, end)
                     live.hashed_to = end
-                with live.hash_progress:
-                    live.hash_progress.notify_all()
+                self._hash_moved(live)
         finally:
             if fd is not None:
                 os.close(fd)

@@ -162,6 +162,84 @@ def test_parts_in_parallel_write_into_their_file_one_at_a_time(tmp_path):
     assert engine.finish("one").sha256 == hashlib.sha256(data).hexdigest()
 
 
+class ReadBackCounted(LocalBackend):
+    """The local backend, counting the bytes the in-order hash reads back from the partial file."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.read_back = 0
+
+    def hash_range(self, hasher, fd, start, end):
+        self.read_back += end - start
+        super().hash_range(hasher, fd, start, end)
+
+
+def _two_parts_in_flight(tmp_path, limits, gate_first):
+    """Part 0 sends half its bytes, then holds until released; part 1 starts meanwhile.  Returns the engine,
+    the events and what part 1's first read saw."""
+    storage, chunks = folders(tmp_path)
+    backend = ReadBackCounted(storage, chunks)
+    engine = Engine(Ledger(chunks / Ledger.FILENAME), backend, EngineLimits(max_size=MIB, **limits))
+    data, part = os.urandom(256 * 1024), 128 * 1024
+    engine.create("two", "two.bin", size=len(data), part_size=part, client="")
+    half_sent, release, seen = threading.Event(), threading.Event(), {}
+
+    def first_part():
+        yield data[:part // 2]
+        half_sent.set()
+        assert release.wait(60)
+        yield data[part // 2:part]
+
+    def second_part():
+        seen["part 0 recorded"] = engine.info("two").received == ((0, part),)
+        yield from pieces(data[part:], 4096)
+
+    threads = [threading.Thread(target=engine.put, args=("two", 0, first_part()), kwargs={"length": part, "atomic": True}),
+               threading.Thread(target=engine.put, args=("two", part, second_part()), kwargs={"length": part, "atomic": True})]
+    threads[0].start()
+    assert half_sent.wait(10)
+    threads[1].start()
+    try:
+        gate_first(engine, threads[1])
+    finally:
+        release.set()
+    for thread in threads:
+        thread.join(30)
+    assert engine.finish("two").sha256 == hashlib.sha256(data).hexdigest()
+    return backend, seen
+
+
+def test_a_part_ahead_of_the_hash_waits_for_the_part_before_it_and_is_hashed_as_it_arrives(tmp_path):
+    """Six parts in flight: those ahead of the in-order hash would be written, then read back from the file to be
+    hashed (a second pass over every byte).  Such a part waits, before it reads its first byte, while the part
+    before it moves; then it is hashed from memory.  Here part 0 holds (its client is still sending: the
+    stall limit is long), part 1 must not read until part 0 is recorded, and nothing is read back."""
+    def part_one_waits(engine, second):
+        waiting = threading.Event()
+        for _ in range(1000):  # until part 1's request waits for its turn (it would have read at once)
+            if any(w.turn is not None for w in engine._live["two"].writers):
+                waiting.set()
+                break
+            second.join(0.01)
+        assert waiting.is_set(), "part 1 read its bytes while part 0 was still coming"
+
+    backend, seen = _two_parts_in_flight(tmp_path, {"ahead_wait": 60.0, "front_stalled": 60.0}, part_one_waits)
+    assert seen["part 0 recorded"]
+    assert backend.read_back == 0
+
+
+def test_a_part_ahead_of_a_stalled_part_waits_no_longer(tmp_path):
+    """The part before has not moved for ``front_stalled`` (its client vanished): the part behind reads its
+    bytes at once, whole, while the stalled one still holds; the file is whole once both have arrived."""
+    def part_one_goes_on(engine, second):
+        second.join(30)
+        assert not second.is_alive(), "part 1 waited for a part that had stalled"
+
+    backend, seen = _two_parts_in_flight(tmp_path, {"ahead_wait": 60.0, "front_stalled": 0.05}, part_one_goes_on)
+    assert not seen["part 0 recorded"]
+    assert backend.read_back == 128 * 1024  # part 1, read back once the hash came to it
+
+
 def test_duplicates_in_parallel_complete_exactly_once(tmp_path):
     engine = make_engine(tmp_path)
     data = os.urandom(64 * 1024)
