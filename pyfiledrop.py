@@ -1523,6 +1523,16 @@ class LocalBackend:
         folder.mkdir(parents=True, exist_ok=True)
         self._warn(f"the {what} folder {folder} had disappeared; created it again")
 
+    def unstore(self, upload_id: str, stored_name: str) -> bool:
+        """Take back a name ``store`` gave the partial file when the name could not be recorded: only while that
+        name is still the partial file (or its copy), linked twice, so no other file is ever removed."""
+        path = self.stored_path(stored_name)
+        for source in (self._temp_path(upload_id), self.part_path(upload_id)):
+            if _same_file(source, path):
+                _unlink_quietly(path)
+                return True
+        return False
+
     def find_stored(self, upload_id: str, name: str | None) -> str | None:
         """After a crash: the stored name the partial file (or its copy) was linked under, if it was."""
         try:
@@ -1853,6 +1863,10 @@ class Engine:
         except (sqlite3.Error, OSError) as error:
             on_failure()
             log.error("the ledger could not record upload %s: %s", info.id, error)
+            full = getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or \
+                getattr(error, "errno", None) in _NO_SPACE_ERRNOS
+            if full:  # the upload's own bytes took the room its record needed: the client may free some or wait
+                raise InsufficientStorage("Not enough disk space on the server to record the upload.") from None
             raise StorageFailure("The server could not record the upload.") from None
 
     def _resume(self, info: UploadInfo | None) -> _Live | None:
@@ -1959,6 +1973,8 @@ class Engine:
         failed = True
         try:
             self._receive(live, writer, pieces)
+            if writer.superseded and atomic_here:  # its bytes all came, but a newer request's count instead
+                raise Superseded("A newer request took over these bytes of the upload.")
             failed = atomic and writer.position != end
             if check is not None and not failed:
                 failed = not _verify(check, checksum, raise_error=False)
@@ -2338,6 +2354,9 @@ class Engine:
                 self._record(info)  # on failure the part stays linked: a retry of finish records the same name
             except UploadError:
                 live.info = receiving
+                if live.ephemeral:  # no retry of finish can come (its id is the server's): take the name back
+                    self.backend.unstore(upload_id, stored_name)
+                    live.linked_as = None
                 raise
         self.checkpoint("recorded")
         self.backend.discard(upload_id)
@@ -2493,6 +2512,21 @@ class Engine:
         return live
 
     # -- expire ---------------------------------------------------------------------------------------------
+    def finish_received(self) -> int:
+        """Store the uploads whose every byte was recorded but that were not completed (the server stopped in
+        between): their clients may never ask again (a tus client that sees its offset at the end is done).
+        The number stored."""
+        stored = 0
+        for info in self.ledger.in_state(State.RECEIVING):
+            if not info.fully_received:
+                continue
+            try:
+                self.finish(info.id)
+                stored += 1
+            except UploadError as error:
+                log.error('could not complete "%s", received whole before a stop: %s', info.name, error.message)
+        return stored
+
     def expire(self, now: float | None = None) -> int:
         """Remove unfinished uploads untouched for ``partial_ttl`` seconds; their records stay, as expired."""
         cutoff = (self.clock() if now is None else now) - self.limits.partial_ttl
@@ -3832,6 +3866,11 @@ class S3Engine:
         return upload.info
 
 
+    def finish_received(self) -> int:
+        """Nothing to go through at start: a node keeps no list of uploads.  One whose every byte reached the
+        store before a stop is completed by the next request about it (a tus HEAD, the page's status request)."""
+        return 0
+
     def expire(self, now: float | None = None) -> int:
         """Uploads untouched for ``partial_ttl`` (by the times of their parts in the store) end as expired; then
         what was left behind by stopped nodes goes (see ``_sweep``)."""
@@ -4989,6 +5028,15 @@ def tus_info(engine: Engine, upload_id: str) -> UploadInfo:
     return info
 
 
+def tus_status(engine: Engine, upload_id: str) -> UploadInfo:
+    """``HEAD``: the upload as it is; one with every byte received but not completed (the server stopped in
+    between) is completed first, since a client told its offset is at the end sends nothing more."""
+    info = tus_info(engine, upload_id)
+    if info.state is State.RECEIVING and info.fully_received:
+        info = engine.finish(upload_id)
+    return info
+
+
 def tus_upload_headers(engine: Engine, info: UploadInfo) -> dict[str, str]:
     """The headers of a reply about an upload: its offset, length, metadata and, unfinished, its expiry."""
     headers = {"Upload-Offset": str(engine.offset(info.id)), "Upload-Length": str(info.size or 0)}
@@ -5672,7 +5720,7 @@ def _tus_routes(app: bottle.Bottle, config: Config, engine: Engine, client: Call
     @app.route("/tus/<upload_id>", method="HEAD", **tus)
     def tus_head(upload_id):
         tus_check_version(bottle.request.environ)
-        return reply(200, {**tus_upload_headers(engine, tus_info(engine, upload_id)), "Cache-Control": "no-store"})
+        return reply(200, {**tus_upload_headers(engine, tus_status(engine, upload_id)), "Cache-Control": "no-store"})
 
     @app.route("/tus/<upload_id>", method="PATCH", **tus)
     def tus_append(upload_id):
@@ -8515,6 +8563,7 @@ def serve(config: Config, engine: Engine, server, *, stop: threading.Event | Non
     console = console or Console(sys.stdout, quiet=config.quiet)
     stop = stop or threading.Event()
     engine.expire()
+    threading.Thread(target=engine.finish_received, name="pyfiledrop-complete", daemon=True).start()
 
     def janitor() -> None:
         interval = min(3600.0, max(60.0, min(engine.limits.partial_ttl, engine.limits.stored_ttl or 1e9) / 4))

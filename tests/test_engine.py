@@ -507,7 +507,7 @@ def test_a_failed_record_of_completion_is_retried_without_a_second_copy(tmp_path
     engine.create("u1", "f.bin", size=300, part_size=100, client="")
     for offset in (0, 100, 200):
         engine.put("u1", offset, [data[offset:offset + 100]], length=100)
-    with pytest.raises(StorageFailure):
+    with pytest.raises(InsufficientStorage):  # ENOSPC: the client is told there is no room (507)
         engine.finish("u1")
     info = engine.finish("u1")
     assert info.stored_name == "f.bin" and sorted(os.listdir(engine.backend.storage)) == ["f.bin"]

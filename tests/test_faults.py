@@ -38,10 +38,12 @@ def folders(tmp_path):
 
 # -- 1. a vanished client -------------------------------------------------------------------------------------
 
-def stall_first_chunk(drop, upload_id, piece, total_size, chunk_size, name):
-    """Chunk 0 of a new upload sends its head and half its bytes, then stalls; returns once the server has taken
-    the request in hand (the upload id is known), or after 5 s in case an engine only records it later."""
-    stalled = StalledChunk(drop.port, upload_id, 0, piece, total_size, chunk_size, name, sent=len(piece) // 2)
+def stall_first_chunk(drop, upload_id, piece, total_size, chunk_size, name, sent=None):
+    """Chunk 0 of a new upload sends its head and half its bytes (or ``sent``), then stalls; returns once the
+    server has taken the request in hand (the upload id is known), or after 5 s in case an engine only records
+    it later."""
+    sent = len(piece) // 2 if sent is None else sent
+    stalled = StalledChunk(drop.port, upload_id, 0, piece, total_size, chunk_size, name, sent=sent)
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline and status_of(drop.port, upload_id)[0] == 404:
         threading.Event().wait(0.05)
@@ -79,16 +81,20 @@ def test_retry_of_a_stalled_chunk_is_accepted_at_once(tmp_path):
             stalled.close()
 
 
-def test_late_bytes_of_a_stalled_chunk_are_discarded(tmp_path):
+@pytest.mark.parametrize("held", ["half", "all"])
+def test_late_bytes_of_a_stalled_chunk_are_discarded(tmp_path, held):
     """Issue 9, vanished client: bytes of two requests for one chunk must never mix; when the stalled request
-    sends its rest after the retry won, it gets 409 or a closed connection and the file keeps the retry's bytes."""
+    sends its rest after the retry won, it gets 409 or a closed connection and the file keeps the retry's bytes.
+    "all": the stalled request had sent every byte of its chunk, only the end of its body was missing (a fault
+    sweep found it answered 200 then, as if its bytes had counted)."""
     chunk_size = 4 * MIB  # over 1.0's 1 MiB read block, so the stalled request is really in the server
     rng = random.Random(2)
     data = rng.randbytes(2 * chunk_size + 5000)
     impostor = rng.randbytes(chunk_size)  # the stalled request's payload for chunk 0: other bytes
     upload_id = str(uuid.uuid4())
     with drop_server(*folders(tmp_path)) as drop:
-        stalled = stall_first_chunk(drop, upload_id, impostor, len(data), chunk_size, "mix.bin")
+        stalled = stall_first_chunk(drop, upload_id, impostor, len(data), chunk_size, "mix.bin",
+                                    sent=len(impostor) if held == "all" else None)
         try:
             status, reply = retry_within_10_s(drop, upload_id, 0, data[:chunk_size], len(data), chunk_size,
                                               "mix.bin")
@@ -203,6 +209,45 @@ def test_kill_9_at_random_moments_then_resume_stores_each_file_once(tmp_path):
 # -- 3. disk reservation is no denial of service ----------------------------------------------------------------
 
 @pytest.mark.slow
+def _received_not_stored(storage: Path, chunks: Path, protocol: str, data: bytes) -> str:
+    """The state a kill leaves between the last bytes' record and completion: every byte received and recorded,
+    nothing stored yet; made by the engine itself (in this process), then let go of as a kill would."""
+    storage.mkdir(parents=True, exist_ok=True)
+    chunks.mkdir(parents=True, exist_ok=True)
+    import pyfiledrop
+    engine = pyfiledrop.open_engine(pyfiledrop.parse_args(["-s", str(storage), "-c", str(chunks), "-q"]))
+    upload_id = str(uuid.uuid4()) if protocol == "chunks" else uuid.uuid4().hex
+    part = MIB if protocol == "chunks" else len(data)
+    engine.create(upload_id, "all-here.bin", size=len(data), part_size=part, client="127.0.0.1")
+    for offset in range(0, len(data), part):
+        engine.put(upload_id, offset, [data[offset:offset + part]], length=len(data[offset:offset + part]),
+                   atomic=protocol == "chunks", keep_if_empty=protocol == "tus")
+    assert engine.info(upload_id).fully_received and not names(storage)
+    engine.ledger.close()
+    return upload_id
+
+
+@pytest.mark.parametrize("protocol", ["tus", "chunks"])
+def test_an_upload_with_every_byte_recorded_before_a_kill_is_stored_after_the_restart(tmp_path, protocol):
+    """Found by a fault sweep: a tus upload killed after its last bytes were recorded, before completion, told
+    HEAD "Upload-Offset == Upload-Length" after the restart (so tuspy and tus-js-client consider it done) but
+    was never stored: only a status request completed it, which a tus client never sends, and after
+    --partial-ttl it was gone.  The restarted server must store it by itself, once, and HEAD must say so."""
+    data = os.urandom(3 * MIB + 5)
+    storage, chunks = folders(tmp_path)
+    upload_id = _received_not_stored(storage, chunks, protocol, data)
+    with drop_server(storage, chunks) as drop:
+        wait_until(lambda: (storage / "all-here.bin").exists() and not stray_in_chunks(chunks), 30,
+                   "the upload stored without a request")
+        assert storage_contents(storage) == {"all-here.bin": data}
+        if protocol == "tus":
+            status, reply, _ = drop.request("HEAD", f"/tus/{upload_id}", None, {"Tus-Resumable": "1.0.0"})
+            assert status == 200 and reply["Upload-Offset"] == reply["Upload-Length"] == str(len(data)), reply
+        status, reply = status_of(drop.port, upload_id)
+        assert status == 200 and reply["complete"] and reply["sha256"] == sha256(data), reply
+        assert_clean(drop)
+
+
 def test_declared_sizes_that_never_arrive_do_not_block_an_honest_upload(tmp_path):
     """Issue 9, reservation DoS: 1.0 preallocates the declared size, so requests that declare 33 MiB and send one
     byte (stalled, or completed as a one-byte chunk: 400) fill a 96 MiB disk and an honest 40 MiB upload gets 507."""
@@ -400,8 +445,39 @@ def test_storage_on_a_small_other_disk_refuses_what_does_not_fit_and_leaves_noth
             drop.process.wait(10)
         with drop_server(storage, chunks) as drop:
             assert status_of(drop.port, reply["id"])[1].get("available") is True
-            assert storage_contents(storage) == {"ten.txt": b"0123456789"}
+            # An upload refused at completion keeps its bytes, and a restart with room stores it (as would the
+            # client's retry, or its status request: asked here, so each one is settled, stored or refused).
+            settled = {name: status_of(drop.port, upload_id)[1] for name, data, upload_id in uploads}
+            stored = {name: data for name, data, _ in uploads
+                      if isinstance(settled[name], dict) and settled[name].get("complete")}
+            assert storage_contents(storage) == {"ten.txt": b"0123456789", **stored}
             assert not stray_in_chunks(chunks, parts_allowed=True), sorted(names(chunks))
+
+
+@pytest.mark.parametrize("layout", ["one disk", "storage elsewhere"])
+@pytest.mark.parametrize("how", ["put", "form"])
+@pytest.mark.parametrize("slack", [0, 8192])
+def test_a_file_that_leaves_the_ledger_no_room_is_507_and_leaves_nothing(tmp_path, layout, how, slack):
+    """Found by a fault sweep: a PUT (or one multipart file) whose bytes filled the chunks disk, so that the
+    ledger could not record it, was answered 500 and left the whole file in storage without a record (a retry
+    on another disk left a second copy, "f (1).bin"); it must be 507, with storage and the chunks folder as
+    before, and a small upload must work once the space is back."""
+    with tmpfs(tmp_path / "small", "20m") as disk:
+        storage = disk / "storage" if layout == "one disk" else tmp_path / "storage"
+        with drop_server(storage, disk / "chunks", *min_free("0")) as drop:
+            for attempt in range(2):
+                free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+                data = os.urandom(free - slack)  # the ledger then has less room than a record needs
+                if how == "put":
+                    status, reply = put(drop.port, "f.bin", data)
+                else:
+                    status, reply = post_files(drop.port, [("f.bin", data)])
+                assert status == 507, (attempt, status, reply)
+                assert not names(storage), f"storage holds {sorted(names(storage))}"
+                assert_clean(drop)
+            status, reply = put(drop.port, "ten.txt", b"0123456789")
+            assert status == 200 and reply["name"] == "ten.txt", (status, reply)
+            assert storage_contents(storage) == {"ten.txt": b"0123456789"}
 
 
 # -- 7. console lines for failures ----------------------------------------------------------------------------

@@ -197,6 +197,19 @@ def test_a_stored_upload_cannot_be_terminated_by_its_uploader(server):
     assert (server.storage / "kept.txt").read_bytes() == b"ok"
 
 
+def test_head_completes_an_upload_whose_bytes_all_arrived_but_which_was_not_completed(server):
+    """A stop between the record of the last bytes and completion leaves an upload at its end and not stored; a
+    tus client that HEADs it sees its offset at the length and sends nothing more, so HEAD completes it."""
+    upload_id, _ = create(server, 1000, f"filename {b64('all-here.bin')}")
+    data = os.urandom(1000)
+    server.engine.put(upload_id, 0, [data], length=len(data), keep_if_empty=True)  # recorded, not completed
+    assert not (server.config.storage / "all-here.bin").exists()
+    status, reply, _ = head(server, upload_id)
+    assert status == 200 and reply["Upload-Offset"] == reply["Upload-Length"] == "1000", reply
+    assert (server.config.storage / "all-here.bin").read_bytes() == data
+    assert server.engine.info(upload_id).state is pyfiledrop.State.STORED
+
+
 def test_head_during_a_patch_shows_the_bytes_written_so_far(server):
     size = 4 << 20
     upload_id, _ = create(server, size)
