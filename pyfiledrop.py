@@ -1898,6 +1898,8 @@ class Engine:
         if needed + self.limits.min_free > free:  # look again before refusing: the estimate may be stale
             free = self.backend.free_space(fresh=True)
         if needed + self.limits.min_free > free:
+            if not needed:  # a check while bytes arrive: the disk filled up under way
+                raise InsufficientStorage("Not enough disk space on the server to go on with this upload.")
             raise InsufficientStorage(f"Not enough disk space on the server: {needed} bytes needed, "
                                       f"{max(0, free - self.limits.min_free)} available.")
 
