@@ -31,6 +31,7 @@ import itertools
 import json
 import logging
 import mmap
+import math
 import os
 import queue
 import re
@@ -478,7 +479,7 @@ def sanitize_filename(raw: str) -> str:
             char = " "
         cleaned.append(char)
     name = _WINDOWS_FORBIDDEN.sub("_", "".join(cleaned)).replace("\ufffd", "_")  # U+FFFD: bytes not UTF-8
-    name = re.sub(r" {2,}", " ", name).strip(" ").rstrip(".").strip(" ")
+    name = re.sub(r" {2,}", " ", name).strip(" ").rstrip(". ")  # Windows drops trailing dots and spaces
     if not name.strip("."):
         return "file"
     if name.startswith("."):  # nothing stored is hidden (and nothing can pass for pyfiledrop's own files)
@@ -4596,7 +4597,7 @@ def read_json(environ: dict, limit: int = MAX_JSON_BYTES) -> dict:
         body += piece
     try:
         value = json.loads(bytes(body).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: nested a thousand levels deep
         raise BadRequest("The body is not JSON.") from None
     if not isinstance(value, dict):
         raise BadRequest("The body must be a JSON object.")
@@ -5353,7 +5354,13 @@ def _cross_site(environ: dict) -> bool:
     if site is not None:
         return site not in ("same-origin", "none")
     origin = environ.get("HTTP_ORIGIN", "null")
-    return origin != "null" and urlsplit(origin).netloc.lower() != environ.get("HTTP_HOST", "").lower()
+    if origin == "null":
+        return False
+    try:
+        netloc = urlsplit(origin).netloc
+    except ValueError:  # "http://[": no browser sends that, so no page of ours did
+        return True
+    return netloc.lower() != environ.get("HTTP_HOST", "").lower()
 
 
 def _cookie(environ: dict, name: str) -> str:
@@ -5870,6 +5877,8 @@ def _decode_cursor(text: str, sort: str) -> tuple:
         kind, key, upload_id = value
         if kind != sort or not isinstance(upload_id, str) or not isinstance(key, (int, float, str)):
             raise ValueError
+        if isinstance(key, float) and not math.isfinite(key) or isinstance(key, int) and not -2 ** 63 <= key < 2 ** 63:
+            raise ValueError  # what SQLite cannot compare with (an integer over 64 bits is an OverflowError)
     except (ValueError, TypeError, binascii.Error):
         raise BadRequest("Malformed cursor (it belongs to another sort order, or was changed).") from None
     return key, upload_id
@@ -5904,7 +5913,7 @@ def list_query(query: Mapping[str, str], now: float) -> tuple[str, dict, str, st
         arguments["after_key"], arguments["after_id"] = _decode_cursor(query["cursor"], sort)
         where.append(f"({key}, id) {'<' if descending else '>'} (:after_key, :after_id)")
     limit = query.get("limit") or "100"
-    if not limit.isdigit() or not 1 <= int(limit) <= MAX_LIST_ROWS:
+    if not _UINT_RE.match(limit) or not 1 <= int(limit) <= MAX_LIST_ROWS:  # ASCII digits only: not "²"
         raise BadRequest(f"?limit= is a number from 1 to {MAX_LIST_ROWS}.")
     direction = "DESC" if descending else "ASC"
     return " AND ".join(where), arguments, f"{key} {direction}, id {direction}", sort, int(limit)
@@ -5932,6 +5941,14 @@ def upload_entry(engine: Engine, info: UploadInfo, mark, now: float, detail: boo
     if detail:
         entry.update(received=info.received_bytes, changed=presence == "changed", reason=info.reason)
     return entry
+
+
+def decoded_query(query: bottle.FormsDict) -> dict[str, str]:
+    """The query string's fields as text (the last of a repeated one); bytes that are not UTF-8 become U+FFFD,
+    so a hostile query gets a 400 from whoever reads it, never a 500 from decoding it."""
+    def text(value: str) -> str:  # Bottle gives each byte of the query as one latin-1 character
+        return value.encode("latin-1").decode("utf-8", "replace")
+    return {text(key): text(value) for key, value in query.allitems()}
 
 
 def list_uploads(engine: Engine, query: Mapping[str, str]) -> dict:
@@ -5986,7 +6003,7 @@ def list_folders(engine: Engine, path: str) -> dict:
         with os.scandir(folder) as entries:
             names = sorted(entry.name for entry in entries
                            if entry.is_dir(follow_symlinks=False) and not entry.name.startswith("."))
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # a stored file by that name is no folder either
         raise NotFound("No such folder.") from None
     except OSError as error:
         raise storage_error(error)
@@ -5999,6 +6016,8 @@ def change_folder(engine: Engine, action: str, path: str, to: str = "") -> dict:
         done = {"create": "created", "rename": "renamed", "delete": "deleted"}[action]
         raise NotWithObjectStore(f"Folders cannot be {done} with --s3.")
     folder = _folder_on_disk(engine, path)
+    if action != "create" and not folder.is_dir():
+        raise NotFound("No such folder.")  # a stored file is renamed or removed through its upload, not here
     try:
         if action == "create":
             folder.mkdir(parents=True)
@@ -6017,6 +6036,8 @@ def change_folder(engine: Engine, action: str, path: str, to: str = "") -> dict:
         raise Conflict("A file or folder with that name already exists.") from None
     except FileNotFoundError:
         raise NotFound("No such folder.") from None
+    except NotADirectoryError:
+        raise Conflict("A file in storage has that name: a folder cannot go there.") from None
     except OSError as error:
         if error.errno in (errno.ENOTEMPTY, errno.EEXIST):
             raise Conflict("The folder is not empty: delete or move its files first.") from None
@@ -6030,7 +6051,7 @@ def _json_body() -> dict:
         raise BadRequest("Send a JSON body with a Content-Length of at most 64 KiB.")
     try:
         data = json.loads(bottle.request.body.read() or b"{}")
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise BadRequest("The request body is not JSON.") from None
     if not isinstance(data, dict) or not all(isinstance(value, str) for value in data.values()):
         raise BadRequest('Expected a JSON object of strings, such as {"path": "photos"}.')
@@ -6046,7 +6067,7 @@ def _files_routes(app: bottle.Bottle, config: Config, engine: Engine) -> None:
 
     @app.get("/api/uploads", auth=ADMIN)
     def uploads_list():
-        return _json(list_uploads(engine, bottle.request.query.decode()))
+        return _json(list_uploads(engine, decoded_query(bottle.request.query)))
 
     @app.delete("/api/uploads/<upload_id>", auth=ADMIN, report=True)
     def upload_delete(upload_id):
@@ -6492,7 +6513,7 @@ def note_entry(note: Note) -> dict:
 def _notes_cursor(text: str | None) -> int | None:
     if not text:
         return None
-    if not text.isdigit() or len(text) > 18:
+    if not _UINT_RE.match(text) or len(text) > 18:
         raise BadRequest("Malformed ?before= (use the \"next\" of the previous page).")
     return int(text)
 
@@ -6510,7 +6531,7 @@ def _text_routes(app: bottle.Bottle, board: TextBoard, client: Callable[[], str]
     @app.get("/api/notes", auth=ADMIN)
     def notes_list():
         limit = bottle.request.query.get("limit") or "50"
-        if not limit.isdigit() or not 1 <= int(limit) <= MAX_NOTES_LISTED:
+        if not _UINT_RE.match(limit) or not 1 <= int(limit) <= MAX_NOTES_LISTED:
             raise BadRequest(f"?limit= is a number from 1 to {MAX_NOTES_LISTED}.")
         return _json(board.page(int(limit), _notes_cursor(bottle.request.query.get("before"))))
 

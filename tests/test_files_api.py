@@ -362,3 +362,41 @@ def test_an_uploaders_status_reply_says_when_the_file_expires(admin):
     plain = admin()
     upload = put(plain, "kept.txt", b"x")
     assert json.loads(plain.request("GET", f"/api/uploads/{upload['id']}")[2])["expires"] is None
+
+
+NESTED = b"[" * 1000 + b"]" * 1000
+BIG_CURSOR = base64.urlsafe_b64encode(b'["newest", 10000000000000000000, "x"]').decode()
+
+
+@pytest.mark.parametrize("method, path, payload, headers, expected", [
+    ("GET", "/api/uploads?limit=%C2%B2", None, {}, 400),          # "²": str.isdigit() says yes, int() no
+    ("GET", "/api/uploads?limit=%B2", None, {}, 400),             # not UTF-8
+    ("GET", "/api/uploads?state=%FF", None, {}, 400),
+    ("GET", "/api/uploads?x=%FF", None, {}, 200),                 # an unknown field, even undecodable, is ignored
+    ("GET", "/api/uploads?q=%FF", None, {}, 200),
+    ("GET", f"/api/uploads?cursor={BIG_CURSOR}", None, {}, 400),  # over 64 bits: SQLite cannot bind it
+    ("GET", "/api/notes?limit=%B2", None, {}, 400),
+    ("GET", "/api/notes?before=%B9", None, {}, 400),
+    ("POST", "/api/uploads/status", NESTED, {"Content-Type": "application/json"}, 400),   # RecursionError
+    ("POST", "/api/folders", NESTED, {"Content-Type": "application/json"}, 400),
+    ("POST", "/api/notes", b'{"text": "hi"}', {"Content-Type": "application/json", "Origin": "http://["}, 403),
+    ("PUT", "/upload/o.txt", b"hi", {"Origin": "http://[::1"}, 403),
+    ("GET", "/api/folders?path=kept.txt", None, {}, 404),         # a stored file is no folder
+    ("DELETE", "/api/folders?path=kept.txt", None, {}, 404),
+    ("POST", "/api/folders", b'{"path": "kept.txt/sub"}', {"Content-Type": "application/json"}, 409),
+    ("POST", "/api/folders/rename", b'{"path": "kept.txt", "to": "moved.txt"}',
+     {"Content-Type": "application/json"}, 404),                  # the file would lose its record
+])
+def test_requests_a_fuzzer_found_answered_500_get_a_plain_4xx(admin, method, path, payload, headers, expected):
+    """Found by 12,000 fuzzed requests (deep JSON, a malformed Origin, undecodable or over-long query values, a
+    stored file named as a folder): each was answered 500, and a folder rename moved a stored file away from
+    its record.  Each gets its own plain answer now, and the stored file stays as it was."""
+    server = admin(password=pyfiledrop.PasswordHash.of("upload pass"))
+    upload_auth = {"Authorization": "Basic " + base64.b64encode(b":upload pass").decode()}
+    status, _, body = server.request("PUT", "/upload/kept.txt", b"kept", upload_auth)
+    assert status == 200, body
+    status, _, body = server.request(method, path, payload, {**AUTH, **headers})
+    assert status == expected, (status, body)
+    assert b"Traceback" not in body and str(server.config.storage).encode() not in body
+    assert (server.config.storage / "kept.txt").read_bytes() == b"kept"
+    assert not (server.config.storage / "moved.txt").exists()

@@ -30,6 +30,10 @@ from pyfiledrop import BadRequest, TooLarge, chunk_count, chunk_length, numbered
     ("COM¹.txt", "_COM¹.txt"),
     ("console.txt", "console.txt"),
     ("trailing dots...", "trailing dots"),
+    ("trail. .", "trail"),                      # dots and spaces mixed at the end (Windows drops them all)
+    ("trail . . ", "trail"),
+    ("CON. .", "_CON"),
+    ("a.\u00a0.", "a"),
     ("  spaced  out .txt  ", "spaced out .txt"),
     (".bashrc", "_bashrc"),            # nothing stored is hidden
     ("\ufffd\ufffd.txt", "__.txt"),        # bytes that were not UTF-8
