@@ -2528,6 +2528,8 @@ class Engine:
                 stored += 1
             except UploadError as error:
                 log.error('could not complete "%s", received whole before a stop: %s', info.name, error.message)
+            except Exception:  # never let this end in a thread's traceback; the next request may complete it
+                log.exception('could not complete "%s", received whole before a stop', info.name)
         return stored
 
     def expire(self, now: float | None = None) -> int:
@@ -3867,7 +3869,6 @@ class S3Engine:
             return info
         upload.info = info.changed(size=size, part_size=max(1, size))
         return upload.info
-
 
     def finish_received(self) -> int:
         """Nothing to go through at start: a node keeps no list of uploads.  One whose every byte reached the
@@ -5877,7 +5878,7 @@ def _decode_cursor(text: str, sort: str) -> tuple:
         kind, key, upload_id = value
         if kind != sort or not isinstance(upload_id, str) or not isinstance(key, (int, float, str)):
             raise ValueError
-        if isinstance(key, float) and not math.isfinite(key) or isinstance(key, int) and not -2 ** 63 <= key < 2 ** 63:
+        if not math.isfinite(key) if isinstance(key, float) else isinstance(key, int) and not -2**63 <= key < 2**63:
             raise ValueError  # what SQLite cannot compare with (an integer over 64 bits is an OverflowError)
     except (ValueError, TypeError, binascii.Error):
         raise BadRequest("Malformed cursor (it belongs to another sort order, or was changed).") from None
