@@ -8065,6 +8065,10 @@ class HTTPServer:
         if isinstance(framing, str):
             wire.send(self._error_bytes(400, framing))
             return False
+        host = environ.get("HTTP_HOST")
+        if http11 and (host is None or "," in host):  # RFC 9112 3.2: exactly one (two are joined with ", ")
+            wire.send(self._error_bytes(400, "An HTTP/1.1 request needs exactly one Host header."))
+            return False
         length, chunked = framing
         if chunked and not http11:
             wire.send(self._error_bytes(400, "Transfer-Encoding with Content-Length or HTTP/1.0."))

@@ -385,7 +385,9 @@ def test_malformed_headers_answer_400():
                  b"GET / HTTP/1.1\r\nBad name: x\r\n\r\n",
                  b"POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
                  b"POST / HTTP/1.1\r\nContent-Length: -5\r\n\r\n",
-                 b"POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"):
+                 b"POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+                 b"GET / HTTP/1.1\r\n\r\n",                                    # no Host (RFC 9112 3.2)
+                 b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"):          # two
         with tiny_server(echo_app) as port, connect(port) as sock:
             sock.sendall(head)
             assert wait_closed(sock).startswith(b"HTTP/1.1 400 "), head
