@@ -208,7 +208,6 @@ def test_kill_9_at_random_moments_then_resume_stores_each_file_once(tmp_path):
 
 # -- 3. disk reservation is no denial of service ----------------------------------------------------------------
 
-@pytest.mark.slow
 def _received_not_stored(storage: Path, chunks: Path, protocol: str, data: bytes) -> str:
     """The state a kill leaves between the last bytes' record and completion: every byte received and recorded,
     nothing stored yet; made by the engine itself (in this process), then let go of as a kill would."""
@@ -248,6 +247,7 @@ def test_an_upload_with_every_byte_recorded_before_a_kill_is_stored_after_the_re
         assert_clean(drop)
 
 
+@pytest.mark.slow
 def test_declared_sizes_that_never_arrive_do_not_block_an_honest_upload(tmp_path):
     """Issue 9, reservation DoS: 1.0 preallocates the declared size, so requests that declare 33 MiB and send one
     byte (stalled, or completed as a one-byte chunk: 400) fill a 96 MiB disk and an honest 40 MiB upload gets 507."""
