@@ -3725,6 +3725,9 @@ class S3Engine:
         if any(number not in etags for number in missing):
             raise ServiceUnavailable("The last parts are not in the object store yet; try again shortly.")
         self.checkpoint("merged")
+        # A node stopped between its CreateMultipartUpload and its record of this upload left one at this name,
+        # and the claim that would let the sweep find it goes once this upload is stored: it goes now.
+        self._abort_stale_multiparts(self.store.key(upload.key), {upload.multipart}, self.clock())
         self._complete(upload, etags)
         self.checkpoint("completed")
         return self._stored(upload, None).info
