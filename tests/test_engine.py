@@ -17,6 +17,7 @@ from pyfiledrop import (BadRequest, Conflict, Engine, EngineLimits, Insufficient
                         NotFound, State, StorageFailure, Superseded, TooLarge, add_range, prefix_end, range_holes)
 
 from conftest import ROOT, upload_files
+from faultkit import wait_until
 
 MIB = 1 << 20
 
@@ -215,13 +216,8 @@ def test_a_part_ahead_of_the_hash_waits_for_the_part_before_it_and_is_hashed_as_
     before it moves; then it is hashed from memory.  Here part 0 holds (its client is still sending: the
     stall limit is long), part 1 must not read until part 0 is recorded, and nothing is read back."""
     def part_one_waits(engine, second):
-        waiting = threading.Event()
-        for _ in range(1000):  # until part 1's request waits for its turn (it would have read at once)
-            if any(w.turn is not None for w in engine._live["two"].writers):
-                waiting.set()
-                break
-            second.join(0.01)
-        assert waiting.is_set(), "part 1 read its bytes while part 0 was still coming"
+        wait_until(lambda: any(w.turn is not None for w in engine._live["two"].writers), 10,
+                   "part 1 to wait for its turn (it read its bytes while part 0 was still coming)")
 
     backend, seen = _two_parts_in_flight(tmp_path, {"ahead_wait": 60.0, "front_stalled": 60.0}, part_one_waits)
     assert seen["part 0 recorded"]
