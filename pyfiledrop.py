@@ -7760,7 +7760,9 @@ class HTTPServer:
             searched = 0
         end = buffer.find(_HEAD_END, max(0, searched - 3))
         if end < 0:
-            if len(buffer) > self.limits.max_head_bytes:
+            if buffer.find(b"\n\n", max(0, searched - 1)) >= 0:  # the head ended, but with bare LFs
+                self._answer_and_close(connection, 400, "Lines of a request head must end with CRLF.")
+            elif len(buffer) > self.limits.max_head_bytes:
                 log.debug("request head over %d bytes from %s", self.limits.max_head_bytes, connection.address)
                 self._answer_and_close(connection, 431, "The request head is too large.")
             return
@@ -8025,6 +8027,8 @@ class HTTPServer:
     def _parse_head(self, head: bytes):
         """(method, target, version, [(name, value), ...]) or an (error status, message) pair."""
         lines = head.split(b"\r\n")
+        if head.count(b"\r") >= len(lines) or b"\x00" in head:  # RFC 9110 5.5: refused, never passed on
+            return 400, "A CR or NUL byte inside a line of the request head."
         parts = lines[0].split(b" ")
         if len(parts) != 3 or not _TOKEN_RE.match(parts[0]) or not parts[1]:
             return 400, "Malformed request line."

@@ -393,6 +393,35 @@ def test_malformed_headers_answer_400():
             assert wait_closed(sock).startswith(b"HTTP/1.1 400 "), head
 
 
+@pytest.mark.parametrize("head", [
+    b"GET / HTTP/1.1\r\nHost: t\r\nX-A: a\x00b\r\n\r\n",       # NUL in a value
+    b"GET / HTTP/1.1\r\nHost: t\r\nX-A: a\rb\r\n\r\n",          # a bare CR: some parsers end the line there
+    b"GET / HTTP/1.1\r\nHost: t\r\nX-A: a\r\r\n\r\n",
+])
+def test_cr_or_nul_inside_a_header_line_answers_400(head):
+    # RFC 9110 5.5: a field value with CR, LF or NUL must be refused (or the bytes replaced), never passed on
+    seen = []
+
+    def app(environ, start_response):
+        seen.append(environ)
+        return echo_app(environ, start_response)
+
+    with tiny_server(app) as port, connect(port) as sock:
+        sock.sendall(head)
+        answer = wait_closed(sock)
+    assert answer.startswith(b"HTTP/1.1 400 "), answer
+    assert b"CR or NUL" in answer and not seen
+
+
+def test_a_head_ended_with_bare_line_feeds_answers_400_at_once():
+    # without the check it waited for a CRLF CRLF that never comes: answered 408 after the head timeout
+    with tiny_server(echo_app, head_timeout=3 * HANG) as port, connect(port) as sock:
+        sock.sendall(b"GET / HTTP/1.1\nHost: t\nConnection: close\n\n")
+        answer = wait_closed(sock)
+    assert answer.startswith(b"HTTP/1.1 400 "), answer
+    assert b"CRLF" in answer
+
+
 def test_head_has_no_body_and_pipelining_keeps_step():
     with tiny_server(echo_app) as port, connect(port) as sock:
         sock.sendall(b"HEAD / HTTP/1.1\r\nHost: t\r\n\r\nGET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
