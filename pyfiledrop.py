@@ -7618,6 +7618,19 @@ def _raise_open_file_limit() -> int | None:
         return soft
 
 
+_ENVIRON_KEYS: dict[str, str] = {}   # header name as sent -> its environ key ("" for one that is dropped)
+_ENVIRON_KEYS_MAX = 1024              # names a client makes up are not all kept
+
+
+def _environ_key(name: str) -> str:
+    """The environ key of a header ("CONTENT_LENGTH", "CONTENT_TYPE", "HTTP_..."); "" for a name with "_"."""
+    upper = name.upper().replace("-", "_")
+    key = "" if "_" in name else upper if upper in ("CONTENT_LENGTH", "CONTENT_TYPE") else "HTTP_" + upper
+    if len(_ENVIRON_KEYS) < _ENVIRON_KEYS_MAX:
+        _ENVIRON_KEYS[name] = key
+    return key
+
+
 class HTTPServer:
     """The server ``make_server`` returns: ``serve(stop)`` until the event is set, then ``close()``."""
 
@@ -8108,20 +8121,21 @@ class HTTPServer:
         """Headers into ``environ``; (Connection tokens, (length, chunked) or the reason the framing is bad)."""
         lengths, codings, tokens = set(), [], set()
         for name, value in headers:
-            key = name.upper().replace("-", "_")
-            if "_" in name:
+            key = _ENVIRON_KEYS.get(name)
+            if key is None:
+                key = _environ_key(name)
+            if not key:
                 continue  # "X_A" and "X-A" would both be HTTP_X_A: such headers are dropped (as nginx does)
             if key == "CONTENT_LENGTH":
                 lengths.add(value)
                 continue
-            if key == "TRANSFER_ENCODING":
+            if key == "HTTP_TRANSFER_ENCODING":
                 codings += [c.strip().lower() for c in value.split(",") if c.strip()]
-            if key == "CONNECTION":
+            if key == "HTTP_CONNECTION":
                 tokens |= {t.strip().lower() for t in value.split(",")}
             if key == "CONTENT_TYPE":
                 environ["CONTENT_TYPE"] = value
                 continue
-            key = "HTTP_" + key
             if key in environ:
                 environ[key] += ("; " if key == "HTTP_COOKIE" else ", ") + value
             else:
