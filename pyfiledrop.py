@@ -4343,8 +4343,11 @@ _PLAIN_DISPOSITION_RE = re.compile(
 # A form field as browsers send it, boundary line to the CRLF that starts the next delimiter: a value of one
 # line after a Content-Disposition with a plain name and nothing else.  Fields of the chunk protocol are read
 # with one match each (seven parts a chunk: the general scanner costs a third of a chunk request's work).
+# The lookahead asks for the next delimiter of the same boundary, whole ("--b7" is no delimiter of "b"): the
+# value's line must end there, not at a line break inside the value.
 _PLAIN_FIELD_RE = re.compile(
-    rb'--([0-9A-Za-z_\-.]{1,200})\r\nContent-Disposition: form-data; name="([^"\\\r\n%]*)"\r\n\r\n([^\r\n]*)\r\n')
+    rb'--([0-9A-Za-z_\-.]{1,200})\r\nContent-Disposition: form-data; name="([^"\\\r\n%]*)"\r\n\r\n([^\r\n]*)\r\n'
+    rb'(?=--\1(?:--|[ \t]{0,' + str(_MAX_PADDING).encode() + rb'}\r\n))')
 
 
 def _part_names(raw: bytes) -> tuple[str, str | None]:
@@ -4432,19 +4435,17 @@ class _MultipartReader:
         """At a boundary: the form fields from here that are plainly written and already in the buffer, read;
         the reader is then at the boundary after them.  The rest is left to ``next_part``."""
         fields = []
-        while (match := _PLAIN_FIELD_RE.match(self.buf, self.start, self.end)) is not None:
-            # the value's line must end at the next delimiter (a whole one: "--b7" is no delimiter of "b"), not
-            # at a line break inside the value
-            if (match.group(1) != self.dash_boundary[2:] or not _at(self.buf, match.end(), self.dash_boundary)
-                    or not self._delimiter_ends(match.end() + len(self.dash_boundary))):
+        boundary, buf, end = self.dash_boundary[2:], self.buf, self.end
+        while (match := _PLAIN_FIELD_RE.match(buf, self.start, end)) is not None:
+            seen, name, value = match.groups()
+            if seen != boundary:
                 break
             if self.parts >= MAX_FORM_PARTS:
                 raise BadRequest(_MALFORMED)
             try:
-                name = match.group(2).decode()
+                name = name.decode()
             except UnicodeDecodeError:
                 raise BadRequest(_MALFORMED) from None
-            value = match.group(3)
             if len(value) > MAX_FIELD_BYTES:
                 raise BadRequest(f"Form field {name!r} is too long.")
             try:
