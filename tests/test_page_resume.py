@@ -191,7 +191,7 @@ def test_a_byte_damaged_on_the_way_is_detected_and_sent_again(page, tmp_path):
         assert settle(page) == [["damaged.bin", "done", ""]]
         refusals = [event for event in server.events if isinstance(event, pyfiledrop.Refused)]
     assert proxy.corrupted == 1
-    assert [event.status for event in refusals] == [460]
+    assert [event.status for event in refusals] == [460], refusals
     assert (tmp_path / "storage" / "damaged.bin").read_bytes() == bytes(data)
 
 

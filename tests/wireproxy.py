@@ -19,7 +19,6 @@ class WireProxy:
         self.refused = 0                # client connections that found no server behind the proxy
         self.corrupt_marker: bytes | None = None   # the first byte after this marker is flipped, once
         self.corrupted = 0
-        self._tail = b""
         self._link_free = 0.0
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
@@ -82,10 +81,11 @@ class WireProxy:
                 writer.close()
 
     async def _pipe(self, reader, writer, count: bool) -> None:
+        tail = [b""]   # this connection's last bytes: a marker may straddle two of its reads (never two connections')
         try:
             while data := await reader.read(16384):
                 if count:
-                    data = self._maybe_corrupt(data)
+                    data = self._maybe_corrupt(data, tail)
                     await self._throttle(len(data))
                     self.sent += len(data)
                 writer.write(data)
@@ -103,18 +103,15 @@ class WireProxy:
         self._link_free = max(now, self._link_free) + size / self.bytes_per_second
         await asyncio.sleep(self._link_free - now)
 
-    def _maybe_corrupt(self, data: bytes) -> bytes:
+    def _maybe_corrupt(self, data: bytes, tail: list) -> bytes:
         marker = self.corrupt_marker
         if marker is None or self.corrupted:
             return data
-        window = self._tail + data
+        window = tail[0] + data
         found = window.find(marker)
-        if found < 0 or found + len(marker) >= len(window):
-            self._tail = window[-len(marker):]
-            return data
-        at = found + len(marker) - len(self._tail)   # the byte after the marker, inside ``data``
-        if at < 0:
-            self._tail = window[-len(marker):]
+        at = found + len(marker) - len(tail[0])   # the byte after the marker, inside ``data``
+        if found < 0 or found + len(marker) >= len(window) or at < 0:
+            tail[0] = window[-len(marker):]
             return data
         self.corrupted += 1
         self.corrupted_at = time.monotonic()
