@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import enum
 import errno
+import functools
 import getpass
 import hashlib
 import hmac
@@ -7619,17 +7620,11 @@ def _raise_open_file_limit() -> int | None:
         return soft
 
 
-_ENVIRON_KEYS: dict[str, str] = {}   # header name as sent -> its environ key ("" for one that is dropped)
-_ENVIRON_KEYS_MAX = 1024              # names a client makes up are not all kept
-
-
+@functools.lru_cache(maxsize=1024)   # the names clients send, each worked out once (made-up ones age out)
 def _environ_key(name: str) -> str:
     """The environ key of a header ("CONTENT_LENGTH", "CONTENT_TYPE", "HTTP_..."); "" for a name with "_"."""
     upper = name.upper().replace("-", "_")
-    key = "" if "_" in name else upper if upper in ("CONTENT_LENGTH", "CONTENT_TYPE") else "HTTP_" + upper
-    if len(_ENVIRON_KEYS) < _ENVIRON_KEYS_MAX:
-        _ENVIRON_KEYS[name] = key
-    return key
+    return "" if "_" in name else upper if upper in ("CONTENT_LENGTH", "CONTENT_TYPE") else "HTTP_" + upper
 
 
 class HTTPServer:
@@ -8122,9 +8117,7 @@ class HTTPServer:
         """Headers into ``environ``; (Connection tokens, (length, chunked) or the reason the framing is bad)."""
         lengths, codings, tokens = set(), [], set()
         for name, value in headers:
-            key = _ENVIRON_KEYS.get(name)
-            if key is None:
-                key = _environ_key(name)
+            key = _environ_key(name)
             if not key:
                 continue  # "X_A" and "X-A" would both be HTTP_X_A: such headers are dropped (as nginx does)
             if key == "CONTENT_LENGTH":

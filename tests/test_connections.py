@@ -424,7 +424,8 @@ def test_a_head_ended_with_bare_line_feeds_answers_400_at_once():
 
 def test_headers_reach_the_app_as_cgi_keys_however_many_names_clients_make_up():
     # header names are remembered with their environ keys, a bounded number of them: names past the bound
-    # (made up by a client, one per request here) must still arrive, and "_" names must still be dropped
+    # (made up by a client, one per request here) push the oldest out, and every one must still arrive right;
+    # "_" names must still be dropped
     seen = {}
 
     def app(environ, start_response):
@@ -433,13 +434,15 @@ def test_headers_reach_the_app_as_cgi_keys_however_many_names_clients_make_up():
         return [b""]
 
     with tiny_server(app) as port, connect(port) as sock:
-        for number in range(pyfiledrop._ENVIRON_KEYS_MAX + 50):
+        bound = pyfiledrop._environ_key.cache_info().maxsize
+        for number in range(bound + 50):
             assert get(sock, extra=f"X-Made-Up-{number}: {number}\r\n")[0] == 200
         sock.sendall(b"PUT / HTTP/1.1\r\nHost: t\r\nx-last: a\r\nX-Last: b\r\nX_Under: no\r\n"
                      b"content-type: text/plain\r\nContent-Length: 0\r\n\r\n")
         assert read_response(sock)[0] == 200
-    last = pyfiledrop._ENVIRON_KEYS_MAX + 49
-    assert seen[f"HTTP_X_MADE_UP_{last}"] == str(last) and seen["HTTP_X_MADE_UP_0"] == "0"
+        assert get(sock, extra="X-Made-Up-0: again\r\n")[0] == 200   # pushed out of the cache by now
+    last = bound + 49
+    assert seen[f"HTTP_X_MADE_UP_{last}"] == str(last) and seen["HTTP_X_MADE_UP_0"] == "again"
     assert seen["HTTP_X_LAST"] == "a, b" and "HTTP_X_UNDER" not in seen
     assert seen["CONTENT_TYPE"] == "text/plain" and seen["CONTENT_LENGTH"] == "0"
 
