@@ -678,6 +678,22 @@ def parse_chunk_extras(fields: Mapping[str, str]) -> ChunkExtras:
                        part_sha256=parse_sha256_hex(digest, "dzchunksha256") if digest else None)
 
 
+_random_bytes = b""
+_random_lock = threading.Lock()
+
+
+def new_upload_id() -> str:
+    """A random version-4 UUID (the id the server gives an upload), from ``os.urandom`` drawn 4 KiB at a time:
+    each draw is a system call, and with many small files arriving at once each system call hands the
+    interpreter lock to another thread, which costs more than the call (bench/README.md, 1.3)."""
+    global _random_bytes
+    with _random_lock:
+        if len(_random_bytes) < 16:
+            _random_bytes = os.urandom(4096)
+        drawn, _random_bytes = _random_bytes[:16], _random_bytes[16:]
+    return str(uuid.UUID(bytes=drawn, version=4))
+
+
 ###############################################################################
 # Errors as values ############################################################
 ###############################################################################
@@ -2453,7 +2469,7 @@ class Engine:
                       upload_id: str | None = None) -> UploadInfo:
         """A file that arrives whole in one request (PUT, a multipart file): received, then stored."""
         fresh = upload_id is None
-        upload_id = upload_id or str(uuid.uuid4())
+        upload_id = upload_id or new_upload_id()
         self.create(upload_id, name, size=size, part_size=max(1, size or 0), client=client, ephemeral=True,
                     fresh=fresh)
         try:
@@ -4798,7 +4814,7 @@ def receive_form(engine: Engine, environ: dict, client: str) -> dict:
 
 def _spool(engine: Engine, part: FilePart, client: str) -> str:
     """Receive a whole file of a form; stored by ``_store_spooled`` once the form has ended well."""
-    upload_id, name = str(uuid.uuid4()), sanitize_filename(part.filename)
+    upload_id, name = new_upload_id(), sanitize_filename(part.filename)
     with _Subject(name):
         engine.create(upload_id, name, size=None, part_size=1, client=client, ephemeral=True, fresh=True)
         engine.put(upload_id, 0, part.data)
@@ -4964,7 +4980,7 @@ def tus_create(engine: Engine, environ: dict, client: str) -> tuple[UploadInfo, 
         if with_upload:
             _drain(request_body(environ, content_length(environ)))
         return already, with_upload
-    upload_id = str(uuid.uuid4())
+    upload_id = new_upload_id()
     with _Subject(creation.name):
         checksum = tus_checksum(environ) if with_upload else None
         info = engine.create(upload_id, creation.name, size=creation.size, part_size=max(1, creation.size),
@@ -7305,6 +7321,16 @@ class _Wire:
             self.moved += count
             return count
 
+    def recv_waiting_into(self, view) -> int:
+        """What has arrived already, without waiting: 0 when nothing has (or the connection ended or broke,
+        which the next ``recv_into`` reports)."""
+        try:
+            count = self.sock.recv_into(view)
+        except OSError:  # nothing yet (BlockingIOError, ssl.SSLWantReadError) or broken
+            return 0
+        self.moved += count
+        return count
+
     def send(self, data) -> None:
         view = memoryview(data).cast("B")
         while view:
@@ -7364,6 +7390,10 @@ class _RequestBody:
             count = min(len(view), len(self._pending))
             view[:count] = self._pending[:count]
             self._pending = self._pending[count:]
+            if count < len(view) and not self._pending:
+                # With what has arrived since in the same block, a small file is one write and one hash
+                # update, not two (each is a system call that hands the interpreter lock on).
+                count += self._wire.recv_waiting_into(view[count:])
             return count
         return self._wire.recv_into(view)
 

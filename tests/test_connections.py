@@ -330,6 +330,36 @@ def test_chunked_request_body_reaches_the_app_intact():
         assert get(sock)[0] == 200  # the connection is still in step
 
 
+
+@pytest.mark.parametrize("ending", ["close", "reset"])
+def test_body_bytes_that_came_with_the_head_reach_the_app_when_the_client_then_vanishes(ending):
+    """The bytes read with the head are handed over with whatever else has arrived; a connection that has
+    ended or broken meanwhile costs none of them (a resumable upload keeps what arrived)."""
+    body, reads, done = os.urandom(5000), [], threading.Event()
+    may_read = threading.Event()
+
+    def app(environ, start_response):
+        may_read.wait(HANG)
+        buffer = memoryview(bytearray(65536))
+        try:
+            while count := environ["wsgi.input"].readinto(buffer):
+                reads.append(bytes(buffer[:count]))
+        except OSError as error:
+            reads.append(type(error).__name__)
+        done.set()
+        start_response("400 Bad Request", [("Content-Length", "0"), ("Connection", "close")])
+        return [b""]
+
+    with tiny_server(app) as port:
+        sock = connect(port)
+        sock.sendall(b"PUT / HTTP/1.1\r\nHost: t\r\nContent-Length: 100000\r\n\r\n" + body)
+        if ending == "reset":
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        sock.close()
+        may_read.set()
+        assert done.wait(HANG)
+    assert b"".join(reads[:-1]) == body and reads[-1] == "BodyIncomplete", reads[-1]
+
 def test_malformed_chunked_body_is_an_oserror_for_the_app():
     with tiny_server(echo_app) as port, connect(port) as sock:
         sock.sendall(b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nabcdeXX")

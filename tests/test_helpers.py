@@ -197,3 +197,25 @@ def test_a_changed_record_is_what_dataclasses_replace_gives():
         info.changed(colour="red")
     with pytest.raises(dataclasses.FrozenInstanceError):
         changed.size = 3
+
+
+def test_upload_ids_are_distinct_random_version_4_uuids_across_draws_and_threads():
+    import threading
+    import uuid
+    ids: list[str] = []
+    lock = threading.Lock()
+
+    def draw():
+        mine = [pyfiledrop.new_upload_id() for _ in range(700)]  # more than one 4 KiB draw holds
+        with lock:
+            ids.extend(mine)
+
+    threads = [threading.Thread(target=draw) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(ids) == len(set(ids)) == 2800
+    for text in ids:
+        parsed = uuid.UUID(text)
+        assert (str(parsed), parsed.version, parsed.variant) == (text, 4, uuid.RFC_4122)
