@@ -1731,6 +1731,7 @@ RIVAL_WAIT_S = 10.0              # a retry waits this long at most for an earlie
 CANCEL_QUIET_S = 5.0
 HASH_WINDOW = 8 * MIB            # the in-order hash reads back at most this much per turn of its lock
 HASH_BACKLOG = 32 * MIB          # a reply waits while more than this waits to be hashed: completion stays quick
+SMALL_WHOLE = READ_BLOCK         # a file of one request up to this size takes the short way (_receive_small)
 
 
 class _Writer:
@@ -2468,6 +2469,13 @@ class Engine:
     def receive_whole(self, name: str, pieces: Iterable, *, client: str, size: int | None = None,
                       upload_id: str | None = None) -> UploadInfo:
         """A file that arrives whole in one request (PUT, a multipart file): received, then stored."""
+        if upload_id is None and size is not None and size <= SMALL_WHOLE:
+            return self._receive_small(name, pieces, client, size)
+        return self.receive_in_steps(name, pieces, client=client, size=size, upload_id=upload_id)
+
+    def receive_in_steps(self, name: str, pieces: Iterable, *, client: str, size: int | None = None,
+                         upload_id: str | None = None) -> UploadInfo:
+        """``receive_whole`` by the calls every engine has: create, put, declare_size, finish."""
         fresh = upload_id is None
         upload_id = upload_id or new_upload_id()
         self.create(upload_id, name, size=size, part_size=max(1, size or 0), client=client, ephemeral=True,
@@ -2482,6 +2490,71 @@ class Engine:
         except BaseException:
             self.discard(upload_id)  # unless stored: then it is no longer live, and this does nothing
             raise
+
+    def _receive_small(self, name: str, pieces: Iterable, client: str, size: int) -> UploadInfo:
+        """``receive_whole`` for a small file of known size under a new id: the same steps with none of the
+        machinery for requests that share an upload (no one else knows the id, and it is not recorded until
+        stored), since at many small files a second that machinery was a tenth of each file's CPU time."""
+        if size > self.limits.max_size:
+            raise TooLarge(f"File too large: {size} bytes; this server accepts up to {self.limits.max_size} "
+                           "bytes per file.")
+        self.check_space(size)
+        upload_id, now = new_upload_id(), self.clock()
+        info = UploadInfo(id=upload_id, name=name, size=size, part_size=max(1, size), client=client,
+                          created=now, updated=now, received=((0, size),) if size else ())
+        fd = self._new_part(upload_id)
+        try:
+            digest = self._write_small(info, fd, pieces).hexdigest()
+            self.checkpoint("hashed")
+            info = self._store_small(info, digest)
+        finally:
+            os.close(fd)
+            self.backend.discard(upload_id)   # stored or not, the partial file goes
+        self.checkpoint("discarded")
+        with self._lock:
+            self.stored_count += 1
+        self.events(Stored(info))
+        return info
+
+    def _write_small(self, info: UploadInfo, fd: int, pieces: Iterable):
+        """Write and hash ``info.size`` bytes of ``pieces`` from offset 0; their sha256."""
+        hasher, position, next_progress = hashlib.sha256(), 0, 0.0
+        for piece in pieces:
+            count = len(piece)
+            extra = position + count - info.size
+            if extra > 0:
+                raise TooManyBytes("The request carries more bytes than it announced.", extra)
+            try:
+                self.backend.write_at(fd, piece, position)
+            except OSError as error:
+                raise storage_error(error)
+            hasher.update(piece)
+            position += count
+            now = time.monotonic()
+            if now >= next_progress:
+                next_progress = now + PROGRESS_EVERY_S
+                self.events(Progress(info.id, info.name, position, info.size, info.created))
+        if position != info.size:
+            raise ClientDisconnected("The request body ended before the whole file arrived.")
+        return hasher
+
+    def _store_small(self, info: UploadInfo, digest: str) -> UploadInfo:
+        """Link the received partial file under its name (or a stored file with its bytes), then record it."""
+        try:
+            stored_name, reason = self._link_same_content(info, digest)
+            stored_name = stored_name or self.backend.store(info.id, info.name)
+        except OSError as error:
+            raise storage_error(error)
+        now = self.clock()
+        info = info.changed(state=State.STORED, sha256=digest, reason=reason, stored_name=stored_name,
+                            finished=now, updated=now)
+        try:
+            self._record(info)
+        except UploadError:
+            self.backend.unstore(info.id, stored_name)   # no retry can come for a server's id: the name goes
+            raise
+        self.checkpoint("recorded")
+        return info
 
     def read(self, upload_id: str) -> Iterator[memoryview]:
         """The bytes received of an unfinished upload, from its start (each block valid until the next)."""
@@ -3511,7 +3584,7 @@ class S3Engine:
             found.append(upload)
         return found
 
-    receive_whole = Engine.receive_whole   # create, put, declare_size, finish: the same calls here
+    receive_whole = Engine.receive_in_steps   # create, put, declare_size, finish: the same calls here
 
     def check_space(self, needed: int) -> None:
         """The store's capacity is its own business: it answers a write it cannot take."""

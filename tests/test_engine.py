@@ -406,8 +406,10 @@ if kind == "parts":
     for offset in range(0, len(data), 4096):
         engine.put("crash-1", offset, [data[offset:offset + 4096]], length=len(data[offset:offset + 4096]))
     engine.finish("crash-1")
-else:
+elif kind == "whole":
     engine.receive_whole("x.bin", [data], client="", size=len(data), upload_id="crash-1")
+else:  # a small file under an id of the server's own: receive_whole's short way
+    engine.receive_whole("x.bin", [data], client="", size=len(data))
 print("finished without a crash")
 """
 STEPS = ["hashed", "linked", "recorded", "discarded"]
@@ -446,6 +448,42 @@ def test_a_kill_at_every_step_of_completion_ends_with_one_copy(tmp_path, step, k
         assert os.listdir(storage) == [] and upload_files(chunks) == []
         return
     assert_one_stored_copy(tmp_path, storage)
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_a_kill_at_every_step_of_storing_a_small_file_of_one_request_ends_with_one_copy_or_none(tmp_path, step):
+    """The short way for a small file under a server's id: killed before its link, nothing is stored and
+    nothing is left; from the link on, the file is stored once and recorded, and the chunks folder is empty."""
+    storage, chunks = folders(tmp_path)
+    run_until_killed(tmp_path, storage, chunks, step, "fresh")
+    engine = make_engine(tmp_path)
+    data = bytes(range(256)) * 40
+    recorded = engine.ledger.newest(10, 0)
+    assert upload_files(chunks) == []
+    if step == "hashed":
+        assert os.listdir(storage) == [] and recorded == []
+        return
+    assert sorted(os.listdir(storage)) == ["x.bin"] and (storage / "x.bin").read_bytes() == data
+    assert [(info.state, info.stored_name, info.sha256) for info in recorded] == \
+        [(State.STORED, "x.bin", hashlib.sha256(data).hexdigest())]
+
+
+@pytest.mark.parametrize("fault", ["ended early", "broke", "too many bytes"])
+def test_a_small_file_of_one_request_that_fails_on_the_way_leaves_nothing(tmp_path, fault):
+    engine = make_engine(tmp_path)
+
+    def body():
+        yield b"x" * 400
+        if fault == "broke":
+            raise pyfiledrop.ClientDisconnected("The connection broke while the file was being received.")
+        if fault == "too many bytes":
+            yield b"x" * 700
+
+    with pytest.raises(pyfiledrop.BadRequest if fault == "too many bytes" else pyfiledrop.ClientDisconnected):
+        engine.receive_whole("f.bin", body(), client="", size=1000)
+    assert os.listdir(engine.backend.storage) == [] and upload_files(engine.backend.chunks) == []
+    assert engine.ledger.newest(10, 0) == [] and engine.stored_count == 0
+    assert engine.receive_whole("f.bin", [b"y" * 1000], client="", size=1000).stored_name == "f.bin"
 
 
 @pytest.fixture

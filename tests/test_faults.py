@@ -377,6 +377,23 @@ def test_a_slow_put_shows_progress_as_bytes_arrive(tmp_path):
         assert_progress(drop.output, "slowput.bin", elapsed)
 
 
+@pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
+def test_a_slow_small_put_shows_progress_as_bytes_arrive(tmp_path):
+    """A file small enough for the short way of one request (up to 1 MiB) can still take seconds on a poor
+    link: its progress is shown as for any other."""
+    source = tmp_path / "small.bin"
+    source.write_bytes(os.urandom(1_000_000))
+    with drop_server(*folders(tmp_path)) as drop:
+        started = time.monotonic()
+        done = subprocess.run(["curl", "-sS", "--fail", "--limit-rate", "200K", "-T", str(source),
+                               f"http://127.0.0.1:{drop.port}/upload/slowsmall.bin"],
+                              capture_output=True, text=True, timeout=60)
+        elapsed = time.monotonic() - started
+        assert done.returncode == 0, done.stderr
+        assert_progress(drop.output, "slowsmall.bin", elapsed)
+        assert (drop.storage / "slowsmall.bin").read_bytes() == source.read_bytes()
+
+
 def test_progress_moves_within_one_chunk(tmp_path):
     """Issue 9, progress by bytes: one 12 MB chunk (chunk size 16 MiB) sent at ~2.6 MB/s (~4.6 s) printed no
     progress on 1.0, which only counts finished chunks."""
@@ -478,6 +495,21 @@ def test_a_file_that_leaves_the_ledger_no_room_is_507_and_leaves_nothing(tmp_pat
             status, reply = put(drop.port, "ten.txt", b"0123456789")
             assert status == 200 and reply["name"] == "ten.txt", (status, reply)
             assert storage_contents(storage) == {"ten.txt": b"0123456789"}
+
+
+def test_a_small_put_that_leaves_the_ledger_no_room_is_507_and_leaves_nothing(tmp_path):
+    """The same for a file small enough for the short way of one request: its name is taken back."""
+    with tmpfs(tmp_path / "small", "1m") as disk:
+        with drop_server(disk / "storage", disk / "chunks", *min_free("0")) as drop:
+            free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+            assert free <= MIB  # small enough for the short way
+            status, reply = put(drop.port, "f.bin", os.urandom(free))
+            assert status == 507, (status, reply)
+            assert not names(drop.storage), f"storage holds {sorted(names(drop.storage))}"
+            assert_clean(drop)
+            status, reply = put(drop.port, "ten.txt", b"0123456789")
+            assert status == 200 and reply["name"] == "ten.txt", (status, reply)
+            assert storage_contents(drop.storage) == {"ten.txt": b"0123456789"}
 
 
 # -- 7. console lines for failures ----------------------------------------------------------------------------
