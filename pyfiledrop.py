@@ -7306,10 +7306,12 @@ class ServerLimits:
     worker_idle_timeout: float = 60.0
     drain_bytes: int = 64 * 1024 * 1024
     """After a response, an unread request body up to this size is read off to keep the connection."""
-    linger: float = 0.005
+    linger: float = 0.05
     """After a response, a worker waits this long for the same connection's next request before parking it
-    in the selector: the page sends its next chunk, and a script its next file, within a millisecond or two,
-    and handing a connection back and forth costs more than a small file's whole request."""
+    in the selector: the page sends its next chunk, and a script its next file, one round trip after the
+    reply (over Wi-Fi 2 to 30 ms; on a loaded machine a local client's threads take turns), and handing a
+    connection back and forth costs more than a small file's whole request.  5 ms let 10-20% of the requests
+    of eight local clients go through the selector (bench/README.md, 1.3)."""
     listen_backlog: int = 1024
     """Connections the kernel queues before the selector accepts them (it accepts as fast as they come)."""
 
