@@ -1002,7 +1002,8 @@ class Ledger:
             raise
         self._migrate()
         self._contents = mmap.mmap(-1, self._CONTENT_BITS // 8)
-        self._load_contents()
+        self._ids = mmap.mmap(-1, self._ID_BITS // 8)
+        self._load_bits()
         placeholders = ", ".join("?" for _ in self._COLUMNS)
         updates = ", ".join(f"{column}=excluded.{column}" for column in self._COLUMNS[1:])
         self._upsert = (f"INSERT INTO uploads ({', '.join(self._COLUMNS)}) VALUES ({placeholders}) "
@@ -1026,12 +1027,29 @@ class Ledger:
     # lock).  128 KiB of anonymous memory (a page counts once a bit in it is set); with 100,000 files stored,
     # one new file in ten still asks the ledger.
     _CONTENT_BITS = 1 << 20
+    # Likewise which ids may have a record, by their hash: a new upload under a client's id (every small file
+    # the page sends) then needs no query to learn that nothing is recorded under it.
+    _ID_BITS = 1 << 20
 
-    def _load_contents(self) -> None:
+    def _load_bits(self) -> None:
         with self._lock:
-            for (sha256,) in self._db.execute("SELECT sha256 FROM uploads WHERE state = ? AND sha256 IS NOT NULL",
-                                              (State.STORED.value,)):
-                self._note_content(sha256)
+            for upload_id, state, sha256 in self._db.execute("SELECT id, state, sha256 FROM uploads"):
+                self._note_id(upload_id)
+                if state == State.STORED.value and sha256 is not None:
+                    self._note_content(sha256)
+
+    def _id_bit(self, upload_id: str) -> tuple[int, int]:
+        position = hash(upload_id) & (self._ID_BITS - 1)
+        return position >> 3, 1 << (position & 7)
+
+    def _note_id(self, upload_id: str) -> None:
+        byte, bit = self._id_bit(upload_id)
+        self._ids[byte] |= bit
+
+    def _may_have_id(self, upload_id: str) -> bool:
+        """False only when no record has this id."""
+        byte, bit = self._id_bit(upload_id)
+        return bool(self._ids[byte] & bit)
 
     def _content_bit(self, sha256: str) -> tuple[int, int] | None:
         try:
@@ -1107,6 +1125,7 @@ class Ledger:
         statements = []
         for number, row in enumerate(pending.rows):
             upload_id = row[0]
+            self._note_id(upload_id)  # before the commit: a look-up meanwhile asks the database
             before = written[upload_id] if upload_id in written else self._receiving.get(upload_id)
             if number == 0 and pending.mark is not None:
                 statements.append((self._upsert_marked, row + tuple(pending.mark)))
@@ -1156,6 +1175,8 @@ class Ledger:
         self._db.execute("COMMIT")
 
     def get(self, upload_id: str) -> UploadInfo | None:
+        if not self._may_have_id(upload_id):
+            return None
         with self._lock:
             row = self._db.execute(f"SELECT {', '.join(self._COLUMNS)} FROM uploads WHERE id = ?",
                                    (upload_id,)).fetchone()

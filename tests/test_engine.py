@@ -696,6 +696,26 @@ def test_a_v1_folder_is_migrated(tmp_path):
     assert engine.ledger.version == len(Ledger.MIGRATIONS)
 
 
+def test_every_record_is_found_by_its_id_before_and_after_a_restart_and_unknown_ids_are_not(tmp_path):
+    """The ledger skips the query for an id no record can have (a bitmap of the ids' hashes, rebuilt at start):
+    no record of any state may go missing for it, in the same run or the next."""
+    _, chunks = folders(tmp_path)
+    ledger = Ledger(chunks / Ledger.FILENAME)
+    base = pyfiledrop.UploadInfo(id="x", name="n.bin", size=4, part_size=4, client="", created=1, updated=1)
+    ids = {state: [f"{state.value}-{number}" for number in range(300)] for state in State}
+    for state, names in ids.items():
+        for upload_id in names:
+            ledger.save(base.changed(id=upload_id, state=state))
+    unknown = [str(uuid.uuid4()) for _ in range(2000)]
+    for run in range(2):
+        for state, names in ids.items():
+            assert [ledger.get(upload_id).state for upload_id in names] == [state] * len(names), (run, state)
+        assert [ledger.get(upload_id) for upload_id in unknown] == [None] * len(unknown)
+        ledger.close()
+        ledger = Ledger(chunks / Ledger.FILENAME)
+    ledger.close()
+
+
 def test_the_ledger_refuses_a_newer_schema(tmp_path):
     _, chunks = folders(tmp_path)
     Ledger(chunks / Ledger.FILENAME).close()
