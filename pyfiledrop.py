@@ -2382,14 +2382,7 @@ class Engine:
             stat = self.backend.part_stat(upload_id)
             if stat is None or stat.st_size != live.info.size:
                 raise StorageFailure("The partial file does not have the declared size.")
-        reason = ""
-        try:
-            stored_name = live.linked_as
-            if stored_name is None:
-                stored_name, reason = self._link_same_content(live.info, digest)
-            stored_name = stored_name or self.backend.store(upload_id, live.info.name, live.info.mtime)
-        except OSError as error:
-            raise storage_error(error)
+        stored_name, reason = (live.linked_as, "") if live.linked_as else self._final_name(live.info, digest)
         live.linked_as = stored_name
         now = self.clock()
         with live.lock:  # from now on a late commit of another request sees the upload stored
@@ -2440,6 +2433,15 @@ class Engine:
             except OSError:
                 continue
         return None
+
+    def _final_name(self, info: UploadInfo, digest: str) -> tuple[str, str]:
+        """(the stored name, the ledger's reason): a stored file with these bytes linked under the upload's name,
+        or else the complete partial file itself."""
+        try:
+            stored_name, reason = self._link_same_content(info, digest)
+            return stored_name or self.backend.store(info.id, info.name, info.mtime), reason
+        except OSError as error:
+            raise storage_error(error)
 
     def _link_same_content(self, info: UploadInfo, digest: str) -> tuple[str | None, str]:
         """(the name, the ledger's reason) when a stored file with these bytes now also carries this upload's
@@ -2565,11 +2567,7 @@ class Engine:
 
     def _store_small(self, info: UploadInfo, digest: str) -> UploadInfo:
         """Link the received partial file under its name (or a stored file with its bytes), then record it."""
-        try:
-            stored_name, reason = self._link_same_content(info, digest)
-            stored_name = stored_name or self.backend.store(info.id, info.name)
-        except OSError as error:
-            raise storage_error(error)
+        stored_name, reason = self._final_name(info, digest)
         now = self.clock()
         info = info.changed(state=State.STORED, sha256=digest, reason=reason, stored_name=stored_name,
                             finished=now, updated=now)
