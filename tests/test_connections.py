@@ -330,7 +330,6 @@ def test_chunked_request_body_reaches_the_app_intact():
         assert get(sock)[0] == 200  # the connection is still in step
 
 
-
 @pytest.mark.parametrize("ending", ["close", "reset"])
 def test_body_bytes_that_came_with_the_head_reach_the_app_when_the_client_then_vanishes(ending):
     """The bytes read with the head are handed over with whatever else has arrived; a connection that has
@@ -359,6 +358,7 @@ def test_body_bytes_that_came_with_the_head_reach_the_app_when_the_client_then_v
         may_read.set()
         assert done.wait(HANG)
     assert b"".join(reads[:-1]) == body and reads[-1] == "BodyIncomplete", reads[-1]
+
 
 def test_malformed_chunked_body_is_an_oserror_for_the_app():
     with tiny_server(echo_app) as port, connect(port) as sock:
