@@ -1854,9 +1854,8 @@ class Engine:
         arrives in one request, so it is recorded only once stored.  ``fresh``: the id was just made by the
         server, so nothing can be under it yet (no look-up).  ``mtime``: the stored file's modification time.
         """
-        if size is not None and size > self.limits.max_size:
-            raise TooLarge(f"File too large: {size} bytes; this server accepts up to {self.limits.max_size} "
-                           "bytes per file.")
+        if size is not None:
+            self._check_size(size)
         with self._opening[hash(upload_id) % 64]:
             live = self._live.get(upload_id)
             recorded = None if live is not None or fresh else self.ledger.get(upload_id)
@@ -1883,6 +1882,11 @@ class Engine:
             with self._lock:
                 self._live[upload_id] = live
             return info
+
+    def _check_size(self, size: int) -> None:
+        if size > self.limits.max_size:
+            raise TooLarge(f"File too large: {size} bytes; this server accepts up to {self.limits.max_size} "
+                           "bytes per file.")
 
     def _new_part(self, upload_id: str) -> int:
         try:
@@ -2522,9 +2526,7 @@ class Engine:
         """``receive_whole`` for a small file of known size under a new id: the same steps with none of the
         machinery for requests that share an upload (no one else knows the id, and it is not recorded until
         stored), since at many small files a second that machinery was a tenth of each file's CPU time."""
-        if size > self.limits.max_size:
-            raise TooLarge(f"File too large: {size} bytes; this server accepts up to {self.limits.max_size} "
-                           "bytes per file.")
+        self._check_size(size)
         self.check_space(size)
         upload_id, now = new_upload_id(), self.clock()
         info = UploadInfo(id=upload_id, name=name, size=size, part_size=max(1, size), client=client,
