@@ -94,6 +94,23 @@ def write_random(path: Path, size: int) -> str:
     return digest.hexdigest()
 
 
+def new_small_files(folder: Path, count: int, size: int) -> tuple[list[str], dict[str, int]]:
+    """(paths, {sha256: how many}) of ``count`` files of new random bytes, written over the last ones.
+
+    New bytes for every measurement: pyfiledrop keeps the same bytes once (a file whose sha256 a stored upload
+    has is checked against that file and linked to it), so a batch it has seen before would measure that
+    lookup (a ledger query and a `stat` of every earlier copy, which the bench has set aside) instead of new
+    files; copyparty, run here without its database, looks nothing up.
+    """
+    paths, digests = [], {}
+    for number in range(count):
+        path = folder / f"small-{number:04d}.bin"
+        digest = write_random(path, size)
+        digests[digest] = digests.get(digest, 0) + 1
+        paths.append(str(path))
+    return paths, digests
+
+
 # -- process memory ---------------------------------------------------------------------------------------
 def _status(pid: int, key: str) -> int:
     try:
@@ -611,12 +628,6 @@ def main(argv=None) -> int:
         if do_many:
             small = tmp / "small"
             small.mkdir()
-            paths, digests = [], {}
-            for number in range(args.files):
-                path = small / f"small-{number:04d}.bin"
-                d = write_random(path, args.file_size)
-                digests[d] = digests.get(d, 0) + 1
-                paths.append(str(path))
         for run in range(args.runs if do_big or do_many else 0):
             bench.run = run
             print(f"run {run + 1} of {args.runs}", flush=True)
@@ -634,6 +645,7 @@ def main(argv=None) -> int:
             if do_many:
                 for clients in (1, 8):
                     for name, server, mode, _ in many_cases:
+                        paths, digests = new_small_files(small, args.files, args.file_size)
                         bench.many(server, paths, digests, clients, f"many {name} x{clients}", mode)
         if source.exists():
             source.unlink()
