@@ -1046,7 +1046,7 @@ class Ledger:
         byte, bit = self._id_bit(upload_id)
         self._ids[byte] |= bit
 
-    def _may_have_id(self, upload_id: str) -> bool:
+    def may_have_id(self, upload_id: str) -> bool:
         """False only when no record has this id."""
         byte, bit = self._id_bit(upload_id)
         return bool(self._ids[byte] & bit)
@@ -1175,7 +1175,7 @@ class Ledger:
         self._db.execute("COMMIT")
 
     def get(self, upload_id: str) -> UploadInfo | None:
-        if not self._may_have_id(upload_id):
+        if not self.may_have_id(upload_id):
             return None
         with self._lock:
             row = self._db.execute(f"SELECT {', '.join(self._COLUMNS)} FROM uploads WHERE id = ?",
@@ -1818,6 +1818,23 @@ class _Live:
         return sum(max(0, writer.position - writer.committed_to) for writer in tuple(self.writers))
 
 
+class _SmallClaim:
+    """A small file of one request on the short way (``Engine._receive_small``).  Under a client's id another
+    request for it may come (a retry of a stalled request): that one waits while this one moves, then fences
+    it.  ``lock`` is held to fence it, and by the request itself from the link of the name to the removal of
+    the partial file, so the upload ends either stored by this request or left to the newer one."""
+
+    __slots__ = ("info", "lock", "fenced", "ended", "last_progress", "watched")
+
+    def __init__(self, info: UploadInfo):
+        self.info = info
+        self.lock = threading.Lock()
+        self.fenced = False          # a newer request (or a cancel) took over: this one stores nothing
+        self.ended = False           # stored, or given up
+        self.last_progress = time.monotonic()
+        self.watched = False         # a newer request waits for its end
+
+
 class Engine:
     """Uploads as byte ranges: create, put bytes at an offset, info, finish, expire, list.
 
@@ -1839,6 +1856,8 @@ class Engine:
         self._lock = threading.Lock()                  # the dict of live uploads; never held across I/O
         self._live: dict[str, _Live] = {}
         self._opening = [threading.Lock() for _ in range(64)]   # loading or creating, striped per id
+        self._small: dict[str, _SmallClaim] = {}       # small files on the short way under their client's id
+        self._small_ended = threading.Condition(self._lock)
         self.stored_count = 0
         self.recovered = recover(ledger, backend, clock, self._notice)
 
@@ -1856,32 +1875,49 @@ class Engine:
         """
         if size is not None:
             self._check_size(size)
-        with self._opening[hash(upload_id) % 64]:
-            live = self._live.get(upload_id)
-            recorded = None if live is not None or fresh else self.ledger.get(upload_id)
-            if recorded is not None and recorded.state is State.RECEIVING:
-                live = self._resume(recorded)
-            if live is not None:
-                _check_same(live.info, name, size, part_size)
-                return live.info
-            if recorded is not None and recorded.state is State.STORED:
-                _check_same(recorded, name, size, part_size)
-                return recorded
-            if recorded is not None and recorded.state is State.DELETED and \
-                    self.clock() - recorded.updated < CANCEL_QUIET_S:
-                raise Conflict("This upload was cancelled a moment ago.")
-            self.check_space(size or 0)
-            now = self.clock()
-            info = UploadInfo(id=upload_id, name=name, size=size, part_size=part_size, client=client,
-                              created=now, updated=now, mtime=mtime)
-            fd = self._new_part(upload_id)
-            live = _Live(info, ephemeral, fd if ephemeral else None)
-            if not ephemeral:
-                os.close(fd)
-                self._record(info, on_failure=lambda: self.backend.discard(upload_id))
-            with self._lock:
-                self._live[upload_id] = live
-            return info
+        stripe = self._opening[hash(upload_id) % 64]
+        stripe.acquire()
+        try:
+            # A request of the short way under this id: waited for while it moves, then fenced; none can begin
+            # while the stripe is held.
+            while (claim := self._small.get(upload_id)) is not None and not (claim.ended or claim.fenced):
+                stripe.release()
+                try:
+                    self._take_over_small(claim)
+                finally:
+                    stripe.acquire()
+            return self._create_here(upload_id, name, size, part_size, client, ephemeral, fresh, mtime)
+        finally:
+            stripe.release()
+
+    def _create_here(self, upload_id: str, name: str, size: int | None, part_size: int, client: str,
+                     ephemeral: bool, fresh: bool, mtime: float | None) -> UploadInfo:
+        """``create``, holding the id's stripe of ``_opening``."""
+        live = self._live.get(upload_id)
+        recorded = None if live is not None or fresh else self.ledger.get(upload_id)
+        if recorded is not None and recorded.state is State.RECEIVING:
+            live = self._resume(recorded)
+        if live is not None:
+            _check_same(live.info, name, size, part_size)
+            return live.info
+        if recorded is not None and recorded.state is State.STORED:
+            _check_same(recorded, name, size, part_size)
+            return recorded
+        if recorded is not None and recorded.state is State.DELETED and \
+                self.clock() - recorded.updated < CANCEL_QUIET_S:
+            raise Conflict("This upload was cancelled a moment ago.")
+        self.check_space(size or 0)
+        now = self.clock()
+        info = UploadInfo(id=upload_id, name=name, size=size, part_size=part_size, client=client,
+                          created=now, updated=now, mtime=mtime)
+        fd = self._new_part(upload_id)
+        live = _Live(info, ephemeral, fd if ephemeral else None)
+        if not ephemeral:
+            os.close(fd)
+            self._record(info, on_failure=lambda: self.backend.discard(upload_id))
+        with self._lock:
+            self._live[upload_id] = live
+        return info
 
     def _check_size(self, size: int) -> None:
         if size > self.limits.max_size:
@@ -1893,7 +1929,8 @@ class Engine:
             try:
                 return self.backend.create_part(upload_id)
             except FileExistsError:
-                # Neither live nor recorded (we hold this id's opening lock): left by a stop before its record.
+                # Neither live nor recorded (we hold this id's opening lock): left by a stop before its record,
+                # or by a request of the short way this one has just fenced.
                 self.backend.discard(upload_id)
                 return self.backend.create_part(upload_id)
         except OSError as error:
@@ -1952,6 +1989,9 @@ class Engine:
         live = self._live.get(upload_id)
         if live is not None:
             return live.info
+        claim = self._small.get(upload_id)
+        if claim is not None and not claim.ended:
+            return claim.info
         info = self.ledger.get(upload_id)
         if info is None:
             raise NotFound("No such upload.")
@@ -2501,7 +2541,11 @@ class Engine:
                       upload_id: str | None = None) -> UploadInfo:
         """A file that arrives whole in one request (PUT, a multipart file): received, then stored."""
         if upload_id is None and size is not None and size <= SMALL_WHOLE:
-            return self._receive_small(name, pieces, client, size)
+            self._check_size(size)
+            now = self.clock()
+            claim = _SmallClaim(UploadInfo(id=new_upload_id(), name=name, size=size, part_size=max(1, size),
+                                           client=client, created=now, updated=now))
+            return self._receive_small(claim, pieces)   # nobody else knows the id: the claim is not shown
         return self.receive_in_steps(name, pieces, client=client, size=size, upload_id=upload_id)
 
     def receive_in_steps(self, name: str, pieces: Iterable, *, client: str, size: int | None = None,
@@ -2522,44 +2566,66 @@ class Engine:
             self.discard(upload_id)  # unless stored: then it is no longer live, and this does nothing
             raise
 
-    def _receive_small(self, name: str, pieces: Iterable, client: str, size: int) -> UploadInfo:
-        """``receive_whole`` for a small file of known size under a new id: the same steps with none of the
-        machinery for requests that share an upload (no one else knows the id, and it is not recorded until
-        stored), since at many small files a second that machinery was a tenth of each file's CPU time."""
+    def receive_small(self, upload_id: str, name: str, pieces: Iterable, *, client: str, size: int,
+                      part_size: int, mtime: float | None = None, sha256: bytes | None = None) -> UploadInfo | None:
+        """A small file (``SMALL_WHOLE`` at most) in one request under the client's id (a file of one chunk):
+        stored by ``_receive_small``'s short way while nothing is known under that id.  None, with nothing
+        read, when something is (live, recorded, or another request on this way): the caller then takes the
+        general steps, whose ``create`` takes over from a request here.  ``sha256``: the client's hash of the
+        file; bytes without it are refused (ChecksumMismatch) and stored nowhere."""
+        if size > SMALL_WHOLE:
+            return None
         self._check_size(size)
-        self.check_space(size)
-        upload_id, now = new_upload_id(), self.clock()
-        info = UploadInfo(id=upload_id, name=name, size=size, part_size=max(1, size), client=client,
-                          created=now, updated=now, received=((0, size),) if size else ())
-        fd = self._new_part(upload_id)
+        with self._opening[hash(upload_id) % 64]:
+            if upload_id in self._live or upload_id in self._small or self.ledger.may_have_id(upload_id):
+                return None
+            now = self.clock()
+            claim = _SmallClaim(UploadInfo(id=upload_id, name=name, size=size, part_size=part_size, client=client,
+                                           created=now, updated=now, mtime=mtime))
+            with self._lock:
+                self._small[upload_id] = claim
+        return self._receive_small(claim, pieces, sha256)
+
+    def _receive_small(self, claim: _SmallClaim, pieces: Iterable, sha256: bytes | None = None) -> UploadInfo:
+        """A small file of known size in one request: the general steps' work with none of their machinery for
+        requests that share an upload (at many small files a second that machinery was a tenth of each file's
+        CPU time).  Under a server's id no other request can know the upload; under a client's, ``claim`` is
+        how a newer request takes over (``create``).  Nothing is recorded until the file is stored."""
+        info, fd, stored = claim.info, None, False
         try:
-            digest = self._write_small(info, fd, pieces).hexdigest()
+            self.check_space(info.size)
+            fd = self._new_part(info.id)
+            hasher = self._write_small(claim, fd, pieces)
+            if sha256 is not None:
+                _verify(hasher, ("sha256", sha256))
             self.checkpoint("hashed")
-            info = self._store_small(info, digest)
+            info = self._store_small(claim, hasher.hexdigest())
+            stored = True
         finally:
-            os.close(fd)
-            self.backend.discard(upload_id)   # stored or not, the partial file goes
-        self.checkpoint("discarded")
+            self._let_go_small(claim, fd, stored)
         with self._lock:
             self.stored_count += 1
         self.events(Stored(info))
         return info
 
-    def _write_small(self, info: UploadInfo, fd: int, pieces: Iterable):
+    def _write_small(self, claim: _SmallClaim, fd: int, pieces: Iterable):
         """Write and hash ``info.size`` bytes of ``pieces`` from offset 0; their sha256."""
+        info = claim.info
         hasher, position, next_progress = hashlib.sha256(), 0, 0.0
         for piece in pieces:
             count = len(piece)
             extra = position + count - info.size
             if extra > 0:
                 raise TooManyBytes("The request carries more bytes than it announced.", extra)
+            if claim.fenced:  # its partial file may no longer be the one under its id: its bytes go nowhere
+                raise Superseded("A newer request took over this upload.")
             try:
                 self.backend.write_at(fd, piece, position)
             except OSError as error:
                 raise storage_error(error)
             hasher.update(piece)
             position += count
-            now = time.monotonic()
+            claim.last_progress = now = time.monotonic()
             if now >= next_progress:
                 next_progress = now + PROGRESS_EVERY_S
                 self.events(Progress(info.id, info.name, position, info.size, info.created))
@@ -2567,19 +2633,62 @@ class Engine:
             raise ClientDisconnected("The request body ended before the whole file arrived.")
         return hasher
 
-    def _store_small(self, info: UploadInfo, digest: str) -> UploadInfo:
-        """Link the received partial file under its name (or a stored file with its bytes), then record it."""
-        stored_name, reason = self._final_name(info, digest)
-        now = self.clock()
-        info = info.changed(state=State.STORED, sha256=digest, reason=reason, stored_name=stored_name,
-                            finished=now, updated=now)
-        try:
-            self._record(info)
-        except UploadError:
-            self.backend.unstore(info.id, stored_name)   # no retry can come for a server's id: the name goes
-            raise
-        self.checkpoint("recorded")
+    def _store_small(self, claim: _SmallClaim, digest: str) -> UploadInfo:
+        """Link the received partial file under its name (or a stored file with its bytes), record it, remove the
+        partial file: all while no newer request can fence this one."""
+        with claim.lock:
+            if claim.fenced:
+                raise Superseded("A newer request took over this upload.")
+            info = claim.info
+            stored_name, reason = self._final_name(info, digest)
+            now = self.clock()
+            info = info.changed(state=State.STORED, sha256=digest, reason=reason, stored_name=stored_name,
+                                received=((0, info.size),) if info.size else (), finished=now, updated=now)
+            try:
+                self._record(info)
+            except UploadError:
+                # A retry finds nothing recorded and starts again: the name goes, or it would be stored twice.
+                self.backend.unstore(info.id, stored_name)
+                raise
+            claim.ended = True
+            self.checkpoint("recorded")
+            self.backend.discard(info.id)
+        self.checkpoint("discarded")
         return info
+
+    def _let_go_small(self, claim: _SmallClaim, fd: int | None, stored: bool) -> None:
+        """The request of ``claim`` is over: its partial file goes unless stored (and then only while it is the
+        one under its id: a newer request that fenced it makes its own), and a newer request waiting is told."""
+        upload_id = claim.info.id
+        try:
+            if fd is not None and not stored:
+                with self._opening[hash(upload_id) % 64]:
+                    mine, there = os.fstat(fd), self.backend.part_stat(upload_id)
+                    if there is not None and (there.st_dev, there.st_ino) == (mine.st_dev, mine.st_ino):
+                        self.backend.discard(upload_id)
+        finally:
+            if fd is not None:
+                os.close(fd)
+            with claim.lock:
+                claim.ended = True
+            with self._lock:
+                if self._small.get(upload_id) is claim:
+                    del self._small[upload_id]
+                if claim.watched:
+                    self._small_ended.notify_all()
+
+    def _take_over_small(self, claim: _SmallClaim) -> None:
+        """Wait while the request of ``claim`` moves (RIVAL_WAIT_S at most, as ``_claim`` waits for a rival),
+        then fence it: from then on it stores nothing, and the caller goes on alone."""
+        deadline = time.monotonic() + RIVAL_WAIT_S
+        with self._small_ended:
+            claim.watched = True
+            while not claim.ended and time.monotonic() - claim.last_progress < STALLED_AFTER_S and \
+                    time.monotonic() < deadline:
+                self._small_ended.wait(STALLED_AFTER_S / 4)
+        with claim.lock:
+            if not claim.ended:
+                claim.fenced = True
 
     def read(self, upload_id: str) -> Iterator[memoryview]:
         """The bytes received of an unfinished upload, from its start (each block valid until the next)."""
@@ -2603,6 +2712,12 @@ class Engine:
     def abort(self, upload_id: str, reason: str = "cancelled") -> UploadInfo:
         """End an unfinished upload for good (the client cancelled it): requests still writing it are fenced,
         its partial file goes, its record stays as deleted.  A stored upload is answered as it is."""
+        claim = self._small.get(upload_id)
+        if claim is not None:
+            with claim.lock:
+                if not claim.ended:  # its request stores nothing now, and takes its partial file away
+                    claim.fenced = True
+                    return claim.info.changed(state=State.DELETED, updated=self.clock(), reason=reason)
         with self._opening[hash(upload_id) % 64]:
             live = self._live.get(upload_id) or self._resume(self.ledger.get(upload_id))
         if live is None:
@@ -3610,6 +3725,10 @@ class S3Engine:
         return found
 
     receive_whole = Engine.receive_in_steps   # create, put, declare_size, finish: the same calls here
+
+    def receive_small(self, *args, **kwargs) -> None:
+        """Every upload under a client's id takes the general steps here (its claim is the object store's)."""
+        return None
 
     def check_space(self, needed: int) -> None:
         """The store's capacity is its own business: it answers a write it cannot take."""
@@ -4824,6 +4943,10 @@ def receive_chunk(engine: Engine, chunk: ChunkInfo, filename: str, data: Iterabl
     name = extras.path or sanitize_filename(filename)
     checksum = ("sha256", extras.part_sha256) if extras.part_sha256 is not None else None
     with _Subject(name):
+        if chunk.total_chunks == 1:
+            info = _receive_one_chunk(engine, chunk, name, data, client, extras)
+            if info is not None:
+                return completed_reply(info)
         info = engine.create(chunk.upload_id, name, size=chunk.total_size, part_size=chunk.chunk_size,
                              client=client, ephemeral=chunk.total_chunks == 1, mtime=extras.mtime)
         if info.state is State.RECEIVING and checksum is not None and info.part_received(chunk.index) and \
@@ -4837,11 +4960,7 @@ def receive_chunk(engine: Engine, chunk: ChunkInfo, filename: str, data: Iterabl
                 info = engine.put(chunk.upload_id, chunk.offset, counted, length=chunk.length, atomic=True,
                                   checksum=checksum)
             except TooManyBytes as error:
-                seen = chunk.length + error.extra + _Counted(data).drain(engine.limits.max_size)
-                if chunk.offset + seen > engine.limits.max_size:
-                    raise TooLarge(f"File too large: this server accepts up to {engine.limits.max_size} bytes "
-                                   "per file.") from None
-                raise BadRequest(f"Chunk {chunk.index} has {seen} bytes; expected {chunk.length}.") from None
+                raise _overrun(engine, chunk, error, data) from None
         if info.state is State.RECEIVING and not info.part_received(chunk.index):
             if chunk.total_chunks == 1:
                 engine.discard(chunk.upload_id)
@@ -4852,6 +4971,30 @@ def receive_chunk(engine: Engine, chunk: ChunkInfo, filename: str, data: Iterabl
             return completed_reply(info)
         return {"id": info.id, "complete": False, "received_chunks": info.received_parts(),
                 "total_chunks": info.total_parts}
+
+
+def _receive_one_chunk(engine: Engine, chunk: ChunkInfo, name: str, data: Iterable, client: str,
+                       extras: ChunkExtras) -> UploadInfo | None:
+    """A file of one chunk by the engine's short way (``receive_small``); None, nothing read, when its id is
+    known there and the general steps answer it."""
+    counted = _Counted(data)
+    try:
+        return engine.receive_small(chunk.upload_id, name, counted, client=client, size=chunk.total_size,
+                                    part_size=chunk.chunk_size, mtime=extras.mtime, sha256=extras.part_sha256)
+    except TooManyBytes as error:
+        raise _overrun(engine, chunk, error, data) from None
+    except ClientDisconnected:
+        if counted.ended:  # its part ended early (the boundary came): the client's count is wrong
+            raise BadRequest(f"Chunk {chunk.index} has {counted.count} bytes; expected {chunk.length}.") from None
+        raise
+
+
+def _overrun(engine: Engine, chunk: ChunkInfo, error: TooManyBytes, data: Iterable) -> UploadError:
+    """The error for a chunk with more bytes than its fields say (the rest is read to tell how many)."""
+    seen = chunk.length + error.extra + _Counted(data).drain(engine.limits.max_size)
+    if chunk.offset + seen > engine.limits.max_size:
+        return TooLarge(f"File too large: this server accepts up to {engine.limits.max_size} bytes per file.")
+    return BadRequest(f"Chunk {chunk.index} has {seen} bytes; expected {chunk.length}.")
 
 
 def receive_put(engine: Engine, environ: dict, client: str) -> dict:
@@ -4932,11 +5075,13 @@ class _Counted:
     def __init__(self, data: Iterable):
         self.data = iter(data)
         self.count = 0
+        self.ended = False   # the pieces came to their end (rather than an error)
 
     def __iter__(self):
         for piece in self.data:
             self.count += len(piece)
             yield piece
+        self.ended = True
 
     def drain(self, enough: int) -> int:
         """Read on (dropping the bytes) until the end or ``enough`` bytes; how many were read."""

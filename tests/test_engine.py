@@ -313,6 +313,107 @@ def test_a_stalled_request_is_taken_over_at_once_and_its_later_bytes_dropped(tmp
     assert info.sha256 == hashlib.sha256(retry).hexdigest()
 
 
+# -- a small file of one chunk under the client's id: the short way, and a request that takes it over ----------
+
+def one_chunk(engine, upload_id, data, *, sha256=None):
+    """As the chunk adapter sends a file of one chunk: the short way, else (its id known) the general steps."""
+    info = engine.receive_small(upload_id, "one.bin", data, client="", size=100, part_size=MIB, sha256=sha256)
+    if info is not None:
+        return info
+    engine.create(upload_id, "one.bin", size=100, part_size=MIB, client="", ephemeral=True)
+    engine.put(upload_id, 0, data, length=100, atomic=True)
+    return engine.finish(upload_id)
+
+
+def held_client(first, started, release):
+    yield first[:50]
+    started.set()
+    release()
+    yield first[50:]
+
+
+def run_in_thread(call):
+    outcome, done = [], threading.Event()
+
+    def target():
+        try:
+            outcome.append(call())
+        except pyfiledrop.UploadError as error:
+            outcome.append(error)
+        done.set()
+
+    threading.Thread(target=target, daemon=True).start()
+    return outcome, done
+
+
+def test_a_stalled_small_file_on_the_short_way_is_taken_over_by_its_retry(tmp_path, monkeypatch):
+    monkeypatch.setattr(pyfiledrop, "STALLED_AFTER_S", 0.05)
+    engine = make_engine(tmp_path)
+    first, retry = os.urandom(100), os.urandom(100)
+    started, release = threading.Event(), threading.Event()
+    outcome, done = run_in_thread(lambda: one_chunk(engine, "s1", held_client(first, started,
+                                                                                lambda: release.wait(30))))
+    assert started.wait(10)
+    assert engine.info("s1").state is State.RECEIVING   # the status of a file on its way, not "no such upload"
+    info = one_chunk(engine, "s1", pieces(retry))       # the stalled one sends nothing more: no wait for it
+    release.set()
+    assert done.wait(10) and isinstance(outcome[0], Superseded), outcome
+    assert info.state is State.STORED and info.sha256 == hashlib.sha256(retry).hexdigest()
+    assert os.listdir(engine.backend.storage) == ["one.bin"]
+    assert (engine.backend.storage / "one.bin").read_bytes() == retry
+    assert upload_files(engine.backend.chunks) == []
+
+
+def test_a_retry_of_a_small_file_still_moving_waits_for_it_and_answers_what_it_stored(tmp_path):
+    engine = make_engine(tmp_path)
+    first = os.urandom(100)
+    started = threading.Event()
+    watched = lambda: wait_until(lambda: engine._small["s2"].watched, 10, "the retry waiting")  # noqa: E731
+    outcome, done = run_in_thread(lambda: one_chunk(engine, "s2", held_client(first, started, watched)))
+    assert started.wait(10)
+    info = one_chunk(engine, "s2", pieces(b"R" * 100))   # a copy of the same request: waits, stores nothing
+    assert done.wait(10) and outcome[0].state is State.STORED, outcome
+    assert info == outcome[0] and info.sha256 == hashlib.sha256(first).hexdigest()
+    assert os.listdir(engine.backend.storage) == ["one.bin"] and upload_files(engine.backend.chunks) == []
+
+
+def test_a_small_file_on_the_short_way_cancelled_is_stored_nowhere(tmp_path):
+    engine = make_engine(tmp_path)
+    started, release = threading.Event(), threading.Event()
+    outcome, done = run_in_thread(lambda: one_chunk(engine, "s3", held_client(os.urandom(100), started,
+                                                                                lambda: release.wait(30))))
+    assert started.wait(10)
+    assert engine.abort("s3").state is State.DELETED
+    release.set()
+    assert done.wait(10) and isinstance(outcome[0], Superseded), outcome
+    assert os.listdir(engine.backend.storage) == [] and upload_files(engine.backend.chunks) == []
+    with pytest.raises(NotFound):
+        engine.info("s3")
+
+
+def test_the_short_way_reads_nothing_of_an_id_already_known(tmp_path):
+    engine = make_engine(tmp_path)
+    stored = one_chunk(engine, "known", [b"k" * 100])
+    engine.create("live", "one.bin", size=100, part_size=MIB, client="")
+    for upload_id in ("known", "live"):
+        untouched = iter([b"x" * 100])
+        assert engine.receive_small(upload_id, "one.bin", untouched, client="", size=100, part_size=MIB) is None
+        assert next(untouched) == b"x" * 100
+    assert one_chunk(engine, "known", [b"k" * 100]) == stored   # the general steps answer the stored file
+    assert os.listdir(engine.backend.storage) == ["one.bin"]
+
+
+def test_a_small_file_without_the_hash_its_client_sent_is_stored_nowhere(tmp_path):
+    engine = make_engine(tmp_path)
+    data = os.urandom(100)
+    damaged = bytes([data[0] ^ 1]) + data[1:]
+    with pytest.raises(pyfiledrop.ChecksumMismatch):
+        one_chunk(engine, "h1", [damaged], sha256=hashlib.sha256(data).digest())
+    assert os.listdir(engine.backend.storage) == [] and upload_files(engine.backend.chunks) == []
+    info = one_chunk(engine, "h1", [data], sha256=hashlib.sha256(data).digest())
+    assert info.state is State.STORED and (engine.backend.storage / "one.bin").read_bytes() == data
+
+
 def test_parts_ahead_of_a_stalled_part_are_answered(tmp_path, monkeypatch):
     """Replies of parts far ahead of the in-order hash wait for it while it moves (completion then has little
     left to hash), but not for a part before them whose client stopped sending: the page may send that part
@@ -408,6 +509,8 @@ if kind == "parts":
     engine.finish("crash-1")
 elif kind == "whole":
     engine.receive_whole("x.bin", [data], client="", size=len(data), upload_id="crash-1")
+elif kind == "one":  # a small file of one chunk under the client's id: receive_small's short way
+    assert engine.receive_small("crash-1", "x.bin", [data], client="", size=len(data), part_size=1 << 20)
 else:  # a small file under an id of the server's own: receive_whole's short way
     engine.receive_whole("x.bin", [data], client="", size=len(data))
 print("finished without a crash")
@@ -435,12 +538,12 @@ def assert_one_stored_copy(tmp_path, storage):
     assert again.stored_name == "x.bin" and sorted(os.listdir(storage)) == ["x.bin"]
 
 
-@pytest.mark.parametrize("kind", ["parts", "whole"])
+@pytest.mark.parametrize("kind", ["parts", "whole", "one"])
 @pytest.mark.parametrize("step", STEPS)
 def test_a_kill_at_every_step_of_completion_ends_with_one_copy(tmp_path, step, kind):
     storage, chunks = folders(tmp_path)
     run_until_killed(tmp_path, storage, chunks, step, kind)
-    if kind == "whole" and step == "hashed":
+    if kind in ("whole", "one") and step == "hashed":
         # a one-request upload killed before its link has no record: nothing stored, nothing left behind
         engine = make_engine(tmp_path)
         with pytest.raises(NotFound):

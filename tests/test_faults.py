@@ -112,6 +112,48 @@ def test_late_bytes_of_a_stalled_chunk_are_discarded(tmp_path, held):
             stalled.close()
 
 
+@pytest.mark.parametrize("held", ["half", "all"])
+def test_a_stalled_small_file_of_one_chunk_is_taken_over_by_its_retry(tmp_path, held):
+    """A small file is one chunk from the page, and such a chunk takes the engine's short way (no record, no
+    claim on its range); its retry must still take a stalled request over at once, the stalled request's late
+    bytes must not count, and the file must be stored once, with the retry's bytes, nothing left behind."""
+    rng = random.Random(7)
+    data, impostor = rng.randbytes(300_000), rng.randbytes(300_000)
+    upload_id = str(uuid.uuid4())
+    with drop_server(*folders(tmp_path)) as drop:
+        stalled = stall_first_chunk(drop, upload_id, impostor, len(data), 8 * MIB, "one.bin",
+                                    sent=len(impostor) if held == "all" else None)
+        try:
+            assert status_of(drop.port, upload_id)[0] == 200   # on its way, not "no such upload"
+            status, reply = retry_within_10_s(drop, upload_id, 0, data, len(data), 8 * MIB, "one.bin")
+            assert status == 200 and reply["complete"] and reply["sha256"] == sha256(data), reply
+            late = stalled.resume()
+            assert late is None or late[0] == 409, f"the stalled request's late bytes were accepted: {late}"
+            assert storage_contents(drop.storage) == {"one.bin": data}
+            assert status_of(drop.port, upload_id)[1]["sha256"] == sha256(data)
+            assert_clean(drop)
+        finally:
+            stalled.close()
+
+
+def test_a_small_file_of_one_chunk_cancelled_on_its_way_is_stored_nowhere(tmp_path):
+    data = random.Random(8).randbytes(300_000)
+    upload_id = str(uuid.uuid4())
+    with drop_server(*folders(tmp_path)) as drop:
+        stalled = stall_first_chunk(drop, upload_id, data, len(data), 8 * MIB, "gone.bin")
+        try:
+            status, _, body = http_request(drop.port, "POST", f"/api/uploads/{upload_id}/cancel", b"{}",
+                                           {"Content-Type": "application/json"})
+            assert status == 200 and json.loads(body)["cancelled"], body
+            late = stalled.resume()
+            assert late is None or late[0] == 409, f"the cancelled request's bytes were stored: {late}"
+            assert storage_contents(drop.storage) == {}
+            assert status_of(drop.port, upload_id)[0] == 404
+            assert_clean(drop)
+        finally:
+            stalled.close()
+
+
 # -- 2. kill -9 at any moment, then resume ---------------------------------------------------------------------
 
 CONNECTION_GONE = (OSError, Closed, Stop, http.client.HTTPException)
