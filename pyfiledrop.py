@@ -2669,13 +2669,15 @@ class Engine:
         finally:
             if fd is not None:
                 os.close(fd)
-            with claim.lock:
-                claim.ended = True
-            with self._lock:
-                if self._small.get(upload_id) is claim:
-                    del self._small[upload_id]
-                if claim.watched:
-                    self._small_ended.notify_all()
+            if not stored:  # a stored one was ended under its lock already
+                with claim.lock:
+                    claim.ended = True
+            if claim.watched or self._small.get(upload_id) is claim:  # else never shown (a server's id)
+                with self._lock:
+                    if self._small.get(upload_id) is claim:
+                        del self._small[upload_id]
+                    if claim.watched:
+                        self._small_ended.notify_all()
 
     def _take_over_small(self, claim: _SmallClaim) -> None:
         """Wait while the request of ``claim`` moves (RIVAL_WAIT_S at most, as ``_claim`` waits for a rival),
