@@ -5,6 +5,7 @@ Every wait is on the page's own state (window.pyfiledrop) or on the DOM, with ge
 """
 from __future__ import annotations
 
+import functools
 import os
 import random
 import threading
@@ -235,18 +236,25 @@ def test_slow_link_shared_by_two_files(make_server, page, tmp_path):
         assert_stored(server, name, data)
 
 
+def wrap_receiving(monkeypatch, engine, wrapper):
+    """Route every way bytes reach the engine (a part, or a small file's one request) through wrapper."""
+    for method in ("put", "receive_small"):
+        receive = getattr(engine, method)
+        monkeypatch.setattr(engine, method, functools.partial(wrapper, receive))
+
+
 def test_stalled_chunk_request_is_retried(make_server, page, monkeypatch):
     server = make_server(timeout_ms=3000)
-    put, release, calls = server.engine.put, threading.Event(), []
+    release, calls = threading.Event(), []
 
-    def stall_first(*args, **kwargs):
+    def stall_first(receive, *args, **kwargs):
         calls.append(1)
         if len(calls) == 1:
             release.wait(60)  # the server never answers this request (until the test ends)
             raise pyfiledrop.BadRequest("released")
-        return put(*args, **kwargs)
+        return receive(*args, **kwargs)
 
-    monkeypatch.setattr(server.engine, "put", stall_first)
+    wrap_receiving(monkeypatch, server.engine, stall_first)
     try:
         open_page(page, server)
         add_files(page, [memory_file("stalled.txt", b"stalled once")])
@@ -394,10 +402,10 @@ def test_server_413_is_shown_once(make_server, page):
 def test_server_400_is_shown_once(make_server, page, monkeypatch):
     server = make_server()
 
-    def refuse(*args, **kwargs):
+    def refuse(receive, *args, **kwargs):
         raise pyfiledrop.BadRequest("The test server refuses this chunk.")
 
-    monkeypatch.setattr(server.engine, "put", refuse)
+    wrap_receiving(monkeypatch, server.engine, refuse)
     posts = []
     page.on("request", lambda r: posts.append(r.url) if r.url.endswith("/upload") else None)
     open_page(page, server)
@@ -498,16 +506,15 @@ def test_cancel_stops_the_upload_and_removes_its_partial_file(make_server, page,
 
 def test_a_failed_file_offers_retry(make_server, page, monkeypatch):
     server = make_server()
-    put = server.engine.put
 
-    def refuse(*args, **kwargs):
+    def refuse(receive, *args, **kwargs):
         raise pyfiledrop.BadRequest("The test server refuses this chunk.")
 
-    monkeypatch.setattr(server.engine, "put", refuse)
-    open_page(page, server)
-    add_files(page, [memory_file("again.txt", b"again")])
-    assert wait_finished(page, 1) == [["again.txt", "failed"]]
-    monkeypatch.setattr(server.engine, "put", put)
+    with monkeypatch.context() as refusing:
+        wrap_receiving(refusing, server.engine, refuse)
+        open_page(page, server)
+        add_files(page, [memory_file("again.txt", b"again")])
+        assert wait_finished(page, 1) == [["again.txt", "failed"]]
     page.get_by_role("button", name="Retry again.txt").click()
     assert wait_finished(page, 1) == [["again.txt", "done"]]
     assert_stored(server, "again.txt", b"again")
