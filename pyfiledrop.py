@@ -649,6 +649,7 @@ class ChunkExtras:
     path: str | None = None            # dzrelpath: the file's path in a dropped folder, sanitised ("a/b/c.txt")
     mtime: float | None = None         # dzmtime: the original's modification time, ms since 1970 on the wire
     part_sha256: bytes | None = None   # dzchunksha256: this part's sha256 (hex on the wire)
+    file_sha256: bytes | None = None   # dzfilesha256: the whole file's (the page sends it once it knows it)
 
 
 MAX_MTIME_S = 4102444800.0   # 2100-01-01: later (or negative) times are a client's bug, not a file's date
@@ -672,10 +673,11 @@ def parse_sha256_hex(text: str, field: str) -> bytes:
 def parse_chunk_extras(fields: Mapping[str, str]) -> ChunkExtras:
     path = fields.get("dzrelpath")
     mtime = fields.get("dzmtime")
-    digest = fields.get("dzchunksha256")
+    digest, file_digest = fields.get("dzchunksha256"), fields.get("dzfilesha256")
     return ChunkExtras(path=sanitize_relative_path(path) if path and path.strip() else None,
                        mtime=parse_mtime_ms(mtime) if mtime else None,
-                       part_sha256=parse_sha256_hex(digest, "dzchunksha256") if digest else None)
+                       part_sha256=parse_sha256_hex(digest, "dzchunksha256") if digest else None,
+                       file_sha256=parse_sha256_hex(file_digest, "dzfilesha256") if file_digest else None)
 
 
 _random_bytes = b""
@@ -799,6 +801,20 @@ def add_range(ranges: Ranges, start: int, end: int) -> Ranges:
     return tuple(sorted(merged))
 
 
+def remove_range(ranges: Ranges, start: int, end: int) -> Ranges:
+    """``ranges`` without [start, end)."""
+    kept: list[tuple[int, int]] = []
+    for low, high in ranges:
+        if high <= start or low >= end:
+            kept.append((low, high))
+            continue
+        if low < start:
+            kept.append((low, start))
+        if high > end:
+            kept.append((end, high))
+    return tuple(kept)
+
+
 def range_holes(ranges: Ranges, start: int, end: int | None) -> list[tuple[int, int | None]]:
     """The parts of [start, end) not in ``ranges`` (end None: unbounded)."""
     holes: list[tuple[int, int | None]] = []
@@ -847,6 +863,7 @@ class UploadInfo:
     finished: float | None = None
     reason: str = ""
     mtime: float | None = None   # the original's modification time, given to the stored file
+    client_sha256: str | None = None   # the whole file's sha256 as its client gave it (checked when complete)
 
     def changed(self, **changes) -> UploadInfo:
         """This record with ``changes``: ``dataclasses.replace`` without its look at every field each time (a
@@ -969,9 +986,12 @@ class Ledger:
                WHERE id IN (SELECT id FROM stored_marks);
            DROP TABLE stored_marks;
            DROP INDEX uploads_by_created;""",
+        # The file's sha256 as its client gave it: parts sent with it are checked at completion (after a
+        # restart too, when the checksums of single parts are no longer known).
+        """ALTER TABLE uploads ADD COLUMN client_sha256 TEXT;""",
     )
     _COLUMNS = ("id", "name", "size", "part_size", "client", "created", "updated", "state", "received", "sha256",
-                "stored_name", "finished", "reason", "mtime")
+                "stored_name", "finished", "reason", "mtime", "client_sha256")
     _MARK_COLUMNS = ("mark_device", "mark_inode", "mark_size", "mark_mtime_ns")
     _STATE_COLUMN, _SHA256_COLUMN = _COLUMNS.index("state"), _COLUMNS.index("sha256")
     _RECEIVING_KEPT = 4096
@@ -1288,7 +1308,7 @@ class Ledger:
     def _row(info: UploadInfo) -> tuple:
         return (info.id, info.name, info.size, info.part_size, info.client, info.created, info.updated,
                 info.state.value, _ranges_json(info.received), info.sha256, info.stored_name, info.finished,
-                info.reason, info.mtime)
+                info.reason, info.mtime, info.client_sha256)
 
     @staticmethod
     def _info(row: tuple) -> UploadInfo:
@@ -1760,7 +1780,7 @@ class _Writer:
 
     __slots__ = ("start", "end", "position", "committed_to", "lock", "fenced", "whole", "holes", "hasher",
                  "hash_from", "next_space_check", "next_progress", "last_progress", "atomic", "superseded",
-                 "keep_if_empty", "turn")
+                 "keep_if_empty", "turn", "hash_epoch")
 
     def __init__(self, start: int, end: int | None, holes: list[tuple[int, int | None]]):
         self.start = self.position = self.committed_to = start
@@ -1771,6 +1791,7 @@ class _Writer:
         self.holes = holes
         self.hasher = None               # covers [0, position) once it hashes as it writes
         self.hash_from = 0
+        self.hash_epoch = 0              # the upload's hash_epoch when it took its copy of the hash
         self.next_space_check = start + SPACE_CHECK_EVERY
         self.next_progress = 0.0
         self.last_progress = time.monotonic()
@@ -1792,7 +1813,8 @@ class _Live:
     """An upload being received, in memory: its record, the requests writing it, and the in-order hash."""
 
     __slots__ = ("info", "ephemeral", "lock", "changed", "writers", "hash_lock", "hasher", "hashed_to",
-                 "finish_lock", "linked_as", "background_hash", "hash_wanted", "hash_progress", "fd", "write_lock")
+                 "finish_lock", "linked_as", "background_hash", "hash_wanted", "hash_progress", "fd", "write_lock",
+                 "hash_epoch", "unchecked", "unchecked_known")
 
     def __init__(self, info: UploadInfo, ephemeral: bool, fd: int | None = None):
         self.info = info
@@ -1804,6 +1826,11 @@ class _Live:
         self.hash_lock = threading.Lock()
         self.hasher = hashlib.sha256()   # covers [0, hashed_to), all of it received
         self.hashed_to = 0
+        self.hash_epoch = 0              # counts restarts of the hash (damaged parts dropped)
+        self.unchecked: list[tuple[int, int, bytes]] = []   # (start, end, sha256) of parts not hashed alone
+        # Every part received without its own check is in ``unchecked`` (not so for a record read back after a
+        # restart that has a client_sha256: its parts' checksums went with the process).
+        self.unchecked_known = info.client_sha256 is None
         self.finish_lock = threading.Lock()
         self.linked_as: str | None = None   # stored under this name, not yet recorded (the ledger failed)
         self.background_hash = False    # a thread is hashing received bytes from the file
@@ -2025,7 +2052,7 @@ class Engine:
     # -- put ------------------------------------------------------------------------------------------------
     def put(self, upload_id: str, offset: int, pieces: Iterable, *, length: int | None = None,
             atomic: bool = False, checksum: tuple[str, bytes] | None = None,
-            keep_if_empty: bool = False) -> UploadInfo:
+            keep_if_empty: bool = False, file_sha256: str | None = None) -> UploadInfo:
         """Write the bytes of ``pieces`` at ``offset`` (at most ``length`` of them); the upload's info after.
 
         Bytes already received are read and dropped, never written again.  What arrived is recorded even
@@ -2036,17 +2063,17 @@ class Engine:
         part sent again with other content is refused.  A stored upload is answered as it is, unwritten.
         ``keep_if_empty``: an upload the client created explicitly (tus) outlives a failed request that brought
         none of its bytes; otherwise such an upload is forgotten, and a retry starts it again.
+        ``file_sha256`` (hex): the client's sha256 of the whole file.  With it, the sha256 ``checksum`` of an
+        ``atomic`` part not received before is kept, not computed: ``finish`` reads such parts back to check
+        them only if the file's hash is not this one (each byte is hashed once, not twice).
         """
         check = _checksum_hasher(checksum)
-        if check is not None:
-            pieces, atomic_here = _hashed(pieces, check), True
-        else:
-            atomic_here = atomic
+        atomic_here = atomic or check is not None
         live = self._get_live(upload_id)
         if live is None:
             info = self._settled_info(upload_id)
             if check is not None:
-                _drain(pieces)
+                _drain(_hashed(pieces, check))
                 _verify(check, checksum)
             return info
         size = live.info.size
@@ -2056,6 +2083,10 @@ class Engine:
         writer = self._claim(live, offset, end)
         writer.atomic = atomic_here
         writer.keep_if_empty = keep_if_empty
+        if check is not None and not (atomic and self._check_later(live, writer, checksum, file_sha256)):
+            pieces = _hashed(pieces, check)
+        else:
+            check = None
         failed = True
         try:
             self._receive(live, writer, pieces)
@@ -2064,6 +2095,9 @@ class Engine:
             failed = atomic and writer.position != end
             if check is not None and not failed:
                 failed = not _verify(check, checksum, raise_error=False)
+            elif checksum is not None and not failed:
+                with live.lock:
+                    live.unchecked.append((writer.start, end, checksum[1]))
         except TooManyBytes:
             atomic_here = True  # a request that breaks its own announcement: none of it counts
             raise
@@ -2074,6 +2108,17 @@ class Engine:
         if check is not None:
             _verify(check, checksum)
         return live.info
+
+    @staticmethod
+    def _check_later(live: _Live, writer: _Writer, checksum: tuple[str, bytes], file_sha256: str | None) -> bool:
+        """Whether this part's checksum can wait for the file's hash (``put``'s ``file_sha256``): its bytes are
+        all new, and every part so kept was sent with the same file hash."""
+        if file_sha256 is None or checksum[0] != "sha256" or live.ephemeral or not writer.whole or writer.end is None:
+            return False
+        with live.lock:
+            if live.info.client_sha256 is None:  # recorded with the part's bytes (its commit saves live.info)
+                live.info = live.info.changed(client_sha256=file_sha256)
+            return live.info.client_sha256 == file_sha256
 
     def _claim(self, live: _Live, start: int, end: int | None) -> _Writer:
         """Register a writer for [start, end).
@@ -2213,7 +2258,7 @@ class Engine:
             if not writer.start <= live.hashed_to <= writer.position:
                 return
             hasher = live.hasher.copy()
-            writer.hash_from = live.hashed_to
+            writer.hash_from, writer.hash_epoch = live.hashed_to, live.hash_epoch
             self._hash_from_file(hasher, fd, live.hashed_to, writer.position)
             writer.hasher = hasher
         finally:
@@ -2256,7 +2301,7 @@ class Engine:
         hasher = writer.hasher
         if hasher is not None:
             with live.hash_lock:
-                if writer.hash_from <= live.hashed_to < writer.committed_to:
+                if writer.hash_epoch == live.hash_epoch and writer.hash_from <= live.hashed_to < writer.committed_to:
                     live.hasher, live.hashed_to = hasher.copy(), writer.committed_to
             self._hash_moved(live)
         self._advance_hash(live)
@@ -2410,12 +2455,44 @@ class Engine:
             if live.hashed_to != live.info.size:
                 raise StorageFailure("The server could not check the file.")
             self.checkpoint("hashed")
-            info = self._store(live, live.hasher.hexdigest())
+            digest = live.hasher.hexdigest()
+            if live.info.client_sha256 not in (None, digest) and self._drop_damaged(live):
+                return live.info
+            info = self._store(live, digest)
         self._forget(upload_id)
         with self._lock:
             self.stored_count += 1
         self.events(Stored(info))
         return info
+
+    def _drop_damaged(self, live: _Live) -> bool:
+        """The file's hash is not the one its client sent: the parts whose checksums were kept are read back and
+        checked, and those with other bytes are dropped, to be sent again (the hash starts over).  After a
+        restart those checksums are unknown: everything is received again.  False when nothing is dropped: the
+        client's file hash was wrong, and every part is as its own checksum says."""
+        upload_id, everything = live.info.id, not live.unchecked_known
+        if everything:
+            damaged = list(live.info.received)
+        else:
+            damaged = [(start, end) for start, end, digest in live.unchecked
+                       if not self.received_part_matches(upload_id, start, end, digest)]
+        live.unchecked = [part for part in live.unchecked if part[:2] not in damaged]
+        live.unchecked_known = True
+        if not damaged:
+            return False
+        with live.lock:
+            received = live.info.received
+            for start, end in damaged:
+                received = remove_range(received, start, end)
+            info = live.info.changed(received=received, updated=self.clock())
+            self._record(info)
+            live.info = info
+        with live.hash_lock:  # a writer hashing as it writes carries the damaged bytes in its copy: not adopted
+            live.hasher, live.hashed_to, live.hash_epoch = hashlib.sha256(), 0, live.hash_epoch + 1
+        parts = ", ".join(f"{start // info.part_size + 1}" for start, _ in damaged) if not everything else "all"
+        self._notice(f'"{info.name}" is not the file its client hashed: part(s) {parts} of {info.total_parts} '
+                     'dropped, to be sent again', warning=True)
+        return True
 
     def _store(self, live: _Live, digest: str) -> UploadInfo:
         upload_id = live.info.id
@@ -3741,8 +3818,8 @@ class S3Engine:
     # -- put --------------------------------------------------------------------------------------------------
     def put(self, upload_id: str, offset: int, pieces: Iterable, *, length: int | None = None,
             atomic: bool = False, checksum: tuple[str, bytes] | None = None,
-            keep_if_empty: bool = False) -> UploadInfo:
-        """As ``Engine.put``.  Every part is all or nothing (a request that breaks off keeps the parts it brought
+            keep_if_empty: bool = False, file_sha256: str | None = None) -> UploadInfo:
+        """As ``Engine.put`` (each part's checksum is checked as it arrives: ``file_sha256`` is not needed).  Every part is all or nothing (a request that breaks off keeps the parts it brought
         whole); with ``checksum`` no byte counts unless the request's bytes have that hash."""
         check = _checksum_hasher(checksum)
         upload = self._load(upload_id, cached=True)
@@ -4960,7 +5037,7 @@ def receive_chunk(engine: Engine, chunk: ChunkInfo, filename: str, data: Iterabl
             counted = _Counted(data)
             try:
                 info = engine.put(chunk.upload_id, chunk.offset, counted, length=chunk.length, atomic=True,
-                                  checksum=checksum)
+                                  checksum=checksum, file_sha256=extras.file_sha256 and extras.file_sha256.hex())
             except TooManyBytes as error:
                 raise _overrun(engine, chunk, error, data) from None
         if info.state is State.RECEIVING and not info.part_received(chunk.index):
@@ -10173,6 +10250,7 @@ INDEX_HTML = r"""<!doctype html>
       dzmtime: upload.file.lastModified
     };
     if (upload.path !== upload.name) fields.dzrelpath = upload.path;
+    if (upload.whole) fields.dzfilesha256 = upload.whole;   // the server then hashes each byte once, not twice
     Object.keys(fields).forEach(function (k) { form.append(k, String(fields[k])); });
     form.append("file", upload.file.slice(start, start + upload.partLength(index)), upload.name);
     return form;

@@ -858,3 +858,93 @@ def test_list_gives_every_upload_newest_first(tmp_path):
     assert [info.name for info in listed] == ["d.bin", "c.txt", "b.txt", "a.txt"]
     assert [info.state for info in listed] == [State.RECEIVING] + [State.STORED] * 3
     assert [info.name for info in engine.list(limit=2, offset=1)] == ["c.txt", "b.txt"]
+
+
+# -- the file's own hash instead of each part's -------------------------------------------------------------------
+
+def send_with_file_hash(engine, upload_id, data, part_size, *, sent=None, file_sha256=None, order=None):
+    """Parts with their own sha256 and the whole file's (as the page sends them once it knows the latter);
+    ``sent``: the bytes that arrive instead of the file's (damaged on the way).  The last put's info."""
+    sent = data if sent is None else sent
+    file_sha256 = file_sha256 or hashlib.sha256(data).hexdigest()
+    count = pyfiledrop.chunk_count(len(data), part_size)
+    info = None
+    for index in order if order is not None else range(count):
+        start, end = index * part_size, min(len(data), (index + 1) * part_size)
+        info = engine.put(upload_id, start, pieces(sent[start:end], 4096), length=end - start, atomic=True,
+                          checksum=("sha256", hashlib.sha256(data[start:end]).digest()), file_sha256=file_sha256)
+    return info
+
+
+def test_parts_sent_with_the_file_hash_are_checked_by_it(tmp_path):
+    """A part's checksum waits for the file's hash: a part whose own checksum is wrong but whose bytes are the
+    file's is not refused (each byte is hashed once, for the file), and the file is stored as its hash says."""
+    engine = make_engine(tmp_path)
+    data, part = os.urandom(5 * 4096 + 100), 4096
+    engine.create("f1", "f.bin", size=len(data), part_size=part, client="")
+    send_with_file_hash(engine, "f1", data, part, order=[3, 1, 0, 5, 2])
+    wrong_checksum = hashlib.sha256(b"not this part").digest()
+    info = engine.put("f1", 4 * part, pieces(data[4 * part:5 * part]), length=part, atomic=True,
+                      checksum=("sha256", wrong_checksum), file_sha256=hashlib.sha256(data).hexdigest())
+    assert info.fully_received
+    info = engine.finish("f1")
+    assert info.state is State.STORED and info.sha256 == hashlib.sha256(data).hexdigest()
+    assert (engine.backend.storage / "f.bin").read_bytes() == data
+
+
+def test_a_part_damaged_on_the_way_is_found_when_the_file_is_complete_and_received_again(tmp_path):
+    events = []
+    engine = make_engine(tmp_path, events=events)
+    data, part = os.urandom(6 * 4096), 4096
+    damaged = bytearray(data)
+    damaged[2 * part + 17] ^= 1
+    engine.create("d1", "d.bin", size=len(data), part_size=part, client="")
+    assert send_with_file_hash(engine, "d1", data, part, sent=bytes(damaged), order=[1, 2, 0, 3, 5, 4]).fully_received
+    info = engine.finish("d1")
+    assert info.state is State.RECEIVING and info.missing_parts(100) == [2]
+    assert os.listdir(engine.backend.storage) == []
+    assert [e.text for e in events if isinstance(e, pyfiledrop.Notice)] == [
+        '"d.bin" is not the file its client hashed: part(s) 3 of 6 dropped, to be sent again']
+    assert engine.ledger.get("d1").missing_parts(100) == [2]
+    send_with_file_hash(engine, "d1", data, part, order=[2])
+    info = engine.finish("d1")
+    assert info.state is State.STORED and info.sha256 == hashlib.sha256(data).hexdigest()
+    assert (engine.backend.storage / "d.bin").read_bytes() == data
+
+
+def test_a_wrong_file_hash_keeps_no_file_out_whose_parts_are_right(tmp_path):
+    engine = make_engine(tmp_path)
+    data, part = os.urandom(3 * 4096), 4096
+    engine.create("w1", "w.bin", size=len(data), part_size=part, client="")
+    send_with_file_hash(engine, "w1", data, part, file_sha256="0" * 64)
+    info = engine.finish("w1")
+    assert info.state is State.STORED and info.sha256 == hashlib.sha256(data).hexdigest()
+
+
+def test_a_part_received_before_is_still_checked_as_it_comes_again(tmp_path):
+    engine = make_engine(tmp_path)
+    data, part = os.urandom(2 * 4096), 4096
+    engine.create("r1", "r.bin", size=len(data), part_size=part, client="")
+    send_with_file_hash(engine, "r1", data, part, order=[0])
+    with pytest.raises(pyfiledrop.ChecksumMismatch):
+        send_with_file_hash(engine, "r1", data, part, sent=b"x" * len(data), order=[0])
+
+
+def test_after_a_restart_a_file_unlike_its_hash_is_received_again_whole(tmp_path):
+    """The parts' own checksums went with the process: a complete file whose hash is not its client's keeps
+    nothing of what arrived unchecked before the restart, and is stored once it arrives again right."""
+    data, part = os.urandom(4 * 4096), 4096
+    damaged = bytearray(data)
+    damaged[100] ^= 1
+    engine = make_engine(tmp_path)
+    engine.create("k1", "k.bin", size=len(data), part_size=part, client="")
+    send_with_file_hash(engine, "k1", data, part, sent=bytes(damaged), order=[0, 1, 2])
+    engine.ledger.close()
+    engine = make_engine(tmp_path)
+    assert engine.info("k1").client_sha256 == hashlib.sha256(data).hexdigest()
+    send_with_file_hash(engine, "k1", data, part, order=[3])
+    info = engine.finish("k1")
+    assert info.state is State.RECEIVING and info.received == () and os.listdir(engine.backend.storage) == []
+    send_with_file_hash(engine, "k1", data, part)
+    assert engine.finish("k1").sha256 == hashlib.sha256(data).hexdigest()
+    assert (engine.backend.storage / "k.bin").read_bytes() == data

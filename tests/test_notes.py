@@ -314,9 +314,9 @@ def test_without_an_admin_password_notes_are_sent_but_never_listed(make_server):
 
 # -- the ledger -----------------------------------------------------------------------------------------------
 
-def test_the_migration_from_the_previous_version_keeps_every_upload(tmp_path):
+def test_the_migration_from_the_version_with_a_table_of_marks_keeps_every_upload(tmp_path):
     path = tmp_path / pyfiledrop.Ledger.FILENAME
-    previous = len(pyfiledrop.Ledger.MIGRATIONS) - 1
+    previous = next(index for index, step in enumerate(pyfiledrop.Ledger.MIGRATIONS) if "DROP TABLE stored_marks" in step)
     db = sqlite3.connect(path)
     for migration in pyfiledrop.Ledger.MIGRATIONS[:previous]:
         db.executescript(migration)
@@ -339,3 +339,29 @@ def test_the_migration_from_the_previous_version_keeps_every_upload(tmp_path):
     finally:
         ledger.close()
 
+
+def test_the_migration_from_the_previous_version_keeps_stored_and_receiving_uploads(tmp_path):
+    path = tmp_path / pyfiledrop.Ledger.FILENAME
+    previous = len(pyfiledrop.Ledger.MIGRATIONS) - 1
+    db = sqlite3.connect(path)
+    for migration in pyfiledrop.Ledger.MIGRATIONS[:previous]:
+        db.executescript(migration)
+    db.execute(f"PRAGMA user_version = {previous}")
+    columns = "id, name, size, part_size, client, created, updated, state, received, sha256, stored_name, finished, reason"
+    db.execute(f"INSERT INTO uploads ({columns}) VALUES ('up1', 'a.txt', 3, 3, '192.0.2.1', 1.0, 2.0, 'stored', "
+               "'[[0,3]]', 'ab', 'a.txt', 2.0, '')")
+    db.execute(f"INSERT INTO uploads ({columns}) VALUES ('up2', 'b.bin', 8, 4, '192.0.2.2', 1.0, 2.0, 'receiving', "
+               "'[[0,4]]', NULL, NULL, NULL, '')")
+    db.commit()
+    db.close()
+    ledger = pyfiledrop.Ledger(path)
+    try:
+        assert ledger.version == len(pyfiledrop.Ledger.MIGRATIONS)
+        stored, receiving = ledger.get("up1"), ledger.get("up2")
+        assert (stored.state, stored.stored_name, stored.client_sha256) == (pyfiledrop.State.STORED, "a.txt", None)
+        assert (receiving.state, receiving.received, receiving.client_sha256) == (pyfiledrop.State.RECEIVING,
+                                                                                  ((0, 4),), None)
+        ledger.save(receiving.changed(client_sha256="c" * 64))
+        assert ledger.get("up2").client_sha256 == "c" * 64
+    finally:
+        ledger.close()

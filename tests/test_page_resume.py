@@ -195,6 +195,29 @@ def test_a_byte_damaged_on_the_way_is_detected_and_sent_again(page, tmp_path):
     assert (tmp_path / "storage" / "damaged.bin").read_bytes() == bytes(data)
 
 
+def test_a_byte_damaged_in_a_later_part_is_sent_again_when_the_file_hash_was_sent(page, tmp_path):
+    """On a link slower than the page's hashing (8 MB/s here), the page knows the file's sha256 long before the
+    11th of 12 parts goes and sends it along: the server then checks the parts' own hashes only when the file
+    is complete (if its hash is not the page's), drops the damaged part, and the page sends it again."""
+    marker = b"--here-a-byte-goes-bad--"
+    data = bytearray(random.Random(5).randbytes(12 * MIB))
+    data[10 * MIB + 5:10 * MIB + 5 + len(marker)] = marker
+    source = tmp_path / "late.bin"
+    source.write_bytes(bytes(data))
+    with running_server(tmp_path, chunk_size=MIB) as server, WireProxy(server.port, bytes_per_second=8e6) as proxy:
+        proxy.corrupt_marker = marker
+        open_through(page, proxy)
+        give(page, [str(source)])
+        assert settle(page) == [["late.bin", "done", ""]]
+        refusals = [event.status for event in server.events if isinstance(event, pyfiledrop.Refused)]
+        dropped = [event.text for event in server.events if isinstance(event, pyfiledrop.Notice)
+                   and "dropped, to be sent again" in event.text]
+    assert proxy.corrupted == 1
+    assert (refusals, dropped) == ([], ['"late.bin" is not the file its client hashed: part(s) 11 of 12 dropped, '
+                                        'to be sent again'])
+    assert (tmp_path / "storage" / "late.bin").read_bytes() == bytes(data)
+
+
 # -- a folder ---------------------------------------------------------------------------------------------------
 
 def test_a_folder_keeps_its_structure_and_times(page, tmp_path):

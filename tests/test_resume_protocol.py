@@ -69,6 +69,35 @@ def test_a_stored_part_sent_again_with_other_bytes_is_refused(server):
     assert send(server, "again", 0, data, dzchunksha256=sha256(part(data, 0)))[0] == 200
 
 
+def test_with_the_file_hash_a_damaged_part_is_found_at_the_end_and_asked_for_again(server):
+    """The page sends the whole file's sha256 once it knows it: the parts' own hashes are then checked only if
+    the file's is not that one, and a damaged part is dropped from the upload's status, to be sent again."""
+    data = data_of(4 * CHUNK, seed=5)
+    damaged = bytearray(part(data, 2))
+    damaged[7] ^= 1
+    whole = hashlib.sha256(data).hexdigest()
+    for index in (0, 1, 3, 2):
+        sent = bytes(damaged) if index == 2 else None
+        status, _, body = send(server, "whole", index, data, sent, dzchunksha256=sha256(part(data, index)),
+                               dzfilesha256=whole)
+        assert status == 200, body
+    assert json.loads(body)["complete"] is False
+    status, reply = post_json(server, "/api/uploads/status", {"ids": ["whole"]})
+    assert status == 200 and reply["uploads"]["whole"]["missing_chunks"] == [2], reply
+    assert list(server.storage.iterdir()) == []
+    status, _, body = send(server, "whole", 2, data, dzchunksha256=sha256(part(data, 2)), dzfilesha256=whole)
+    assert status == 200 and json.loads(body)["complete"], body
+    assert (server.storage / "file.bin").read_bytes() == data
+
+
+@pytest.mark.parametrize("value", ["xyz", "ab" * 31, "00" * 33])
+def test_a_malformed_file_hash_is_a_clear_400(server, value):
+    data = data_of(2 * CHUNK)
+    status, _, body = send(server, "malformed-whole", 0, data, dzfilesha256=value)
+    assert status == 400 and b"dzfilesha256" in body, body
+    assert list(server.storage.iterdir()) == []
+
+
 @pytest.mark.parametrize("value", ["xyz", "ab" * 31, "00" * 33])
 def test_a_malformed_part_hash_is_a_clear_400(server, value):
     data = data_of(CHUNK)
