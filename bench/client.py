@@ -12,6 +12,7 @@ completing a file.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import http.client
 import json
 import math
@@ -60,8 +61,9 @@ def _quote_filename(name: str) -> bytes:
 
 
 def chunk_request_parts(boundary: bytes, upload_id: str, filename: str, index: int, total_size: int,
-                        chunk_size: int) -> tuple[bytes, int, bytes]:
-    """(head, chunk length, tail) of one chunk request's multipart body, fields before the file part."""
+                        chunk_size: int, extra: dict | None = None) -> tuple[bytes, int, bytes]:
+    """(head, chunk length, tail) of one chunk request's multipart body, fields before the file part
+    (``extra`` fields after Dropzone's own, as the page sends its part hash, time and file hash)."""
     total = max(1, math.ceil(total_size / chunk_size))
     offset = index * chunk_size
     length = max(0, min(chunk_size, total_size - offset))
@@ -72,6 +74,7 @@ def chunk_request_parts(boundary: bytes, upload_id: str, filename: str, index: i
         _field(boundary, "dzchunksize", chunk_size),
         _field(boundary, "dztotalchunkcount", total),
         _field(boundary, "dzchunkbyteoffset", offset),
+        *(_field(boundary, name, value) for name, value in (extra or {}).items()),
         b"--" + boundary + b"\r\nContent-Disposition: form-data; name=\"file\"; filename=\""
         + _quote_filename(filename) + b"\"\r\nContent-Type: application/octet-stream\r\n\r\n",
     ])
@@ -100,11 +103,11 @@ def _pread_into(fd: int, view: memoryview, count: int, offset: int) -> int:
 
 
 def _post_chunk(conn, host: str, fd: int, upload_id: str, filename: str, index: int, total_size: int,
-                chunk_size: int, buffer: bytearray) -> tuple[dict, float, float, float]:
+                chunk_size: int, buffer: bytearray, extra: dict | None = None) -> tuple[dict, float, float, float]:
     """Send one chunk; (reply, seconds for the whole request, when its last byte was sent, when the reply came:
     ``time.perf_counter()``)."""
     boundary = uuid.uuid4().hex.encode()
-    head, length, tail = chunk_request_parts(boundary, upload_id, filename, index, total_size, chunk_size)
+    head, length, tail = chunk_request_parts(boundary, upload_id, filename, index, total_size, chunk_size, extra)
     started = time.perf_counter()
     conn.putrequest("POST", "/upload", skip_host=True, skip_accept_encoding=True)
     conn.putheader("Host", host)
@@ -122,10 +125,35 @@ def _post_chunk(conn, host: str, fd: int, upload_id: str, filename: str, index: 
     return json.loads(body), done - started, sent, done
 
 
+@dataclass(frozen=True)
+class PageHashes:
+    """What pyfiledrop's page sends besides Dropzone's fields: each part's sha256 (``dzchunksha256``), and the
+    whole file's (``dzfilesha256``) once its hashing worker has read the file.  Computed before an upload is
+    timed (the page hashes in the browser, not on the server)."""
+    parts: tuple[str, ...]
+    whole: str | None      # None: the page does not know it yet (its hashing has not got ahead of the link)
+
+    @classmethod
+    def of(cls, path: str, chunk_size: int, with_whole: bool = True) -> "PageHashes":
+        parts, whole = [], hashlib.sha256()
+        with open(path, "rb") as handle:
+            while block := handle.read(chunk_size):
+                parts.append(hashlib.sha256(block).hexdigest())
+                whole.update(block)
+        return cls(tuple(parts) or (hashlib.sha256(b"").hexdigest(),), whole.hexdigest() if with_whole else None)
+
+    def fields(self, index: int, mtime_ms: int) -> dict:
+        fields = {"dzchunksha256": self.parts[index], "dzmtime": mtime_ms}
+        if self.whole is not None:
+            fields["dzfilesha256"] = self.whole
+        return fields
+
+
 def upload_chunked(host: str, port: int, path: str, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
                    parallel: int = 1, filename: str | None = None, upload_id: str | None = None,
-                   connections: list | None = None) -> UploadResult:
-    """Upload ``path`` with Dropzone's chunk protocol, ``parallel`` chunks in flight (one connection each)."""
+                   connections: list | None = None, page: PageHashes | None = None) -> UploadResult:
+    """Upload ``path`` with Dropzone's chunk protocol, ``parallel`` chunks in flight (one connection each);
+    ``page``: with the fields pyfiledrop's page adds."""
     filename = filename or os.path.basename(path)
     upload_id = upload_id or str(uuid.uuid4())
     size = os.path.getsize(path)
@@ -137,6 +165,7 @@ def upload_chunked(host: str, port: int, path: str, *, chunk_size: int = DEFAULT
     # its own last byte would count the time the other requests' bytes took to arrive.
     results: dict = {"complete": None, "last_sent": 0.0, "completed_at": None, "chunks": [], "error": None}
     fd = os.open(path, os.O_RDONLY)
+    mtime_ms = int(os.stat(fd).st_mtime * 1000)
     slots = min(parallel, total)
     own = connections is None
     conns = connections if connections is not None else [None] * slots
@@ -152,8 +181,9 @@ def upload_chunked(host: str, port: int, path: str, *, chunk_size: int = DEFAULT
                         return
                     index = next_index[0]
                     next_index[0] += 1
+                extra = page.fields(index, mtime_ms) if page is not None else None
                 reply, seconds, sent, done = _post_chunk(conns[slot], host, fd, upload_id, filename, index, size,
-                                                         chunk_size, buffer)
+                                                         chunk_size, buffer, extra)
                 with lock:
                     results["chunks"].append(seconds)
                     results["last_sent"] = max(results["last_sent"], sent)

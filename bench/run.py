@@ -13,6 +13,7 @@ is non-zero.  The table is printed and written to bench/results/latest.md (plus 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -459,12 +460,13 @@ class Bench:
         self.add(key, "cpu", meter.cpu / files * 1000)
         return f"{meter.cpu / files * 1000:.2f} CPU ms/file, peak RSS {meter.peak / MIB:.1f} MiB"
 
-    def big_chunked(self, server: PyFileDrop, source: Path, digest: str, chunk: int, parallel: int, key: str):
+    def big_chunked(self, server: PyFileDrop, source: Path, digest: str, chunk: int, parallel: int, key: str,
+                    page: client.PageHashes | None = None):
         size = source.stat().st_size
         try:
             with Meter(server, recycle=size) as meter:
                 result = client.upload_chunked("127.0.0.1", server.port, str(source), chunk_size=chunk,
-                                               parallel=parallel, filename="big.bin")
+                                               parallel=parallel, filename="big.bin", page=page)
         except client.UploadFailed as error:
             self.fail(f"{key}: {error}")
             server.clean()
@@ -605,6 +607,7 @@ def main(argv=None) -> int:
         ("pfd 1MB x6", "pyfiledrop, 1 MB chunks, 6 in flight"),
         ("copyparty curl", "copyparty, curl -T"),
         ("pfd curl", "pyfiledrop, curl -T (PUT /upload/NAME)"),
+        ("pfd default x6 parts", "pyfiledrop, page defaults before the page knows the file's sha256"),
         ("floor curl", None),
         ("pfd default x1", f"pyfiledrop, {DEFAULT_CHUNK // MIB} MiB chunks, 1 in flight"),
         *((f"pfd {other // MIB}MiB x6", f"pyfiledrop, {other // MIB} MiB chunks, 6 in flight")
@@ -622,6 +625,14 @@ def main(argv=None) -> int:
             info["copyparty"] = copyparty.version()
             info["pyfiledrop processes at start"] = len(process_tree(pfd.proc.pid))
         source = tmp / "big.bin"
+        known_hashes: dict = {}
+
+        def page_hashes(path: Path, chunk: int, with_whole: bool) -> client.PageHashes:
+            if chunk not in known_hashes:
+                known_hashes[chunk] = client.PageHashes.of(str(path), chunk)
+            hashes = known_hashes[chunk]
+            return hashes if with_whole else dataclasses.replace(hashes, whole=None)
+
         if do_big:
             print(f"writing a {size_label} random file", flush=True)
             digest = write_random(source, args.size)
@@ -639,9 +650,11 @@ def main(argv=None) -> int:
                         bench.big_curl(target, source, digest, key)
                     else:
                         chunk_text, parallel = how.split(" x")
+                        parallel, _, variant = parallel.partition(" ")
                         chunk = DEFAULT_CHUNK if chunk_text == "default" else (
                             1_000_000 if chunk_text == "1MB" else int(chunk_text.removesuffix("MiB")) * MIB)
-                        bench.big_chunked(pfd, source, digest, chunk, int(parallel), key)
+                        page = page_hashes(source, chunk, with_whole=variant != "parts")
+                        bench.big_chunked(pfd, source, digest, chunk, int(parallel), key, page)
             if do_many:
                 for clients in (1, 8):
                     for name, server, mode, _ in many_cases:
@@ -659,7 +672,8 @@ def main(argv=None) -> int:
             sampler = RssSampler(pfd.proc.pid)
             sampler.start()
             bench.run = 0
-            result = bench.big_chunked(pfd, huge, huge_digest, DEFAULT_CHUNK, 6, "huge default x6")
+            result = bench.big_chunked(pfd, huge, huge_digest, DEFAULT_CHUNK, 6, "huge default x6",
+                                       client.PageHashes.of(str(huge), DEFAULT_CHUNK))
             sampled = sampler.stop()
             big_rss = max(sampled, peak_rss(pfd.proc.pid))
             big_finish = result.finish_s * 1000 if result else None
