@@ -649,7 +649,7 @@ class ChunkExtras:
     path: str | None = None            # dzrelpath: the file's path in a dropped folder, sanitised ("a/b/c.txt")
     mtime: float | None = None         # dzmtime: the original's modification time, ms since 1970 on the wire
     part_sha256: bytes | None = None   # dzchunksha256: this part's sha256 (hex on the wire)
-    file_sha256: bytes | None = None   # dzfilesha256: the whole file's (the page sends it once it knows it)
+    file_sha256: str | None = None     # dzfilesha256: the whole file's (hex), or "later" (it comes with a later part)
 
 
 MAX_MTIME_S = 4102444800.0   # 2100-01-01: later (or negative) times are a client's bug, not a file's date
@@ -677,7 +677,16 @@ def parse_chunk_extras(fields: Mapping[str, str]) -> ChunkExtras:
     return ChunkExtras(path=sanitize_relative_path(path) if path and path.strip() else None,
                        mtime=parse_mtime_ms(mtime) if mtime else None,
                        part_sha256=parse_sha256_hex(digest, "dzchunksha256") if digest else None,
-                       file_sha256=parse_sha256_hex(file_digest, "dzfilesha256") if file_digest else None)
+                       file_sha256=_parse_file_sha256(file_digest) if file_digest else None)
+
+
+def _parse_file_sha256(text: str) -> str:
+    if text.strip() == FILE_SHA256_LATER:
+        return FILE_SHA256_LATER
+    try:
+        return parse_sha256_hex(text, "dzfilesha256").hex()
+    except BadRequest:
+        raise BadRequest('dzfilesha256 must be a sha256 in hex (64 digits) or "later".') from None
 
 
 _random_bytes = b""
@@ -863,7 +872,8 @@ class UploadInfo:
     finished: float | None = None
     reason: str = ""
     mtime: float | None = None   # the original's modification time, given to the stored file
-    client_sha256: str | None = None   # the whole file's sha256 as its client gave it (checked when complete)
+    # The whole file's sha256 as its client gave it (checked when complete), or FILE_SHA256_LATER
+    client_sha256: str | None = None
 
     def changed(self, **changes) -> UploadInfo:
         """This record with ``changes``: ``dataclasses.replace`` without its look at every field each time (a
@@ -1765,6 +1775,9 @@ EngineEvent = Progress | Stored | Refused | Notice | NoteReceived
 COMMIT_EVERY = 64 * MIB          # a long request records what arrived this often (a crash loses less)
 SPACE_CHECK_EVERY = 4 * MIB      # how often a long request looks at the free space (statvfs: microseconds)
 PROGRESS_EVERY_S = 0.25
+# put's file_sha256 from a client that sends the file's sha256 with a later part (the page: it knows it once
+# it has read the whole file, at the latest when it sends the last part)
+FILE_SHA256_LATER = "later"
 STALLED_AFTER_S = 1.0            # a request that moved no byte for this long may be taken over by a retry
 RIVAL_WAIT_S = 10.0              # a retry waits this long at most for an earlier copy of itself still moving
 # A part the client sent just before it cancelled may reach the server just after: for this long a cancelled
@@ -2063,9 +2076,10 @@ class Engine:
         part sent again with other content is refused.  A stored upload is answered as it is, unwritten.
         ``keep_if_empty``: an upload the client created explicitly (tus) outlives a failed request that brought
         none of its bytes; otherwise such an upload is forgotten, and a retry starts it again.
-        ``file_sha256`` (hex): the client's sha256 of the whole file.  With it, the sha256 ``checksum`` of an
-        ``atomic`` part not received before is kept, not computed: ``finish`` reads such parts back to check
-        them only if the file's hash is not this one (each byte is hashed once, not twice).
+        ``file_sha256`` (hex): the client's sha256 of the whole file, or FILE_SHA256_LATER (it comes with a
+        later part).  With it, the sha256 ``checksum`` of an ``atomic`` part not received before is kept, not
+        computed: ``finish`` reads such parts back to check them only if the file's hash is not the client's
+        (each byte is hashed once, not twice).
         """
         check = _checksum_hasher(checksum)
         atomic_here = atomic or check is not None
@@ -2112,13 +2126,16 @@ class Engine:
     @staticmethod
     def _check_later(live: _Live, writer: _Writer, checksum: tuple[str, bytes], file_sha256: str | None) -> bool:
         """Whether this part's checksum can wait for the file's hash (``put``'s ``file_sha256``): its bytes are
-        all new, and every part so kept was sent with the same file hash."""
+        all new, and no part so kept came with another file hash.  The upload's record says so (with the part's
+        commit), so that a restart knows parts went unchecked."""
         if file_sha256 is None or checksum[0] != "sha256" or live.ephemeral or not writer.whole or writer.end is None:
             return False
         with live.lock:
-            if live.info.client_sha256 is None:  # recorded with the part's bytes (its commit saves live.info)
+            known = live.info.client_sha256
+            if known is None or (known == FILE_SHA256_LATER and file_sha256 != FILE_SHA256_LATER):
                 live.info = live.info.changed(client_sha256=file_sha256)
-            return live.info.client_sha256 == file_sha256
+                return True
+            return file_sha256 in (known, FILE_SHA256_LATER)
 
     def _claim(self, live: _Live, start: int, end: int | None) -> _Writer:
         """Register a writer for [start, end).
@@ -2466,10 +2483,10 @@ class Engine:
         return info
 
     def _drop_damaged(self, live: _Live) -> bool:
-        """The file's hash is not the one its client sent: the parts whose checksums were kept are read back and
-        checked, and those with other bytes are dropped, to be sent again (the hash starts over).  After a
-        restart those checksums are unknown: everything is received again.  False when nothing is dropped: the
-        client's file hash was wrong, and every part is as its own checksum says."""
+        """The file's hash is not the one its client sent (or none came): the parts whose checksums were kept
+        are read back and checked, and those with other bytes are dropped, to be sent again (the hash starts
+        over).  After a restart those checksums are unknown: everything is received again.  False when nothing
+        is dropped: the client's file hash was wrong, and every part is as its own checksum says."""
         upload_id, everything = live.info.id, not live.unchecked_known
         if everything:
             damaged = list(live.info.received)
@@ -3819,8 +3836,9 @@ class S3Engine:
     def put(self, upload_id: str, offset: int, pieces: Iterable, *, length: int | None = None,
             atomic: bool = False, checksum: tuple[str, bytes] | None = None,
             keep_if_empty: bool = False, file_sha256: str | None = None) -> UploadInfo:
-        """As ``Engine.put`` (each part's checksum is checked as it arrives: ``file_sha256`` is not needed).  Every part is all or nothing (a request that breaks off keeps the parts it brought
-        whole); with ``checksum`` no byte counts unless the request's bytes have that hash."""
+        """As ``Engine.put``, but each part's checksum is checked as it arrives (``file_sha256`` is not used).
+        Every part is all or nothing (a request that breaks off keeps the parts it brought whole); with
+        ``checksum`` no byte counts unless the request's bytes have that hash."""
         check = _checksum_hasher(checksum)
         upload = self._load(upload_id, cached=True)
         if upload is None:
@@ -5037,7 +5055,7 @@ def receive_chunk(engine: Engine, chunk: ChunkInfo, filename: str, data: Iterabl
             counted = _Counted(data)
             try:
                 info = engine.put(chunk.upload_id, chunk.offset, counted, length=chunk.length, atomic=True,
-                                  checksum=checksum, file_sha256=extras.file_sha256 and extras.file_sha256.hex())
+                                  checksum=checksum, file_sha256=extras.file_sha256)
             except TooManyBytes as error:
                 raise _overrun(engine, chunk, error, data) from None
         if info.state is State.RECEIVING and not info.part_received(chunk.index):
@@ -10250,7 +10268,9 @@ INDEX_HTML = r"""<!doctype html>
       dzmtime: upload.file.lastModified
     };
     if (upload.path !== upload.name) fields.dzrelpath = upload.path;
-    if (upload.whole) fields.dzfilesha256 = upload.whole;   // the server then hashes each byte once, not twice
+    // The file's sha256 (known at the latest when the last part goes): the server then checks the part hashes
+    // only if the file's is not this one, so it hashes each byte once, not twice.
+    fields.dzfilesha256 = upload.whole || "later";
     Object.keys(fields).forEach(function (k) { form.append(k, String(fields[k])); });
     form.append("file", upload.file.slice(start, start + upload.partLength(index)), upload.name);
     return form;

@@ -128,25 +128,29 @@ def _post_chunk(conn, host: str, fd: int, upload_id: str, filename: str, index: 
 @dataclass(frozen=True)
 class PageHashes:
     """What pyfiledrop's page sends besides Dropzone's fields: each part's sha256 (``dzchunksha256``), and the
-    whole file's (``dzfilesha256``) once its hashing worker has read the file.  Computed before an upload is
-    timed (the page hashes in the browser, not on the server)."""
+    whole file's (``dzfilesha256``) once its hashing worker has read the file, "later" before.  Computed before
+    an upload is timed (the page hashes in the browser, not on the server)."""
     parts: tuple[str, ...]
-    whole: str | None      # None: the page does not know it yet (its hashing has not got ahead of the link)
+    whole: str
+    whole_from: int = 0    # the first part sent with the file's hash (the page's hashing is that far ahead)
 
     @classmethod
-    def of(cls, path: str, chunk_size: int, with_whole: bool = True) -> "PageHashes":
+    def of(cls, path: str, chunk_size: int) -> "PageHashes":
         parts, whole = [], hashlib.sha256()
         with open(path, "rb") as handle:
             while block := handle.read(chunk_size):
                 parts.append(hashlib.sha256(block).hexdigest())
                 whole.update(block)
-        return cls(tuple(parts) or (hashlib.sha256(b"").hexdigest(),), whole.hexdigest() if with_whole else None)
+        return cls(tuple(parts) or (hashlib.sha256(b"").hexdigest(),), whole.hexdigest())
+
+    def only_with_the_last(self) -> "PageHashes":
+        """As the page sends them when its hashing does not get ahead of the link: the file's hash comes with
+        the last part (the worker knows it once that part is hashed)."""
+        return PageHashes(self.parts, self.whole, len(self.parts) - 1)
 
     def fields(self, index: int, mtime_ms: int) -> dict:
-        fields = {"dzchunksha256": self.parts[index], "dzmtime": mtime_ms}
-        if self.whole is not None:
-            fields["dzfilesha256"] = self.whole
-        return fields
+        return {"dzchunksha256": self.parts[index], "dzmtime": mtime_ms,
+                "dzfilesha256": self.whole if index >= self.whole_from else "later"}
 
 
 def upload_chunked(host: str, port: int, path: str, *, chunk_size: int = DEFAULT_CHUNK_SIZE,

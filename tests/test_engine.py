@@ -862,9 +862,10 @@ def test_list_gives_every_upload_newest_first(tmp_path):
 
 # -- the file's own hash instead of each part's -------------------------------------------------------------------
 
-def send_with_file_hash(engine, upload_id, data, part_size, *, sent=None, file_sha256=None, order=None):
-    """Parts with their own sha256 and the whole file's (as the page sends them once it knows the latter);
-    ``sent``: the bytes that arrive instead of the file's (damaged on the way).  The last put's info."""
+def send_with_file_hash(engine, upload_id, data, part_size, *, sent=None, file_sha256=None, order=None, later=()):
+    """Parts with their own sha256 and the whole file's (as the page sends them once it knows the latter;
+    the parts of ``later`` say it comes later); ``sent``: the bytes that arrive instead of the file's (damaged
+    on the way).  The last put's info."""
     sent = data if sent is None else sent
     file_sha256 = file_sha256 or hashlib.sha256(data).hexdigest()
     count = pyfiledrop.chunk_count(len(data), part_size)
@@ -872,7 +873,8 @@ def send_with_file_hash(engine, upload_id, data, part_size, *, sent=None, file_s
     for index in order if order is not None else range(count):
         start, end = index * part_size, min(len(data), (index + 1) * part_size)
         info = engine.put(upload_id, start, pieces(sent[start:end], 4096), length=end - start, atomic=True,
-                          checksum=("sha256", hashlib.sha256(data[start:end]).digest()), file_sha256=file_sha256)
+                          checksum=("sha256", hashlib.sha256(data[start:end]).digest()),
+                          file_sha256=pyfiledrop.FILE_SHA256_LATER if index in later else file_sha256)
     return info
 
 
@@ -948,3 +950,57 @@ def test_after_a_restart_a_file_unlike_its_hash_is_received_again_whole(tmp_path
     send_with_file_hash(engine, "k1", data, part)
     assert engine.finish("k1").sha256 == hashlib.sha256(data).hexdigest()
     assert (engine.backend.storage / "k.bin").read_bytes() == data
+
+
+def test_parts_sent_before_the_file_hash_is_known_wait_for_it_too(tmp_path):
+    """The page sends "later" until it knows the file's sha256 (at the latest with the last part): those
+    parts are checked by the file's hash as well, and a damaged one among them is found and sent again."""
+    events = []
+    engine = make_engine(tmp_path, events=events)
+    data, part = os.urandom(5 * 4096), 4096
+    damaged = bytearray(data)
+    damaged[part + 1] ^= 1
+    engine.create("l1", "l.bin", size=len(data), part_size=part, client="")
+    info = send_with_file_hash(engine, "l1", data, part, sent=bytes(damaged), later=(0, 1, 2))
+    assert info.fully_received   # the damaged part was taken as it came: its hash waits for the file's
+    assert engine.finish("l1").missing_parts(100) == [1]
+    send_with_file_hash(engine, "l1", data, part, order=[1])
+    assert engine.finish("l1").sha256 == hashlib.sha256(data).hexdigest()
+    assert (engine.backend.storage / "l.bin").read_bytes() == data
+
+
+@pytest.mark.parametrize("damage", [False, True])
+def test_when_the_file_hash_never_comes_the_parts_are_checked_at_the_end(tmp_path, damage):
+    """A resumed upload whose last part came before: the file hash may never come with a part, so the parts
+    kept unchecked are read back and checked when the file is complete."""
+    engine = make_engine(tmp_path)
+    data, part = os.urandom(3 * 4096), 4096
+    sent = bytearray(data)
+    if damage:
+        sent[2 * part + 5] ^= 1
+    engine.create("n1", "n.bin", size=len(data), part_size=part, client="")
+    send_with_file_hash(engine, "n1", data, part, sent=bytes(sent), later=(0, 1, 2))
+    info = engine.finish("n1")
+    if damage:
+        assert info.missing_parts(100) == [2] and os.listdir(engine.backend.storage) == []
+        send_with_file_hash(engine, "n1", data, part, order=[2], later=(2,))
+        info = engine.finish("n1")
+    assert info.state is State.STORED and (engine.backend.storage / "n.bin").read_bytes() == data
+
+
+def test_after_a_restart_parts_that_waited_for_a_file_hash_still_come_up_against_it(tmp_path):
+    data, part = os.urandom(3 * 4096), 4096
+    damaged = bytearray(data)
+    damaged[5] ^= 1
+    engine = make_engine(tmp_path)
+    engine.create("m1", "m.bin", size=len(data), part_size=part, client="")
+    send_with_file_hash(engine, "m1", data, part, sent=bytes(damaged), order=[0, 1], later=(0, 1))
+    engine.ledger.close()
+    engine = make_engine(tmp_path)
+    assert engine.info("m1").client_sha256 == pyfiledrop.FILE_SHA256_LATER
+    send_with_file_hash(engine, "m1", data, part, order=[2])
+    assert engine.finish("m1").received == ()
+    send_with_file_hash(engine, "m1", data, part)
+    assert engine.finish("m1").state is State.STORED
+    assert (engine.backend.storage / "m.bin").read_bytes() == data
+

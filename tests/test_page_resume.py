@@ -178,7 +178,10 @@ def test_content_the_server_has_is_not_sent_again(page, tmp_path):
 
 # -- a damaged byte on the way ----------------------------------------------------------------------------------
 
-def test_a_byte_damaged_on_the_way_is_detected_and_sent_again(page, tmp_path):
+def test_a_byte_damaged_on_the_way_is_found_by_the_file_hash_and_its_part_sent_again(page, tmp_path):
+    """The page sends the file's sha256 with its parts once it knows it (at the latest with the last part),
+    "later" before: the server checks the parts' own hashes only when the file is complete and its hash is not
+    the page's, drops the damaged part (the 4th of six 1 MiB parts), and the page sends it again."""
     marker = b"--here-a-byte-goes-bad--"
     data = bytearray(random.Random(4).randbytes(6 * MIB))
     data[3 * MIB:3 * MIB + len(marker)] = marker
@@ -189,33 +192,30 @@ def test_a_byte_damaged_on_the_way_is_detected_and_sent_again(page, tmp_path):
         open_through(page, proxy)
         give(page, [str(source)])
         assert settle(page) == [["damaged.bin", "done", ""]]
-        refusals = [event for event in server.events if isinstance(event, pyfiledrop.Refused)]
-    assert proxy.corrupted == 1
-    assert [event.status for event in refusals] == [460], refusals
-    assert (tmp_path / "storage" / "damaged.bin").read_bytes() == bytes(data)
-
-
-def test_a_byte_damaged_in_a_later_part_is_sent_again_when_the_file_hash_was_sent(page, tmp_path):
-    """On a link slower than the page's hashing (8 MB/s here), the page knows the file's sha256 long before the
-    11th of 12 parts goes and sends it along: the server then checks the parts' own hashes only when the file
-    is complete (if its hash is not the page's), drops the damaged part, and the page sends it again."""
-    marker = b"--here-a-byte-goes-bad--"
-    data = bytearray(random.Random(5).randbytes(12 * MIB))
-    data[10 * MIB + 5:10 * MIB + 5 + len(marker)] = marker
-    source = tmp_path / "late.bin"
-    source.write_bytes(bytes(data))
-    with running_server(tmp_path, chunk_size=MIB) as server, WireProxy(server.port, bytes_per_second=8e6) as proxy:
-        proxy.corrupt_marker = marker
-        open_through(page, proxy)
-        give(page, [str(source)])
-        assert settle(page) == [["late.bin", "done", ""]]
         refusals = [event.status for event in server.events if isinstance(event, pyfiledrop.Refused)]
         dropped = [event.text for event in server.events if isinstance(event, pyfiledrop.Notice)
                    and "dropped, to be sent again" in event.text]
     assert proxy.corrupted == 1
-    assert (refusals, dropped) == ([], ['"late.bin" is not the file its client hashed: part(s) 11 of 12 dropped, '
+    assert (refusals, dropped) == ([], ['"damaged.bin" is not the file its client hashed: part(s) 4 of 6 dropped, '
                                         'to be sent again'])
-    assert (tmp_path / "storage" / "late.bin").read_bytes() == bytes(data)
+    assert (tmp_path / "storage" / "damaged.bin").read_bytes() == bytes(data)
+
+
+def test_a_byte_damaged_in_a_file_of_one_part_is_refused_and_sent_again(page, tmp_path):
+    marker = b"--here-a-byte-goes-bad--"
+    data = bytearray(random.Random(6).randbytes(700 * 1024))
+    data[300 * 1024:300 * 1024 + len(marker)] = marker
+    source = tmp_path / "small.bin"
+    source.write_bytes(bytes(data))
+    with running_server(tmp_path) as server, WireProxy(server.port) as proxy:
+        proxy.corrupt_marker = marker
+        open_through(page, proxy)
+        give(page, [str(source)])
+        assert settle(page) == [["small.bin", "done", ""]]
+        refusals = [event.status for event in server.events if isinstance(event, pyfiledrop.Refused)]
+    assert proxy.corrupted == 1
+    assert refusals == [460]
+    assert (tmp_path / "storage" / "small.bin").read_bytes() == bytes(data)
 
 
 # -- a folder ---------------------------------------------------------------------------------------------------
