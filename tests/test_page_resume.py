@@ -178,44 +178,37 @@ def test_content_the_server_has_is_not_sent_again(page, tmp_path):
 
 # -- a damaged byte on the way ----------------------------------------------------------------------------------
 
+def send_with_a_damaged_byte(page, tmp_path, name, size, at, seed):
+    """The page sends the file ``name`` of ``size`` random bytes; one byte at offset ``at`` is damaged on the
+    way, once.  The stored bytes (the file's, or the test fails), and the server's refusals and notices."""
+    marker = b"--here-a-byte-goes-bad--"
+    data = bytearray(random.Random(seed).randbytes(size))
+    data[at:at + len(marker)] = marker
+    (tmp_path / name).write_bytes(bytes(data))
+    with running_server(tmp_path) as server, WireProxy(server.port) as proxy:
+        proxy.corrupt_marker = marker
+        open_through(page, proxy)
+        give(page, [str(tmp_path / name)])
+        assert settle(page) == [[name, "done", ""]]
+        events = list(server.events)
+    assert proxy.corrupted == 1
+    assert (tmp_path / "storage" / name).read_bytes() == bytes(data)
+    return ([event.status for event in events if isinstance(event, pyfiledrop.Refused)],
+            [event.text for event in events if isinstance(event, pyfiledrop.Notice) and "dropped" in event.text])
+
+
 def test_a_byte_damaged_on_the_way_is_found_by_the_file_hash_and_its_part_sent_again(page, tmp_path):
     """The page sends the file's sha256 with its parts once it knows it (at the latest with the last part),
     "later" before: the server checks the parts' own hashes only when the file is complete and its hash is not
     the page's, drops the damaged part (the 4th of six 1 MiB parts), and the page sends it again."""
-    marker = b"--here-a-byte-goes-bad--"
-    data = bytearray(random.Random(4).randbytes(6 * MIB))
-    data[3 * MIB:3 * MIB + len(marker)] = marker
-    source = tmp_path / "damaged.bin"
-    source.write_bytes(bytes(data))
-    with running_server(tmp_path) as server, WireProxy(server.port) as proxy:
-        proxy.corrupt_marker = marker
-        open_through(page, proxy)
-        give(page, [str(source)])
-        assert settle(page) == [["damaged.bin", "done", ""]]
-        refusals = [event.status for event in server.events if isinstance(event, pyfiledrop.Refused)]
-        dropped = [event.text for event in server.events if isinstance(event, pyfiledrop.Notice)
-                   and "dropped, to be sent again" in event.text]
-    assert proxy.corrupted == 1
+    refusals, dropped = send_with_a_damaged_byte(page, tmp_path, "damaged.bin", 6 * MIB, at=3 * MIB, seed=4)
     assert (refusals, dropped) == ([], ['"damaged.bin" is not the file its client hashed: part(s) 4 of 6 dropped, '
                                         'to be sent again'])
-    assert (tmp_path / "storage" / "damaged.bin").read_bytes() == bytes(data)
 
 
 def test_a_byte_damaged_in_a_file_of_one_part_is_refused_and_sent_again(page, tmp_path):
-    marker = b"--here-a-byte-goes-bad--"
-    data = bytearray(random.Random(6).randbytes(700 * 1024))
-    data[300 * 1024:300 * 1024 + len(marker)] = marker
-    source = tmp_path / "small.bin"
-    source.write_bytes(bytes(data))
-    with running_server(tmp_path) as server, WireProxy(server.port) as proxy:
-        proxy.corrupt_marker = marker
-        open_through(page, proxy)
-        give(page, [str(source)])
-        assert settle(page) == [["small.bin", "done", ""]]
-        refusals = [event.status for event in server.events if isinstance(event, pyfiledrop.Refused)]
-    assert proxy.corrupted == 1
-    assert refusals == [460]
-    assert (tmp_path / "storage" / "small.bin").read_bytes() == bytes(data)
+    refusals, dropped = send_with_a_damaged_byte(page, tmp_path, "small.bin", 700 * 1024, at=300 * 1024, seed=6)
+    assert (refusals, dropped) == ([460], [])
 
 
 # -- a folder ---------------------------------------------------------------------------------------------------
