@@ -57,7 +57,7 @@ from urllib.parse import quote, unquote_to_bytes, urljoin, urlsplit
 import bottle
 from werkzeug.http import parse_options_header
 
-__version__ = "1.3.0"
+__version__ = "1.4.0"
 __all__ = [
     "Config", "parse_args", "main", "serve", "create_app", "open_engine", "make_server", "ServerLimits", "Engine",
     "EngineLimits", "Ledger", "LocalBackend", "BackendConstraints", "UploadInfo", "State", "Progress", "Stored",
@@ -2826,10 +2826,13 @@ class Engine:
                                                      reason=reason)
             for writer in list(live.writers):
                 writer.fence()
-            self._forget(upload_id)
+            # Recorded before it is forgotten, under the id's stripe: a request meanwhile (one in flight at the
+            # cancel) finds the record deleted, not the old receiving one to take up again.
+            with self._opening[hash(upload_id) % 64]:
+                if not live.ephemeral:
+                    self._record(info)
+                self._forget(upload_id)
             self.backend.discard(upload_id)
-            if not live.ephemeral:
-                self._record(info)
         return info
 
     def _forget(self, upload_id: str) -> _Live | None:

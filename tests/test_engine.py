@@ -1004,3 +1004,26 @@ def test_after_a_restart_parts_that_waited_for_a_file_hash_still_come_up_against
     assert engine.finish("m1").state is State.STORED
     assert (engine.backend.storage / "m.bin").read_bytes() == data
 
+
+
+def test_a_request_arriving_while_an_upload_is_cancelled_finds_it_cancelled(tmp_path):
+    """A part in flight at the cancel reaches the engine while the cancel removes the partial file: it must find
+    the upload deleted, not take up again the record that still said receiving (and leave it failed)."""
+    engine = make_engine(tmp_path)
+    data, part = os.urandom(4 * 4096), 4096
+    engine.create("c1", "c.bin", size=len(data), part_size=part, client="")
+    engine.put("c1", 0, pieces(data[:part]), length=part, atomic=True)
+    discard, arrivals = engine.backend.discard, []
+
+    def discard_while_a_request_arrives(upload_id):
+        try:
+            arrivals.append(engine.create("c1", "c.bin", size=len(data), part_size=part, client=""))
+        except Conflict as error:
+            arrivals.append(error)
+        discard(upload_id)
+
+    engine.backend.discard = discard_while_a_request_arrives
+    engine.abort("c1")
+    assert isinstance(arrivals[0], Conflict), arrivals
+    assert engine.info("c1").state is State.DELETED
+    assert upload_files(engine.backend.chunks) == []
